@@ -1,0 +1,1 @@
+"""gateway: the OpenAI-compatible HTTP API (files, batches, models, admin)."""

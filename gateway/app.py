@@ -1,0 +1,46 @@
+"""The gateway's FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway import errors
+from gateway.context import Context
+from gateway.routes import admin, batches, files, health, models
+from millrace.filestore import FileStore
+from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
+from millrace.settings import Settings
+from millrace.store import Store
+from millrace.topics import Topics
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-gateway")
+        topics = Topics.from_settings(settings)
+        ensure_topics(kafka, topics.layout(settings))
+        ctx = Context(
+            settings=settings,
+            store=Store.connect(settings.require_redis(), settings.topic_prefix),
+            files=FileStore(settings.files_url),
+            producer=AsyncProducer(kafka.producer()),
+            topics=topics,
+        )
+        app.state.ctx = ctx
+        try:
+            yield
+        finally:
+            for task in list(ctx.tasks):
+                task.cancel()
+            ctx.producer.close()
+            await ctx.store.close()
+
+    app = FastAPI(title="millrace", version="0.1.0", lifespan=lifespan)
+    errors.install(app)
+    for module in (files, batches, models, admin, health):
+        app.include_router(module.router)
+    return app

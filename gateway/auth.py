@@ -1,0 +1,36 @@
+"""API-key authentication: `Authorization: Bearer <key>` or `x-api-key: <key>`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gateway.context import Context, context
+from millrace.errors import AuthenticationError, PermissionDeniedError
+from millrace.store import Principal
+
+
+async def principal(request: Request, ctx: Annotated[Context, Depends(context)]) -> Principal:
+    key = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if not key and auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    if not key:
+        raise AuthenticationError(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+        )
+    found = await ctx.store.principal(key)
+    if found is None:
+        raise AuthenticationError("Incorrect API key provided.")
+    return found
+
+
+async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    if not who.admin:
+        raise PermissionDeniedError("This endpoint needs an admin key.")
+    return who
+
+
+Caller = Annotated[Principal, Depends(principal)]
+Admin = Annotated[Principal, Depends(admin)]

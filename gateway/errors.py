@@ -1,0 +1,57 @@
+"""Every HTTP error leaves the gateway in OpenAI's envelope, whoever raised it."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from millrace.errors import APIError, InvalidRequestError
+from millrace.protocol import ErrorDetail, ErrorEnvelope
+
+log = logging.getLogger(__name__)
+
+_HTTP_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def _respond(status: int, detail: ErrorDetail) -> JSONResponse:
+    return JSONResponse(ErrorEnvelope(error=detail).model_dump(), status_code=status)
+
+
+async def api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.envelope().model_dump(), status_code=exc.status_code)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    type_ = _HTTP_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+    return _respond(exc.status_code, ErrorDetail(message=str(exc.detail), type=type_))
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 becomes OpenAI's 400 with the offending parameter named."""
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    message = f"{first.get('msg', 'invalid request')}" + (f": '{param}'" if param else "")
+    return JSONResponse(
+        InvalidRequestError(message, param=param, code="invalid_request").envelope().model_dump(),
+        status_code=400,
+    )
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _respond(500, ErrorDetail(message="internal server error", type="server_error"))
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)

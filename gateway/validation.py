@@ -1,0 +1,86 @@
+"""Batch input validation: every line checked before any is enqueued (OpenAI's rules)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from millrace.protocol import BatchError, RequestLine
+
+MAX_REPORTED_ERRORS = 1000
+
+
+@dataclass
+class Report:
+    total: int = 0
+    errors: list[BatchError] = field(default_factory=list)
+    model: str | None = None
+
+    def add(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append(BatchError(code=code, message=message, param=param, line=line))
+
+
+def parse_lines(raw_lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, content) for every non-blank line."""
+    for number, raw in enumerate(raw_lines, start=1):
+        if raw.strip():
+            yield number, raw
+
+
+def check_line(number: int, raw: bytes, endpoint: str, report: Report) -> RequestLine | None:
+    try:
+        obj: Any = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        report.add("invalid_json_line", "This line is not parseable as valid JSON.", number)
+        return None
+    if not isinstance(obj, dict):
+        report.add("invalid_json_line", "Each line must be a JSON object.", number)
+        return None
+    try:
+        line = RequestLine.model_validate(obj)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        report.add("invalid_request", f"{err['msg']}: '{param}'", number, param)
+        return None
+    if line.url != endpoint:
+        report.add(
+            "url_mismatch",
+            f"The url '{line.url}' does not match the batch endpoint '{endpoint}'.",
+            number, "url",
+        )
+        return None
+    model = line.body.get("model")
+    if not isinstance(model, str) or not model:
+        report.add("invalid_request", "'body.model' must be a model name.", number, "body.model")
+        return None
+    if line.body.get("stream"):
+        report.add("invalid_request", "Streaming is not supported in batches.", number,
+                   "body.stream")
+        return None
+    return line
+
+
+def validate(raw_lines: Iterable[bytes], endpoint: str) -> Report:
+    report = Report()
+    seen: set[str] = set()
+    for number, raw in parse_lines(raw_lines):
+        report.total += 1
+        line = check_line(number, raw, endpoint, report)
+        if line is None:
+            continue
+        if line.custom_id in seen:
+            report.add("duplicate_custom_id",
+                       f"The custom_id '{line.custom_id}' appears more than once.",
+                       number, "custom_id")
+            continue
+        seen.add(line.custom_id)
+        report.model = report.model or str(line.body["model"])
+    if report.total == 0:
+        report.add("empty_file", "The input file has no requests.", None)
+    return report

@@ -1,0 +1,1 @@
+"""gpu_consumer: reads requests from Kafka, runs them through the engine, writes responses."""

@@ -1,0 +1,26 @@
+"""Start one worker: prepare the models, load the engine, consume until stopped."""
+
+from __future__ import annotations
+
+from millrace import models, readiness
+from millrace.settings import Settings
+
+
+def run_worker(settings: Settings) -> None:
+    from gpu_consumer.engine import EchoEngine, Engine
+    from gpu_consumer.worker import Worker
+
+    served = settings.served_models()
+    engine: Engine
+    folders: dict[str, str | None]
+    if settings.engine == "echo":
+        engine = EchoEngine(list(served))
+        folders = dict.fromkeys(served)
+    else:
+        from gpu_consumer.vllm_engine import VllmEngine
+
+        resolved = models.resolve(served, settings.model_cache)
+        engine = VllmEngine(settings, resolved)
+        folders = {name: str(path) for name, path in resolved.items()}
+    worker = Worker(settings, engine)
+    worker.run(on_ready=lambda: readiness.mark_ready(settings, "worker", models=folders))

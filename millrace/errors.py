@@ -1,0 +1,69 @@
+"""millrace's exception tree.
+
+MillraceError
+├── APIError            an HTTP error with OpenAI's envelope (status, type, code, param)
+│   ├── AuthenticationError   401 invalid_api_key
+│   ├── NotFoundError         404
+│   └── InvalidRequestError   400 invalid_request_error
+├── ComponentError      an embedded component (broker, Redis, model) failed to start
+└── DeliveryError       the broker did not acknowledge records we must not lose
+"""
+
+from __future__ import annotations
+
+from millrace.protocol import ErrorDetail, ErrorEnvelope
+
+
+class MillraceError(Exception):
+    """Root of every error millrace raises on purpose."""
+
+
+class APIError(MillraceError):
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def envelope(self) -> ErrorEnvelope:
+        return ErrorEnvelope(
+            error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(APIError):
+    status_code = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class ComponentError(MillraceError):
+    """An embedded component (broker, Redis, engine, model) could not be started."""
+
+
+class DeliveryError(MillraceError):
+    """The broker did not acknowledge produced records; the caller must not commit."""

@@ -1,0 +1,161 @@
+"""Kafka clients configured one way everywhere: durable producers, manual-commit consumers.
+
+All producers use the Java-compatible murmur2 partitioner so that confluent-kafka (gateway,
+workers, sink) and aiokafka (the Faust aggregator) put one batch id on the same partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from pydantic import BaseModel, ConfigDict
+
+from millrace.errors import DeliveryError
+
+log = logging.getLogger(__name__)
+
+
+class KafkaConfig(BaseModel):
+    """Typed Kafka client settings that render librdkafka dicts."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bootstrap: str
+    client_id: str = "millrace"
+    session_timeout_ms: int = 6000
+    linger_ms: int = 5
+
+    def base(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.bootstrap, "client.id": self.client_id}
+
+    def producer(self, **extra: Any) -> dict[str, Any]:
+        return {
+            **self.base(),
+            "acks": "all",
+            "enable.idempotence": True,
+            "partitioner": "murmur2_random",
+            "linger.ms": self.linger_ms,
+            **extra,
+        }
+
+    def consumer(self, group: str, **extra: Any) -> dict[str, Any]:
+        return {
+            **self.base(),
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": self.session_timeout_ms,
+            "heartbeat.interval.ms": max(self.session_timeout_ms // 6, 500),
+            "partition.assignment.strategy": "range",
+            **extra,
+        }
+
+
+def ensure_topics(config: KafkaConfig, layout: dict[str, int], timeout: float = 30.0) -> None:
+    """Create missing topics; existing ones are left as they are."""
+    admin = AdminClient(config.base())
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [
+        NewTopic(name, num_partitions=n, replication_factor=1)
+        for name, n in layout.items()
+        if name not in existing
+    ]
+    if not wanted:
+        return
+    for name, fut in admin.create_topics(wanted, request_timeout=timeout).items():
+        try:
+            fut.result(timeout)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+        log.info("created topic %s", name)
+
+
+class AsyncProducer:
+    """confluent-kafka Producer whose deliveries are awaitable from asyncio."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._producer = Producer(config)
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.1)
+
+    def produce(self, topic: str, key: str, value: bytes) -> asyncio.Future[Message]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Message] = loop.create_future()
+
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                loop.call_soon_threadsafe(_settle, fut, KafkaException(err), None)
+            else:
+                loop.call_soon_threadsafe(_settle, fut, None, msg)
+
+        self._produce_waiting(topic, key, value, delivered)
+        return fut
+
+    async def send(self, topic: str, key: str, value: bytes) -> Message:
+        return await self.produce(topic, key, value)
+
+    def send_all(
+        self, topic: str, items: Iterable[tuple[str, bytes]], timeout: float = 120.0
+    ) -> int:
+        """Blocking: produce every (key, value) and wait until the broker acknowledged all."""
+        cond = threading.Condition()
+        pending = 0
+        failed: list[KafkaError] = []
+
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            nonlocal pending
+            with cond:
+                pending -= 1
+                if err is not None:
+                    failed.append(err)
+                cond.notify_all()
+
+        sent = 0
+        for key, value in items:
+            with cond:
+                pending += 1
+            self._produce_waiting(topic, key, value, delivered)
+            sent += 1
+        with cond:
+            if not cond.wait_for(lambda: pending == 0, timeout):
+                raise DeliveryError(f"{pending} of {sent} records not acknowledged in {timeout}s")
+        if failed:
+            raise DeliveryError(f"{len(failed)} of {sent} records failed: {failed[0]}")
+        return sent
+
+    def _produce_waiting(self, topic: str, key: str, value: bytes, callback: Any) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, on_delivery=callback)
+                return
+            except BufferError:
+                # Local queue full: wait for deliveries instead of growing without bound.
+                self._producer.poll(0.05)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.flush(timeout)
+        self._stop.set()
+        self._poller.join(timeout)
+
+
+def _settle(
+    fut: asyncio.Future[Message], exc: BaseException | None, msg: Message | None
+) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(msg)  # type: ignore[arg-type]

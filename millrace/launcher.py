@@ -1,0 +1,240 @@
+"""`millrace up`: the embedded deployment — broker, Redis and the four services, each its
+own process, supervised (a dead child is restarted and the restart logged) and stopped
+cleanly on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+
+import httpx
+
+from millrace import embedded, readiness
+from millrace.errors import ComponentError
+from millrace.kafka import KafkaConfig, ensure_topics
+from millrace.settings import Settings
+from millrace.store import Principal, Store, new_api_key
+from millrace.topics import Topics
+
+log = logging.getLogger("millrace.up")
+
+SERVICES = ("worker", "aggregator", "sink", "gateway")
+STOP_GRACE_S = 20.0
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as MILLRACE_* variables, so child processes see exactly ours."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(exclude={"api_key"}).items():
+        if value is not None:
+            env[f"MILLRACE_{name.upper()}"] = str(value)
+    return env
+
+
+@dataclass
+class Child:
+    name: str
+    start: Callable[[], subprocess.Popen[bytes]]
+    proc: subprocess.Popen[bytes] | None = None
+    starts: list[float] = field(default_factory=list)
+
+    def launch(self) -> None:
+        self.proc = self.start()
+        self.starts.append(time.monotonic())
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Launcher:
+    def __init__(self, settings: Settings) -> None:
+        data_dir = settings.data_dir.resolve()
+        self.settings = settings.model_copy(update={"data_dir": data_dir})
+        self.logs = data_dir / "logs"
+        self.children: list[Child] = []
+        self._stop = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def run(self, announce: Callable[[str], None]) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            self._start_infrastructure()
+            api_key = self._bootstrap_key()
+            for name in SERVICES:
+                readiness.clear(self.settings, name)
+                self._add(Child(name, self._service_starter(name)))
+            self._wait_ready()
+            if self._stop:
+                return 0
+            base_url = f"http://{self.settings.host}:{self.settings.port}/v1"
+            self._write_endpoints(base_url)
+            announce(f"millrace ready: {base_url} api_key={api_key}")
+            self._supervise()
+            return 0
+        finally:
+            self._shutdown()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        self._stop = True
+
+    def _add(self, child: Child) -> None:
+        child.launch()
+        self.children.append(child)
+        log.info("started %s (pid %s)", child.name, child.proc.pid if child.proc else "?")
+
+    # --- infrastructure ------------------------------------------------------------------
+    def _start_infrastructure(self) -> None:
+        s = self.settings
+        updates: dict[str, str] = {}
+        if not s.kafka_bootstrap:
+            kafka_port = embedded.free_port()
+            self._add(Child("broker", lambda: embedded.spawn(
+                embedded.tansu_binary(), embedded.broker_argv(kafka_port),
+                self.logs / "broker.log")))
+            embedded.wait_for_port(kafka_port, 30, lambda: self.children[-1].alive)
+            updates["kafka_bootstrap"] = f"127.0.0.1:{kafka_port}"
+        if not s.redis_url:
+            redis_port = embedded.free_port()
+            redis_dir = s.data_dir / "redis"
+            self._add(Child("redis", lambda: embedded.spawn(
+                embedded.redis_binary(), embedded.redis_argv(redis_port, redis_dir),
+                self.logs / "redis.log")))
+            embedded.wait_for_port(redis_port, 30, lambda: self.children[-1].alive)
+            updates["redis_url"] = f"redis://127.0.0.1:{redis_port}/0"
+        self.settings = self.settings.model_copy(update=updates)
+        self._ensure_topics()
+
+    def _ensure_topics(self) -> None:
+        kafka = KafkaConfig(bootstrap=self.settings.require_kafka())
+        ensure_topics(kafka, Topics.from_settings(self.settings).layout(self.settings))
+
+    def _bootstrap_key(self) -> str:
+        """The admin key: MILLRACE_API_KEY, else one generated once and kept in the data dir."""
+        if self.settings.api_key is not None:
+            key = self.settings.api_key.get_secret_value()
+        else:
+            key_file = self.settings.data_dir / "api_key"
+            if key_file.exists():
+                key = key_file.read_text().strip()
+            else:
+                key = new_api_key()
+                key_file.touch(mode=0o600)
+                key_file.write_text(key)
+
+        async def store_key() -> None:
+            store = Store.connect(self.settings.require_redis(), self.settings.topic_prefix)
+            try:
+                await store.put_api_key(key, Principal("default", admin=True))
+            finally:
+                await store.close()
+
+        asyncio.run(store_key())
+        return key
+
+    # --- services ----------------------------------------------------------------------
+    def _service_starter(self, name: str) -> Callable[[], subprocess.Popen[bytes]]:
+        env = {**os.environ, **settings_env(self.settings)}
+
+        def start() -> subprocess.Popen[bytes]:
+            readiness.clear(self.settings, name)
+            self.logs.mkdir(parents=True, exist_ok=True)
+            with (self.logs / f"{name}.log").open("ab") as out:
+                return subprocess.Popen(
+                    [sys.executable, "-m", "millrace", name], env=env, stdout=out,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, preexec_fn=embedded.die_with_parent,
+                )
+
+        return start
+
+    def _ready(self, name: str) -> bool:
+        if name == "gateway":
+            try:
+                url = f"http://{self.settings.host}:{self.settings.port}/health"
+                return httpx.get(url, timeout=1.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+        return readiness.read(self.settings, name) is not None
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        waiting = set(SERVICES)
+        while waiting and not self._stop:
+            if time.monotonic() > deadline:
+                raise ComponentError(f"not ready after {self.settings.ready_timeout_s}s: "
+                                     f"{', '.join(sorted(waiting))} (see {self.logs})")
+            self._restart_dead()
+            waiting = {name for name in waiting if not self._ready(name)}
+            time.sleep(0.2)
+
+    def _write_endpoints(self, base_url: str) -> None:
+        worker = readiness.read(self.settings, "worker") or {}
+        endpoints = {
+            "base_url": base_url,
+            "kafka_bootstrap": self.settings.kafka_bootstrap,
+            "redis_url": self.settings.redis_url,
+            "topic_prefix": self.settings.topic_prefix,
+            "models": worker.get("models", {}),
+        }
+        path = self.settings.data_dir / "endpoints.json"
+        path.write_text(json.dumps(endpoints, indent=2) + "\n")
+
+    # --- supervision ---------------------------------------------------------------------
+    def _supervise(self) -> None:
+        while not self._stop:
+            self._restart_dead()
+            time.sleep(0.2)
+
+    def _restart_dead(self) -> None:
+        for child in self.children:
+            if child.alive or self._stop:
+                continue
+            code = child.proc.returncode if child.proc else None
+            recent = [t for t in child.starts if time.monotonic() - t < 60]
+            if len(recent) >= 5:
+                continue  # crash loop: back off until the window slides
+            log.warning("%s exited with code %s; restarting", child.name, code)
+            child.launch()
+            if child.name == "broker":
+                # the memory:// broker lost its topics with the process
+                embedded.wait_for_port(int(self.settings.require_kafka().rsplit(":", 1)[1]), 30)
+                self._ensure_topics()
+            log.info("restarted %s (pid %s)", child.name, child.proc.pid if child.proc else "?")
+
+    def _shutdown(self) -> None:
+        services = [c for c in self.children if c.name in SERVICES]
+        infrastructure = [c for c in self.children if c.name not in SERVICES]
+        for group in (services, list(reversed(infrastructure))):
+            for child in group:
+                if child.alive and child.proc:
+                    child.proc.terminate()
+            deadline = time.monotonic() + STOP_GRACE_S
+            for child in group:
+                if child.proc is None:
+                    continue
+                try:
+                    child.proc.wait(max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0fs; killing", child.name, STOP_GRACE_S)
+                    child.proc.kill()
+                    child.proc.wait()
+        for name in SERVICES:
+            readiness.clear(self.settings, name)
+        log.info("stopped")
+
+
+def up(settings: Settings, announce: Callable[[str], None]) -> int:
+    return Launcher(settings).run(announce)
+

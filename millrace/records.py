@@ -1,0 +1,129 @@
+"""Typed, versioned Kafka records: the contract between millrace services and subscribers.
+
+Every record carries `v` (schema version; fields are only ever added) and is serialised as
+UTF-8 JSON. Keys are the batch id for all three topics.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from millrace.protocol import BatchError, LineError
+from millrace.status import BatchStatus
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: int = 1
+
+    def dumps(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class RequestRecord(Record):
+    """`<prefix>.requests`: one accepted input line, ready for a worker."""
+
+    batch_id: str
+    project: str
+    custom_id: str
+    line: int
+    url: str
+    body: dict[str, Any]
+    enqueued_at: float = Field(default_factory=time.time)
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ResponseRecord(Record):
+    """`<prefix>.responses`: the outcome of one request line.
+
+    `status_code` 200 goes to the output file; anything else (an engine/HTTP-style error
+    with a `body`, or a batch-level `error` with no response) goes to the error file.
+    """
+
+    batch_id: str
+    project: str
+    custom_id: str
+    id: str
+    request_id: str | None
+    status_code: int | None
+    body: dict[str, Any] | None
+    error: LineError | None = None
+    usage: Usage = Field(default_factory=Usage)
+    worker: str = ""
+    finished_at: float = Field(default_factory=time.time)
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code == 200
+
+
+class _Event(Record):
+    batch_id: str
+    at: int = Field(default_factory=now)
+
+
+class BatchCreated(_Event):
+    """The gateway accepted a create call; `batch` is the Batch object as created."""
+
+    type: Literal["created"] = "created"
+    project: str
+    batch: dict[str, Any]
+
+
+class BatchValidated(_Event):
+    """Every line passed validation and is on the requests topic."""
+
+    type: Literal["validated"] = "validated"
+    total: int
+    model: str | None = None
+
+
+class BatchValidationFailed(_Event):
+    type: Literal["validation_failed"] = "validation_failed"
+    errors: list[BatchError]
+
+
+class BatchTransition(_Event):
+    """Published by the aggregator for every status change it applies."""
+
+    type: Literal["transition"] = "transition"
+    project: str
+    from_status: BatchStatus
+    to_status: BatchStatus
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchFilesReady(_Event):
+    """The sink sealed the batch's output and error files (ids are None when empty)."""
+
+    type: Literal["files_ready"] = "files_ready"
+    output_file_id: str | None
+    error_file_id: str | None
+    lines: int
+
+
+BatchEvent = Annotated[
+    BatchCreated | BatchValidated | BatchValidationFailed | BatchTransition | BatchFilesReady,
+    Field(discriminator="type"),
+]
+_event_adapter: TypeAdapter[BatchEvent] = TypeAdapter(BatchEvent)
+
+
+def parse_event(raw: bytes | str) -> BatchEvent:
+    return _event_adapter.validate_json(raw)

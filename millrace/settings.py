@@ -1,0 +1,86 @@
+"""Every setting of every millrace process, read once from `MILLRACE_*` env vars and flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_CHAT_MODEL = "smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    """One settings object shared by all services; each reads only what it needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MILLRACE_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Path(".millrace")
+    # Unset in `millrace up` means: start the embedded broker / Redis.
+    kafka_bootstrap: str | None = None
+    redis_url: str | None = None
+    topic_prefix: str = "millrace"
+    # Bootstrap admin key; `up` generates one (kept in the data dir) when unset.
+    api_key: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Served model names, comma separated; `name=/path/to/hf-dir` serves a local folder.
+    model: str = BUNDLED_CHAT_MODEL
+    engine: Literal["vllm", "echo"] = "vllm"
+    # pyarrow.fs URI of the file store; default: <data_dir>/files on local disk.
+    file_store_url: str | None = None
+    # Where bundled models are converted once (shared across data dirs).
+    model_cache: Path = Path.home() / ".cache" / "millrace" / "models"
+
+    # Topic layout; responses and batch-events must share a partition count
+    # because the aggregator joins them by batch id.
+    partitions: int = 4
+    request_partitions: int = 8
+
+    # gpu_consumer
+    worker_max_batch: int = 32
+    worker_max_wait_ms: int = 50
+    default_max_tokens: int = 256
+    cpu_threads: int = 0  # 0 = every core the process may use
+    kv_cache_gib: int = 1
+
+    # streams (Faust)
+    faust_session_timeout_s: float = 6.0
+
+    log_level: str = "INFO"
+    ready_timeout_s: float = 600.0
+
+    @property
+    def run_dir(self) -> Path:
+        """Readiness markers and pid files of the processes of one deployment."""
+        return self.data_dir / "run"
+
+    @property
+    def files_url(self) -> str:
+        return self.file_store_url or str((self.data_dir / "files").resolve())
+
+    def served_models(self) -> dict[str, str | None]:
+        """Served model name → local HF folder (None = a bundled model, prepared on demand)."""
+        served: dict[str, str | None] = {}
+        for item in self.model.split(","):
+            name, _, path = item.strip().partition("=")
+            if name:
+                served[name] = path or None
+        return served
+
+    def require_kafka(self) -> str:
+        if not self.kafka_bootstrap:
+            raise SettingsError("MILLRACE_KAFKA_BOOTSTRAP is not set")
+        return self.kafka_bootstrap
+
+    def require_redis(self) -> str:
+        if not self.redis_url:
+            raise SettingsError("MILLRACE_REDIS_URL is not set")
+        return self.redis_url
+
+
+class SettingsError(ValueError):
+    """A setting a service needs is missing or inconsistent."""

@@ -1,0 +1,127 @@
+"""The Redis read model: API keys, file objects, batch objects.
+
+A batch is stored as two JSON halves so that two writers never race on one value: `doc`,
+written once by the gateway (id, endpoint, input file, window, metadata, ...), and `state`,
+owned by the aggregator after creation (status, counts, timestamps, usage, file ids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from millrace.protocol import Batch, FileObject
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def new_api_key() -> str:
+    return "sk-mr-" + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the project a key belongs to, and whether it may administer."""
+
+    project: str
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    obj: FileObject
+    project: str
+    path: str
+
+
+class Store:
+    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+        self.r = client
+        self.ns = namespace
+
+    @classmethod
+    def connect(cls, url: str, namespace: str) -> Store:
+        return cls(aioredis.Redis.from_url(url, decode_responses=True), namespace)
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.ns, *parts))
+
+    # --- API keys -------------------------------------------------------------------
+    async def put_api_key(self, api_key: str, principal: Principal) -> None:
+        await self.r.hset(
+            self._k("key", hash_key(api_key)),
+            mapping={
+                "project": principal.project,
+                "admin": int(principal.admin),
+                "created_at": int(time.time()),
+            },
+        )
+
+    async def principal(self, api_key: str) -> Principal | None:
+        row = await self.r.hgetall(self._k("key", hash_key(api_key)))
+        if not row:
+            return None
+        return Principal(project=row["project"], admin=row.get("admin") == "1")
+
+    # --- files ------------------------------------------------------------------------
+    async def put_file(self, obj: FileObject, project: str, path: str) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.hset(
+                self._k("file", obj.id),
+                mapping={"obj": obj.model_dump_json(), "project": project, "path": path},
+            )
+            p.zadd(self._k("files", project), {obj.id: obj.created_at})
+            await p.execute()
+
+    async def get_file(self, file_id: str, project: str) -> StoredFile | None:
+        row = await self.r.hgetall(self._k("file", file_id))
+        if not row or row["project"] != project:
+            return None
+        return StoredFile(FileObject.model_validate_json(row["obj"]), row["project"], row["path"])
+
+    async def list_files(self, project: str, limit: int) -> list[FileObject]:
+        ids = await self.r.zrevrange(self._k("files", project), 0, limit - 1)
+        found = [await self.get_file(i, project) for i in ids]
+        return [f.obj for f in found if f is not None]
+
+    async def delete_file(self, file_id: str, project: str) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(self._k("file", file_id))
+            p.zrem(self._k("files", project), file_id)
+            await p.execute()
+
+    # --- batches ----------------------------------------------------------------------
+    async def create_batch(self, batch: Batch, project: str) -> None:
+        doc = batch.model_dump(mode="json")
+        async with self.r.pipeline(transaction=True) as p:
+            p.hset(
+                self._k("batch", batch.id),
+                mapping={"doc": json.dumps(doc), "state": "{}", "project": project},
+            )
+            p.zadd(self._k("batches", project), {batch.id: batch.created_at})
+            await p.execute()
+
+    async def set_batch_state(self, batch_id: str, state: dict[str, Any]) -> None:
+        await self.r.hset(self._k("batch", batch_id), "state", json.dumps(state))
+
+    async def get_batch(self, batch_id: str, project: str) -> Batch | None:
+        row = await self.r.hgetall(self._k("batch", batch_id))
+        if not row or row.get("project") != project or "doc" not in row:
+            return None
+        return Batch.model_validate({**json.loads(row["doc"]), **json.loads(row["state"])})
+
+    async def list_batches(self, project: str, limit: int) -> list[Batch]:
+        ids = await self.r.zrevrange(self._k("batches", project), 0, limit - 1)
+        found = [await self.get_batch(i, project) for i in ids]
+        return [b for b in found if b is not None]

@@ -1,0 +1,1 @@
+"""sink: assembles output/error files from responses and seals them when a batch finalizes."""

@@ -1,0 +1,91 @@
+"""The sink loop: responses + batch-events → spool files → sealed output/error files.
+
+Offsets are committed after the records of a poll are written to the spool, so a crash
+redelivers only what the spool may not have; the spool's custom_id index drops repeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from confluent_kafka import Consumer, KafkaError, Message
+from pydantic import ValidationError
+
+from millrace.filestore import FileStore
+from millrace.kafka import AsyncProducer, KafkaConfig
+from millrace.readiness import mark_ready
+from millrace.records import BatchFilesReady, BatchTransition, ResponseRecord, parse_event
+from millrace.settings import Settings
+from millrace.status import BatchStatus
+from millrace.store import Store
+from millrace.topics import Topics
+from sink.assembler import Assembler, sealed_key
+
+log = logging.getLogger(__name__)
+
+
+class Sink:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics.from_settings(settings)
+        kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-sink")
+        self.consumer = Consumer(kafka.consumer(self.topics.sink_group()))
+        self.producer = AsyncProducer(kafka.producer())
+        self.store = Store.connect(settings.require_redis(), settings.topic_prefix)
+        self.assembler = Assembler(settings.data_dir / "sink", FileStore(settings.files_url))
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        self.consumer.subscribe([self.topics.responses, self.topics.batch_events])
+        mark_ready(self.settings, "sink")
+        try:
+            while not self._stopping.is_set():
+                messages = await asyncio.to_thread(self.consumer.consume, 500, 0.2)
+                if messages:
+                    self.handle(messages)
+                    for batch_id in self.assembler.sealable():
+                        await self.seal(batch_id)
+                    await asyncio.to_thread(self.consumer.commit, asynchronous=False)
+        finally:
+            self.consumer.close()
+            self.producer.close()
+            await self.store.close()
+
+    def handle(self, messages: list[Message]) -> None:
+        for msg in messages:
+            if msg.error() is not None:
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", msg.error())
+                continue
+            try:
+                if msg.topic() == self.topics.responses:
+                    self.assembler.add(ResponseRecord.model_validate_json(msg.value() or b""))
+                    continue
+                event = parse_event(msg.value() or b"")
+            except ValidationError:
+                log.error("skipping malformed record at %s[%d]@%d",
+                          msg.topic(), msg.partition(), msg.offset())
+                continue
+            if isinstance(event, BatchTransition) and event.to_status is BatchStatus.FINALIZING:
+                self.assembler.finalizing(event.batch_id, event.total, event.project)
+
+    async def seal(self, batch_id: str) -> None:
+        sealed = await asyncio.to_thread(self.assembler.seal, batch_id)
+        for kind, obj in sealed.files.items():
+            if obj is not None:
+                await self.store.put_file(obj, sealed.project, sealed_key(batch_id, kind))
+        output, errors = sealed.files["output"], sealed.files["errors"]
+        ready = BatchFilesReady(
+            batch_id=batch_id,
+            output_file_id=output.id if output else None,
+            error_file_id=errors.id if errors else None,
+            lines=sealed.lines,
+        )
+        await self.producer.send(self.topics.batch_events, batch_id, ready.dumps())
+        self.assembler.mark_sealed(batch_id)
+        log.info("sealed %s: %d lines", batch_id, sealed.lines)

@@ -1,0 +1,1 @@
+"""streams: the Faust aggregator — per-batch counts, status machine, transition events."""

@@ -1,0 +1,109 @@
+"""The Faust aggregator: `faust -A streams.app worker` or `millrace aggregator`.
+
+One agent reads responses and batch-events (both keyed by batch id, same partition count,
+so a batch's whole history lands on one partition and one table shard). It dedupes on
+(batch_id, custom_id), counts, applies legal transitions, publishes each transition on
+batch-events, and writes the aggregator half of the Batch object to Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+from pydantic import ValidationError
+
+from millrace.readiness import mark_ready
+from millrace.records import ResponseRecord, parse_event
+from millrace.settings import Settings
+from millrace.store import Store
+from millrace.topics import Topics
+from streams.state import BatchState
+
+log = logging.getLogger(__name__)
+
+# Faust's CLI (`faust -A streams.app`) needs a module-level app, so settings are read here.
+settings = Settings()
+topics = Topics.from_settings(settings)
+
+app = faust.App(
+    topics.aggregator_id(),
+    broker=f"kafka://{settings.require_kafka()}",
+    store="memory://",
+    datadir=str(settings.data_dir / "faust"),
+    topic_partitions=settings.partitions,
+    topic_replication_factor=1,
+    broker_session_timeout=settings.faust_session_timeout_s,
+    consumer_auto_offset_reset="earliest",
+    producer_acks=-1,
+    # tansu 0.6.0 reports a wrong high watermark for multi-record produce batches, which
+    # breaks Faust's changelog recovery; one record per batch keeps recovery exact.
+    producer_max_batch_size=1,
+    web_enabled=False,
+)
+
+source = app.topic(
+    topics.responses, topics.batch_events, key_serializer="raw", value_serializer="raw"
+)
+events_out = app.topic(topics.batch_events, key_serializer="raw", value_serializer="raw")
+
+batches = app.Table("batches", default=None, partitions=settings.partitions)
+seen = app.Table("seen", default=bool, partitions=settings.partitions)
+
+_store: Store | None = None
+
+
+def store() -> Store:
+    global _store
+    if _store is None:
+        _store = Store.connect(settings.require_redis(), settings.topic_prefix)
+    return _store
+
+
+@app.agent(source)
+async def aggregate(stream: Any) -> None:
+    async for event in stream.events():
+        batch_id = (event.key or b"").decode()
+        try:
+            if event.message.topic == topics.responses:
+                await on_response(batch_id, ResponseRecord.model_validate_json(event.value))
+            else:
+                await on_event(batch_id, event.value)
+        except ValidationError:
+            log.error("skipping malformed record on %s: %.200r", event.message.topic, event.value)
+
+
+def load(batch_id: str) -> BatchState:
+    raw = batches.get(batch_id)
+    return BatchState.model_validate(raw) if raw else BatchState(batch_id=batch_id)
+
+
+async def save(state: BatchState, transitions: list[Any]) -> None:
+    batches[state.batch_id] = state.model_dump(mode="json")
+    for transition in transitions:
+        await events_out.send(key=state.batch_id.encode(), value=transition.dumps())
+        log.info("%s: %s → %s", state.batch_id, transition.from_status, transition.to_status)
+    await store().set_batch_state(state.batch_id, state.batch_fields())
+
+
+async def on_response(batch_id: str, response: ResponseRecord) -> None:
+    key = f"{batch_id}/{response.custom_id}"
+    if seen[key]:
+        return  # redelivered: already counted
+    seen[key] = True
+    state = load(batch_id)
+    await save(state, state.count(response))
+
+
+async def on_event(batch_id: str, raw: bytes) -> None:
+    event = parse_event(raw)
+    if event.type == "transition":
+        return
+    state = load(batch_id)
+    await save(state, state.apply(event))
+
+
+@app.on_rebalance_complete.connect
+async def ready(sender: Any, **kwargs: Any) -> None:
+    mark_ready(settings, "aggregator")
