@@ -62,7 +62,8 @@ class VllmEngine:
         for name, folder in folders.items():
             log.info("loading %s from %s", name, folder)
             self._llms[name] = LLM(
-                model=str(folder), served_model_name=name, enforce_eager=True, seed=0
+                model=str(folder), served_model_name=name, enforce_eager=True, seed=0,
+                dtype=settings.dtype,
             )
 
     @property

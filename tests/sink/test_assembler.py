@@ -1,0 +1,74 @@
+"""Spool files: each custom_id written once, torn lines cut, sealing into the file store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from millrace.filestore import FileStore
+from millrace.protocol import OutputLine
+from millrace.records import ResponseRecord
+from sink.assembler import Assembler, sealed_file_id
+
+
+def record(custom_id: str, status: int = 200) -> ResponseRecord:
+    return ResponseRecord(batch_id="batch_1", project="p", custom_id=custom_id,
+                          id=f"id-{custom_id}", request_id="r", status_code=status,
+                          body={"n": custom_id})
+
+
+def test_duplicates_are_written_once_even_after_a_restart(tmp_path: Path) -> None:
+    files = FileStore(str(tmp_path / "files"))
+    first = Assembler(tmp_path / "spool", files)
+    assert first.add(record("a"))
+    assert not first.add(record("a"))
+    assert first.add(record("b", 400))
+    # a new process (crash + restart) rebuilds the index from the spool
+    second = Assembler(tmp_path / "spool", files)
+    assert not second.add(record("a"))
+    assert not second.add(record("b"))
+    assert second.add(record("c"))
+    second.finalizing("batch_1", total=3, project="p")
+    assert second.sealable() == ["batch_1"]
+    sealed = second.seal("batch_1")
+    output, errors = sealed.files["output"], sealed.files["errors"]
+    assert output is not None and errors is not None
+    assert output.id == sealed_file_id("batch_1", "output") and output.purpose == "batch_output"
+    out_lines = [OutputLine.model_validate_json(x)
+                 for x in files.iter_lines("outputs/batch_1/output.jsonl")]
+    err_lines = [OutputLine.model_validate_json(x)
+                 for x in files.iter_lines("outputs/batch_1/errors.jsonl")]
+    assert sorted(x.custom_id for x in out_lines) == ["a", "c"]
+    assert [x.custom_id for x in err_lines] == ["b"]
+    assert output.bytes == (tmp_path / "files/outputs/batch_1/output.jsonl").stat().st_size
+
+
+def test_a_torn_last_line_is_cut_and_rewritten(tmp_path: Path) -> None:
+    files = FileStore(str(tmp_path / "files"))
+    first = Assembler(tmp_path / "spool", files)
+    first.add(record("a"))
+    spool_file = tmp_path / "spool/batch_1/output.jsonl"
+    with spool_file.open("ab") as f:
+        f.write(b'{"id": "id-b", "custom_id": "b", "resp')  # crash mid-write
+    second = Assembler(tmp_path / "spool", files)
+    assert second.add(record("b"))
+    lines = spool_file.read_bytes().splitlines()
+    assert [OutputLine.model_validate_json(x).custom_id for x in lines] == ["a", "b"]
+
+
+def test_not_sealable_until_every_line_is_written(tmp_path: Path) -> None:
+    assembler = Assembler(tmp_path / "spool", FileStore(str(tmp_path / "files")))
+    assembler.add(record("a"))
+    assembler.finalizing("batch_1", total=2, project="p")
+    assert assembler.sealable() == []
+    assembler.add(record("b"))
+    assert assembler.sealable() == ["batch_1"]
+
+
+def test_sealed_batches_ignore_late_duplicates(tmp_path: Path) -> None:
+    assembler = Assembler(tmp_path / "spool", FileStore(str(tmp_path / "files")))
+    assembler.add(record("a"))
+    assembler.finalizing("batch_1", total=1, project="p")
+    sealed = assembler.seal("batch_1")
+    assert sealed.files["errors"] is None  # an empty error file gets no id
+    assembler.mark_sealed("batch_1")
+    assert not Assembler(tmp_path / "spool", assembler.files).add(record("a"))
