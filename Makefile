@@ -28,6 +28,8 @@ up: $(STAMP)
 	$(VENV)/bin/millrace up
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
 
 lint: $(STAMP)

@@ -13,7 +13,7 @@ from gateway.routes import admin, batches, files, health, models
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
 from millrace.settings import Settings
-from millrace.store import Store
+from millrace.store import Principal, Store
 from millrace.topics import Topics
 
 
@@ -30,6 +30,11 @@ def create_app(settings: Settings) -> FastAPI:
             producer=AsyncProducer(kafka.producer()),
             topics=topics,
         )
+        if settings.api_key is not None:
+            # A configured bootstrap key is always a working admin key (compose, k8s).
+            await ctx.store.put_api_key(
+                settings.api_key.get_secret_value(), Principal("default", admin=True)
+            )
         app.state.ctx = ctx
         try:
             yield

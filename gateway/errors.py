@@ -28,7 +28,8 @@ async def api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    type_ = _HTTP_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+    fallback = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    type_ = _HTTP_TYPES.get(exc.status_code, fallback)
     return _respond(exc.status_code, ErrorDetail(message=str(exc.detail), type=type_))
 
 

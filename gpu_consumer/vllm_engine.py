@@ -85,7 +85,8 @@ class VllmEngine:
                 continue
             groups.setdefault((model, req.url), []).append((i, prompt, params))
         for (model, url), items in groups.items():
-            for i, result in zip((i for i, _, _ in items), self._run_group(model, url, items)):
+            outcomes = self._run_group(model, url, items)
+            for (i, _, _), result in zip(items, outcomes, strict=True):
                 results[i] = result
         return [r for r in results if r is not None]
 
@@ -94,6 +95,8 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError
 
         body = req.body
+        if req.url not in ("/v1/chat/completions", "/v1/completions"):
+            raise InvalidRequest(f"url '{req.url}' is not served by this worker", "url")
         if req.url == "/v1/chat/completions":
             prompt = body.get("messages")
             if not isinstance(prompt, list) or not prompt:
@@ -102,7 +105,9 @@ class VllmEngine:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise InvalidRequest("'prompt' must be a string", "prompt")
-        kwargs = {dst: body[src] for src, dst in _SAMPLING_FIELDS.items() if body.get(src) is not None}
+        kwargs = {
+            dst: body[src] for src, dst in _SAMPLING_FIELDS.items() if body.get(src) is not None
+        }
         kwargs["max_tokens"] = (
             body.get("max_completion_tokens") or body.get("max_tokens") or self.default_max_tokens
         )
@@ -111,7 +116,9 @@ class VllmEngine:
         except (VLLMClientError, ValueError, TypeError) as exc:
             raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
 
-    def _run_group(self, model: str, url: str, items: list[tuple[int, Any, Any]]) -> list[EngineResult]:
+    def _run_group(
+        self, model: str, url: str, items: list[tuple[int, Any, Any]]
+    ) -> list[EngineResult]:
         try:
             return self._generate(model, url, [p for _, p, _ in items], [s for _, _, s in items])
         except Exception:
@@ -127,11 +134,13 @@ class VllmEngine:
             return self._generate(model, url, [item[1]], [item[2]])[0]
         except (VLLMClientError, ValueError) as exc:  # e.g. prompt longer than the context
             return EngineResult.error(400, str(exc), param=getattr(exc, "parameter", None))
-        except Exception as exc:  # noqa: BLE001 - one poison line must not stop the worker
+        except Exception as exc:
             log.exception("engine failed on one request")
             return EngineResult.error(500, f"engine error: {exc}", type_="server_error")
 
-    def _generate(self, model: str, url: str, prompts: list[Any], params: list[Any]) -> list[EngineResult]:
+    def _generate(
+        self, model: str, url: str, prompts: list[Any], params: list[Any]
+    ) -> list[EngineResult]:
         llm = self._llms[model]
         if url == "/v1/chat/completions":
             outputs = llm.chat(prompts, params, use_tqdm=False)

@@ -62,9 +62,10 @@ class Worker:
     def process(self, messages: list[Message]) -> None:
         records: list[tuple[Message, RequestRecord]] = []
         for msg in messages:
-            if msg.error() is not None:
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume error: %s", msg.error())
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", err)
                 continue
             try:
                 records.append((msg, RequestRecord.model_validate_json(msg.value() or b"")))

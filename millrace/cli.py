@@ -14,6 +14,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
+from millrace.errors import MillraceError
 from millrace.settings import Settings
 
 SERVICES = ("up", "gateway", "worker", "aggregator", "sink", "broker", "redis", "keys")
@@ -67,6 +68,7 @@ def _logging(settings: Settings) -> None:
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the launcher's health polls
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -81,7 +83,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "up": _up, "gateway": _gateway, "worker": _worker, "aggregator": _aggregator,
         "sink": _sink, "redis": _redis, "keys": _keys,
     }[args.command]
-    sys.exit(handler(settings, args) or 0)
+    try:
+        sys.exit(handler(settings, args) or 0)
+    except MillraceError as exc:
+        logging.getLogger("millrace").error("%s", exc)
+        sys.exit(1)
 
 
 def _up(settings: Settings, args: argparse.Namespace) -> int:

@@ -33,9 +33,10 @@ class APIError(MillraceError):
             self.code = code
 
     def envelope(self) -> ErrorEnvelope:
-        return ErrorEnvelope(
-            error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        detail = ErrorDetail(
+            message=self.message, type=self.type, param=self.param, code=self.code
         )
+        return ErrorEnvelope(error=detail)
 
 
 class AuthenticationError(APIError):

@@ -69,6 +69,10 @@ class Launcher:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
+            if not embedded.port_free(self.settings.host, self.settings.port):
+                raise ComponentError(
+                    f"{self.settings.host}:{self.settings.port} is in use; pass --port"
+                )
             self._start_infrastructure()
             api_key = self._bootstrap_key()
             for name in SERVICES:

@@ -38,7 +38,7 @@ def _convert_smollm2(target: Path) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    fresh = LlamaForCausalLM(config)
+    fresh = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
     fresh.load_state_dict(loaded.state_dict())
     fresh.save_pretrained(target)
     AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF).save_pretrained(target)

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = 256
     # bf16 (vLLM's CPU default) garbles the 135M bundled model's answers; float32 is
     # correct at ~2/3 of the speed. Use "auto" for real models on GPU hosts.
-    dtype: str = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     cpu_threads: int = 0  # 0 = every core the process may use
     kv_cache_gib: int = 1
 

@@ -24,7 +24,7 @@ S = BatchStatus
 TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
     S.VALIDATING: frozenset({S.IN_PROGRESS, S.FAILED, S.CANCELLING}),
     S.IN_PROGRESS: frozenset({S.FINALIZING, S.EXPIRED, S.CANCELLING}),
-    S.FINALIZING: frozenset({S.COMPLETED, S.FAILED}),
+    S.FINALIZING: frozenset({S.COMPLETED}),
     S.CANCELLING: frozenset({S.CANCELLED}),
     S.FAILED: frozenset(),
     S.COMPLETED: frozenset(),

@@ -72,7 +72,7 @@ class Store:
         row = await self.r.hgetall(self._k("key", hash_key(api_key)))
         if not row:
             return None
-        return Principal(project=row["project"], admin=row.get("admin") == "1")
+        return Principal(project=str(row["project"]), admin=row.get("admin") == "1")
 
     # --- files ------------------------------------------------------------------------
     async def put_file(self, obj: FileObject, project: str, path: str) -> None:
@@ -88,11 +88,13 @@ class Store:
         row = await self.r.hgetall(self._k("file", file_id))
         if not row or row["project"] != project:
             return None
-        return StoredFile(FileObject.model_validate_json(row["obj"]), row["project"], row["path"])
+        return StoredFile(
+            FileObject.model_validate_json(row["obj"]), str(row["project"]), str(row["path"])
+        )
 
     async def list_files(self, project: str, limit: int) -> list[FileObject]:
         ids = await self.r.zrevrange(self._k("files", project), 0, limit - 1)
-        found = [await self.get_file(i, project) for i in ids]
+        found = [await self.get_file(str(i), project) for i in ids]
         return [f.obj for f in found if f is not None]
 
     async def delete_file(self, file_id: str, project: str) -> None:
@@ -123,5 +125,5 @@ class Store:
 
     async def list_batches(self, project: str, limit: int) -> list[Batch]:
         ids = await self.r.zrevrange(self._k("batches", project), 0, limit - 1)
-        found = [await self.get_batch(i, project) for i in ids]
+        found = [await self.get_batch(str(i), project) for i in ids]
         return [b for b in found if b is not None]

@@ -58,9 +58,10 @@ class Sink:
 
     def handle(self, messages: list[Message]) -> None:
         for msg in messages:
-            if msg.error() is not None:
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume error: %s", msg.error())
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", err)
                 continue
             try:
                 if msg.topic() == self.topics.responses:

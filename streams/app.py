@@ -104,6 +104,10 @@ async def on_event(batch_id: str, raw: bytes) -> None:
     await save(state, state.apply(event))
 
 
-@app.on_rebalance_complete.connect
-async def ready(sender: Any, **kwargs: Any) -> None:
+def ready(sender: Any, *args: Any, **kwargs: Any) -> None:
+    """Mark the aggregator ready once it owns its partitions."""
     mark_ready(settings, "aggregator")
+
+
+# faust's stub for connect() wants a positional-only sender; any callable works at runtime.
+app.on_rebalance_complete.connect(ready)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from millrace.embedded import free_port
+from millrace.embedded import die_with_parent, free_port
 
 T = TypeVar("T")
 
@@ -78,6 +78,7 @@ def start(data_dir: Path, *, engine: str = "vllm", timeout: float = 600,
         [sys.executable, "-m", "millrace", "up", "--port", str(port),
          "--data-dir", str(data_dir), "--engine", engine],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=die_with_parent,  # a crashed test run leaves no deployment behind
     )
     lines: queue.Queue[str | None] = queue.Queue()
     stderr_lines: list[str] = []
@@ -101,7 +102,9 @@ def start(data_dir: Path, *, engine: str = "vllm", timeout: float = 600,
         line = lines.get(timeout=timeout)
     except queue.Empty:
         proc.kill()
-        raise AssertionError("millrace up printed no ready line:\n" + "".join(stderr_lines))
+        raise AssertionError(
+            "millrace up printed no ready line:\n" + "".join(stderr_lines)
+        ) from None
     if line is None or not line.startswith("millrace ready: "):
         proc.kill()
         raise AssertionError(f"unexpected first line {line!r}:\n" + "".join(stderr_lines))

@@ -65,7 +65,9 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
         metadata=params.metadata,
     )
     await ctx.store.create_batch(batch, who.project)
-    created = BatchCreated(batch_id=batch.id, project=who.project, batch=batch.model_dump(mode="json"))
+    created = BatchCreated(
+        batch_id=batch.id, project=who.project, batch=batch.model_dump(mode="json")
+    )
     await ctx.producer.send(ctx.topics.batch_events, batch.id, created.dumps())
     task = asyncio.create_task(ingest(ctx, batch, who.project, source.path))
     ctx.tasks.add(task)

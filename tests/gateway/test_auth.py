@@ -91,3 +91,19 @@ def test_models_lists_served_names(client: OpenAI, model: str) -> None:
     assert client.models.retrieve(model).id == model
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
+
+
+def test_bad_uploads_get_400_envelopes(http: httpx.Client, deployment: Deployment) -> None:
+    headers = {"Authorization": f"Bearer {deployment.api_key}"}
+    no_file = http.post("/v1/files", data={"purpose": "batch"}, headers=headers)
+    assert_envelope(no_file, 400)
+    assert no_file.json()["error"]["param"] == "file"
+    bad_purpose = http.post("/v1/files", data={"purpose": "nonsense"},
+                            files={"file": ("a.jsonl", b"{}\n")}, headers=headers)
+    assert_envelope(bad_purpose, 400, "invalid_value")
+    not_multipart = http.post("/v1/files", content=b"raw", headers=headers)
+    assert_envelope(not_multipart, 400)
+    missing = http.get("/v1/files/file-nope/content", headers=headers)
+    assert_envelope(missing, 404)
+    unknown_route = http.get("/v1/nothing-here", headers=headers)
+    assert_envelope(unknown_route, 404)

@@ -18,7 +18,8 @@ def test_five_chat_lines_complete_with_real_model_text(
     questions = ["What is the capital of France?", "Name a colour.", "Say hello.",
                  "What is 2 + 2?", "Name an animal."]
     path = write_jsonl(tmp_path / "in.jsonl", [
-        chat_line(cid, model, q, max_tokens=24, temperature=0) for cid, q in zip(ids, questions)
+        chat_line(cid, model, q, max_tokens=24, temperature=0)
+        for cid, q in zip(ids, questions, strict=True)
     ])
 
     batch, seen = run_batch(client, path)

@@ -77,3 +77,20 @@ def test_two_deployments_run_side_by_side_and_stop_cleanly(
     port = int(second.base_url.rsplit(":", 1)[1].split("/")[0])
     with socket.socket() as s:  # nothing listens on the gateway's port any more
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "millrace", "up", "--engine", "echo", "--port", str(port),
+             "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port} is in use" in result.stderr
+    assert result.stdout == ""
