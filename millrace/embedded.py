@@ -90,4 +90,6 @@ def spawn(executable: Path, argv: list[str], log_path: Path) -> subprocess.Popen
         return subprocess.Popen(
             argv, executable=str(executable), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+            # own session: Ctrl-C reaches only the launcher, which stops the services first
+            start_new_session=True,
         )

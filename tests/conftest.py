@@ -20,6 +20,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     yield dep
     code = dep.stop()
     assert code == 0, "".join(dep.stderr_lines[-50:])
+    assert not [line for line in dep.stderr_lines if "killing" in line], "unclean stop"
 
 
 @pytest.fixture(scope="session")

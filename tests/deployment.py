@@ -56,8 +56,12 @@ class Deployment:
                              capture_output=True, text=True, check=False).stdout
         return [int(p) for p in out.split()]
 
-    def stop(self, timeout: float = 60) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """SIGTERM to the launcher, or SIGINT to its process group as Ctrl-C does."""
+        if sig == signal.SIGINT:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
         for pump in self.pumps:
             pump.join(10)
@@ -79,6 +83,7 @@ def start(data_dir: Path, *, engine: str = "vllm", timeout: float = 600,
          "--data-dir", str(data_dir), "--engine", engine],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         preexec_fn=die_with_parent,  # a crashed test run leaves no deployment behind
+        start_new_session=True,  # its own process group, like a terminal running `make up`
     )
     lines: queue.Queue[str | None] = queue.Queue()
     stderr_lines: list[str] = []

@@ -71,8 +71,9 @@ def test_two_deployments_run_side_by_side_and_stop_cleanly(
         children = second.child_pids()
         assert len(children) == 6
     finally:
-        code = second.stop()
+        code = second.stop(signal.SIGINT)
     assert code == 0
+    assert not [line for line in second.stderr_lines if "killing" in line]
     assert [pid for pid in children if alive(pid)] == []
     port = int(second.base_url.rsplit(":", 1)[1].split("/")[0])
     with socket.socket() as s:  # nothing listens on the gateway's port any more
