@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from gpu_consumer.engine import Engine, EngineRequest, EngineResult
 from millrace.errors import DeliveryError
-from millrace.kafka import KafkaConfig
+from millrace.kafka import KafkaConfig, usable
 from millrace.records import RequestRecord, ResponseRecord
 from millrace.settings import Settings
 from millrace.topics import Topics
@@ -62,10 +62,7 @@ class Worker:
     def process(self, messages: list[Message]) -> None:
         records: list[tuple[Message, RequestRecord]] = []
         for msg in messages:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume error: %s", err)
+            if not usable(msg):
                 continue
             try:
                 records.append((msg, RequestRecord.model_validate_json(msg.value() or b"")))

@@ -57,6 +57,16 @@ class KafkaConfig(BaseModel):
         }
 
 
+def usable(msg: Message) -> bool:
+    """False for consumer errors (logged here) and partition-EOF markers."""
+    err = msg.error()
+    if err is None:
+        return True
+    if err.code() != KafkaError._PARTITION_EOF:
+        log.warning("consume error: %s", err)
+    return False
+
+
 def ensure_topics(config: KafkaConfig, layout: dict[str, int], timeout: float = 30.0) -> None:
     """Create missing topics; existing ones are left as they are."""
     admin = AdminClient(config.base())

@@ -143,3 +143,9 @@ class ListPage(BaseModel):
     first_id: str | None = None
     last_id: str | None = None
     has_more: bool = False
+
+    @classmethod
+    def of(cls, data: list[Any], has_more: bool = False) -> ListPage:
+        """A page whose first_id/last_id come from the ids of its items."""
+        return cls(data=data, first_id=data[0].id if data else None,
+                   last_id=data[-1].id if data else None, has_more=has_more)

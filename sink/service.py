@@ -10,11 +10,11 @@ import asyncio
 import logging
 import signal
 
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import Consumer, Message
 from pydantic import ValidationError
 
 from millrace.filestore import FileStore
-from millrace.kafka import AsyncProducer, KafkaConfig
+from millrace.kafka import AsyncProducer, KafkaConfig, usable
 from millrace.readiness import mark_ready
 from millrace.records import BatchFilesReady, BatchTransition, ResponseRecord, parse_event
 from millrace.settings import Settings
@@ -58,10 +58,7 @@ class Sink:
 
     def handle(self, messages: list[Message]) -> None:
         for msg in messages:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume error: %s", err)
+            if not usable(msg):
                 continue
             try:
                 if msg.topic() == self.topics.responses:

@@ -89,9 +89,4 @@ async def list_batches(
 ) -> ListPage:
     data = await ctx.store.list_batches(who.project, limit + 1)
     page = data[:limit]
-    return ListPage(
-        data=page,
-        first_id=page[0].id if page else None,
-        last_id=page[-1].id if page else None,
-        has_more=len(data) > limit,
-    )
+    return ListPage.of(page, has_more=len(data) > limit)

@@ -56,11 +56,7 @@ async def list_files(
 ) -> ListPage:
     data = [f for f in await ctx.store.list_files(who.project, limit)
             if purpose is None or f.purpose == purpose]
-    return ListPage(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return ListPage.of(data)
 
 
 async def owned(ctx: Ctx, who: Caller, file_id: str) -> StoredFile:
