@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from types import FrameType
 
@@ -71,7 +72,9 @@ class Worker:
                 log.error("skipping malformed request record at %s[%d]@%d",
                           msg.topic(), msg.partition(), msg.offset())
         self._failed_deliveries = 0
+        started = time.perf_counter()
         results = self.engine.run([EngineRequest(r.url, r.body) for _, r in records])
+        log.info("ran %d requests in %.3fs", len(records), time.perf_counter() - started)
         for (_, record), result in zip(records, results, strict=True):
             self._produce(record, result)
         pending = self.producer.flush(60)

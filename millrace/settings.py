@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     cpu_threads: int = 0  # 0 = every core the process may use
     kv_cache_gib: int = 1
 
+    # sink: consume() returns when this many records arrived or the wait ran out
+    sink_max_batch: int = 500
+    sink_max_wait_ms: int = 50
+
     # streams (Faust)
     faust_session_timeout_s: float = 6.0
 

@@ -45,7 +45,10 @@ class Sink:
         mark_ready(self.settings, "sink")
         try:
             while not self._stopping.is_set():
-                messages = await asyncio.to_thread(self.consumer.consume, 500, 0.2)
+                messages = await asyncio.to_thread(
+                    self.consumer.consume, self.settings.sink_max_batch,
+                    self.settings.sink_max_wait_ms / 1000,
+                )
                 if messages:
                     self.handle(messages)
                     for batch_id in self.assembler.sealable():
