@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,15 @@ class Report:
             self.errors.append(BatchError(code=code, message=message, param=param, line=line))
 
 
+@dataclass(frozen=True)
+class Rules:
+    """What a batch's lines must satisfy."""
+
+    endpoint: str
+    models: Collection[str]
+    max_lines: int = 50_000
+
+
 def parse_lines(raw_lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, content) for every non-blank line."""
     for number, raw in enumerate(raw_lines, start=1):
@@ -32,10 +41,10 @@ def parse_lines(raw_lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
             yield number, raw
 
 
-def check_line(number: int, raw: bytes, endpoint: str, report: Report) -> RequestLine | None:
+def check_line(number: int, raw: bytes, rules: Rules, report: Report) -> RequestLine | None:
     try:
         obj: Any = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         report.add("invalid_json_line", "This line is not parseable as valid JSON.", number)
         return None
     if not isinstance(obj, dict):
@@ -48,16 +57,20 @@ def check_line(number: int, raw: bytes, endpoint: str, report: Report) -> Reques
         param = ".".join(str(p) for p in err["loc"]) or None
         report.add("invalid_request", f"{err['msg']}: '{param}'", number, param)
         return None
-    if line.url != endpoint:
+    if line.url != rules.endpoint:
         report.add(
             "url_mismatch",
-            f"The url '{line.url}' does not match the batch endpoint '{endpoint}'.",
+            f"The url '{line.url}' does not match the batch endpoint '{rules.endpoint}'.",
             number, "url",
         )
         return None
     model = line.body.get("model")
     if not isinstance(model, str) or not model:
         report.add("invalid_request", "'body.model' must be a model name.", number, "body.model")
+        return None
+    if model not in rules.models:
+        report.add("model_not_found", f"The model '{model}' is not served here.", number,
+                   "body.model")
         return None
     if line.body.get("stream"):
         report.add("invalid_request", "Streaming is not supported in batches.", number,
@@ -66,12 +79,15 @@ def check_line(number: int, raw: bytes, endpoint: str, report: Report) -> Reques
     return line
 
 
-def validate(raw_lines: Iterable[bytes], endpoint: str) -> Report:
+def validate(raw_lines: Iterable[bytes], rules: Rules) -> Report:
     report = Report()
     seen: set[str] = set()
     for number, raw in parse_lines(raw_lines):
         report.total += 1
-        line = check_line(number, raw, endpoint, report)
+        if report.total == rules.max_lines + 1:
+            report.add("too_many_requests",
+                       f"A batch may hold at most {rules.max_lines} requests.", number)
+        line = check_line(number, raw, rules, report)
         if line is None:
             continue
         if line.custom_id in seen:
@@ -80,7 +96,13 @@ def validate(raw_lines: Iterable[bytes], endpoint: str) -> Report:
                        number, "custom_id")
             continue
         seen.add(line.custom_id)
-        report.model = report.model or str(line.body["model"])
+        model = str(line.body["model"])
+        if report.model is None:
+            report.model = model
+        elif model != report.model:
+            report.add("model_mismatch",
+                       f"All requests in a batch must use one model; line 1 used "
+                       f"'{report.model}', this line '{model}'.", number, "body.model")
     if report.total == 0:
         report.add("empty_file", "The input file has no requests.", None)
     return report

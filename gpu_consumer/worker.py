@@ -18,9 +18,11 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer
 from pydantic import ValidationError
 
 from gpu_consumer.engine import Engine, EngineRequest, EngineResult
+from gpu_consumer.stops import STOP_MESSAGES, StoppedBatches
 from millrace.errors import DeliveryError
 from millrace.kafka import KafkaConfig, usable
-from millrace.records import RequestRecord, ResponseRecord
+from millrace.protocol import LineError
+from millrace.records import RequestRecord, ResponseRecord, Usage
 from millrace.settings import Settings
 from millrace.topics import Topics
 
@@ -36,6 +38,7 @@ class Worker:
         kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-worker")
         self.consumer = Consumer(kafka.consumer(self.topics.worker_group()))
         self.producer = Producer(kafka.producer())
+        self.stops = StoppedBatches(kafka, self.topics.batch_events)
         self._running = True
         self._failed_deliveries = 0
 
@@ -59,6 +62,7 @@ class Worker:
             # Graceful stop: the last micro-batch was finished and committed above.
             self.producer.flush(30)
             self.consumer.close()
+            self.stops.close()
 
     def process(self, messages: list[Message]) -> None:
         records: list[tuple[Message, RequestRecord]] = []
@@ -72,11 +76,19 @@ class Worker:
                 log.error("skipping malformed request record at %s[%d]@%d",
                           msg.topic(), msg.partition(), msg.offset())
         self._failed_deliveries = 0
-        started = time.perf_counter()
-        results = self.engine.run([EngineRequest(r.url, r.body) for _, r in records])
-        log.info("ran %d requests in %.3fs", len(records), time.perf_counter() - started)
-        for (_, record), result in zip(records, results, strict=True):
-            self._produce(record, result)
+        runnable: list[RequestRecord] = []
+        for _, record in records:
+            code = self.stops.code(record.batch_id)
+            if code is None:
+                runnable.append(record)
+            else:
+                self._produce(record, error=LineError(code=code, message=STOP_MESSAGES[code]))
+        if runnable:
+            started = time.perf_counter()
+            results = self.engine.run([EngineRequest(r.url, r.body) for r in runnable])
+            log.info("ran %d requests in %.3fs", len(runnable), time.perf_counter() - started)
+            for record, result in zip(runnable, results, strict=True):
+                self._produce(record, result)
         pending = self.producer.flush(60)
         if pending or self._failed_deliveries:
             # Exit without committing: the restarted worker redoes this micro-batch.
@@ -90,16 +102,21 @@ class Worker:
             log.error("response delivery failed: %s", err)
             self._failed_deliveries += 1
 
-    def _produce(self, record: RequestRecord, result: EngineResult) -> None:
+    def _produce(
+        self, record: RequestRecord, result: EngineResult | None = None,
+        error: LineError | None = None,
+    ) -> None:
+        """One response: the engine's result, or a batch-level error for a line not run."""
         response = ResponseRecord(
             batch_id=record.batch_id,
             project=record.project,
             custom_id=record.custom_id,
             id=f"batch_req_{uuid.uuid4().hex}",
-            request_id=f"req_{uuid.uuid4().hex}",
-            status_code=result.status_code,
-            body=result.body,
-            usage=result.usage,
+            request_id=f"req_{uuid.uuid4().hex}" if result else None,
+            status_code=result.status_code if result else None,
+            body=result.body if result else None,
+            error=error,
+            usage=result.usage if result else Usage(),
             worker=self.name,
         )
         self.producer.produce(

@@ -3,7 +3,11 @@
 MillraceError
 ├── APIError            an HTTP error with OpenAI's envelope (status, type, code, param)
 │   ├── AuthenticationError   401 invalid_api_key
+│   ├── PermissionDeniedError 403
 │   ├── NotFoundError         404
+│   ├── ConflictError         409
+│   ├── PayloadTooLargeError  413 file_too_large
+│   ├── RateLimitError        429 rate_limit_exceeded
 │   └── InvalidRequestError   400 invalid_request_error
 ├── ComponentError      an embedded component (broker, Redis, model) failed to start
 └── DeliveryError       the broker did not acknowledge records we must not lose
@@ -60,6 +64,24 @@ class NotFoundError(APIError):
 class InvalidRequestError(APIError):
     status_code = 400
     type = "invalid_request_error"
+
+
+class ConflictError(APIError):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLargeError(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "file_too_large"
+
+
+class RateLimitError(APIError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
 
 
 class ComponentError(MillraceError):

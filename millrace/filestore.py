@@ -7,7 +7,17 @@ from typing import IO, cast
 
 import pyarrow.fs as pafs
 
+from millrace.errors import MillraceError
+
 CHUNK = 1 << 20
+
+
+class TooLarge(MillraceError):
+    """The stream was longer than the limit it was written under."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"larger than {limit} bytes")
+        self.limit = limit
 
 
 class FileStore:
@@ -20,8 +30,13 @@ class FileStore:
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
-    def write_from(self, key: str, source: IO[bytes]) -> tuple[int, int]:
-        """Stream `source` into `key` chunk by chunk; returns (bytes, newline-terminated lines)."""
+    def write_from(
+        self, key: str, source: IO[bytes], max_bytes: int | None = None
+    ) -> tuple[int, int]:
+        """Stream `source` into `key` chunk by chunk; returns (bytes, lines).
+
+        Raises TooLarge (leaving nothing behind) once more than `max_bytes` were read.
+        """
         path = self.path(key)
         parent = path.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
@@ -29,8 +44,12 @@ class FileStore:
         last = b"\n"
         with self.fs.open_output_stream(path) as out:
             while chunk := source.read(CHUNK):
-                out.write(chunk)
                 size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    out.close()
+                    self.fs.delete_file(path)
+                    raise TooLarge(max_bytes)
+                out.write(chunk)
                 lines += chunk.count(b"\n")
                 last = chunk[-1:]
         if last != b"\n":

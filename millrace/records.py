@@ -97,6 +97,12 @@ class BatchValidationFailed(_Event):
     errors: list[BatchError]
 
 
+class BatchCancelRequested(_Event):
+    """A user asked to cancel; the aggregator decides whether the batch can be."""
+
+    type: Literal["cancel_requested"] = "cancel_requested"
+
+
 class BatchTransition(_Event):
     """Published by the aggregator for every status change it applies."""
 
@@ -109,6 +115,20 @@ class BatchTransition(_Event):
     failed: int
 
 
+class BatchSealRequested(_Event):
+    """Every line of the batch has a result: the sink may seal its files.
+
+    `fill` names the error code the sink writes for input lines that have no result
+    (`batch_expired`), or is None when every line has one.
+    """
+
+    type: Literal["seal_requested"] = "seal_requested"
+    project: str
+    total: int
+    input_file_id: str | None = None
+    fill: str | None = None
+
+
 class BatchFilesReady(_Event):
     """The sink sealed the batch's output and error files (ids are None when empty)."""
 
@@ -119,7 +139,13 @@ class BatchFilesReady(_Event):
 
 
 BatchEvent = Annotated[
-    BatchCreated | BatchValidated | BatchValidationFailed | BatchTransition | BatchFilesReady,
+    BatchCreated
+    | BatchValidated
+    | BatchValidationFailed
+    | BatchCancelRequested
+    | BatchTransition
+    | BatchSealRequested
+    | BatchFilesReady,
     Field(discriminator="type"),
 ]
 _event_adapter: TypeAdapter[BatchEvent] = TypeAdapter(BatchEvent)

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     # Where bundled models are converted once (shared across data dirs).
     model_cache: Path = Path.home() / ".cache" / "millrace" / "models"
 
+    # Limits (OpenAI's): batch input size and lines; any other upload.
+    batch_max_bytes: int = 200 * 1024 * 1024
+    batch_max_lines: int = 50_000
+    file_max_bytes: int = 512 * 1024 * 1024
+
     # Topic layout; responses and batch-events must share a partition count
     # because the aggregator joins them by batch id.
     partitions: int = 4

@@ -81,7 +81,7 @@ class Store:
                 self._k("file", obj.id),
                 mapping={"obj": obj.model_dump_json(), "project": project, "path": path},
             )
-            p.zadd(self._k("files", project), {obj.id: obj.created_at})
+            p.zadd(self._k("files", project), {obj.id: time.time()})
             await p.execute()
 
     async def get_file(self, file_id: str, project: str) -> StoredFile | None:
@@ -92,9 +92,27 @@ class Store:
             FileObject.model_validate_json(row["obj"]), str(row["project"]), str(row["path"])
         )
 
-    async def list_files(self, project: str, limit: int) -> list[FileObject]:
-        ids = await self.r.zrevrange(self._k("files", project), 0, limit - 1)
-        found = [await self.get_file(str(i), project) for i in ids]
+    async def page_ids(
+        self, index: str, project: str, *, after: str | None, limit: int, newest_first: bool
+    ) -> list[str]:
+        """Up to `limit` ids of a project's index, starting just past `after`."""
+        key = self._k(index, project)
+        start = 0
+        if after is not None:
+            rank = await (self.r.zrevrank if newest_first else self.r.zrank)(key, after)
+            if not isinstance(rank, int):
+                return []  # an `after` id that is not in the index
+            start = rank + 1
+        fetch = self.r.zrevrange if newest_first else self.r.zrange
+        return [str(i) for i in await fetch(key, start, start + limit - 1)]
+
+    async def list_files(
+        self, project: str, *, after: str | None = None, limit: int = 10000,
+        newest_first: bool = True,
+    ) -> list[FileObject]:
+        ids = await self.page_ids("files", project, after=after, limit=limit,
+                                  newest_first=newest_first)
+        found = [await self.get_file(i, project) for i in ids]
         return [f.obj for f in found if f is not None]
 
     async def delete_file(self, file_id: str, project: str) -> None:
@@ -111,7 +129,7 @@ class Store:
                 self._k("batch", batch.id),
                 mapping={"doc": json.dumps(doc), "state": "{}", "project": project},
             )
-            p.zadd(self._k("batches", project), {batch.id: batch.created_at})
+            p.zadd(self._k("batches", project), {batch.id: time.time()})
             await p.execute()
 
     async def set_batch_state(self, batch_id: str, state: dict[str, Any]) -> None:
@@ -123,7 +141,10 @@ class Store:
             return None
         return Batch.model_validate({**json.loads(row["doc"]), **json.loads(row["state"])})
 
-    async def list_batches(self, project: str, limit: int) -> list[Batch]:
-        ids = await self.r.zrevrange(self._k("batches", project), 0, limit - 1)
-        found = [await self.get_batch(str(i), project) for i in ids]
+    async def list_batches(
+        self, project: str, *, after: str | None = None, limit: int = 20
+    ) -> list[Batch]:
+        ids = await self.page_ids("batches", project, after=after, limit=limit,
+                                  newest_first=True)
+        found = [await self.get_batch(i, project) for i in ids]
         return [b for b in found if b is not None]

@@ -16,9 +16,8 @@ from pydantic import ValidationError
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, usable
 from millrace.readiness import mark_ready
-from millrace.records import BatchFilesReady, BatchTransition, ResponseRecord, parse_event
+from millrace.records import BatchFilesReady, BatchSealRequested, ResponseRecord, parse_event
 from millrace.settings import Settings
-from millrace.status import BatchStatus
 from millrace.store import Store
 from millrace.topics import Topics
 from sink.assembler import Assembler, sealed_key
@@ -72,7 +71,7 @@ class Sink:
                 log.error("skipping malformed record at %s[%d]@%d",
                           msg.topic(), msg.partition(), msg.offset())
                 continue
-            if isinstance(event, BatchTransition) and event.to_status is BatchStatus.FINALIZING:
+            if isinstance(event, BatchSealRequested):
                 self.assembler.finalizing(event.batch_id, event.total, event.project)
 
     async def seal(self, batch_id: str) -> None:

@@ -15,7 +15,7 @@ import faust
 from pydantic import ValidationError
 
 from millrace.readiness import mark_ready
-from millrace.records import ResponseRecord, parse_event
+from millrace.records import BatchTransition, ResponseRecord, parse_event
 from millrace.settings import Settings
 from millrace.store import Store
 from millrace.topics import Topics
@@ -81,9 +81,10 @@ def load(batch_id: str) -> BatchState:
 
 async def save(state: BatchState, transitions: list[Any]) -> None:
     batches[state.batch_id] = state.model_dump(mode="json")
-    for transition in transitions:
-        await events_out.send(key=state.batch_id.encode(), value=transition.dumps())
-        log.info("%s: %s → %s", state.batch_id, transition.from_status, transition.to_status)
+    for event in transitions:
+        await events_out.send(key=state.batch_id.encode(), value=event.dumps())
+        if isinstance(event, BatchTransition):
+            log.info("%s: %s → %s", state.batch_id, event.from_status, event.to_status)
     await store().set_batch_state(state.batch_id, state.batch_fields())
 
 
@@ -98,7 +99,7 @@ async def on_response(batch_id: str, response: ResponseRecord) -> None:
 
 async def on_event(batch_id: str, raw: bytes) -> None:
     event = parse_event(raw)
-    if event.type == "transition":
+    if event.type in ("transition", "seal_requested"):
         return
     state = load(batch_id)
     await save(state, state.apply(event))

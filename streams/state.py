@@ -11,9 +11,11 @@ from pydantic import BaseModel, Field
 
 from millrace.protocol import BatchError
 from millrace.records import (
+    BatchCancelRequested,
     BatchCreated,
     BatchEvent,
     BatchFilesReady,
+    BatchSealRequested,
     BatchTransition,
     BatchValidated,
     BatchValidationFailed,
@@ -21,6 +23,8 @@ from millrace.records import (
     now,
 )
 from millrace.status import TIMESTAMP_FIELD, BatchStatus, can_transition
+
+Emitted = BatchTransition | BatchSealRequested
 
 
 class BatchState(BaseModel):
@@ -33,6 +37,8 @@ class BatchState(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     model: str | None = None
+    input_file_id: str | None = None
+    seal_requested: bool = False
     timestamps: dict[str, int] = Field(default_factory=dict)
     output_file_id: str | None = None
     error_file_id: str | None = None
@@ -54,18 +60,25 @@ class BatchState(BaseModel):
         self.timestamps[TIMESTAMP_FIELD[to]] = at or now()
         return event
 
-    def advance(self) -> list[BatchTransition]:
-        """in_progress → finalizing once every line has a result."""
-        if (
-            self.status is BatchStatus.IN_PROGRESS
-            and self.total is not None
-            and self.done >= self.total
-        ):
-            event = self.transition(BatchStatus.FINALIZING)
-            return [event] if event else []
-        return []
+    def _moved(self, to: BatchStatus, at: int | None = None) -> list[Emitted]:
+        event = self.transition(to, at)
+        return [event] if event else []
 
-    def count(self, response: ResponseRecord) -> list[BatchTransition]:
+    def advance(self) -> list[Emitted]:
+        """Once every line has a result: in_progress → finalizing, and ask the sink to seal
+        (a cancelling batch stays cancelling until its files are sealed)."""
+        if self.total is None or self.done < self.total or self.seal_requested:
+            return []
+        if self.status not in (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING):
+            return []
+        emitted = self._moved(BatchStatus.FINALIZING)
+        self.seal_requested = True
+        return [*emitted, BatchSealRequested(
+            batch_id=self.batch_id, project=self.project, total=self.total,
+            input_file_id=self.input_file_id,
+        )]
+
+    def count(self, response: ResponseRecord) -> list[Emitted]:
         """Count one response; the caller guarantees each custom_id is counted once."""
         if response.ok:
             self.completed += 1
@@ -75,26 +88,31 @@ class BatchState(BaseModel):
         self.output_tokens += response.usage.completion_tokens
         return self.advance()
 
-    def apply(self, event: BatchEvent) -> list[BatchTransition]:
+    def apply(self, event: BatchEvent) -> list[Emitted]:
         """Apply a lifecycle event from the gateway or the sink."""
         if isinstance(event, BatchCreated):
             self.project = event.project
+            self.input_file_id = event.batch.get("input_file_id")
             return []
         if isinstance(event, BatchValidated):
             self.total = event.total
             self.model = event.model
-            moved = self.transition(BatchStatus.IN_PROGRESS, event.at)
-            return ([moved] if moved else []) + self.advance()
+            return self._moved(BatchStatus.IN_PROGRESS, event.at) + self.advance()
         if isinstance(event, BatchValidationFailed):
             self.errors = event.errors
-            moved = self.transition(BatchStatus.FAILED, event.at)
-            return [moved] if moved else []
+            if self.status is BatchStatus.CANCELLING:  # nothing was enqueued: done
+                return self._moved(BatchStatus.CANCELLED, event.at)
+            return self._moved(BatchStatus.FAILED, event.at)
+        if isinstance(event, BatchCancelRequested):
+            return self._moved(BatchStatus.CANCELLING, event.at) + self.advance()
         if isinstance(event, BatchFilesReady):
             self.output_file_id = event.output_file_id
             self.error_file_id = event.error_file_id
-            moved = self.transition(BatchStatus.COMPLETED, event.at)
-            return [moved] if moved else []
-        return []  # transitions are our own output
+            after_seal = {BatchStatus.FINALIZING: BatchStatus.COMPLETED,
+                          BatchStatus.CANCELLING: BatchStatus.CANCELLED}
+            target = after_seal.get(self.status)
+            return self._moved(target, event.at) if target else []
+        return []  # transitions and seal requests are our own output
 
     def batch_fields(self) -> dict[str, Any]:
         """The aggregator-owned half of the Batch object, as stored in Redis."""

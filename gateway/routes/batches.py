@@ -1,35 +1,66 @@
-"""`/v1/batches`: create, retrieve, list."""
+"""`/v1/batches`: create, retrieve, list, cancel, and the dry-run validator."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from gateway.auth import Caller
 from gateway.context import Ctx
-from gateway.ingest import ingest
-from millrace.errors import InvalidRequestError, NotFoundError
-from millrace.protocol import Batch, ListPage
-from millrace.records import BatchCreated
+from gateway.ingest import ingest, rules
+from gateway.routes.files import ExpiresAfter
+from gateway.validation import validate
+from millrace.errors import ConflictError, InvalidRequestError, NotFoundError
+from millrace.protocol import Batch, BatchError, ListPage
+from millrace.records import BatchCancelRequested, BatchCreated
 from millrace.status import BatchStatus
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
-# /v1/embeddings arrives with the pooling runner (issue 3); until then it is refused.
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
-WINDOWS = {"24h": 24 * 3600}
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# OpenAI accepts only "24h"; shorter windows are a millrace extension (1s .. 24h).
+_WINDOW = re.compile(r"^([1-9][0-9]*)([smh])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600}
+MAX_WINDOW_S = 24 * 3600
+
+
+def window_seconds(window: str) -> int:
+    match = _WINDOW.match(window)
+    seconds = int(match[1]) * _UNIT_S[match[2]] if match else 0
+    if not 0 < seconds <= MAX_WINDOW_S:
+        raise InvalidRequestError(
+            "completion_window must be '24h' or a shorter window like '1h', '30m', '90s'",
+            param="completion_window", code="invalid_value",
+        )
+    return seconds
 
 
 class CreateBatch(BaseModel):
     input_file_id: str
     endpoint: str
     completion_window: str
-    metadata: dict[str, str] | None = Field(default=None)
+    metadata: dict[str, str] | None = None
+    output_expires_after: ExpiresAfter | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_bounds(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > 16:
+            raise ValueError("metadata may hold at most 16 pairs")
+        for key, item in value.items():
+            if len(key) > 64:
+                raise ValueError(f"metadata key '{key[:20]}…' is longer than 64 characters")
+            if len(item) > 512:
+                raise ValueError(f"metadata value of '{key}' is longer than 512 characters")
+        return value
 
 
 @router.post("", response_model=Batch)
@@ -39,10 +70,7 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
             f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint",
             code="invalid_value",
         )
-    if params.completion_window not in WINDOWS:
-        raise InvalidRequestError(
-            "completion_window must be '24h'", param="completion_window", code="invalid_value"
-        )
+    window = window_seconds(params.completion_window)
     source = await ctx.store.get_file(params.input_file_id, who.project)
     if source is None:
         raise NotFoundError(
@@ -61,7 +89,7 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
         completion_window=params.completion_window,
         status=BatchStatus.VALIDATING,
         created_at=now,
-        expires_at=now + WINDOWS[params.completion_window],
+        expires_at=now + window,
         metadata=params.metadata,
     )
     await ctx.store.create_batch(batch, who.project)
@@ -75,18 +103,63 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
     return batch
 
 
-@router.get("/{batch_id}", response_model=Batch)
-async def retrieve(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
+class ValidateBatch(BaseModel):
+    input_file_id: str
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] = Field(
+        default="/v1/chat/completions")
+
+
+class ValidationResult(BaseModel):
+    valid: bool
+    total: int
+    errors: list[BatchError]
+
+
+@router.post("/validate", response_model=ValidationResult)
+async def dry_run(ctx: Ctx, who: Caller, params: ValidateBatch) -> ValidationResult:
+    """PromptLoop-style `validate-data`: every check of create, nothing created."""
+    source = await ctx.store.get_file(params.input_file_id, who.project)
+    if source is None:
+        raise NotFoundError(
+            f"No such File object: {params.input_file_id}", param="input_file_id"
+        )
+    report = await asyncio.to_thread(
+        validate, ctx.files.iter_lines(source.path), rules(ctx, params.endpoint)
+    )
+    return ValidationResult(valid=not report.errors, total=report.total, errors=report.errors)
+
+
+async def owned(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
     batch = await ctx.store.get_batch(batch_id, who.project)
     if batch is None:
         raise NotFoundError(f"No such Batch object: {batch_id}", param="batch_id")
     return batch
 
 
+@router.get("/{batch_id}", response_model=Batch)
+async def retrieve(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
+    return await owned(ctx, who, batch_id)
+
+
+@router.post("/{batch_id}/cancel", response_model=Batch)
+async def cancel(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
+    batch = await owned(ctx, who, batch_id)
+    if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+        return batch
+    if batch.status not in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
+        raise ConflictError(f"Cannot cancel a batch with status '{batch.status.value}'.",
+                            param="batch_id")
+    event = BatchCancelRequested(batch_id=batch.id)
+    await ctx.producer.send(ctx.topics.batch_events, batch.id, event.dumps())
+    # The aggregator applies the transition; answer as OpenAI does, already cancelling.
+    return batch.model_copy(update={"status": BatchStatus.CANCELLING,
+                                    "cancelling_at": event.at})
+
+
 @router.get("", response_model=ListPage)
 async def list_batches(
-    ctx: Ctx, who: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    ctx: Ctx, who: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
 ) -> ListPage:
-    data = await ctx.store.list_batches(who.project, limit + 1)
-    page = data[:limit]
-    return ListPage.of(page, has_more=len(data) > limit)
+    data = await ctx.store.list_batches(who.project, after=after, limit=limit + 1)
+    return ListPage.of(data[:limit], has_more=len(data) > limit)

@@ -5,45 +5,78 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
 
 from gateway.auth import Caller
 from gateway.context import Ctx
-from millrace.errors import InvalidRequestError, NotFoundError
+from millrace.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from millrace.filestore import TooLarge
 from millrace.protocol import FileObject, ListPage
 from millrace.store import StoredFile
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
-PURPOSES = {"batch", "batch_output", "assistants", "fine-tune", "vision", "user_data", "evals"}
+UPLOAD_PURPOSES = {"batch", "assistants", "fine-tune", "vision", "user_data", "evals"}
+
+
+class ExpiresAfter(BaseModel):
+    """OpenAI's bounds: one hour to thirty days after creation."""
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2_592_000)
 
 
 def new_file_id() -> str:
     return "file-" + secrets.token_hex(12)
 
 
+def parse_expires_after(
+    anchor: str | None, seconds: str | None, param: str
+) -> ExpiresAfter | None:
+    """The SDK sends nested multipart fields as `expires_after[anchor]`/`[seconds]`."""
+    if anchor is None and seconds is None:
+        return None
+    try:
+        return ExpiresAfter.model_validate({"anchor": anchor, "seconds": seconds})
+    except ValidationError as exc:
+        raise InvalidRequestError(
+            f"'{param}' must be {{\"anchor\": \"created_at\", \"seconds\": 3600..2592000}}",
+            param=param, code="invalid_value",
+        ) from exc
+
+
 @router.post("", response_model=FileObject)
 async def upload(
-    ctx: Ctx, who: Caller, file: UploadFile, purpose: Annotated[str, Form()]
+    ctx: Ctx, who: Caller, file: UploadFile, purpose: Annotated[str, Form()],
+    expires_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
+    expires_seconds: Annotated[str | None, Form(alias="expires_after[seconds]")] = None,
 ) -> FileObject:
-    if purpose not in PURPOSES - {"batch_output"}:
+    if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequestError(
-            f"'{purpose}' is not a valid purpose for an upload.", param="purpose",
-            code="invalid_value",
+            f"'{purpose}' is not a valid purpose; use one of {sorted(UPLOAD_PURPOSES)}",
+            param="purpose", code="invalid_value",
         )
+    expiry = parse_expires_after(expires_anchor, expires_seconds, "expires_after")
+    limit = ctx.settings.batch_max_bytes if purpose == "batch" else ctx.settings.file_max_bytes
     file_id = new_file_id()
     key = f"files/{file_id}"
-    # Starlette spools the multipart body to a temporary file; we stream it on in chunks.
-    size, _ = await asyncio.to_thread(ctx.files.write_from, key, file.file)
+    try:
+        # Starlette spools the multipart body to a temporary file; we copy it in chunks.
+        size, _ = await asyncio.to_thread(ctx.files.write_from, key, file.file, limit)
+    except TooLarge as exc:
+        raise PayloadTooLargeError(
+            f"File is larger than the {exc.limit} byte limit for purpose '{purpose}'.",
+            param="file",
+        ) from exc
+    created = int(time.time())
     obj = FileObject(
-        id=file_id,
-        bytes=size,
-        created_at=int(time.time()),
-        filename=file.filename or "upload.jsonl",
-        purpose=purpose,
+        id=file_id, bytes=size, created_at=created,
+        filename=file.filename or "upload.jsonl", purpose=purpose,
+        expires_at=created + expiry.seconds if expiry else None,
     )
     await ctx.store.put_file(obj, who.project, key)
     return obj
@@ -51,17 +84,30 @@ async def upload(
 
 @router.get("", response_model=ListPage)
 async def list_files(
-    ctx: Ctx, who: Caller, limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+    ctx: Ctx, who: Caller,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
     purpose: str | None = None,
 ) -> ListPage:
-    data = [f for f in await ctx.store.list_files(who.project, limit)
-            if purpose is None or f.purpose == purpose]
-    return ListPage.of(data)
+    data: list[FileObject] = []
+    cursor = after
+    # A purpose filter can thin a page out: keep reading until it is full or the index ends.
+    while len(data) <= limit:
+        chunk = await ctx.store.list_files(
+            who.project, after=cursor, limit=limit + 1, newest_first=order == "desc"
+        )
+        if not chunk:
+            break
+        cursor = chunk[-1].id
+        data.extend(f for f in chunk if purpose is None or f.purpose == purpose)
+    return ListPage.of(data[:limit], has_more=len(data) > limit)
 
 
 async def owned(ctx: Ctx, who: Caller, file_id: str) -> StoredFile:
     found = await ctx.store.get_file(file_id, who.project)
-    if found is None:
+    expired = found and found.obj.expires_at and found.obj.expires_at <= time.time()
+    if found is None or expired:
         raise NotFoundError(f"No such File object: {file_id}", param="file_id")
     return found
 
@@ -74,9 +120,9 @@ async def retrieve(ctx: Ctx, who: Caller, file_id: str) -> FileObject:
 @router.get("/{file_id}/content")
 async def content(ctx: Ctx, who: Caller, file_id: str) -> StreamingResponse:
     found = await owned(ctx, who, file_id)
-    return StreamingResponse(
-        ctx.files.iter_chunks(found.path), media_type="application/octet-stream"
-    )
+    media = "application/jsonl" if found.obj.filename.endswith(".jsonl") else (
+        "application/octet-stream")
+    return StreamingResponse(ctx.files.iter_chunks(found.path), media_type=media)
 
 
 @router.delete("/{file_id}")
@@ -85,3 +131,5 @@ async def delete(ctx: Ctx, who: Caller, file_id: str) -> dict[str, object]:
     await ctx.store.delete_file(file_id, who.project)
     await asyncio.to_thread(ctx.files.delete, found.path)
     return {"id": file_id, "object": "file", "deleted": True}
+
+

@@ -55,13 +55,13 @@ def test_five_chat_lines_complete_with_real_model_text(
     assert "Paris" in france.response.body["choices"][0]["message"]["content"]
 
 
-def test_unknown_model_is_a_line_error_not_a_crash(
+def test_engine_rejections_are_line_errors_not_crashes(
     client: OpenAI, model: str, tmp_path: Path
 ) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [
         chat_line("good-1", model, "Say yes.", max_tokens=4),
-        chat_line("bad-model", "no-such-model", "Say yes.", max_tokens=4),
         chat_line("bad-param", model, "Say yes.", max_tokens=4, temperature=-1),
+        chat_line("too-long", model, "hello " * 9000, max_tokens=4),
         chat_line("good-2", model, "Say no.", max_tokens=4),
     ])
 
@@ -73,13 +73,39 @@ def test_unknown_model_is_a_line_error_not_a_crash(
     output = read_lines(client, batch.output_file_id)
     errors = {line.custom_id: line for line in read_lines(client, batch.error_file_id)}
     assert sorted(line.custom_id for line in output) == ["good-1", "good-2"]
-    assert set(errors) == {"bad-model", "bad-param"}
-    unknown = errors["bad-model"].response
-    assert unknown is not None and unknown.status_code == 404
-    assert unknown.body["error"]["code"] == "model_not_found"
+    assert set(errors) == {"bad-param", "too-long"}
     bad_param = errors["bad-param"].response
     assert bad_param is not None and bad_param.status_code == 400
     assert bad_param.body["error"]["param"] == "temperature"
+    too_long = errors["too-long"].response
+    assert too_long is not None and too_long.status_code == 400
+    assert "context length" in too_long.body["error"]["message"]
+
+
+def test_a_batch_whose_every_line_failed_completes_without_output(
+    client: OpenAI, model: str, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        chat_line(f"bad-{i}", model, "x", temperature=-1) for i in range(2)])
+    batch, _ = run_batch(client, path)
+    assert batch.status == "completed"
+    assert batch.request_counts is not None and batch.request_counts.failed == 2
+    assert batch.output_file_id is None
+    assert len(read_lines(client, batch.error_file_id)) == 2
+
+
+def test_unknown_and_mixed_models_fail_validation(
+    client: OpenAI, model: str, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        chat_line("a", model, "x"),
+        chat_line("b", "no-such-model", "x"),
+    ])
+    batch, _ = run_batch(client, path, timeout=60)
+    assert batch.status == "failed"
+    assert batch.errors is not None and batch.errors.data is not None
+    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [
+        (2, "model_not_found", "body.model")]
 
 
 def test_completions_endpoint_runs_prompts(client: OpenAI, model: str, tmp_path: Path) -> None:

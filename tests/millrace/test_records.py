@@ -9,8 +9,10 @@ from pydantic import ValidationError
 
 from millrace.protocol import BatchError, OutputLine, RequestLine
 from millrace.records import (
+    BatchCancelRequested,
     BatchCreated,
     BatchFilesReady,
+    BatchSealRequested,
     BatchTransition,
     BatchValidated,
     BatchValidationFailed,
@@ -58,6 +60,8 @@ def test_events_parse_by_type() -> None:
         BatchTransition(batch_id="b", project="p", from_status=BatchStatus.IN_PROGRESS,
                         to_status=BatchStatus.FINALIZING, total=3, completed=2, failed=1),
         BatchFilesReady(batch_id="b", output_file_id="f", error_file_id=None, lines=3),
+        BatchCancelRequested(batch_id="b"),
+        BatchSealRequested(batch_id="b", project="p", total=3, input_file_id="f"),
     ]
     for event in events:
         assert parse_event(event.dumps()) == event

@@ -1,4 +1,4 @@
-"""Aggregate state: counting, transitions, and the Batch fields it owns."""
+"""Aggregate state: counting, transitions, seal requests, and the Batch fields it owns."""
 
 from __future__ import annotations
 
@@ -7,14 +7,19 @@ from hypothesis import strategies as st
 
 from millrace.protocol import Batch, BatchError
 from millrace.records import (
+    BatchCancelRequested,
     BatchCreated,
     BatchFilesReady,
+    BatchSealRequested,
+    BatchTransition,
     BatchValidated,
     BatchValidationFailed,
     ResponseRecord,
 )
 from millrace.status import BatchStatus
-from streams.state import BatchState
+from streams.state import BatchState, Emitted
+
+S = BatchStatus
 
 
 def response(custom_id: str, status: int = 200) -> ResponseRecord:
@@ -22,36 +27,78 @@ def response(custom_id: str, status: int = 200) -> ResponseRecord:
                           request_id="r", status_code=status, body={})
 
 
+def moves(emitted: list[Emitted]) -> list[BatchStatus | str]:
+    return [e.to_status if isinstance(e, BatchTransition) else "seal" for e in emitted]
+
+
+def files_ready() -> BatchFilesReady:
+    return BatchFilesReady(batch_id="b", output_file_id="o", error_file_id="e", lines=2)
+
+
 def test_happy_path_reaches_completed() -> None:
     state = BatchState(batch_id="b")
-    assert state.apply(BatchCreated(batch_id="b", project="p", batch={})) == []
-    moved = state.apply(BatchValidated(batch_id="b", total=2))
-    assert [t.to_status for t in moved] == [BatchStatus.IN_PROGRESS]
+    assert state.apply(BatchCreated(batch_id="b", project="p",
+                                    batch={"input_file_id": "f"})) == []
+    assert moves(state.apply(BatchValidated(batch_id="b", total=2))) == [S.IN_PROGRESS]
     assert state.count(response("a")) == []
-    moved = state.count(response("b", 500))
-    assert [t.to_status for t in moved] == [BatchStatus.FINALIZING]
-    assert (moved[0].total, moved[0].completed, moved[0].failed) == (2, 1, 1)
-    moved = state.apply(BatchFilesReady(batch_id="b", output_file_id="o", error_file_id="e",
-                                        lines=2))
-    assert [t.to_status for t in moved] == [BatchStatus.COMPLETED]
-    assert state.status is BatchStatus.COMPLETED
+    emitted = state.count(response("b", 500))
+    assert moves(emitted) == [S.FINALIZING, "seal"]
+    transition, seal = emitted
+    assert isinstance(transition, BatchTransition) and isinstance(seal, BatchSealRequested)
+    assert (transition.total, transition.completed, transition.failed) == (2, 1, 1)
+    assert (seal.total, seal.project, seal.input_file_id) == (2, "p", "f")
+    assert moves(state.apply(files_ready())) == [S.COMPLETED]
+    assert state.status is S.COMPLETED
 
 
 def test_responses_before_validated_are_counted_then_finalize() -> None:
     state = BatchState(batch_id="b")
     state.count(response("a"))
     state.count(response("b"))
-    assert state.status is BatchStatus.VALIDATING
-    moved = state.apply(BatchValidated(batch_id="b", total=2))
-    assert [t.to_status for t in moved] == [BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING]
+    assert state.status is S.VALIDATING
+    emitted = state.apply(BatchValidated(batch_id="b", total=2))
+    assert moves(emitted) == [S.IN_PROGRESS, S.FINALIZING, "seal"]
 
 
 def test_validation_failure_is_terminal() -> None:
     state = BatchState(batch_id="b")
     state.apply(BatchValidationFailed(batch_id="b", errors=[BatchError(code="c", message="m")]))
-    assert state.status is BatchStatus.FAILED
+    assert state.status is S.FAILED
     assert state.apply(BatchValidated(batch_id="b", total=1)) == []
-    assert state.status is BatchStatus.FAILED
+    assert state.apply(BatchCancelRequested(batch_id="b")) == []
+    assert state.status is S.FAILED
+
+
+def test_cancel_waits_for_every_line_then_seals_then_cancels() -> None:
+    state = BatchState(batch_id="b")
+    state.apply(BatchValidated(batch_id="b", total=2))
+    state.count(response("a"))
+    assert moves(state.apply(BatchCancelRequested(batch_id="b"))) == [S.CANCELLING]
+    assert moves(state.count(response("b", 400))) == ["seal"]  # stays cancelling
+    assert state.status is S.CANCELLING
+    assert moves(state.apply(files_ready())) == [S.CANCELLED]
+    assert state.timestamps.keys() >= {"cancelling_at", "cancelled_at"}
+
+
+def test_cancel_while_validating_keeps_counting_until_all_lines_are_back() -> None:
+    state = BatchState(batch_id="b")
+    assert moves(state.apply(BatchCancelRequested(batch_id="b"))) == [S.CANCELLING]
+    assert state.apply(BatchValidated(batch_id="b", total=1)) == []
+    assert moves(state.count(response("a", 400))) == ["seal"]
+
+
+def test_cancel_of_a_batch_that_then_fails_validation_ends_cancelled() -> None:
+    state = BatchState(batch_id="b")
+    state.apply(BatchCancelRequested(batch_id="b"))
+    emitted = state.apply(BatchValidationFailed(batch_id="b", errors=[]))
+    assert moves(emitted) == [S.CANCELLED]
+
+
+def test_seal_is_requested_once() -> None:
+    state = BatchState(batch_id="b")
+    state.apply(BatchValidated(batch_id="b", total=1))
+    assert "seal" in moves(state.count(response("a")))
+    assert state.advance() == []
 
 
 def test_batch_fields_merge_into_a_valid_batch_object() -> None:
@@ -78,5 +125,5 @@ def test_counters_never_exceed_total_nor_decrease(outcomes: list[bool], split: i
         assert state.done >= previous
         previous = state.done
         assert state.done <= total
-    assert state.status is BatchStatus.FINALIZING
+    assert state.status is S.FINALIZING
     assert state.completed == sum(outcomes)

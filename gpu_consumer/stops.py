@@ -1,0 +1,66 @@
+"""Batches whose unstarted lines must not run, learnt from the batch-events topic.
+
+Every worker reads all of batch-events itself (assigned partitions, no consumer group), so
+a cancel or expiry reaches every worker whichever partitions of requests it owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from pydantic import ValidationError
+
+from millrace.kafka import KafkaConfig, usable
+from millrace.records import BatchTransition, parse_event
+from millrace.status import BatchStatus
+
+log = logging.getLogger(__name__)
+
+# Status a batch entered → the error code its unstarted lines get.
+STOP_CODES = {
+    BatchStatus.CANCELLING: "batch_cancelled",
+    BatchStatus.EXPIRED: "batch_expired",
+}
+STOP_MESSAGES = {
+    "batch_cancelled": "This request was not run because the batch was cancelled.",
+    "batch_expired": "This request could not be executed before the completion window expired.",
+}
+
+
+class StoppedBatches:
+    def __init__(self, kafka: KafkaConfig, topic: str) -> None:
+        self._codes: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._consumer = Consumer(kafka.consumer(f"millrace-stops-{uuid.uuid4().hex}"))
+        partitions = self._consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        self._thread = threading.Thread(target=self._follow, name="stops", daemon=True)
+        self._thread.start()
+
+    def code(self, batch_id: str) -> str | None:
+        with self._lock:
+            return self._codes.get(batch_id)
+
+    def _follow(self) -> None:
+        while not self._closing.is_set():
+            for msg in self._consumer.consume(500, 0.1):
+                if not usable(msg):
+                    continue
+                try:
+                    event = parse_event(msg.value() or b"")
+                except ValidationError:
+                    continue
+                if isinstance(event, BatchTransition) and event.to_status in STOP_CODES:
+                    with self._lock:
+                        self._codes[event.batch_id] = STOP_CODES[event.to_status]
+                    log.info("%s: unstarted lines become %s", event.batch_id,
+                             STOP_CODES[event.to_status])
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(5)
+        self._consumer.close()

@@ -1,0 +1,99 @@
+"""Batches API parameters: windows, metadata, listing over many batches, dry runs, cancel."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import chat_line
+from tests.deployment import Deployment
+
+
+def project_client(deployment: Deployment, http: httpx.Client, project: str) -> OpenAI:
+    admin = {"Authorization": f"Bearer {deployment.api_key}"}
+    key = http.post("/admin/api-keys", json={"project": project}, headers=admin).json()["key"]
+    return OpenAI(base_url=deployment.base_url, api_key=key, max_retries=0)
+
+
+@pytest.mark.parametrize(("params", "param"), [
+    ({"completion_window": "48h"}, "completion_window"),
+    ({"completion_window": "soon"}, "completion_window"),
+    ({"endpoint": "/v1/images"}, "endpoint"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ({"metadata": {"k" * 65: "v"}}, "metadata"),
+    ({"metadata": {"k": "v" * 513}}, "metadata"),
+])
+def test_bad_create_params_are_400_with_param(
+    client: OpenAI, params: dict[str, object], param: str
+) -> None:
+    uploaded = client.files.create(file=("in.jsonl", b"{}\n"), purpose="batch")
+    create = {"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions",
+              "completion_window": "24h", **params}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.batches.create(**create)  # type: ignore[arg-type]
+    assert raised.value.status_code == 400
+    assert raised.value.body["param"] == param  # type: ignore[index]
+
+
+def test_input_file_must_have_purpose_batch(client: OpenAI) -> None:
+    uploaded = client.files.create(file=("in.jsonl", b"{}\n"), purpose="user_data")
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    assert raised.value.body["code"] == "invalid_file_purpose"  # type: ignore[index]
+
+
+def test_listing_more_than_a_hundred_batches_pages_newest_first(
+    deployment: Deployment, http: httpx.Client
+) -> None:
+    client = project_client(deployment, http, "many-batches")
+    empty = client.files.create(file=("empty.jsonl", b"\n"), purpose="batch")
+    created = [client.batches.create(input_file_id=empty.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h", metadata={"n": str(i)}).id
+               for i in range(105)]
+    first = client.batches.list(limit=100)
+    assert [b.id for b in first.data] == created[::-1][:100]
+    assert first.has_more
+    rest = client.batches.list(limit=100, after=first.data[-1].id)
+    assert [b.id for b in rest.data] == created[::-1][100:]
+    assert not rest.has_more
+    assert [b.id for b in client.batches.list().data] == created[::-1][:20]  # default 20
+    # the SDK's auto-pagination walks every page
+    assert [b.id for b in client.batches.list(limit=40)] == created[::-1]
+    assert client.batches.retrieve(created[7]).metadata == {"n": "7"}
+
+
+def test_dry_run_validation_creates_nothing(
+    deployment: Deployment, http: httpx.Client, model: str
+) -> None:
+    client = project_client(deployment, http, "dry-run")
+    good = client.files.create(file=("g.jsonl", (chat_line("a", model, "x") + "\n").encode()),
+                               purpose="batch")
+    bad = client.files.create(file=("b.jsonl", b"nope\n" + chat_line("a", model, "x").encode()),
+                              purpose="batch")
+    headers = {"Authorization": f"Bearer {client.api_key}"}
+    ok = http.post("/v1/batches/validate", json={"input_file_id": good.id}, headers=headers)
+    assert ok.json() == {"valid": True, "total": 1, "errors": []}
+    failed = http.post("/v1/batches/validate", json={"input_file_id": bad.id}, headers=headers)
+    body = failed.json()
+    assert (body["valid"], body["total"]) == (False, 2)
+    assert [(e["line"], e["code"]) for e in body["errors"]] == [(1, "invalid_json_line")]
+    assert client.batches.list().data == []
+
+
+def test_cancel_of_unknown_or_finished_batches(
+    client: OpenAI, deployment: Deployment, http: httpx.Client
+) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.batches.cancel("batch_nope")
+    empty = client.files.create(file=("empty.jsonl", b"\n"), purpose="batch")
+    batch = client.batches.create(input_file_id=empty.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    from tests.deployment import wait_until
+
+    wait_until(lambda: client.batches.retrieve(batch.id).status == "failed", 30,
+               "validation to fail")
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(batch.id)
