@@ -24,10 +24,6 @@ STOP_CODES = {
     BatchStatus.CANCELLING: "batch_cancelled",
     BatchStatus.EXPIRED: "batch_expired",
 }
-STOP_MESSAGES = {
-    "batch_cancelled": "This request was not run because the batch was cancelled.",
-    "batch_expired": "This request could not be executed before the completion window expired.",
-}
 
 
 class StoppedBatches:

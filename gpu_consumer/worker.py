@@ -18,10 +18,10 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer
 from pydantic import ValidationError
 
 from gpu_consumer.engine import Engine, EngineRequest, EngineResult
-from gpu_consumer.stops import STOP_MESSAGES, StoppedBatches
+from gpu_consumer.stops import StoppedBatches
 from millrace.errors import DeliveryError
 from millrace.kafka import KafkaConfig, usable
-from millrace.protocol import LineError
+from millrace.protocol import BATCH_LINE_ERRORS, LineError
 from millrace.records import RequestRecord, ResponseRecord, Usage
 from millrace.settings import Settings
 from millrace.topics import Topics
@@ -82,7 +82,7 @@ class Worker:
             if code is None:
                 runnable.append(record)
             else:
-                self._produce(record, error=LineError(code=code, message=STOP_MESSAGES[code]))
+                self._produce(record, error=LineError(code=code, message=BATCH_LINE_ERRORS[code]))
         if runnable:
             started = time.perf_counter()
             results = self.engine.run([EngineRequest(r.url, r.body) for r in runnable])

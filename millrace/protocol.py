@@ -10,6 +10,12 @@ from millrace.status import BatchStatus
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
+# Error lines for requests that were never run, as OpenAI words them.
+BATCH_LINE_ERRORS = {
+    "batch_cancelled": "This request was not run because the batch was cancelled.",
+    "batch_expired": "This request could not be executed before the completion window expired.",
+}
+
 
 class RequestLine(BaseModel):
     """One line of a batch input file."""

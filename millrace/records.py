@@ -82,6 +82,7 @@ class BatchCreated(_Event):
     type: Literal["created"] = "created"
     project: str
     batch: dict[str, Any]
+    output_expires_after_s: int | None = None
 
 
 class BatchValidated(_Event):
@@ -101,6 +102,12 @@ class BatchCancelRequested(_Event):
     """A user asked to cancel; the aggregator decides whether the batch can be."""
 
     type: Literal["cancel_requested"] = "cancel_requested"
+
+
+class BatchExpireDue(_Event):
+    """The aggregator's timer saw `expires_at` pass; applied in-stream like any event."""
+
+    type: Literal["expire_due"] = "expire_due"
 
 
 class BatchTransition(_Event):
@@ -125,8 +132,11 @@ class BatchSealRequested(_Event):
     type: Literal["seal_requested"] = "seal_requested"
     project: str
     total: int
+    # results the aggregator had counted: the sink seals once it holds at least these
+    done: int = 0
     input_file_id: str | None = None
     fill: str | None = None
+    output_expires_after_s: int | None = None
 
 
 class BatchFilesReady(_Event):
@@ -136,6 +146,9 @@ class BatchFilesReady(_Event):
     output_file_id: str | None
     error_file_id: str | None
     lines: int
+    # lines sealed into each file: the final request_counts of an expired batch
+    completed: int = 0
+    failed: int = 0
 
 
 BatchEvent = Annotated[
@@ -143,6 +156,7 @@ BatchEvent = Annotated[
     | BatchValidated
     | BatchValidationFailed
     | BatchCancelRequested
+    | BatchExpireDue
     | BatchTransition
     | BatchSealRequested
     | BatchFilesReady,

@@ -12,12 +12,14 @@ import hashlib
 import json
 import logging
 import time
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from millrace.filestore import FileStore
-from millrace.protocol import FileObject, LineResponse, OutputLine
-from millrace.records import ResponseRecord
+from millrace.protocol import FileObject, LineError, LineResponse, OutputLine
+from millrace.records import BatchSealRequested, ResponseRecord
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ def sealed_key(batch_id: str, kind: str) -> str:
 class Spool:
     directory: Path
     custom_ids: set[str] = field(default_factory=set)
-    total: int | None = None
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    seal: BatchSealRequested | None = None
     project: str = ""
 
     @property
@@ -70,19 +73,38 @@ class Spool:
                 path.write_bytes(keep)
             for raw in keep.splitlines():
                 self.custom_ids.add(json.loads(raw)["custom_id"])
+                self.counts[kind] += 1
 
     def append(self, record: ResponseRecord) -> bool:
         if record.custom_id in self.custom_ids or self.sealed:
             return False
-        kind = "output" if record.ok else "errors"
-        with self.path(kind).open("ab") as f:
-            f.write(output_line(record).model_dump_json().encode() + b"\n")
-        self.custom_ids.add(record.custom_id)
+        self._write("output" if record.ok else "errors", output_line(record))
         return True
+
+    def _write(self, kind: str, line: OutputLine) -> None:
+        with self.path(kind).open("ab") as f:
+            f.write(line.model_dump_json().encode() + b"\n")
+        self.custom_ids.add(line.custom_id)
+        self.counts[kind] += 1
+
+    def fill(self, custom_ids: Iterable[str], code: str, message: str) -> int:
+        """Write an error line for every custom_id that has no result yet."""
+        added = 0
+        for custom_id in custom_ids:
+            if custom_id not in self.custom_ids:
+                self._write("errors", OutputLine(
+                    id=f"batch_req_{uuid.uuid4().hex}", custom_id=custom_id, response=None,
+                    error=LineError(code=code, message=message)))
+                added += 1
+        return added
 
     @property
     def complete(self) -> bool:
-        return self.total is not None and len(self.custom_ids) >= self.total
+        """Every line has a result, or (when filling) every result counted upstream is here."""
+        if self.seal is None:
+            return False
+        needed = self.seal.done if self.seal.fill else self.seal.total
+        return len(self.custom_ids) >= needed
 
 
 @dataclass(frozen=True)
@@ -90,7 +112,11 @@ class Sealed:
     batch_id: str
     project: str
     files: dict[str, FileObject | None]
-    lines: int
+    counts: dict[str, int]
+
+    @property
+    def lines(self) -> int:
+        return sum(self.counts.values())
 
 
 class Assembler:
@@ -112,10 +138,10 @@ class Assembler:
         spool.project = spool.project or record.project
         return spool.append(record)
 
-    def finalizing(self, batch_id: str, total: int, project: str) -> None:
-        spool = self.spool(batch_id)
-        spool.total = total
-        spool.project = project
+    def seal_when_complete(self, request: BatchSealRequested) -> None:
+        spool = self.spool(request.batch_id)
+        spool.seal = request
+        spool.project = request.project
 
     def sealable(self) -> list[str]:
         return [b for b, s in self._spools.items() if s.complete and not s.sealed]
@@ -123,6 +149,7 @@ class Assembler:
     def seal(self, batch_id: str) -> Sealed:
         """Copy the spool files into the file store; empty files get no id."""
         spool = self.spool(batch_id)
+        expires_after = spool.seal.output_expires_after_s if spool.seal else None
         sealed: dict[str, FileObject | None] = {}
         for kind in KINDS:
             path = spool.path(kind)
@@ -131,11 +158,13 @@ class Assembler:
                 continue
             with path.open("rb") as src:
                 size, _ = self.files.write_from(sealed_key(batch_id, kind), src)
+            created = int(time.time())
             sealed[kind] = FileObject(
-                id=sealed_file_id(batch_id, kind), bytes=size, created_at=int(time.time()),
+                id=sealed_file_id(batch_id, kind), bytes=size, created_at=created,
                 filename=f"{batch_id}_{kind}.jsonl", purpose="batch_output",
+                expires_at=created + expires_after if expires_after else None,
             )
-        return Sealed(batch_id, spool.project, sealed, len(spool.custom_ids))
+        return Sealed(batch_id, spool.project, sealed, dict(spool.counts))
 
     def mark_sealed(self, batch_id: str) -> None:
         spool = self.spool(batch_id)

@@ -7,14 +7,17 @@ redelivers only what the spool may not have; the spool's custom_id index drops r
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
+from collections.abc import Iterable, Iterator
 
 from confluent_kafka import Consumer, Message
 from pydantic import ValidationError
 
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, usable
+from millrace.protocol import BATCH_LINE_ERRORS
 from millrace.readiness import mark_ready
 from millrace.records import BatchFilesReady, BatchSealRequested, ResponseRecord, parse_event
 from millrace.settings import Settings
@@ -23,6 +26,13 @@ from millrace.topics import Topics
 from sink.assembler import Assembler, sealed_key
 
 log = logging.getLogger(__name__)
+
+
+def input_custom_ids(lines: Iterable[bytes]) -> Iterator[str]:
+    """custom_ids of a batch input file (already validated: every line has one)."""
+    for raw in lines:
+        if raw.strip():
+            yield str(json.loads(raw)["custom_id"])
 
 
 class Sink:
@@ -72,9 +82,17 @@ class Sink:
                           msg.topic(), msg.partition(), msg.offset())
                 continue
             if isinstance(event, BatchSealRequested):
-                self.assembler.finalizing(event.batch_id, event.total, event.project)
+                self.assembler.seal_when_complete(event)
 
     async def seal(self, batch_id: str) -> None:
+        spool = self.assembler.spool(batch_id)
+        request = spool.seal
+        if request is not None and request.fill and request.input_file_id:
+            source = await self.store.get_file(request.input_file_id, request.project)
+            if source is not None:
+                ids = input_custom_ids(self.assembler.files.iter_lines(source.path))
+                await asyncio.to_thread(spool.fill, ids, request.fill,
+                                        BATCH_LINE_ERRORS.get(request.fill, request.fill))
         sealed = await asyncio.to_thread(self.assembler.seal, batch_id)
         for kind, obj in sealed.files.items():
             if obj is not None:
@@ -85,6 +103,8 @@ class Sink:
             output_file_id=output.id if output else None,
             error_file_id=errors.id if errors else None,
             lines=sealed.lines,
+            completed=sealed.counts["output"],
+            failed=sealed.counts["errors"],
         )
         await self.producer.send(self.topics.batch_events, batch_id, ready.dumps())
         self.assembler.mark_sealed(batch_id)

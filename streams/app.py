@@ -9,14 +9,16 @@ batch-events, and writes the aggregator half of the Batch object to Redis.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import faust
 from pydantic import ValidationError
 
 from millrace.readiness import mark_ready
-from millrace.records import BatchTransition, ResponseRecord, parse_event
+from millrace.records import BatchExpireDue, BatchTransition, ResponseRecord, parse_event
 from millrace.settings import Settings
+from millrace.status import BatchStatus
 from millrace.store import Store
 from millrace.topics import Topics
 from streams.state import BatchState
@@ -81,6 +83,7 @@ def load(batch_id: str) -> BatchState:
 
 async def save(state: BatchState, transitions: list[Any]) -> None:
     batches[state.batch_id] = state.model_dump(mode="json")
+    track_deadline(state)
     for event in transitions:
         await events_out.send(key=state.batch_id.encode(), value=event.dumps())
         if isinstance(event, BatchTransition):
@@ -107,7 +110,39 @@ async def on_event(batch_id: str, raw: bytes) -> None:
 
 def ready(sender: Any, *args: Any, **kwargs: Any) -> None:
     """Mark the aggregator ready once it owns its partitions."""
+    global _deadlines
+    _deadlines = None  # partitions may have moved: rebuild from the table
     mark_ready(settings, "aggregator")
+
+
+# batch id → expires_at of the running batches on our partitions; None = rebuild.
+_deadlines: dict[str, int] | None = None
+
+
+def track_deadline(state: BatchState) -> None:
+    if _deadlines is None:
+        return
+    if state.status is BatchStatus.IN_PROGRESS and state.expires_at is not None:
+        _deadlines[state.batch_id] = state.expires_at
+    else:
+        _deadlines.pop(state.batch_id, None)
+
+
+@app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+async def expire_due() -> None:
+    """Publish `expire_due` for each batch past its window; the agent applies it."""
+    global _deadlines
+    if _deadlines is None:
+        _deadlines = {}
+        for raw in list(batches.values()):
+            if raw:
+                track_deadline(BatchState.model_validate(raw))
+    now = time.time()
+    for batch_id, deadline in list(_deadlines.items()):
+        if deadline <= now:
+            del _deadlines[batch_id]  # re-added if the event finds it not yet due
+            await events_out.send(key=batch_id.encode(),
+                                  value=BatchExpireDue(batch_id=batch_id).dumps())
 
 
 # faust's stub for connect() wants a positional-only sender; any callable works at runtime.

@@ -14,6 +14,7 @@ from millrace.records import (
     BatchCancelRequested,
     BatchCreated,
     BatchEvent,
+    BatchExpireDue,
     BatchFilesReady,
     BatchSealRequested,
     BatchTransition,
@@ -38,6 +39,8 @@ class BatchState(BaseModel):
     output_tokens: int = 0
     model: str | None = None
     input_file_id: str | None = None
+    expires_at: int | None = None
+    output_expires_after_s: int | None = None
     seal_requested: bool = False
     timestamps: dict[str, int] = Field(default_factory=dict)
     output_file_id: str | None = None
@@ -72,14 +75,29 @@ class BatchState(BaseModel):
         if self.status not in (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING):
             return []
         emitted = self._moved(BatchStatus.FINALIZING)
+        return [*emitted, self._seal()]
+
+    def _seal(self, fill: str | None = None) -> BatchSealRequested:
         self.seal_requested = True
-        return [*emitted, BatchSealRequested(
-            batch_id=self.batch_id, project=self.project, total=self.total,
-            input_file_id=self.input_file_id,
-        )]
+        return BatchSealRequested(
+            batch_id=self.batch_id, project=self.project, total=self.total or 0,
+            done=self.done, input_file_id=self.input_file_id, fill=fill,
+            output_expires_after_s=self.output_expires_after_s,
+        )
+
+    @property
+    def due(self) -> bool:
+        """Past its window and still running (the timer's question)."""
+        return (
+            self.status is BatchStatus.IN_PROGRESS
+            and self.expires_at is not None
+            and self.expires_at <= now()
+        )
 
     def count(self, response: ResponseRecord) -> list[Emitted]:
         """Count one response; the caller guarantees each custom_id is counted once."""
+        if self.status.terminal:
+            return []  # e.g. expired: its counts come from the files the sink sealed
         if response.ok:
             self.completed += 1
         else:
@@ -93,7 +111,13 @@ class BatchState(BaseModel):
         if isinstance(event, BatchCreated):
             self.project = event.project
             self.input_file_id = event.batch.get("input_file_id")
+            self.expires_at = event.batch.get("expires_at")
+            self.output_expires_after_s = event.output_expires_after_s
             return []
+        if isinstance(event, BatchExpireDue):
+            if not self.due:
+                return []
+            return [*self._moved(BatchStatus.EXPIRED, event.at), self._seal("batch_expired")]
         if isinstance(event, BatchValidated):
             self.total = event.total
             self.model = event.model
@@ -108,6 +132,8 @@ class BatchState(BaseModel):
         if isinstance(event, BatchFilesReady):
             self.output_file_id = event.output_file_id
             self.error_file_id = event.error_file_id
+            if self.status is BatchStatus.EXPIRED:
+                self.completed, self.failed = event.completed, event.failed
             after_seal = {BatchStatus.FINALIZING: BatchStatus.COMPLETED,
                           BatchStatus.CANCELLING: BatchStatus.CANCELLED}
             target = after_seal.get(self.status)

@@ -94,7 +94,9 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
     )
     await ctx.store.create_batch(batch, who.project)
     created = BatchCreated(
-        batch_id=batch.id, project=who.project, batch=batch.model_dump(mode="json")
+        batch_id=batch.id, project=who.project, batch=batch.model_dump(mode="json"),
+        output_expires_after_s=(
+            params.output_expires_after.seconds if params.output_expires_after else None),
     )
     await ctx.producer.send(ctx.topics.batch_events, batch.id, created.dumps())
     task = asyncio.create_task(ingest(ctx, batch, who.project, source.path))

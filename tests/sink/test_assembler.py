@@ -6,7 +6,7 @@ from pathlib import Path
 
 from millrace.filestore import FileStore
 from millrace.protocol import OutputLine
-from millrace.records import ResponseRecord
+from millrace.records import BatchSealRequested, ResponseRecord
 from sink.assembler import Assembler, sealed_file_id
 
 
@@ -14,6 +14,10 @@ def record(custom_id: str, status: int = 200) -> ResponseRecord:
     return ResponseRecord(batch_id="batch_1", project="p", custom_id=custom_id,
                           id=f"id-{custom_id}", request_id="r", status_code=status,
                           body={"n": custom_id})
+
+
+def seal(**fields: object) -> BatchSealRequested:
+    return BatchSealRequested.model_validate({"batch_id": "batch_1", "project": "p", **fields})
 
 
 def test_duplicates_are_written_once_even_after_a_restart(tmp_path: Path) -> None:
@@ -27,7 +31,7 @@ def test_duplicates_are_written_once_even_after_a_restart(tmp_path: Path) -> Non
     assert not second.add(record("a"))
     assert not second.add(record("b"))
     assert second.add(record("c"))
-    second.finalizing("batch_1", total=3, project="p")
+    second.seal_when_complete(seal(total=3))
     assert second.sealable() == ["batch_1"]
     sealed = second.seal("batch_1")
     output, errors = sealed.files["output"], sealed.files["errors"]
@@ -58,7 +62,7 @@ def test_a_torn_last_line_is_cut_and_rewritten(tmp_path: Path) -> None:
 def test_not_sealable_until_every_line_is_written(tmp_path: Path) -> None:
     assembler = Assembler(tmp_path / "spool", FileStore(str(tmp_path / "files")))
     assembler.add(record("a"))
-    assembler.finalizing("batch_1", total=2, project="p")
+    assembler.seal_when_complete(seal(total=2))
     assert assembler.sealable() == []
     assembler.add(record("b"))
     assert assembler.sealable() == ["batch_1"]
@@ -67,8 +71,36 @@ def test_not_sealable_until_every_line_is_written(tmp_path: Path) -> None:
 def test_sealed_batches_ignore_late_duplicates(tmp_path: Path) -> None:
     assembler = Assembler(tmp_path / "spool", FileStore(str(tmp_path / "files")))
     assembler.add(record("a"))
-    assembler.finalizing("batch_1", total=1, project="p")
+    assembler.seal_when_complete(seal(total=1))
     sealed = assembler.seal("batch_1")
     assert sealed.files["errors"] is None  # an empty error file gets no id
     assembler.mark_sealed("batch_1")
     assert not Assembler(tmp_path / "spool", assembler.files).add(record("a"))
+
+
+def test_expiry_seals_once_counted_results_arrive_and_fills_the_rest(tmp_path: Path) -> None:
+    assembler = Assembler(tmp_path / "spool", FileStore(str(tmp_path / "files")))
+    assembler.add(record("a"))
+    # the aggregator had counted 2 results when the window passed: wait for the second
+    assembler.seal_when_complete(seal(total=4, done=2, fill="batch_expired"))
+    assert assembler.sealable() == []
+    assembler.add(record("b", 400))
+    assert assembler.sealable() == ["batch_1"]
+    spool = assembler.spool("batch_1")
+    assert spool.fill(["a", "b", "c", "d"], "batch_expired", "too late") == 2
+    sealed = assembler.seal("batch_1")
+    assert sealed.counts == {"output": 1, "errors": 3}
+    errors = [OutputLine.model_validate_json(x)
+              for x in assembler.files.iter_lines("outputs/batch_1/errors.jsonl")]
+    filled = [x for x in errors if x.error is not None]
+    assert sorted(x.custom_id for x in filled) == ["c", "d"]
+    assert all(x.response is None and x.error and x.error.code == "batch_expired"
+               for x in filled)
+
+
+def test_output_expires_after_stamps_sealed_files(tmp_path: Path) -> None:
+    assembler = Assembler(tmp_path / "spool", FileStore(str(tmp_path / "files")))
+    assembler.add(record("a"))
+    assembler.seal_when_complete(seal(total=1, output_expires_after_s=7200))
+    output = assembler.seal("batch_1").files["output"]
+    assert output is not None and output.expires_at == output.created_at + 7200

@@ -9,6 +9,7 @@ from millrace.protocol import Batch, BatchError
 from millrace.records import (
     BatchCancelRequested,
     BatchCreated,
+    BatchExpireDue,
     BatchFilesReady,
     BatchSealRequested,
     BatchTransition,
@@ -92,6 +93,36 @@ def test_cancel_of_a_batch_that_then_fails_validation_ends_cancelled() -> None:
     state.apply(BatchCancelRequested(batch_id="b"))
     emitted = state.apply(BatchValidationFailed(batch_id="b", errors=[]))
     assert moves(emitted) == [S.CANCELLED]
+
+
+def test_expiry_moves_a_running_batch_and_asks_for_a_filling_seal() -> None:
+    state = BatchState(batch_id="b")
+    state.apply(BatchCreated(batch_id="b", project="p",
+                             batch={"input_file_id": "f", "expires_at": 1}))
+    assert state.apply(BatchExpireDue(batch_id="b")) == []  # validating: not yet
+    state.apply(BatchValidated(batch_id="b", total=3))
+    state.count(response("a"))
+    assert state.due
+    emitted = state.apply(BatchExpireDue(batch_id="b"))
+    assert moves(emitted) == [S.EXPIRED, "seal"]
+    seal = emitted[1]
+    assert isinstance(seal, BatchSealRequested)
+    assert (seal.fill, seal.done, seal.total) == ("batch_expired", 1, 3)
+    assert state.count(response("b")) == []  # late results no longer count
+    assert state.completed == 1
+    assert state.apply(BatchFilesReady(batch_id="b", output_file_id="o", error_file_id="e",
+                                       lines=3, completed=2, failed=1)) == []
+    assert (state.status, state.completed, state.failed) == (S.EXPIRED, 2, 1)
+    assert state.output_file_id == "o" and "expired_at" in state.timestamps
+
+
+def test_a_batch_within_its_window_is_not_due() -> None:
+    state = BatchState(batch_id="b")
+    state.apply(BatchCreated(batch_id="b", project="p",
+                             batch={"expires_at": 4_000_000_000}))
+    state.apply(BatchValidated(batch_id="b", total=1))
+    assert not state.due
+    assert state.apply(BatchExpireDue(batch_id="b")) == []
 
 
 def test_seal_is_requested_once() -> None:
