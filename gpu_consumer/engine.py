@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,56 +55,12 @@ def unknown_model(model: object) -> EngineResult:
     )
 
 
-def chat_completion(
-    model: str, texts: Sequence[tuple[str, str | None]], usage: Usage
-) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": reason or "stop",
-            }
-            for i, (text, reason) in enumerate(texts)
-        ],
-        "usage": _usage(usage),
-    }
-
-
-def text_completion(
-    model: str, texts: Sequence[tuple[str, str | None]], usage: Usage
-) -> dict[str, Any]:
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason or "stop"}
-            for i, (text, reason) in enumerate(texts)
-        ],
-        "usage": _usage(usage),
-    }
-
-
-def _usage(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-    }
-
-
 class EchoEngine:
     """Deterministic zero-cost engine for pipeline tests and orchestration benchmarks.
 
-    It answers with the last user message (chat) or the prompt (completions) and counts
-    whitespace-separated words as tokens. Never the default: `MILLRACE_ENGINE=echo`.
+    It answers with the last user message (chat) or the prompt (completions), embeds a
+    text as [characters, words], and counts whitespace-separated words as tokens. Never the
+    default: `MILLRACE_ENGINE=echo`.
     """
 
     def __init__(self, models: Sequence[str]) -> None:
@@ -123,14 +77,22 @@ class EchoEngine:
         model = request.body.get("model")
         if model not in self._models:
             return unknown_model(model)
+        from gpu_consumer import bodies
+
+        if request.url == "/v1/embeddings":
+            texts = request.body.get("input")
+            texts = [texts] if isinstance(texts, str) else list(texts or [])
+            vectors = [[float(len(str(t))), float(len(str(t).split()))] for t in texts]
+            words = sum(len(str(t).split()) for t in texts)
+            return EngineResult(200, bodies.embedding_list(str(model), vectors, words, "float"),
+                                Usage(prompt_tokens=words))
         if request.url == "/v1/chat/completions":
             messages = request.body.get("messages") or [{}]
             prompt = str(messages[-1].get("content", ""))
-            build = chat_completion
+            build = bodies.chat_completion
         else:
             prompt = str(request.body.get("prompt", ""))
-            build = text_completion
+            build = bodies.text_completion
         words = len(prompt.split())
-        return EngineResult(200, build(str(model), [(prompt, "stop")], Usage(
-            prompt_tokens=words, completion_tokens=words)), Usage(
-            prompt_tokens=words, completion_tokens=words))
+        usage = Usage(prompt_tokens=words, completion_tokens=words)
+        return EngineResult(200, build(str(model), [bodies.Choice(prompt, "stop")], usage), usage)

@@ -8,29 +8,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpu_consumer.engine import (
-    EngineRequest,
-    EngineResult,
-    InvalidRequest,
-    chat_completion,
-    text_completion,
-    unknown_model,
-)
+from gpu_consumer import bodies
+from gpu_consumer.engine import EngineRequest, EngineResult, InvalidRequest, unknown_model
+from gpu_consumer.sampling import check_fields, sampling_kwargs
 from millrace.records import Usage
 from millrace.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# OpenAI body field → vLLM SamplingParams field.
-_SAMPLING_FIELDS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "n": "n",
-    "stop": "stop",
-    "seed": "seed",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-}
+GENERATE_URLS = ("/v1/chat/completions", "/v1/completions")
+EMBED_URL = "/v1/embeddings"
 
 
 def configure_cpu_runtime(settings: Settings) -> None:
@@ -51,7 +38,11 @@ def configure_cpu_runtime(settings: Settings) -> None:
 
 
 class VllmEngine:
-    """One vLLM `LLM` per served model; a micro-batch runs as one `chat`/`generate` call."""
+    """One vLLM `LLM` per served model; a micro-batch runs as one call per (model, url).
+
+    vLLM picks the runner from the model's architecture: generative models serve chat and
+    completions, pooling models (all-MiniLM) serve embeddings.
+    """
 
     def __init__(self, settings: Settings, folders: dict[str, Path]) -> None:
         configure_cpu_runtime(settings)
@@ -59,12 +50,14 @@ class VllmEngine:
 
         self.default_max_tokens = settings.default_max_tokens
         self._llms: dict[str, Any] = {}
+        self._pooling: set[str] = set()
         for name, folder in folders.items():
             log.info("loading %s from %s", name, folder)
-            self._llms[name] = LLM(
-                model=str(folder), served_model_name=name, enforce_eager=True, seed=0,
-                dtype=settings.dtype,
-            )
+            llm = LLM(model=str(folder), served_model_name=name, enforce_eager=True, seed=0,
+                      dtype=settings.dtype)
+            self._llms[name] = llm
+            if llm.llm_engine.vllm_config.model_config.runner_type == "pooling":
+                self._pooling.add(name)
 
     @property
     def models(self) -> Sequence[str]:
@@ -79,7 +72,7 @@ class VllmEngine:
                 results[i] = unknown_model(model)
                 continue
             try:
-                prompt, params = self._prepare(req)
+                prompt, params = self._prepare(model, req)
             except InvalidRequest as exc:
                 results[i] = EngineResult.error(400, str(exc), param=exc.param)
                 continue
@@ -90,13 +83,20 @@ class VllmEngine:
                 results[i] = result
         return [r for r in results if r is not None]
 
-    def _prepare(self, req: EngineRequest) -> tuple[Any, Any]:
+    def _prepare(self, model: str, req: EngineRequest) -> tuple[Any, Any]:
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import StructuredOutputsParams
 
+        pooling = model in self._pooling
+        if pooling != (req.url == EMBED_URL):
+            kind = "an embedding" if pooling else "a generative"
+            raise InvalidRequest(f"'{model}' is {kind} model and does not serve {req.url}",
+                                 "model")
         body = req.body
-        if req.url not in ("/v1/chat/completions", "/v1/completions"):
-            raise InvalidRequest(f"url '{req.url}' is not served by this worker", "url")
+        if pooling:
+            check_fields(req.url, body)
+            return _embedding_input(body), body.get("encoding_format") or "float"
         if req.url == "/v1/chat/completions":
             prompt = body.get("messages")
             if not isinstance(prompt, list) or not prompt:
@@ -105,12 +105,9 @@ class VllmEngine:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise InvalidRequest("'prompt' must be a string", "prompt")
-        kwargs = {
-            dst: body[src] for src, dst in _SAMPLING_FIELDS.items() if body.get(src) is not None
-        }
-        kwargs["max_tokens"] = (
-            body.get("max_completion_tokens") or body.get("max_tokens") or self.default_max_tokens
-        )
+        kwargs = sampling_kwargs(req.url, body, self.default_max_tokens)
+        if "structured_outputs" in kwargs:
+            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
         try:
             return prompt, SamplingParams(**kwargs)
         except (VLLMClientError, ValueError, TypeError) as exc:
@@ -123,7 +120,7 @@ class VllmEngine:
             return self._generate(model, url, [p for _, p, _ in items], [s for _, _, s in items])
         except Exception:
             if len(items) == 1:
-                raise
+                return [self._run_one(model, url, items[0])]
             log.warning("micro-batch of %d failed; isolating the poison request", len(items))
         return [self._run_one(model, url, item) for item in items]
 
@@ -134,7 +131,7 @@ class VllmEngine:
             return self._generate(model, url, [item[1]], [item[2]])[0]
         except (VLLMClientError, ValueError) as exc:  # e.g. prompt longer than the context
             return EngineResult.error(400, str(exc), param=getattr(exc, "parameter", None))
-        except Exception as exc:
+        except Exception as exc:  # one poison line must not stop the worker
             log.exception("engine failed on one request")
             return EngineResult.error(500, f"engine error: {exc}", type_="server_error")
 
@@ -142,18 +139,61 @@ class VllmEngine:
         self, model: str, url: str, prompts: list[Any], params: list[Any]
     ) -> list[EngineResult]:
         llm = self._llms[model]
-        if url == "/v1/chat/completions":
+        if url == EMBED_URL:
+            return self._embed(llm, model, prompts, params)
+        chat = url == "/v1/chat/completions"
+        if chat:
             outputs = llm.chat(prompts, params, use_tqdm=False)
-            build = chat_completion
         else:
             outputs = llm.generate(prompts, params, use_tqdm=False)
-            build = text_completion
         results = []
-        for out in outputs:
+        for out, sampling in zip(outputs, params, strict=True):
             usage = Usage(
                 prompt_tokens=len(out.prompt_token_ids or []),
                 completion_tokens=sum(len(c.token_ids) for c in out.outputs),
             )
-            texts = [(c.text, c.finish_reason) for c in out.outputs]
-            results.append(EngineResult(200, build(model, texts, usage), usage))
+            format_logprobs = bodies.chat_logprobs if chat else bodies.completion_logprobs
+            choices = [
+                bodies.Choice(c.text, c.finish_reason, format_logprobs(
+                    c.token_ids, c.logprobs, sampling.logprobs) if c.logprobs else None)
+                for c in out.outputs
+            ]
+            build = bodies.chat_completion if chat else bodies.text_completion
+            results.append(EngineResult(200, build(model, choices, usage), usage))
         return results
+
+    def _embed(
+        self, llm: Any, model: str, inputs: list[list[Any]], encodings: list[str]
+    ) -> list[EngineResult]:
+        # One request may hold many inputs: embed them all in one call, then regroup.
+        flat = [text for texts in inputs for text in texts]
+        outputs = llm.embed(flat, use_tqdm=False)
+        results, start = [], 0
+        for texts, encoding in zip(inputs, encodings, strict=True):
+            mine = outputs[start:start + len(texts)]
+            start += len(texts)
+            tokens = sum(len(o.prompt_token_ids or []) for o in mine)
+            body = bodies.embedding_list(model, [o.outputs.embedding for o in mine], tokens,
+                                         encoding)
+            results.append(EngineResult(200, body, Usage(prompt_tokens=tokens)))
+        return results
+
+
+def _embedding_input(body: dict[str, Any]) -> list[Any]:
+    """`input` as a list of prompts: strings, or token-id lists (vLLM TokensPrompt)."""
+    value = body.get("input")
+    if body.get("dimensions") is not None:
+        raise InvalidRequest("'dimensions' is not supported by this model", "dimensions")
+    if body.get("encoding_format") not in (None, "float", "base64"):
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) and v for v in value):
+            return value
+        if all(isinstance(v, int) for v in value):
+            return [{"prompt_token_ids": value}]
+        if all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
+            return [{"prompt_token_ids": v} for v in value]
+    raise InvalidRequest("'input' must be a non-empty string, array of strings, or token ids",
+                         "input")

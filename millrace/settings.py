@@ -9,6 +9,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_CHAT_MODEL = "smollm2-135m-instruct"
+BUNDLED_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 class Settings(BaseSettings):
@@ -28,7 +29,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     # Served model names, comma separated; `name=/path/to/hf-dir` serves a local folder.
-    model: str = BUNDLED_CHAT_MODEL
+    model: str = f"{BUNDLED_CHAT_MODEL},{BUNDLED_EMBEDDING_MODEL}"
     engine: Literal["vllm", "echo"] = "vllm"
     # pyarrow.fs URI of the file store; default: <data_dir>/files on local disk.
     file_store_url: str | None = None

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from millrace.settings import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL
 from tests.deployment import Deployment, start
 
 
@@ -36,9 +37,18 @@ def http(deployment: Deployment) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def model(deployment: Deployment) -> str:
+    """The served chat model (bundled SmolLM2)."""
     models = deployment.endpoints["models"]
-    assert isinstance(models, dict)
-    return next(iter(models))
+    assert isinstance(models, dict) and BUNDLED_CHAT_MODEL in models
+    return BUNDLED_CHAT_MODEL
+
+
+@pytest.fixture(scope="session")
+def embedding_model(deployment: Deployment) -> str:
+    """The served embedding model (bundled all-MiniLM-L6-v2)."""
+    models = deployment.endpoints["models"]
+    assert isinstance(models, dict) and BUNDLED_EMBEDDING_MODEL in models
+    return BUNDLED_EMBEDDING_MODEL
 
 
 def chat_line(custom_id: str, model: str, content: str, **body: object) -> str:

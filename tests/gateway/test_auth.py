@@ -86,8 +86,8 @@ def test_keys_create_cli_mints_a_working_key(deployment: Deployment, http: httpx
     assert listed.status_code == 200 and listed.json()["data"] == []
 
 
-def test_models_lists_served_names(client: OpenAI, model: str) -> None:
-    assert [m.id for m in client.models.list()] == [model]
+def test_models_lists_served_names(client: OpenAI, model: str, embedding_model: str) -> None:
+    assert [m.id for m in client.models.list()] == [model, embedding_model]
     assert client.models.retrieve(model).id == model
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
