@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from gateway.context import Context, context
-from millrace.errors import AuthenticationError, PermissionDeniedError
+from millrace.errors import AuthenticationError, PermissionDeniedError, RateLimitError
 from millrace.store import Principal
 
 
@@ -23,6 +23,18 @@ async def principal(request: Request, ctx: Annotated[Context, Depends(context)])
     found = await ctx.store.principal(key)
     if found is None:
         raise AuthenticationError("Incorrect API key provided.")
+    limit = found.rpm or ctx.settings.rate_limit_rpm
+    if limit:
+        used, reset_s = await ctx.store.take_request(found)
+        if used > limit:
+            raise RateLimitError(
+                f"Rate limit reached: {limit} requests per minute for this key. "
+                f"Try again in {reset_s}s.",
+                headers={"retry-after": str(reset_s),
+                         "x-ratelimit-limit-requests": str(limit),
+                         "x-ratelimit-remaining-requests": "0",
+                         "x-ratelimit-reset-requests": f"{reset_s}s"},
+            )
     return found
 
 

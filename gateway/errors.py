@@ -23,7 +23,8 @@ def _respond(status: int, detail: ErrorDetail) -> JSONResponse:
 
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return JSONResponse(exc.envelope().model_dump(), status_code=exc.status_code)
+    return JSONResponse(exc.envelope().model_dump(), status_code=exc.status_code,
+                        headers=exc.headers)
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:

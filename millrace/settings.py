@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     # Where bundled models are converted once (shared across data dirs).
     model_cache: Path = Path.home() / ".cache" / "millrace" / "models"
 
+    # Requests per minute per API key when the key sets none; 0 = unlimited.
+    rate_limit_rpm: int = 0
+
     # Limits (OpenAI's): batch input size and lines; any other upload.
     batch_max_bytes: int = 200 * 1024 * 1024
     batch_max_lines: int = 50_000

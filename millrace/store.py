@@ -29,10 +29,13 @@ def new_api_key() -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the project a key belongs to, and whether it may administer."""
+    """Who is calling: the project a key belongs to, whether it may administer, and its
+    request budget per minute (0 = unlimited)."""
 
     project: str
     admin: bool = False
+    rpm: int = 0
+    key_hash: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,15 +67,29 @@ class Store:
             mapping={
                 "project": principal.project,
                 "admin": int(principal.admin),
+                "rpm": principal.rpm,
                 "created_at": int(time.time()),
             },
         )
 
     async def principal(self, api_key: str) -> Principal | None:
-        row = await self.r.hgetall(self._k("key", hash_key(api_key)))
+        key_hash = hash_key(api_key)
+        row = await self.r.hgetall(self._k("key", key_hash))
         if not row:
             return None
-        return Principal(project=str(row["project"]), admin=row.get("admin") == "1")
+        return Principal(project=str(row["project"]), admin=row.get("admin") == "1",
+                         rpm=int(row.get("rpm") or 0), key_hash=key_hash)
+
+    async def take_request(self, principal: Principal) -> tuple[int, int]:
+        """Count one request in the key's current minute: (requests so far, seconds left)."""
+        now = time.time()
+        window = int(now // 60)
+        key = self._k("rate", principal.key_hash, str(window))
+        async with self.r.pipeline(transaction=True) as p:
+            p.incr(key)
+            p.expire(key, 120)
+            used, _ = await p.execute()
+        return int(used), 60 - int(now % 60)
 
     # --- files ------------------------------------------------------------------------
     async def put_file(self, obj: FileObject, project: str, path: str) -> None:

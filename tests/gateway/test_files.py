@@ -13,6 +13,17 @@ from openai import OpenAI
 from tests.deployment import Deployment
 
 
+def gateway_peak_rss(deployment: Deployment) -> int:
+    """VmHWM (peak resident memory) of the deployment's gateway process, in bytes."""
+    for pid in deployment.child_pids():
+        proc = Path(f"/proc/{pid}")
+        if (proc / "cmdline").read_bytes().startswith(b"millrace gateway"):
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    raise AssertionError("no gateway process found")
+
+
 def test_upload_retrieve_content_delete(client: OpenAI) -> None:
     body = b'{"custom_id": "a"}\n{"custom_id": "b"}\n'
     uploaded = client.files.create(file=("in.jsonl", body), purpose="batch")
@@ -64,11 +75,14 @@ def test_a_batch_upload_over_the_size_limit_is_413(
     with big.open("wb") as f:
         f.truncate(200 * 1024 * 1024 + 1)  # sparse: cheap to make, 200 MiB + 1 byte to send
     headers = {"Authorization": f"Bearer {deployment.api_key}"}
+    peak_before = gateway_peak_rss(deployment)
     started = time.monotonic()
     with big.open("rb") as f:
         response = http.post("/v1/files", data={"purpose": "batch"},
                              files={"file": ("big.jsonl", f)}, headers=headers, timeout=120)
     assert response.status_code == 413, response.text
+    # streamed in chunks: 200 MiB through the gateway must not raise its peak memory by much
+    assert gateway_peak_rss(deployment) - peak_before < 64 * 1024 * 1024
     error = response.json()["error"]
     assert (error["code"], error["param"]) == ("file_too_large", "file")
     assert time.monotonic() - started < 120

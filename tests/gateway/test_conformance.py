@@ -1,0 +1,111 @@
+"""What the OpenAI SDK can see: exact object shapes, every error status, garbage input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openai import OpenAI
+from openai.types import Batch, FileObject
+
+from tests.batch_flow import run_batch
+from tests.conftest import chat_line, write_jsonl
+from tests.deployment import Deployment
+
+
+def mint(deployment: Deployment, http: httpx.Client, project: str, **extra: object) -> str:
+    admin = {"Authorization": f"Bearer {deployment.api_key}"}
+    response = http.post("/admin/api-keys", json={"project": project, **extra}, headers=admin)
+    assert response.status_code == 200, response.text
+    return str(response.json()["key"])
+
+
+def test_objects_carry_exactly_the_sdk_fields(
+    client: OpenAI, http: httpx.Client, model: str, tmp_path: Path
+) -> None:
+    batch, _ = run_batch(client, write_jsonl(tmp_path / "in.jsonl", [
+        chat_line("a", model, "Say ok.", max_tokens=2)]))
+    headers = {"Authorization": f"Bearer {client.api_key}"}
+    raw_batch = http.get(f"/v1/batches/{batch.id}", headers=headers).json()
+    assert set(raw_batch) == set(Batch.model_fields)
+    assert Batch.model_validate(raw_batch).status == "completed"
+    raw_file = http.get(f"/v1/files/{batch.output_file_id}", headers=headers).json()
+    assert set(raw_file) == set(FileObject.model_fields)
+    assert raw_file["purpose"] == "batch_output"
+    listed = http.get("/v1/batches", headers=headers).json()
+    assert set(listed) == {"object", "data", "first_id", "last_id", "has_more"}
+
+
+def test_rate_limited_keys_get_429_with_retry_after(
+    deployment: Deployment, http: httpx.Client
+) -> None:
+    key = mint(deployment, http, "limited", rpm=3)
+    headers = {"Authorization": f"Bearer {key}"}
+    responses = []
+    for _ in range(8):  # 3 per minute: a 4th request in the same minute is refused
+        responses.append(http.get("/v1/batches", headers=headers))
+        if responses[-1].status_code == 429:
+            break
+    limited = responses[-1]
+    assert limited.status_code == 429
+    assert 3 <= len(responses) - 1 <= 6  # a minute boundary may reset the window once
+    error = limited.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert 0 < int(limited.headers["retry-after"]) <= 60
+    assert limited.headers["x-ratelimit-limit-requests"] == "3"
+    client = OpenAI(base_url=deployment.base_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        for _ in range(4):
+            client.files.list()
+
+
+def test_garbage_request_bodies_are_400_not_500(client: OpenAI, http: httpx.Client) -> None:
+    headers = {"Authorization": f"Bearer {client.api_key}", "content-type": "application/json"}
+    for body in (b"", b"null", b"[]", b'"x"', b"{", b'{"input_file_id": 5}',
+                 b'{"input_file_id": "f", "endpoint": 1, "completion_window": []}',
+                 b"\xff\xfe", json.dumps({"a" * 10_000: 1}).encode()):
+        response = http.post("/v1/batches", content=body, headers=headers)
+        assert response.status_code == 400, (body[:40], response.text)
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(
+    st.binary(max_size=300)
+    | st.text(max_size=300).map(str.encode)
+    | st.recursive(st.none() | st.integers() | st.text(max_size=10),
+                   lambda inner: st.lists(inner, max_size=4)
+                   | st.dictionaries(st.sampled_from(["custom_id", "method", "url", "body",
+                                                       "model", "x"]), inner, max_size=4),
+                   max_leaves=12).map(lambda v: json.dumps(v).encode()),
+    max_size=6))
+def test_malformed_jsonl_never_produces_a_5xx(client: OpenAI, http: httpx.Client,
+                                             lines: list[bytes]) -> None:
+    headers = {"Authorization": f"Bearer {client.api_key}"}
+    upload = http.post("/v1/files", data={"purpose": "batch"},
+                       files={"file": ("fuzz.jsonl", b"\n".join(lines))}, headers=headers)
+    assert upload.status_code == 200
+    file_id = upload.json()["id"]
+    checked = http.post("/v1/batches/validate", json={"input_file_id": file_id},
+                        headers=headers)
+    assert checked.status_code == 200
+    assert checked.json()["valid"] is False or checked.json()["total"] > 0
+    created = http.post("/v1/batches", headers=headers, json={
+        "input_file_id": file_id, "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"})
+    assert created.status_code == 200
+
+
+def test_a_huge_line_is_a_line_error(client: OpenAI, tmp_path: Path) -> None:
+    path = tmp_path / "huge.jsonl"
+    path.write_bytes(b'{"custom_id": "' + b"x" * 5_000_000 + b"\n")
+    batch, _ = run_batch(client, path, timeout=60)
+    assert batch.status == "failed"
+    assert batch.errors is not None and batch.errors.data is not None
+    assert [(e.line, e.code) for e in batch.errors.data] == [(1, "invalid_json_line")]
