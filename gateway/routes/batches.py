@@ -6,10 +6,13 @@ import asyncio
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field, field_validator
+from fastapi import APIRouter, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from starlette.datastructures import UploadFile
 
 from gateway.auth import Caller
 from gateway.context import Ctx
@@ -118,16 +121,30 @@ class ValidationResult(BaseModel):
 
 
 @router.post("/validate", response_model=ValidationResult)
-async def dry_run(ctx: Ctx, who: Caller, params: ValidateBatch) -> ValidationResult:
-    """PromptLoop-style `validate-data`: every check of create, nothing created."""
-    source = await ctx.store.get_file(params.input_file_id, who.project)
-    if source is None:
-        raise NotFoundError(
-            f"No such File object: {params.input_file_id}", param="input_file_id"
-        )
-    report = await asyncio.to_thread(
-        validate, ctx.files.iter_lines(source.path), rules(ctx, params.endpoint)
-    )
+async def dry_run(ctx: Ctx, who: Caller, request: Request) -> ValidationResult:
+    """PromptLoop-style `validate-data`: every check of create, nothing created.
+
+    Takes JSON `{input_file_id, endpoint}` or a multipart upload (`file`, `endpoint`).
+    """
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        upload, endpoint = form.get("file"), form.get("endpoint") or ENDPOINTS[0]
+        if not isinstance(upload, UploadFile) or endpoint not in ENDPOINTS:
+            raise InvalidRequestError("multipart validation needs 'file' and a valid "
+                                      "'endpoint'", param="file")
+        lines: Iterable[bytes] = (line.rstrip(b"\r\n") for line in upload.file)
+    else:
+        try:
+            params = ValidateBatch.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
+        source = await ctx.store.get_file(params.input_file_id, who.project)
+        if source is None:
+            raise NotFoundError(
+                f"No such File object: {params.input_file_id}", param="input_file_id"
+            )
+        lines, endpoint = ctx.files.iter_lines(source.path), params.endpoint
+    report = await asyncio.to_thread(validate, lines, rules(ctx, str(endpoint)))
     return ValidationResult(valid=not report.errors, total=report.total, errors=report.errors)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
 from openai import OpenAI
 
+from tests.batch_flow import run_batch
 from tests.conftest import chat_line
 from tests.deployment import Deployment
 
@@ -80,7 +83,28 @@ def test_dry_run_validation_creates_nothing(
     body = failed.json()
     assert (body["valid"], body["total"]) == (False, 2)
     assert [(e["line"], e["code"]) for e in body["errors"]] == [(1, "invalid_json_line")]
+    uploaded = http.post("/v1/batches/validate", headers=headers, data={
+        "endpoint": "/v1/completions"}, files={"file": ("x.jsonl", b"\n" + chat_line(
+            "a", model, "x").encode() + b"\n")})
+    assert uploaded.status_code == 200
+    assert [(e["line"], e["code"]) for e in uploaded.json()["errors"]] == [(2, "url_mismatch")]
+    missing = http.post("/v1/batches/validate", json={}, headers=headers)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "input_file_id"
     assert client.batches.list().data == []
+    assert [f.id for f in client.files.list()] == [bad.id, good.id]  # validating stored none
+
+
+def test_more_lines_than_the_limit_fails_with_too_many_requests(
+    client: OpenAI, model: str, tmp_path: Path
+) -> None:
+    template = chat_line("{}", model, "x")
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(template.replace('"{}"', f'"{i}"') for i in range(50_001)))
+    batch, _ = run_batch(client, path, timeout=120)
+    assert batch.status == "failed"
+    assert batch.errors is not None and batch.errors.data is not None
+    assert [(e.line, e.code) for e in batch.errors.data] == [(50_001, "too_many_requests")]
+    assert batch.request_counts is not None and batch.request_counts.total == 0
 
 
 def test_cancel_of_unknown_or_finished_batches(
