@@ -11,6 +11,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from millrace.embedded import free_port
 from millrace.settings import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL
 from tests.deployment import Deployment, start
 
@@ -22,6 +23,19 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     code = dep.stop()
     assert code == 0, "".join(dep.stderr_lines[-50:])
     assert not [line for line in dep.stderr_lines if "killing" in line], "unclean stop"
+
+
+@pytest.fixture(scope="session")
+def s3_url() -> Iterator[str]:
+    """A real S3 HTTP endpoint (moto's server) with a bucket-creating pyarrow URI."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield (f"s3://test:test@millrace/files?endpoint_override=127.0.0.1:{port}"
+           "&scheme=http&region=us-east-1&allow_bucket_creation=true")
+    server.stop()
 
 
 @pytest.fixture(scope="session")

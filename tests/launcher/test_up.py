@@ -95,3 +95,19 @@ def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"127.0.0.1:{port} is in use" in result.stderr
     assert result.stdout == ""
+
+
+def test_a_deployment_on_an_s3_file_store(s3_url: str, tmp_path: Path) -> None:
+    """Gateway uploads and sink-sealed output live in S3; the SDK cannot tell."""
+    dep = start(tmp_path / "s3", engine="echo", timeout=120,
+                extra_env={"MILLRACE_FILE_STORE_URL": s3_url})
+    try:
+        client = OpenAI(base_url=dep.base_url, api_key=dep.api_key, max_retries=0)
+        lines = [chat_line(f"s{i}", "smollm2-135m-instruct", f"in s3 {i}") for i in range(3)]
+        batch, _ = run_batch(client, write_jsonl(tmp_path / "in.jsonl", lines), timeout=60)
+        assert batch.status == "completed"
+        assert sorted(x.custom_id for x in read_lines(client, batch.output_file_id)) == [
+            "s0", "s1", "s2"]
+        assert not (dep.data_dir / "files").exists()  # nothing fell back to local disk
+    finally:
+        assert dep.stop() == 0

@@ -1,0 +1,40 @@
+"""The file store on local disk and on S3 (a real S3 HTTP endpoint: moto's server)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from millrace.filestore import FileStore, TooLarge
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> FileStore:
+    if request.param == "local":
+        return FileStore(str(tmp_path / "files"))
+    return FileStore(request.getfixturevalue("s3_url"))
+
+
+def test_write_read_delete(store: FileStore) -> None:
+    data = b'{"a": 1}\n{"b": 2}\nlast line without newline'
+    assert store.write_from("x/y.jsonl", io.BytesIO(data)) == (len(data), 3)
+    assert b"".join(store.iter_chunks("x/y.jsonl")) == data
+    assert list(store.iter_lines("x/y.jsonl")) == data.split(b"\n")
+    store.delete("x/y.jsonl")
+    with pytest.raises(FileNotFoundError):
+        list(store.iter_chunks("x/y.jsonl"))
+
+
+def test_lines_spanning_chunks(store: FileStore) -> None:
+    lines = [b"x" * 700_000, b"y" * 900_000, b"z"]  # crosses the 1 MiB read size
+    store.write_from("big.jsonl", io.BytesIO(b"\n".join(lines) + b"\n"))
+    assert list(store.iter_lines("big.jsonl")) == lines
+
+
+def test_too_large_leaves_nothing_behind(store: FileStore) -> None:
+    with pytest.raises(TooLarge):
+        store.write_from("big.bin", io.BytesIO(b"0" * (3 << 20)), max_bytes=2 << 20)
+    with pytest.raises(FileNotFoundError):
+        list(store.iter_chunks("big.bin"))
