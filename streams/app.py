@@ -21,7 +21,7 @@ from millrace.settings import Settings
 from millrace.status import BatchStatus
 from millrace.store import Store
 from millrace.topics import Topics
-from streams.state import BatchState
+from streams.state import BatchState, Emitted
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,12 @@ def load(batch_id: str) -> BatchState:
     return BatchState.model_validate(raw) if raw else BatchState(batch_id=batch_id)
 
 
-async def save(state: BatchState, transitions: list[Any]) -> None:
+async def save(state: BatchState, emitted: list[Emitted]) -> None:
+    """Write the state back (inside the stream, as Faust requires), publish what the state
+    change emitted, and refresh the Redis read model."""
     batches[state.batch_id] = state.model_dump(mode="json")
     track_deadline(state)
-    for event in transitions:
+    for event in emitted:
         await events_out.send(key=state.batch_id.encode(), value=event.dumps())
         if isinstance(event, BatchTransition):
             log.info("%s: %s → %s", state.batch_id, event.from_status, event.to_status)

@@ -79,7 +79,8 @@ def test_a_batch_upload_over_the_size_limit_is_413(
     started = time.monotonic()
     with big.open("rb") as f:
         response = http.post("/v1/files", data={"purpose": "batch"},
-                             files={"file": ("big.jsonl", f)}, headers=headers, timeout=120)
+                             files={"file": ("over-the-limit.jsonl", f)}, headers=headers,
+                             timeout=120)
     assert response.status_code == 413, response.text
     # streamed in chunks: 200 MiB through the gateway must not raise its peak memory by much
     assert gateway_peak_rss(deployment) - peak_before < 64 * 1024 * 1024
@@ -87,4 +88,4 @@ def test_a_batch_upload_over_the_size_limit_is_413(
     assert (error["code"], error["param"]) == ("file_too_large", "file")
     assert time.monotonic() - started < 120
     listed = http.get("/v1/files", headers=headers).json()["data"]
-    assert "big.jsonl" not in [f["filename"] for f in listed]
+    assert "over-the-limit.jsonl" not in [f["filename"] for f in listed]
