@@ -95,17 +95,18 @@ def test_a_batch_whose_every_line_failed_completes_without_output(
 
 
 def test_unknown_and_mixed_models_fail_validation(
-    client: OpenAI, model: str, tmp_path: Path
+    client: OpenAI, model: str, embedding_model: str, tmp_path: Path
 ) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [
         chat_line("a", model, "x"),
         chat_line("b", "no-such-model", "x"),
+        chat_line("c", embedding_model, "x"),
     ])
     batch, _ = run_batch(client, path, timeout=60)
     assert batch.status == "failed"
     assert batch.errors is not None and batch.errors.data is not None
     assert [(e.line, e.code, e.param) for e in batch.errors.data] == [
-        (2, "model_not_found", "body.model")]
+        (2, "model_not_found", "body.model"), (3, "model_mismatch", "body.model")]
 
 
 def test_completions_endpoint_runs_prompts(client: OpenAI, model: str, tmp_path: Path) -> None:
