@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,6 +11,7 @@ from fastapi import FastAPI
 from gateway import errors
 from gateway.context import Context
 from gateway.routes import admin, batches, files, health, models
+from gateway.stream_ingest import StreamIngest
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
 from millrace.settings import Settings
@@ -36,9 +38,13 @@ def create_app(settings: Settings) -> FastAPI:
                 settings.api_key.get_secret_value(), Principal("default", admin=True)
             )
         app.state.ctx = ctx
+        ingest = StreamIngest(settings, ctx.store, ctx.producer)
+        ingest_task = asyncio.create_task(ingest.run())
         try:
             yield
         finally:
+            ingest.stop()
+            await asyncio.wait_for(ingest_task, 30)
             for task in list(ctx.tasks):
                 task.cancel()
             ctx.producer.close()

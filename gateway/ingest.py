@@ -14,19 +14,20 @@ from gateway.context import Context
 from gateway.validation import Report, Rules, check_line, parse_lines, validate
 from millrace.protocol import Batch, BatchError
 from millrace.records import BatchValidated, BatchValidationFailed, RequestRecord
+from millrace.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def rules(ctx: Context, endpoint: str) -> Rules:
-    return Rules(endpoint=endpoint, models=ctx.settings.served_models(),
-                 max_lines=ctx.settings.batch_max_lines)
+def rules(settings: Settings, endpoint: str) -> Rules:
+    return Rules(endpoint=endpoint, models=settings.served_models(),
+                 max_lines=settings.batch_max_lines)
 
 
 def records(ctx: Context, batch: Batch, project: str, key: str) -> Iterator[tuple[str, bytes]]:
     """Second pass over a validated file: one request record per line, keyed by batch."""
     unused = Report()
-    line_rules = rules(ctx, batch.endpoint)
+    line_rules = rules(ctx.settings, batch.endpoint)
     for number, raw in parse_lines(ctx.files.iter_lines(key)):
         line = check_line(number, raw, line_rules, unused)
         assert line is not None, "validated lines cannot fail on the second pass"
@@ -41,7 +42,7 @@ async def ingest(ctx: Context, batch: Batch, project: str, key: str) -> None:
     topic = ctx.topics.batch_events
     try:
         report = await asyncio.to_thread(
-            validate, ctx.files.iter_lines(key), rules(ctx, batch.endpoint)
+            validate, ctx.files.iter_lines(key), rules(ctx.settings, batch.endpoint)
         )
         if report.errors:
             event = BatchValidationFailed(batch_id=batch.id, errors=report.errors)

@@ -20,6 +20,8 @@ from millrace.errors import DeliveryError
 
 log = logging.getLogger(__name__)
 
+Headers = dict[str, str | bytes | None]
+
 
 class KafkaConfig(BaseModel):
     """Typed Kafka client settings that render librdkafka dicts."""
@@ -100,7 +102,9 @@ class AsyncProducer:
         while not self._stop.is_set():
             self._producer.poll(0.1)
 
-    def produce(self, topic: str, key: str, value: bytes) -> asyncio.Future[Message]:
+    def produce(
+        self, topic: str, key: str, value: bytes, headers: Headers | None = None
+    ) -> asyncio.Future[Message]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Message] = loop.create_future()
 
@@ -110,11 +114,16 @@ class AsyncProducer:
             else:
                 loop.call_soon_threadsafe(_settle, fut, None, msg)
 
-        self._produce_waiting(topic, key, value, delivered)
+        self._produce_waiting(topic, key, value, delivered, headers)
         return fut
 
     async def send(self, topic: str, key: str, value: bytes) -> Message:
         return await self.produce(topic, key, value)
+
+    async def send_message(
+        self, topic: str, key: str, value: bytes, headers: Headers
+    ) -> Message:
+        return await self.produce(topic, key, value, headers)
 
     def send_all(
         self, topic: str, items: Iterable[tuple[str, bytes]], timeout: float = 120.0
@@ -145,10 +154,14 @@ class AsyncProducer:
             raise DeliveryError(f"{len(failed)} of {sent} records failed: {failed[0]}")
         return sent
 
-    def _produce_waiting(self, topic: str, key: str, value: bytes, callback: Any) -> None:
+    def _produce_waiting(
+        self, topic: str, key: str, value: bytes, callback: Any,
+        headers: Headers | None = None,
+    ) -> None:
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=callback)
+                self._producer.produce(topic, value=value, key=key, on_delivery=callback,
+                                       headers=headers)
                 return
             except BufferError:
                 # Local queue full: wait for deliveries instead of growing without bound.

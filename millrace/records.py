@@ -85,6 +85,13 @@ class BatchCreated(_Event):
     output_expires_after_s: int | None = None
 
 
+class BatchOpened(_Event):
+    """A stream batch was created: it is in progress at once and takes lines from the
+    ingest topic until sealed (then `validated` carries its total)."""
+
+    type: Literal["opened"] = "opened"
+
+
 class BatchValidated(_Event):
     """Every line passed validation and is on the requests topic."""
 
@@ -153,6 +160,7 @@ class BatchFilesReady(_Event):
 
 BatchEvent = Annotated[
     BatchCreated
+    | BatchOpened
     | BatchValidated
     | BatchValidationFailed
     | BatchCancelRequested
@@ -163,6 +171,22 @@ BatchEvent = Annotated[
     Field(discriminator="type"),
 ]
 _event_adapter: TypeAdapter[BatchEvent] = TypeAdapter(BatchEvent)
+
+
+class IngestReject(Record):
+    """`<prefix>.ingest-rejects`: an ingest message that did not become a request line."""
+
+    batch_id: str | None
+    code: str
+    reason: str
+    partition: int
+    offset: int
+    value: str  # the message as received (UTF-8, replacement characters), cut at 4 KiB
+    at: int = Field(default_factory=now)
+
+
+# Header that marks a control message on the ingest topic; `seal` closes the batch.
+CONTROL_HEADER = "millrace-control"
 
 
 def parse_event(raw: bytes | str) -> BatchEvent:

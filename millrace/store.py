@@ -165,3 +165,51 @@ class Store:
                                   newest_first=True)
         found = [await self.get_batch(i, project) for i in ids]
         return [b for b in found if b is not None]
+
+    # --- stream batches (lines arrive on the ingest topic) --------------------------------
+    async def open_stream(self, batch_id: str, endpoint: str, project: str) -> None:
+        await self.r.hset(self._k("stream", batch_id),
+                          mapping={"endpoint": endpoint, "project": project})
+
+    async def stream(self, batch_id: str) -> dict[str, str] | None:
+        """{endpoint, project[, sealed_total]} of a stream batch, None if there is none."""
+        row = await self.r.hgetall(self._k("stream", batch_id))
+        return {str(k): str(v) for k, v in row.items()} or None
+
+    async def note_rejected(self, batch_id: str, token: str) -> None:
+        """A message of the batch that did not become a line still counts as received."""
+        await self.r.sadd(self._k("stream-rejected", batch_id), token)
+
+    async def received(self, batch_id: str) -> int:
+        """Distinct ingest messages of the batch processed so far (lines + rejected)."""
+        async with self.r.pipeline(transaction=False) as p:
+            p.hlen(self._k("stream-ids", batch_id))
+            p.scard(self._k("stream-rejected", batch_id))
+            lines, rejected = await p.execute()
+        return int(lines) + int(rejected)
+
+    async def expect_stream(self, batch_id: str, messages: int) -> None:
+        await self.r.hsetnx(self._k("stream", batch_id), "expected", messages)
+
+    async def claim_line(self, batch_id: str, custom_id: str, token: str) -> tuple[str, int]:
+        """Give `custom_id` to the message identified by `token` (its partition:offset).
+
+        Returns ("new", line number), ("redelivery", line number) when the same message
+        comes again after a crash, or ("duplicate", 0) when another message holds the id.
+        """
+        ids = self._k("stream-ids", batch_id)
+        async with self.r.pipeline(transaction=True) as p:
+            p.hsetnx(ids, custom_id, token)
+            p.hget(ids, custom_id)
+            p.hlen(ids)
+            created, holder, count = await p.execute()
+        if created:
+            return "new", int(count)
+        return ("redelivery", int(count)) if holder == token else ("duplicate", 0)
+
+    async def seal_stream(self, batch_id: str) -> int:
+        """Close a stream batch; idempotent: a second call returns the same total."""
+        key = self._k("stream", batch_id)
+        total = await self.r.hlen(self._k("stream-ids", batch_id))
+        await self.r.hsetnx(key, "sealed_total", total)
+        return int(await self.r.hget(key, "sealed_total") or 0)

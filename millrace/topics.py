@@ -23,6 +23,18 @@ class Topics:
     def batch_events(self) -> str:
         return f"{self.prefix}.batch-events"
 
+    @property
+    def ingest(self) -> str:
+        """Direct producers write OpenAI batch lines here, keyed by an open batch's id."""
+        return f"{self.prefix}.ingest"
+
+    @property
+    def ingest_rejects(self) -> str:
+        return f"{self.prefix}.ingest-rejects"
+
+    def ingest_group(self) -> str:
+        return f"{self.prefix}.ingest"
+
     def worker_group(self) -> str:
         return f"{self.prefix}.gpu-workers"
 
@@ -38,6 +50,8 @@ class Topics:
             self.requests: settings.request_partitions,
             self.responses: settings.partitions,
             self.batch_events: settings.partitions,
+            self.ingest: settings.partitions,
+            self.ingest_rejects: 1,
         }
 
     @classmethod

@@ -16,6 +16,7 @@ from millrace.records import (
     BatchEvent,
     BatchExpireDue,
     BatchFilesReady,
+    BatchOpened,
     BatchSealRequested,
     BatchTransition,
     BatchValidated,
@@ -118,6 +119,8 @@ class BatchState(BaseModel):
             if not self.due:
                 return []
             return [*self._moved(BatchStatus.EXPIRED, event.at), self._seal("batch_expired")]
+        if isinstance(event, BatchOpened):
+            return self._moved(BatchStatus.IN_PROGRESS, event.at)
         if isinstance(event, BatchValidated):
             self.total = event.total
             self.model = event.model

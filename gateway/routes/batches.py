@@ -18,14 +18,16 @@ from gateway.auth import Caller
 from gateway.context import Ctx
 from gateway.ingest import ingest, rules
 from gateway.routes.files import ExpiresAfter
+from gateway.stream_ingest import seal_if_complete
 from gateway.validation import validate
 from millrace.errors import ConflictError, InvalidRequestError, NotFoundError
 from millrace.protocol import Batch, BatchError, ListPage
-from millrace.records import BatchCancelRequested, BatchCreated
+from millrace.records import CONTROL_HEADER, BatchCancelRequested, BatchCreated, BatchOpened
 from millrace.status import BatchStatus
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
+STREAM_INPUT = "stream"  # input_file_id of a stream batch (the SDK types it as a string)
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # OpenAI accepts only "24h"; shorter windows are a millrace extension (1s .. 24h).
 _WINDOW = re.compile(r"^([1-9][0-9]*)([smh])$")
@@ -45,7 +47,9 @@ def window_seconds(window: str) -> int:
 
 
 class CreateBatch(BaseModel):
-    input_file_id: str
+    input_file_id: str | None = None
+    # millrace extension: "stream" opens a batch fed from the ingest topic, sealed later
+    input: Literal["file", "stream"] = "file"
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
@@ -74,6 +78,11 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
             code="invalid_value",
         )
     window = window_seconds(params.completion_window)
+    if params.input == "stream":
+        return await open_stream(ctx, who.project, params, window)
+    if params.input_file_id is None:
+        raise InvalidRequestError("input_file_id is required (or \"input\": \"stream\")",
+                                  param="input_file_id", code="missing_required_parameter")
     source = await ctx.store.get_file(params.input_file_id, who.project)
     if source is None:
         raise NotFoundError(
@@ -105,6 +114,28 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
     task = asyncio.create_task(ingest(ctx, batch, who.project, source.path))
     ctx.tasks.add(task)
     task.add_done_callback(ctx.tasks.discard)
+    return batch
+
+
+async def open_stream(ctx: Ctx, project: str, params: CreateBatch, window: int) -> Batch:
+    """A batch whose lines producers write to `<prefix>.ingest`; in progress at once."""
+    if params.input_file_id is not None:
+        raise InvalidRequestError("a stream batch takes no input_file_id",
+                                  param="input_file_id", code="invalid_value")
+    now = int(time.time())
+    batch = Batch(
+        id="batch_" + secrets.token_hex(12), endpoint=params.endpoint,
+        input_file_id=STREAM_INPUT, completion_window=params.completion_window,
+        status=BatchStatus.IN_PROGRESS, created_at=now, in_progress_at=now,
+        expires_at=now + window, metadata=params.metadata,
+    )
+    await ctx.store.create_batch(batch, project)
+    await ctx.store.open_stream(batch.id, batch.endpoint, project)
+    created = BatchCreated(batch_id=batch.id, project=project,
+                           batch=batch.model_dump(mode="json"))
+    await ctx.producer.send(ctx.topics.batch_events, batch.id, created.dumps())
+    opened = BatchOpened(batch_id=batch.id, at=now)
+    await ctx.producer.send(ctx.topics.batch_events, batch.id, opened.dumps())
     return batch
 
 
@@ -144,7 +175,7 @@ async def dry_run(ctx: Ctx, who: Caller, request: Request) -> ValidationResult:
                 f"No such File object: {params.input_file_id}", param="input_file_id"
             )
         lines, endpoint = ctx.files.iter_lines(source.path), params.endpoint
-    report = await asyncio.to_thread(validate, lines, rules(ctx, str(endpoint)))
+    report = await asyncio.to_thread(validate, lines, rules(ctx.settings, str(endpoint)))
     return ValidationResult(valid=not report.errors, total=report.total, errors=report.errors)
 
 
@@ -173,6 +204,34 @@ async def cancel(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
     # The aggregator applies the transition; answer as OpenAI does, already cancelling.
     return batch.model_copy(update={"status": BatchStatus.CANCELLING,
                                     "cancelling_at": event.at})
+
+
+class SealBatch(BaseModel):
+    total: int | None = Field(default=None, ge=0)
+
+
+@router.post("/{batch_id}/seal", response_model=Batch)
+async def seal(ctx: Ctx, who: Caller, batch_id: str, params: SealBatch | None = None) -> Batch:
+    """Close a stream batch.
+
+    With `{"total": N}` (the messages the producers wrote for this batch) it is sealed once
+    all N have been processed, whatever partitions they landed on. Without it, a control
+    message goes to the batch's partition (murmur2 of the batch id): exact only for lines
+    produced before it to that same partition, i.e. with a Java-compatible partitioner.
+    """
+    batch = await owned(ctx, who, batch_id)
+    stream = await ctx.store.stream(batch_id)
+    if stream is None:
+        raise ConflictError("Only a batch created with \"input\": \"stream\" can be sealed.",
+                            param="batch_id")
+    if params is not None and params.total is not None:
+        await ctx.store.expect_stream(batch_id, params.total)
+        for delivery in await seal_if_complete(ctx.store, ctx.producer, ctx.topics, batch_id):
+            await delivery
+    else:
+        await ctx.producer.send_message(ctx.topics.ingest, batch_id, b"",
+                                        headers={CONTROL_HEADER: b"seal"})
+    return batch
 
 
 @router.get("", response_model=ListPage)

@@ -172,7 +172,10 @@ def test_create_params_are_checked_at_once(client: OpenAI, http: httpx.Client,
                         headers=headers)
     assert missing.status_code == 400
     assert missing.json()["error"]["type"] == "invalid_request_error"
-    assert missing.json()["error"]["param"] == "input_file_id"
+    assert missing.json()["error"]["param"] == "completion_window"
+    no_input = http.post("/v1/batches", headers=headers, json={
+        "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    assert no_input.status_code == 400 and no_input.json()["error"]["param"] == "input_file_id"
     unknown_file = http.post("/v1/batches", headers=headers, json={
         "input_file_id": "file-nope", "endpoint": "/v1/chat/completions",
         "completion_window": "24h"})

@@ -1,0 +1,171 @@
+"""The ingest stage: OpenAI batch lines produced straight to `<prefix>.ingest` by any Kafka
+client become request lines of open (stream) batches.
+
+Messages are keyed by the batch id (or carry it in a `batch_id` header). Each is validated
+like an uploaded line: a good one goes to the requests topic; a bad one that a batch owns
+becomes an error line of that batch (and is shown on ingest-rejects); one no batch can own
+(unknown or sealed batch, duplicate custom_id) goes to ingest-rejects only. A control
+message (header `millrace-control: seal`) closes the batch with its final total after
+every line produced before it to the same partition.
+
+Sealing: `POST /v1/batches/{id}/seal {"total": N}` seals once N messages of the batch were
+processed (lines and rejected duplicates, counted once per partition:offset), so producers
+may use any partitioner. A control message is exact only behind lines on its own partition.
+
+Offsets are committed after everything a poll produced is acknowledged; a redelivered
+message keeps its custom_id claim (keyed by partition:offset), so it is never counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+from confluent_kafka import Consumer, Message
+
+from gateway.ingest import rules
+from gateway.validation import Report, check_line
+from millrace.kafka import AsyncProducer, KafkaConfig, usable
+from millrace.records import (
+    CONTROL_HEADER,
+    BatchValidated,
+    IngestReject,
+    RequestRecord,
+    ResponseRecord,
+)
+from millrace.settings import Settings
+from millrace.store import Store
+from millrace.topics import Topics
+
+log = logging.getLogger(__name__)
+MAX_REJECT_VALUE = 4096
+
+
+def header(msg: Message, name: str) -> str | None:
+    headers: list[tuple[str, bytes | None]] = list(msg.headers() or [])  # type: ignore[arg-type]
+    for key, value in headers:
+        if key == name and value is not None:
+            return value.decode(errors="replace")
+    return None
+
+
+async def seal(
+    store: Store, producer: AsyncProducer, topics: Topics, batch_id: str
+) -> asyncio.Future[Message]:
+    """Close the batch (idempotent) and publish its total, as `validated` does for files."""
+    total = await store.seal_stream(batch_id)
+    sealed = BatchValidated(batch_id=batch_id, total=total)
+    return producer.produce(topics.batch_events, batch_id, sealed.dumps())
+
+
+async def seal_if_complete(
+    store: Store, producer: AsyncProducer, topics: Topics, batch_id: str
+) -> list[asyncio.Future[Message]]:
+    """Seal once every message the producer announced (`POST /seal {"total"}`) is in."""
+    stream = await store.stream(batch_id)
+    if stream is None or "expected" not in stream:
+        return []
+    if await store.received(batch_id) < int(stream["expected"]):
+        return []
+    return [await seal(store, producer, topics, batch_id)]
+
+
+class StreamIngest:
+    def __init__(self, settings: Settings, store: Store, producer: AsyncProducer) -> None:
+        self.settings = settings
+        self.store = store
+        self.producer = producer
+        self.topics = Topics.from_settings(settings)
+        kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-ingest")
+        self.consumer = Consumer(kafka.consumer(self.topics.ingest_group()))
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        self.consumer.subscribe([self.topics.ingest])
+        try:
+            while not self._stop.is_set():
+                messages = await asyncio.to_thread(self.consumer.consume, 500, 0.05)
+                pending = [await self.handle(m) for m in messages if usable(m)]
+                await asyncio.gather(*(f for fs in pending for f in fs))
+                if messages:
+                    await asyncio.to_thread(self.consumer.commit, asynchronous=False)
+        finally:
+            await asyncio.to_thread(self.consumer.close)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def handle(self, msg: Message) -> list[asyncio.Future[Message]]:
+        """Route one message; returns the deliveries to await before committing."""
+        key = msg.key()
+        batch_id = header(msg, "batch_id") or (key.decode(errors="replace") if key else None)
+        if not batch_id:
+            return [self._reject(msg, None, "missing_batch_id",
+                                 "no batch id: set the message key or a batch_id header")]
+        stream = await self.store.stream(batch_id)
+        if header(msg, CONTROL_HEADER) == "seal":
+            if stream is None:
+                return [self._reject(msg, batch_id, "unknown_batch", "seal of an unknown batch")]
+            return [await seal(self.store, self.producer, self.topics, batch_id)]
+        if stream is None:
+            return [self._reject(msg, batch_id, "unknown_batch", "no open batch with this id")]
+        if "sealed_total" in stream:
+            return [self._reject(msg, batch_id, "batch_sealed", "the batch is sealed")]
+        deliveries = await self._line(msg, batch_id, stream)
+        # re-read inside: `POST /seal {"total"}` may have arrived while we worked
+        return deliveries + await seal_if_complete(self.store, self.producer, self.topics,
+                                                   batch_id)
+
+    async def _line(
+        self, msg: Message, batch_id: str, stream: dict[str, str]
+    ) -> list[asyncio.Future[Message]]:
+        raw = msg.value() or b""
+        report = Report()
+        line = check_line(0, raw, rules(self.settings, stream["endpoint"]), report)
+        custom_id = line.custom_id if line else _custom_id(raw) or (
+            f"ingest-{msg.partition()}-{msg.offset()}")
+        claim, number = await self.store.claim_line(
+            batch_id, custom_id, f"{msg.partition()}:{msg.offset()}")
+        if claim == "duplicate":
+            await self.store.note_rejected(batch_id, f"{msg.partition()}:{msg.offset()}")
+            return [self._reject(msg, batch_id, "duplicate_custom_id",
+                                 f"custom_id '{custom_id}' is already in the batch")]
+        if line is not None:
+            record = RequestRecord(batch_id=batch_id, project=stream["project"],
+                                   custom_id=custom_id, line=number, url=line.url,
+                                   body=line.body)
+            return [self.producer.produce(self.topics.requests, batch_id, record.dumps())]
+        error = report.errors[0]
+        failed = ResponseRecord(
+            batch_id=batch_id, project=stream["project"], custom_id=custom_id,
+            id=f"batch_req_{uuid.uuid4().hex}", request_id=f"req_{uuid.uuid4().hex}",
+            status_code=400,
+            body={"error": {"message": error.message, "type": "invalid_request_error",
+                            "param": error.param, "code": error.code}},
+        )
+        return [
+            self.producer.produce(self.topics.responses, batch_id, failed.dumps()),
+            self._reject(msg, batch_id, error.code, f"{error.message} (an error line of the "
+                         "batch)"),
+        ]
+
+    def _reject(self, msg: Message, batch_id: str | None, code: str,
+                reason: str) -> asyncio.Future[Message]:
+        value = (msg.value() or b"")[:MAX_REJECT_VALUE].decode(errors="replace")
+        reject = IngestReject(batch_id=batch_id, code=code, reason=reason,
+                              partition=msg.partition() or 0, offset=msg.offset() or 0,
+                              value=value)
+        log.info("ingest reject %s at %d@%d: %s", batch_id, msg.partition(), msg.offset(),
+                 reason)
+        return self.producer.produce(self.topics.ingest_rejects, batch_id or "", reject.dumps())
+
+
+def _custom_id(raw: bytes) -> str | None:
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    custom_id = value.get("custom_id") if isinstance(value, dict) else None
+    return custom_id if isinstance(custom_id, str) and custom_id else None
