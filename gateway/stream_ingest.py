@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, Message
 
 from gateway.ingest import rules
 from gateway.validation import Report, check_line
-from millrace.kafka import AsyncProducer, KafkaConfig, usable
+from millrace.kafka import AsyncProducer, KafkaConfig, take, usable
 from millrace.records import (
     CONTROL_HEADER,
     BatchValidated,
@@ -86,7 +86,7 @@ class StreamIngest:
         self.consumer.subscribe([self.topics.ingest])
         try:
             while not self._stop.is_set():
-                messages = await asyncio.to_thread(self.consumer.consume, 500, 0.05)
+                messages = await asyncio.to_thread(take, self.consumer, 500, 0.2)
                 pending = [await self.handle(m) for m in messages if usable(m)]
                 await asyncio.gather(*(f for fs in pending for f in fs))
                 if messages:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from gpu_consumer.engine import Engine, EngineRequest, EngineResult
 from gpu_consumer.stops import StoppedBatches
 from millrace.errors import DeliveryError
-from millrace.kafka import KafkaConfig, usable
+from millrace.kafka import KafkaConfig, take, usable
 from millrace.protocol import BATCH_LINE_ERRORS, LineError
 from millrace.records import RequestRecord, ResponseRecord, Usage
 from millrace.settings import Settings
@@ -53,9 +53,8 @@ class Worker:
             on_ready()
         try:
             while self._running:
-                messages = self.consumer.consume(
-                    self.settings.worker_max_batch, self.settings.worker_max_wait_ms / 1000
-                )
+                messages = take(self.consumer, self.settings.worker_max_batch, 0.5,
+                                self.settings.worker_max_wait_ms / 1000)
                 if messages:
                     self.process(messages)
         finally:
@@ -86,9 +85,10 @@ class Worker:
         if runnable:
             started = time.perf_counter()
             results = self.engine.run([EngineRequest(r.url, r.body) for r in runnable])
-            log.info("ran %d requests in %.3fs", len(runnable), time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            log.info("ran %d requests in %.3fs", len(runnable), elapsed)
             for record, result in zip(runnable, results, strict=True):
-                self._produce(record, result)
+                self._produce(record, result, engine_ms=elapsed * 1000)
         pending = self.producer.flush(60)
         if pending or self._failed_deliveries:
             # Exit without committing: the restarted worker redoes this micro-batch.
@@ -104,7 +104,7 @@ class Worker:
 
     def _produce(
         self, record: RequestRecord, result: EngineResult | None = None,
-        error: LineError | None = None,
+        error: LineError | None = None, engine_ms: float | None = None,
     ) -> None:
         """One response: the engine's result, or a batch-level error for a line not run."""
         response = ResponseRecord(
@@ -118,6 +118,7 @@ class Worker:
             error=error,
             usage=result.usage if result else Usage(),
             worker=self.name,
+            engine_ms=engine_ms,
         )
         self.producer.produce(
             self.topics.responses,

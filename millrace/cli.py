@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, default=0, help="0 = a free port")
     redis = common(sub.add_parser("redis", help="the embedded redis-server"))
     redis.add_argument("--port", type=int, default=0, help="0 = a free port")
+    bench = common(sub.add_parser("bench", help="measure a running deployment"))
+    bench.add_argument("--streaming", action="store_true", required=True,
+                       help="produce→response latency of single streamed requests")
+    bench.add_argument("--requests", type=int, default=30)
+    bench.add_argument("--results", type=Path, default=Path("bench/results"))
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = common(keys_sub.add_parser("create", help="mint a key for a project"))
@@ -81,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     _logging(settings)
     handler = {
         "up": _up, "gateway": _gateway, "worker": _worker, "aggregator": _aggregator,
-        "sink": _sink, "redis": _redis, "keys": _keys,
+        "sink": _sink, "redis": _redis, "keys": _keys, "bench": _bench,
     }[args.command]
     try:
         sys.exit(handler(settings, args) or 0)
@@ -141,6 +146,21 @@ def _redis(settings: Settings, args: argparse.Namespace) -> None:
     port = args.port or embedded.free_port()
     print(f"millrace redis: redis://127.0.0.1:{port}/0", flush=True)
     os.execv(embedded.redis_binary(), embedded.redis_argv(port, settings.data_dir / "redis"))
+
+
+def _bench(settings: Settings, args: argparse.Namespace) -> None:
+    from millrace import bench
+
+    key_file = settings.data_dir / "api_key"
+    if settings.api_key is not None:
+        api_key = settings.api_key.get_secret_value()
+    elif key_file.exists():
+        api_key = key_file.read_text().strip()
+    else:
+        sys.exit("millrace bench: set MILLRACE_API_KEY or run `millrace up` in this data dir")
+    result = bench.streaming(settings.data_dir, api_key, requests=args.requests)
+    print(bench.table(result))
+    print(f"saved {bench.save(result, args.results)}")
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> None:

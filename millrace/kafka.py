@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from pydantic import BaseModel, ConfigDict
 
@@ -31,7 +31,9 @@ class KafkaConfig(BaseModel):
     bootstrap: str
     client_id: str = "millrace"
     session_timeout_ms: int = 6000
-    linger_ms: int = 5
+    linger_ms: int = 1
+    # how long the broker may hold an empty fetch; short keeps idle hops fast
+    fetch_wait_ms: int = 10
 
     def base(self) -> dict[str, Any]:
         return {"bootstrap.servers": self.bootstrap, "client.id": self.client_id}
@@ -55,8 +57,22 @@ class KafkaConfig(BaseModel):
             "session.timeout.ms": self.session_timeout_ms,
             "heartbeat.interval.ms": max(self.session_timeout_ms // 6, 500),
             "partition.assignment.strategy": "range",
+            "fetch.wait.max.ms": self.fetch_wait_ms,
             **extra,
         }
+
+
+def take(consumer: Consumer, most: int, wait_first: float, fill_wait: float = 0.0) -> list[Message]:
+    """Block up to `wait_first` for one message, then take what else is already fetched,
+    waiting at most `fill_wait` more for the batch to fill.
+
+    `Consumer.consume(n, timeout)` alone waits the whole timeout unless n messages arrive,
+    which puts the full wait on every idle hop's latency.
+    """
+    first = consumer.poll(wait_first)
+    if first is None:
+        return []
+    return [first, *consumer.consume(most - 1, fill_wait)] if most > 1 else [first]
 
 
 def usable(msg: Message) -> bool:

@@ -64,6 +64,8 @@ class ResponseRecord(Record):
     error: LineError | None = None
     usage: Usage = Field(default_factory=Usage)
     worker: str = ""
+    # wall time of the engine call that produced this result (its whole micro-batch)
+    engine_ms: float | None = None
     finished_at: float = Field(default_factory=time.time)
 
     @property

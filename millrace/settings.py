@@ -51,7 +51,8 @@ class Settings(BaseSettings):
 
     # gpu_consumer
     worker_max_batch: int = 32
-    worker_max_wait_ms: int = 50
+    # after the first request arrives, how long to wait for more to fill the micro-batch
+    worker_max_wait_ms: int = 5
     default_max_tokens: int = 256
     # bf16 (vLLM's CPU default) garbles the 135M bundled model's answers; float32 is
     # correct at ~2/3 of the speed. Use "auto" for real models on GPU hosts.
@@ -61,7 +62,7 @@ class Settings(BaseSettings):
 
     # sink: consume() returns when this many records arrived or the wait ran out
     sink_max_batch: int = 500
-    sink_max_wait_ms: int = 50
+    sink_max_wait_ms: int = 0
 
     # streams (Faust)
     faust_session_timeout_s: float = 6.0

@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, Message
 from pydantic import ValidationError
 
 from millrace.filestore import FileStore
-from millrace.kafka import AsyncProducer, KafkaConfig, usable
+from millrace.kafka import AsyncProducer, KafkaConfig, take, usable
 from millrace.protocol import BATCH_LINE_ERRORS
 from millrace.readiness import mark_ready
 from millrace.records import BatchFilesReady, BatchSealRequested, ResponseRecord, parse_event
@@ -55,7 +55,7 @@ class Sink:
         try:
             while not self._stopping.is_set():
                 messages = await asyncio.to_thread(
-                    self.consumer.consume, self.settings.sink_max_batch,
+                    take, self.consumer, self.settings.sink_max_batch, 0.2,
                     self.settings.sink_max_wait_ms / 1000,
                 )
                 if messages:
