@@ -150,3 +150,17 @@ def test_the_plain_confluent_example_runs(deployment: Deployment) -> None:
          deployment.api_key], capture_output=True, text=True, timeout=300, check=True).stdout
     assert sorted(x.split(" → ")[0] for x in out.splitlines()) == ["q0", "q1", "q2"]
     assert "Paris" in out
+
+
+def test_streaming_bench_runs_and_records_its_numbers(deployment: Deployment,
+                                                      tmp_path: Path) -> None:
+    """Not a timing assertion: the bench must keep working and write what it measured."""
+    out = subprocess.run(
+        [sys.executable, "-m", "millrace", "bench", "--streaming", "--requests", "3",
+         "--data-dir", str(deployment.data_dir), "--results", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "produce → response on topic" in out and "pipeline overhead" in out
+    [saved] = tmp_path.glob("streaming-*.json")
+    result = json.loads(saved.read_text())
+    assert result["requests"] == 3
+    assert result["latency_ms"]["p50"] >= result["engine_ms"]["p50"] > 0
