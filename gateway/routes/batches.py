@@ -18,6 +18,7 @@ from gateway.auth import Caller
 from gateway.context import Ctx
 from gateway.ingest import ingest, rules
 from gateway.routes.files import ExpiresAfter
+from gateway.stream_ingest import seal as seal_stream
 from gateway.stream_ingest import seal_if_complete
 from gateway.validation import validate
 from millrace.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -201,6 +202,9 @@ async def cancel(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
                             param="batch_id")
     event = BatchCancelRequested(batch_id=batch.id)
     await ctx.producer.send(ctx.topics.batch_events, batch.id, event.dumps())
+    if await ctx.store.stream(batch.id) is not None:
+        # an open stream batch has no total until sealed: cancelling seals it as it stands
+        await (await seal_stream(ctx.store, ctx.producer, ctx.topics, batch.id))
     # The aggregator applies the transition; answer as OpenAI does, already cancelling.
     return batch.model_copy(update={"status": BatchStatus.CANCELLING,
                                     "cancelling_at": event.at})

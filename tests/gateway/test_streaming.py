@@ -164,3 +164,20 @@ def test_streaming_bench_runs_and_records_its_numbers(deployment: Deployment,
     result = json.loads(saved.read_text())
     assert result["requests"] == 3
     assert result["latency_ms"]["p50"] >= result["engine_ms"]["p50"] > 0
+
+
+def test_cancelling_an_open_stream_batch_seals_it(deployment: Deployment, client: OpenAI,
+                                                  model: str) -> None:
+    bootstrap = str(deployment.endpoints["kafka_bootstrap"])
+    prefix = str(deployment.endpoints["topic_prefix"])
+    with StreamBatch.open(deployment.base_url, deployment.api_key, kafka_bootstrap=bootstrap,
+                          topic_prefix=prefix) as batch:
+        batch.send_raw(line("only", model, "Say ok."))
+        batch.flush()
+        assert list(iter_results(bootstrap, batch.id, topic_prefix=prefix, expected=1,
+                                 timeout=120))
+        client.batches.cancel(batch.id)  # never sealed by its producer
+    done = wait_until(lambda: (b := client.batches.retrieve(batch.id)).status == "cancelled"
+                      and b, 120, "the open batch to be cancelled")
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed) == (1, 1)
