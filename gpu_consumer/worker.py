@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from types import FrameType
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer
@@ -45,11 +46,11 @@ class Worker:
     def stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
         self._running = False
 
-    def run(self, on_ready: object = None) -> None:
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         self.consumer.subscribe([self.topics.requests])
-        if callable(on_ready):
+        if on_ready is not None:
             on_ready()
         try:
             while self._running:
@@ -64,19 +65,19 @@ class Worker:
             self.stops.close()
 
     def process(self, messages: list[Message]) -> None:
-        records: list[tuple[Message, RequestRecord]] = []
+        records: list[RequestRecord] = []
         for msg in messages:
             if not usable(msg):
                 continue
             try:
-                records.append((msg, RequestRecord.model_validate_json(msg.value() or b"")))
+                records.append(RequestRecord.model_validate_json(msg.value() or b""))
             except ValidationError:
                 # Not a millrace request record: nothing to answer, log and move on.
                 log.error("skipping malformed request record at %s[%d]@%d",
                           msg.topic(), msg.partition(), msg.offset())
         self._failed_deliveries = 0
         runnable: list[RequestRecord] = []
-        for _, record in records:
+        for record in records:
             code = self.stops.code(record.batch_id)
             if code is None:
                 runnable.append(record)

@@ -62,6 +62,9 @@ class Spool:
 
     def rebuild(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        request = self.directory / "seal.json"
+        if request.exists():
+            self.seal = BatchSealRequested.model_validate_json(request.read_bytes())
         for kind in KINDS:
             path = self.path(kind)
             if not path.exists():
@@ -124,6 +127,10 @@ class Assembler:
         self.root = spool_root
         self.files = files
         self._spools: dict[str, Spool] = {}
+        # seals that were requested before a restart and are still waiting
+        for pending in spool_root.glob("*/seal.json"):
+            if not (pending.parent / "sealed").exists():
+                self.spool(pending.parent.name)
 
     def spool(self, batch_id: str) -> Spool:
         spool = self._spools.get(batch_id)
@@ -139,9 +146,15 @@ class Assembler:
         return spool.append(record)
 
     def seal_when_complete(self, request: BatchSealRequested) -> None:
+        """Remember (on disk: its offset gets committed) to seal once the lines are in."""
         spool = self.spool(request.batch_id)
+        if spool.sealed:
+            return
         spool.seal = request
         spool.project = request.project
+        pending = spool.directory / "seal.json"
+        pending.with_suffix(".tmp").write_bytes(request.dumps())
+        pending.with_suffix(".tmp").replace(pending)
 
     def sealable(self) -> list[str]:
         return [b for b, s in self._spools.items() if s.complete and not s.sealed]
@@ -168,8 +181,9 @@ class Assembler:
 
     def mark_sealed(self, batch_id: str) -> None:
         spool = self.spool(batch_id)
+        (spool.directory / "sealed").touch()
         for kind in KINDS:
             spool.path(kind).unlink(missing_ok=True)
-        (spool.directory / "sealed").touch()
+        (spool.directory / "seal.json").unlink(missing_ok=True)
         spool.custom_ids.clear()
         del self._spools[batch_id]

@@ -22,14 +22,14 @@ from gateway.stream_ingest import seal as seal_stream
 from gateway.stream_ingest import seal_if_complete
 from gateway.validation import validate
 from millrace.errors import ConflictError, InvalidRequestError, NotFoundError
-from millrace.protocol import Batch, BatchError, ListPage
+from millrace.protocol import SUPPORTED_ENDPOINTS, Batch, BatchError, ListPage
 from millrace.records import CONTROL_HEADER, BatchCancelRequested, BatchCreated, BatchOpened
 from millrace.status import BatchStatus
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 STREAM_INPUT = "stream"  # input_file_id of a stream batch (the SDK types it as a string)
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ENDPOINTS = SUPPORTED_ENDPOINTS
 # OpenAI accepts only "24h"; shorter windows are a millrace extension (1s .. 24h).
 _WINDOW = re.compile(r"^([1-9][0-9]*)([smh])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}

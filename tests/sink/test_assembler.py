@@ -104,3 +104,18 @@ def test_output_expires_after_stamps_sealed_files(tmp_path: Path) -> None:
     assembler.seal_when_complete(seal(total=1, output_expires_after_s=7200))
     output = assembler.seal("batch_1").files["output"]
     assert output is not None and output.expires_at == output.created_at + 7200
+
+
+def test_a_pending_seal_survives_a_restart(tmp_path: Path) -> None:
+    files = FileStore(str(tmp_path / "files"))
+    first = Assembler(tmp_path / "spool", files)
+    first.add(record("a"))
+    first.seal_when_complete(seal(total=2))  # its offset is committed; "b" is still coming
+    assert first.sealable() == []
+    restarted = Assembler(tmp_path / "spool", files)  # crash: nothing in memory survives
+    assert restarted.sealable() == []
+    restarted.add(record("b"))
+    assert restarted.sealable() == ["batch_1"]
+    restarted.seal("batch_1")
+    restarted.mark_sealed("batch_1")
+    assert Assembler(tmp_path / "spool", files).sealable() == []
