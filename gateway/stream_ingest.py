@@ -26,8 +26,9 @@ import uuid
 from confluent_kafka import Consumer, Message
 
 from gateway.ingest import rules
-from gateway.validation import Report, check_line
+from gateway.validation import Report, Rules, check_line
 from millrace.kafka import AsyncProducer, KafkaConfig, take, usable
+from millrace.protocol import ErrorDetail, ErrorEnvelope
 from millrace.records import (
     CONTROL_HEADER,
     BatchValidated,
@@ -81,6 +82,7 @@ class StreamIngest:
         kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-ingest")
         self.consumer = Consumer(kafka.consumer(self.topics.ingest_group()))
         self._stop = asyncio.Event()
+        self._rules_by_endpoint: dict[str, Rules] = {}
 
     async def run(self) -> None:
         self.consumer.subscribe([self.topics.ingest])
@@ -123,13 +125,13 @@ class StreamIngest:
     ) -> list[asyncio.Future[Message]]:
         raw = msg.value() or b""
         report = Report()
-        line = check_line(0, raw, rules(self.settings, stream["endpoint"]), report)
+        line = check_line(0, raw, self._rules(stream["endpoint"]), report)
         custom_id = line.custom_id if line else _custom_id(raw) or (
             f"ingest-{msg.partition()}-{msg.offset()}")
-        claim, number = await self.store.claim_line(
-            batch_id, custom_id, f"{msg.partition()}:{msg.offset()}")
+        token = f"{msg.partition()}:{msg.offset()}"
+        claim, number = await self.store.claim_line(batch_id, custom_id, token)
         if claim == "duplicate":
-            await self.store.note_rejected(batch_id, f"{msg.partition()}:{msg.offset()}")
+            await self.store.note_rejected(batch_id, token)
             return [self._reject(msg, batch_id, "duplicate_custom_id",
                                  f"custom_id '{custom_id}' is already in the batch")]
         if line is not None:
@@ -138,18 +140,24 @@ class StreamIngest:
                                    body=line.body)
             return [self.producer.produce(self.topics.requests, batch_id, record.dumps())]
         error = report.errors[0]
+        detail = ErrorDetail(message=error.message, type="invalid_request_error",
+                             param=error.param, code=error.code)
         failed = ResponseRecord(
             batch_id=batch_id, project=stream["project"], custom_id=custom_id,
             id=f"batch_req_{uuid.uuid4().hex}", request_id=f"req_{uuid.uuid4().hex}",
-            status_code=400,
-            body={"error": {"message": error.message, "type": "invalid_request_error",
-                            "param": error.param, "code": error.code}},
+            status_code=400, body=ErrorEnvelope(error=detail).model_dump(),
         )
         return [
             self.producer.produce(self.topics.responses, batch_id, failed.dumps()),
             self._reject(msg, batch_id, error.code, f"{error.message} (an error line of the "
                          "batch)"),
         ]
+
+    def _rules(self, endpoint: str) -> Rules:
+        """Line rules per endpoint, built once (served models are parsed from settings)."""
+        if endpoint not in self._rules_by_endpoint:
+            self._rules_by_endpoint[endpoint] = rules(self.settings, endpoint)
+        return self._rules_by_endpoint[endpoint]
 
     def _reject(self, msg: Message, batch_id: str | None, code: str,
                 reason: str) -> asyncio.Future[Message]:

@@ -133,11 +133,8 @@ class AsyncProducer:
         self._produce_waiting(topic, key, value, delivered, headers)
         return fut
 
-    async def send(self, topic: str, key: str, value: bytes) -> Message:
-        return await self.produce(topic, key, value)
-
-    async def send_message(
-        self, topic: str, key: str, value: bytes, headers: Headers
+    async def send(
+        self, topic: str, key: str, value: bytes, headers: Headers | None = None
     ) -> Message:
         return await self.produce(topic, key, value, headers)
 

@@ -94,27 +94,36 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
             "The input file must be uploaded with purpose 'batch'.", param="input_file_id",
             code="invalid_file_purpose",
         )
+    batch = await register(ctx, who.project, params, window, params.input_file_id,
+                           BatchStatus.VALIDATING)
+    task = asyncio.create_task(ingest(ctx, batch, who.project, source.path))
+    ctx.tasks.add(task)
+    task.add_done_callback(ctx.tasks.discard)
+    return batch
+
+
+async def register(ctx: Ctx, project: str, params: CreateBatch, window: int,
+                   input_file_id: str, status: BatchStatus) -> Batch:
+    """Store a new Batch object and publish `created` (file and stream batches alike)."""
     now = int(time.time())
     batch = Batch(
         id="batch_" + secrets.token_hex(12),
         endpoint=params.endpoint,
-        input_file_id=params.input_file_id,
+        input_file_id=input_file_id,
         completion_window=params.completion_window,
-        status=BatchStatus.VALIDATING,
+        status=status,
         created_at=now,
+        in_progress_at=now if status is BatchStatus.IN_PROGRESS else None,
         expires_at=now + window,
         metadata=params.metadata,
     )
-    await ctx.store.create_batch(batch, who.project)
+    await ctx.store.create_batch(batch, project)
     created = BatchCreated(
-        batch_id=batch.id, project=who.project, batch=batch.model_dump(mode="json"),
+        batch_id=batch.id, project=project, batch=batch.model_dump(mode="json"),
         output_expires_after_s=(
             params.output_expires_after.seconds if params.output_expires_after else None),
     )
     await ctx.producer.send(ctx.topics.batch_events, batch.id, created.dumps())
-    task = asyncio.create_task(ingest(ctx, batch, who.project, source.path))
-    ctx.tasks.add(task)
-    task.add_done_callback(ctx.tasks.discard)
     return batch
 
 
@@ -123,19 +132,10 @@ async def open_stream(ctx: Ctx, project: str, params: CreateBatch, window: int) 
     if params.input_file_id is not None:
         raise InvalidRequestError("a stream batch takes no input_file_id",
                                   param="input_file_id", code="invalid_value")
-    now = int(time.time())
-    batch = Batch(
-        id="batch_" + secrets.token_hex(12), endpoint=params.endpoint,
-        input_file_id=STREAM_INPUT, completion_window=params.completion_window,
-        status=BatchStatus.IN_PROGRESS, created_at=now, in_progress_at=now,
-        expires_at=now + window, metadata=params.metadata,
-    )
-    await ctx.store.create_batch(batch, project)
+    batch = await register(ctx, project, params, window, STREAM_INPUT, BatchStatus.IN_PROGRESS)
+    # open for lines before the caller learns the id, so no early line is rejected
     await ctx.store.open_stream(batch.id, batch.endpoint, project)
-    created = BatchCreated(batch_id=batch.id, project=project,
-                           batch=batch.model_dump(mode="json"))
-    await ctx.producer.send(ctx.topics.batch_events, batch.id, created.dumps())
-    opened = BatchOpened(batch_id=batch.id, at=now)
+    opened = BatchOpened(batch_id=batch.id, at=batch.created_at)
     await ctx.producer.send(ctx.topics.batch_events, batch.id, opened.dumps())
     return batch
 
@@ -233,8 +233,8 @@ async def seal(ctx: Ctx, who: Caller, batch_id: str, params: SealBatch | None = 
         for delivery in await seal_if_complete(ctx.store, ctx.producer, ctx.topics, batch_id):
             await delivery
     else:
-        await ctx.producer.send_message(ctx.topics.ingest, batch_id, b"",
-                                        headers={CONTROL_HEADER: b"seal"})
+        await ctx.producer.send(ctx.topics.ingest, batch_id, b"",
+                                headers={CONTROL_HEADER: b"seal"})
     return batch
 
 
