@@ -15,6 +15,7 @@ from gateway.validation import Report, Rules, check_line, parse_lines, validate
 from millrace.protocol import Batch, BatchError
 from millrace.records import BatchValidated, BatchValidationFailed, RequestRecord
 from millrace.settings import Settings
+from millrace.topics import Topics, request_route
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,20 @@ def rules(settings: Settings, endpoint: str) -> Rules:
                  max_lines=settings.batch_max_lines)
 
 
-def records(ctx: Context, batch: Batch, project: str, key: str) -> Iterator[tuple[str, bytes]]:
-    """Second pass over a validated file: one request record per line, keyed by batch."""
+def request(
+    settings: Settings, topics: Topics, record: RequestRecord
+) -> tuple[str, str, int, bytes]:
+    """(topic, key, partition, value) of one request line: the model's topic, the line's
+    shard of the batch."""
+    key, partition = request_route(record.batch_id, record.line, settings.shards(),
+                                   settings.request_partitions)
+    return topics.requests_for(str(record.body["model"])), key, partition, record.dumps()
+
+
+def records(
+    ctx: Context, batch: Batch, project: str, key: str
+) -> Iterator[tuple[str, str, int, bytes]]:
+    """Second pass over a validated file: one request record per line."""
     unused = Report()
     line_rules = rules(ctx.settings, batch.endpoint)
     for number, raw in parse_lines(ctx.files.iter_lines(key)):
@@ -35,7 +48,7 @@ def records(ctx: Context, batch: Batch, project: str, key: str) -> Iterator[tupl
             batch_id=batch.id, project=project, custom_id=line.custom_id,
             line=number, url=line.url, body=line.body,
         )
-        yield batch.id, record.dumps()
+        yield request(ctx.settings, ctx.topics, record)
 
 
 async def ingest(ctx: Context, batch: Batch, project: str, key: str) -> None:
@@ -49,7 +62,7 @@ async def ingest(ctx: Context, batch: Batch, project: str, key: str) -> None:
             await ctx.producer.send(topic, batch.id, event.dumps())
             return
         sent = await asyncio.to_thread(
-            ctx.producer.send_all, ctx.topics.requests, records(ctx, batch, project, key)
+            ctx.producer.send_all, records(ctx, batch, project, key)
         )
         event_ok = BatchValidated(batch_id=batch.id, total=sent, model=report.model)
         await ctx.producer.send(topic, batch.id, event_ok.dumps())

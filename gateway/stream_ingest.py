@@ -25,7 +25,7 @@ import uuid
 
 from confluent_kafka import Consumer, Message
 
-from gateway.ingest import rules
+from gateway.ingest import request, rules
 from gateway.validation import Report, Rules, check_line
 from millrace.kafka import AsyncProducer, KafkaConfig, take, usable
 from millrace.protocol import ErrorDetail, ErrorEnvelope
@@ -138,7 +138,8 @@ class StreamIngest:
             record = RequestRecord(batch_id=batch_id, project=stream["project"],
                                    custom_id=custom_id, line=number, url=line.url,
                                    body=line.body)
-            return [self.producer.produce(self.topics.requests, batch_id, record.dumps())]
+            topic, key, partition, value = request(self.settings, self.topics, record)
+            return [self.producer.produce(topic, key, value, partition=partition)]
         error = report.errors[0]
         detail = ErrorDetail(message=error.message, type="invalid_request_error",
                              param=error.param, code=error.code)

@@ -42,6 +42,15 @@ def parse_lines(raw_lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
 
 
 def check_line(number: int, raw: bytes, rules: Rules, report: Report) -> RequestLine | None:
+    line: RequestLine | None
+    try:
+        line = RequestLine.model_validate_json(raw)  # fast path: pydantic-core's parser
+    except ValidationError:
+        line = _parse_slowly(number, raw, report)  # to name what is wrong, as OpenAI does
+    return _check_fields(number, line, rules, report) if line is not None else None
+
+
+def _parse_slowly(number: int, raw: bytes, report: Report) -> RequestLine | None:
     try:
         obj: Any = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -57,6 +66,11 @@ def check_line(number: int, raw: bytes, rules: Rules, report: Report) -> Request
         param = ".".join(str(p) for p in err["loc"]) or None
         report.add("invalid_request", f"{err['msg']}: '{param}'", number, param)
         return None
+    return line
+
+
+def _check_fields(number: int, line: RequestLine, rules: Rules, report: Report
+                  ) -> RequestLine | None:
     if line.url != rules.endpoint:
         report.add(
             "url_mismatch",

@@ -1,4 +1,10 @@
-"""The inference engine seam: a small protocol, the real vLLM engine, and a test engine."""
+"""The inference engine seam: a small protocol, the real vLLM engine, and a test engine.
+
+An engine is driven by the worker's loop, never blocking on a whole batch: `submit` admits
+one request (identified by the worker's ticket), `step` advances every running request by
+one engine iteration and returns those that finished. This is vLLM's own continuous
+batching: requests join and leave the running batch between steps.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,10 @@ from millrace.records import Usage
 class EngineRequest:
     url: str
     body: dict[str, Any]
+
+    @property
+    def model(self) -> str:
+        return str(self.body.get("model"))
 
 
 @dataclass(frozen=True)
@@ -31,13 +41,41 @@ class EngineResult:
         return cls(status_code, ErrorEnvelope(error=detail).model_dump())
 
 
+Finished = list[tuple[int, EngineResult]]
+
+
 class Engine(Protocol):
-    """Runs a micro-batch of OpenAI request bodies; one result per request, in order."""
+    """Continuous batching: admit requests any time, step, collect the finished ones."""
 
     @property
     def models(self) -> Sequence[str]: ...
 
-    def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]: ...
+    def capacity(self, model: str) -> int:
+        """How many requests of `model` the engine runs at once (vLLM's max_num_seqs)."""
+        ...
+
+    def submit(self, ticket: int, request: EngineRequest) -> None:
+        """Admit one request; its result comes back from a later `step` under `ticket`."""
+        ...
+
+    def step(self) -> Finished:
+        """One engine iteration over everything admitted; returns what finished."""
+        ...
+
+    @property
+    def busy(self) -> bool:
+        """True while some admitted request has not been returned by `step`."""
+        ...
+
+
+def run_all(engine: Engine, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+    """Run requests to completion, results in request order (benchmarks, tests)."""
+    for ticket, request in enumerate(requests):
+        engine.submit(ticket, request)
+    results: dict[int, EngineResult] = {}
+    while engine.busy:
+        results.update(engine.step())
+    return [results[i] for i in range(len(requests))]
 
 
 class InvalidRequest(ValueError):
@@ -65,13 +103,25 @@ class EchoEngine:
 
     def __init__(self, models: Sequence[str]) -> None:
         self._models = list(models)
+        self._done: Finished = []
 
     @property
     def models(self) -> Sequence[str]:
         return self._models
 
-    def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
-        return [self._one(r) for r in requests]
+    def capacity(self, model: str) -> int:
+        return 1024
+
+    def submit(self, ticket: int, request: EngineRequest) -> None:
+        self._done.append((ticket, self._one(request)))
+
+    def step(self) -> Finished:
+        done, self._done = self._done, []
+        return done
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._done)
 
     def _one(self, request: EngineRequest) -> EngineResult:
         model = request.body.get("model")

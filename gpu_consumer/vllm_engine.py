@@ -5,27 +5,32 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpu_consumer import bodies
-from gpu_consumer.engine import EngineRequest, EngineResult, InvalidRequest, unknown_model
+from gpu_consumer.engine import (
+    EngineRequest,
+    EngineResult,
+    Finished,
+    InvalidRequest,
+    unknown_model,
+)
 from gpu_consumer.sampling import check_fields, sampling_kwargs
 from millrace.records import Usage
 from millrace.settings import Settings
 
 log = logging.getLogger(__name__)
 
-GENERATE_URLS = ("/v1/chat/completions", "/v1/completions")
+CHAT_URL = "/v1/chat/completions"
 EMBED_URL = "/v1/embeddings"
 
 
-def configure_cpu_runtime(settings: Settings) -> None:
-    """vLLM reads these from the environment at import; set them before importing it."""
-    cores = sorted(os.sched_getaffinity(0))
-    if settings.cpu_threads:
-        cores = cores[: settings.cpu_threads]
-    defaults = {
+def cpu_runtime_env(settings: Settings) -> dict[str, str]:
+    """The environment vLLM's CPU backend reads at import, for this worker's CPUs."""
+    cores = settings.cpus() or sorted(os.sched_getaffinity(0))
+    return {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # one process: the worker owns the engine
         "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -33,15 +38,55 @@ def configure_cpu_runtime(settings: Settings) -> None:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    for key, value in defaults.items():
+
+
+def configure_cpu_runtime(settings: Settings) -> None:
+    """Set vLLM's environment before importing it; an explicit `cpu_set` always wins."""
+    env = cpu_runtime_env(settings)
+    if settings.cpus():
+        os.sched_setaffinity(0, settings.cpus() or [])  # torch's threads stay on them too
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = env["VLLM_CPU_OMP_THREADS_BIND"]
+    for key, value in env.items():
         os.environ.setdefault(key, value)
 
 
-class VllmEngine:
-    """One vLLM `LLM` per served model; a micro-batch runs as one call per (model, url).
+@dataclass(frozen=True)
+class _Live:
+    """A generative request running in vLLM."""
 
-    vLLM picks the runner from the model's architecture: generative models serve chat and
-    completions, pooling models (all-MiniLM) serve embeddings.
+    ticket: int
+    chat: bool
+    prompt: Any
+    params: Any
+
+
+@dataclass(frozen=True)
+class _Embedding:
+    """An embeddings request waiting for the next step's forward pass."""
+
+    ticket: int
+    inputs: list[Any]
+    encoding: str
+
+
+def _failure(exc: Exception) -> EngineResult:
+    """An exception vLLM raised for one request → its error result (never a crash)."""
+    from vllm.exceptions import VLLMClientError
+
+    if isinstance(exc, (VLLMClientError, ValueError, TypeError)):
+        # e.g. a prompt longer than the context, a content part the model cannot take
+        return EngineResult.error(400, str(exc), param=getattr(exc, "parameter", None))
+    log.error("engine failed on one request: %r", exc)
+    return EngineResult.error(500, f"engine error: {exc}", type_="server_error")
+
+
+class VllmEngine:
+    """One vLLM `LLM` per served model, stepped by the worker (continuous batching).
+
+    Generative models (chat, completions) run through vLLM's scheduler: a request joins the
+    running batch at the next step after `submit` and leaves it when done. Pooling models
+    (all-MiniLM, embeddings) have no decode loop: what was submitted since the last step runs
+    as one forward micro-batch.
     """
 
     def __init__(self, settings: Settings, folders: dict[str, Path]) -> None:
@@ -51,6 +96,10 @@ class VllmEngine:
         self.default_max_tokens = settings.default_max_tokens
         self._llms: dict[str, Any] = {}
         self._pooling: set[str] = set()
+        self._done: Finished = []
+        self._embeds: dict[str, list[_Embedding]] = {}
+        # (model, vLLM request id) → the request it runs
+        self._live: dict[tuple[str, str], _Live] = {}
         for name, folder in folders.items():
             log.info("loading %s from %s", name, folder)
             llm = LLM(model=str(folder), served_model_name=name, enforce_eager=True, seed=0,
@@ -58,30 +107,130 @@ class VllmEngine:
             self._llms[name] = llm
             if llm.llm_engine.vllm_config.model_config.runner_type == "pooling":
                 self._pooling.add(name)
+                self._embeds[name] = []
 
     @property
     def models(self) -> Sequence[str]:
         return list(self._llms)
 
-    def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
-        results: list[EngineResult | None] = [None] * len(requests)
-        groups: dict[tuple[str, str], list[tuple[int, Any, Any]]] = {}
-        for i, req in enumerate(requests):
-            model = req.body.get("model")
-            if not isinstance(model, str) or model not in self._llms:
-                results[i] = unknown_model(model)
+    def capacity(self, model: str) -> int:
+        llm = self._llms.get(model)
+        return llm.llm_engine.vllm_config.scheduler_config.max_num_seqs if llm else 1
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._done or self._live or any(self._embeds.values()))
+
+    def submit(self, ticket: int, request: EngineRequest) -> None:
+        model = request.model
+        if model not in self._llms:
+            self._done.append((ticket, unknown_model(request.body.get("model"))))
+            return
+        try:
+            prompt, params = self._prepare(model, request)
+        except InvalidRequest as exc:
+            self._done.append((ticket, EngineResult.error(400, str(exc), param=exc.param)))
+            return
+        if model in self._pooling:
+            self._embeds[model].append(_Embedding(ticket, prompt, params))
+            return
+        chat = request.url == CHAT_URL
+        try:
+            rid = self._enqueue(model, chat, prompt, params)
+        except Exception as exc:
+            self._done.append((ticket, _failure(exc)))
+            return
+        self._live[(model, rid)] = _Live(ticket, chat, prompt, params)
+
+    def step(self) -> Finished:
+        finished, self._done = self._done, []
+        for model, queued in self._embeds.items():
+            if queued:
+                self._embeds[model] = []
+                finished += self._embed_isolating(model, queued)
+        for model, llm in self._llms.items():
+            if model in self._pooling or not llm.llm_engine.has_unfinished_requests():
                 continue
             try:
-                prompt, params = self._prepare(model, req)
-            except InvalidRequest as exc:
-                results[i] = EngineResult.error(400, str(exc), param=exc.param)
+                outputs = llm.llm_engine.step()
+            except Exception:
+                log.exception("engine step failed; isolating the poison request")
+                finished += self._isolate(model)
                 continue
-            groups.setdefault((model, req.url), []).append((i, prompt, params))
-        for (model, url), items in groups.items():
-            outcomes = self._run_group(model, url, items)
-            for (i, _, _), result in zip(items, outcomes, strict=True):
-                results[i] = result
-        return [r for r in results if r is not None]
+            for out in outputs:
+                if out.finished:
+                    live = self._live.pop((model, out.request_id))
+                    finished.append((live.ticket, self._result(model, live, out)))
+        return finished
+
+    def _enqueue(self, model: str, chat: bool, prompt: Any, params: Any) -> str:
+        llm = self._llms[model]
+        if chat:
+            ids = llm.enqueue_chat([prompt], [params], use_tqdm=False)
+        else:
+            ids = llm.enqueue([prompt], [params], use_tqdm=False)
+        # vLLM returns its internal id "<n>-<random>"; outputs carry the external "<n>"
+        return str(ids[0]).partition("-")[0]
+
+    def _isolate(self, model: str) -> Finished:
+        """A step raised: abort every running request of the model and run each alone, so
+        only the request that raises gets an error result."""
+        llm = self._llms[model]
+        mine = [(rid, live) for (m, rid), live in self._live.items() if m == model]
+        llm.llm_engine.abort_request([rid for rid, _ in mine])
+        finished: Finished = []
+        for rid, live in mine:
+            del self._live[(model, rid)]
+            try:
+                run = llm.chat if live.chat else llm.generate
+                out = run([live.prompt], [live.params], use_tqdm=False)[0]
+                finished.append((live.ticket, self._result(model, live, out)))
+            except Exception as exc:
+                finished.append((live.ticket, _failure(exc)))
+        return finished
+
+    def _result(self, model: str, live: _Live, out: Any) -> EngineResult:
+        usage = Usage(
+            prompt_tokens=len(out.prompt_token_ids or []),
+            completion_tokens=sum(len(c.token_ids) for c in out.outputs),
+        )
+        format_logprobs = bodies.chat_logprobs if live.chat else bodies.completion_logprobs
+        choices = [
+            bodies.Choice(c.text, c.finish_reason, format_logprobs(
+                c.token_ids, c.logprobs, live.params.logprobs) if c.logprobs else None)
+            for c in sorted(out.outputs, key=lambda c: c.index)
+        ]
+        build = bodies.chat_completion if live.chat else bodies.text_completion
+        return EngineResult(200, build(model, choices, usage), usage)
+
+    def _embed_isolating(self, model: str, queued: list[_Embedding]) -> Finished:
+        try:
+            return self._embed(model, queued)
+        except Exception:
+            if len(queued) > 1:
+                log.warning("embedding micro-batch of %d failed; isolating", len(queued))
+        finished: Finished = []
+        for item in queued:
+            try:
+                finished += self._embed(model, [item])
+            except Exception as exc:
+                finished.append((item.ticket, _failure(exc)))
+        return finished
+
+    def _embed(self, model: str, queued: list[_Embedding]) -> Finished:
+        # One request may hold many inputs: embed them all in one call, then regroup.
+        flat = [text for item in queued for text in item.inputs]
+        outputs = self._llms[model].embed(flat, use_tqdm=False)
+        finished: Finished = []
+        start = 0
+        for item in queued:
+            mine = outputs[start:start + len(item.inputs)]
+            start += len(item.inputs)
+            tokens = sum(len(o.prompt_token_ids or []) for o in mine)
+            body = bodies.embedding_list(model, [o.outputs.embedding for o in mine], tokens,
+                                         item.encoding)
+            finished.append((item.ticket, EngineResult(200, body, Usage(prompt_tokens=tokens))))
+        return finished
 
     def _prepare(self, model: str, req: EngineRequest) -> tuple[Any, Any]:
         from vllm import SamplingParams
@@ -97,7 +246,7 @@ class VllmEngine:
         if pooling:
             check_fields(req.url, body)
             return _embedding_input(body), body.get("encoding_format") or "float"
-        if req.url == "/v1/chat/completions":
+        if req.url == CHAT_URL:
             prompt = body.get("messages")
             if not isinstance(prompt, list) or not prompt:
                 raise InvalidRequest("'messages' must be a non-empty array", "messages")
@@ -112,71 +261,6 @@ class VllmEngine:
             return prompt, SamplingParams(**kwargs)
         except (VLLMClientError, ValueError, TypeError) as exc:
             raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
-
-    def _run_group(
-        self, model: str, url: str, items: list[tuple[int, Any, Any]]
-    ) -> list[EngineResult]:
-        try:
-            return self._generate(model, url, [p for _, p, _ in items], [s for _, _, s in items])
-        except Exception:
-            if len(items) == 1:
-                return [self._run_one(model, url, items[0])]
-            log.warning("micro-batch of %d failed; isolating the poison request", len(items))
-        return [self._run_one(model, url, item) for item in items]
-
-    def _run_one(self, model: str, url: str, item: tuple[int, Any, Any]) -> EngineResult:
-        from vllm.exceptions import VLLMClientError
-
-        try:
-            return self._generate(model, url, [item[1]], [item[2]])[0]
-        except (VLLMClientError, ValueError) as exc:  # e.g. prompt longer than the context
-            return EngineResult.error(400, str(exc), param=getattr(exc, "parameter", None))
-        except Exception as exc:  # one poison line must not stop the worker
-            log.exception("engine failed on one request")
-            return EngineResult.error(500, f"engine error: {exc}", type_="server_error")
-
-    def _generate(
-        self, model: str, url: str, prompts: list[Any], params: list[Any]
-    ) -> list[EngineResult]:
-        llm = self._llms[model]
-        if url == EMBED_URL:
-            return self._embed(llm, model, prompts, params)
-        chat = url == "/v1/chat/completions"
-        if chat:
-            outputs = llm.chat(prompts, params, use_tqdm=False)
-        else:
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for out, sampling in zip(outputs, params, strict=True):
-            usage = Usage(
-                prompt_tokens=len(out.prompt_token_ids or []),
-                completion_tokens=sum(len(c.token_ids) for c in out.outputs),
-            )
-            format_logprobs = bodies.chat_logprobs if chat else bodies.completion_logprobs
-            choices = [
-                bodies.Choice(c.text, c.finish_reason, format_logprobs(
-                    c.token_ids, c.logprobs, sampling.logprobs) if c.logprobs else None)
-                for c in out.outputs
-            ]
-            build = bodies.chat_completion if chat else bodies.text_completion
-            results.append(EngineResult(200, build(model, choices, usage), usage))
-        return results
-
-    def _embed(
-        self, llm: Any, model: str, inputs: list[list[Any]], encodings: list[str]
-    ) -> list[EngineResult]:
-        # One request may hold many inputs: embed them all in one call, then regroup.
-        flat = [text for texts in inputs for text in texts]
-        outputs = llm.embed(flat, use_tqdm=False)
-        results, start = [], 0
-        for texts, encoding in zip(inputs, encodings, strict=True):
-            mine = outputs[start:start + len(texts)]
-            start += len(texts)
-            tokens = sum(len(o.prompt_token_ids or []) for o in mine)
-            body = bodies.embedding_list(model, [o.outputs.embedding for o in mine], tokens,
-                                         encoding)
-            results.append(EngineResult(200, body, Usage(prompt_tokens=tokens)))
-        return results
 
 
 def _embedding_input(body: dict[str, Any]) -> list[Any]:

@@ -1,11 +1,18 @@
-"""The worker loop: requests topic → micro-batch → engine → responses topic → commit.
+"""The worker loop: requests topics → backlog → engine (continuous batching) → responses.
 
-Offsets are committed only after every response of the micro-batch is acknowledged by the
-broker (at-least-once); the sink and aggregator are idempotent on (batch_id, custom_id).
+One thread runs a loop of: fetch what Kafka has (never blocking while the engine has
+work), admit lines round-robin by batch while the engine has room, step the engine once,
+produce the finished results, commit. Nothing waits for the slowest line of a group.
+
+Offsets: a line's offset counts as finished when the broker acknowledged its response;
+each partition commits up to its first unfinished line. A crash redelivers unfinished
+lines only (plus finished ones behind an unfinished one); the sink and the aggregator
+drop duplicates by (batch_id, custom_id).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -13,11 +20,14 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import ValidationError
 
+from gpu_consumer.admission import Backlog, Budget, PartitionOffsets, Pending, token_cost
 from gpu_consumer.engine import Engine, EngineRequest, EngineResult
 from gpu_consumer.stops import StoppedBatches
 from millrace.errors import DeliveryError
@@ -28,6 +38,17 @@ from millrace.settings import Settings
 from millrace.topics import Topics
 
 log = logging.getLogger(__name__)
+
+FETCH_CHUNK = 500
+COMMIT_EVERY_S = 0.2
+IDLE_WAIT_S = 0.2
+
+
+@dataclass(frozen=True)
+class Running:
+    item: Pending
+    model: str
+    admitted_at: float
 
 
 class Worker:
@@ -40,74 +61,144 @@ class Worker:
         self.consumer = Consumer(kafka.consumer(self.topics.worker_group()))
         self.producer = Producer(kafka.producer())
         self.stops = StoppedBatches(kafka, self.topics.batch_events)
-        self._running = True
+        # one requests topic per served model: a worker reads the models it serves
+        self.model_of_topic = {self.topics.requests_for(m): m for m in engine.models}
+        self.backlogs = {m: Backlog() for m in engine.models}
+        self.budgets = {
+            m: Budget(settings.worker_max_in_flight or engine.capacity(m),
+                      settings.worker_token_budget)
+            for m in engine.models
+        }
+        self.offsets: dict[tuple[str, int], PartitionOffsets] = {}
+        self.running: dict[int, Running] = {}
+        self._tickets = itertools.count()
+        self._paused = False
+        self._alive = True
         self._failed_deliveries = 0
+        self._last_commit = 0.0
+        self._on_ready: Callable[[], None] | None = None
 
     def stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
-        self._running = False
+        self._alive = False
 
+    # --- the loop ----------------------------------------------------------------------
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        self.consumer.subscribe([self.topics.requests])
-        if on_ready is not None:
-            on_ready()
+        self.consumer.subscribe(list(self.model_of_topic), on_assign=self._assigned,
+                                on_revoke=self._revoked, on_lost=self._lost)
+        log.info("serving %s; in flight per model %s", ", ".join(self.model_of_topic),
+                 {m: b.max_requests for m, b in self.budgets.items()})
+        self._on_ready = on_ready  # called once the group has given us our partitions
         try:
-            while self._running:
-                messages = take(self.consumer, self.settings.worker_max_batch, 0.5,
-                                self.settings.worker_max_wait_ms / 1000)
-                if messages:
-                    self.process(messages)
+            while self._alive and not self._failed_deliveries:
+                self._cycle()
+            self._drain()
         finally:
-            # Graceful stop: the last micro-batch was finished and committed above.
             self.producer.flush(30)
-            self.consumer.close()
+            self._commit(sync=True)
+            self.consumer.close()  # leaves the group: partitions move on at once
             self.stops.close()
+        if self._failed_deliveries:
+            # What was acknowledged is committed; the rest is redone after the restart.
+            raise DeliveryError(f"{self._failed_deliveries} responses failed to deliver")
 
-    def process(self, messages: list[Message]) -> None:
-        records: list[RequestRecord] = []
+    def _cycle(self) -> None:
+        self._fetch()
+        self._admit()
+        self._finish(self.engine.step())
+        self.producer.poll(0)
+        if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
+            self._commit(sync=False)
+
+    def _waiting(self) -> int:
+        return sum(len(b) for b in self.backlogs.values())
+
+    def _fetch(self) -> None:
+        waiting = self._waiting()
+        read_ahead = self.settings.worker_read_ahead
+        if not self._paused and waiting >= read_ahead:
+            self.consumer.pause(self.consumer.assignment())
+            self._paused = True
+        elif self._paused and waiting <= read_ahead // 2:
+            self.consumer.resume(self.consumer.assignment())
+            self._paused = False
+        if waiting or self.engine.busy:
+            messages = self.consumer.consume(FETCH_CHUNK, 0)
+        else:
+            # idle: block for the first line, then let the first micro-batch fill briefly
+            messages = take(self.consumer, FETCH_CHUNK, IDLE_WAIT_S,
+                            self.settings.worker_max_wait_ms / 1000)
         for msg in messages:
-            if not usable(msg):
-                continue
-            try:
-                records.append(RequestRecord.model_validate_json(msg.value() or b""))
-            except ValidationError:
-                # Not a millrace request record: nothing to answer, log and move on.
-                log.error("skipping malformed request record at %s[%d]@%d",
-                          msg.topic(), msg.partition(), msg.offset())
-        self._failed_deliveries = 0
-        runnable: list[RequestRecord] = []
-        for record in records:
-            code = self.stops.code(record.batch_id)
+            if usable(msg):
+                self._receive(msg)
+
+    def _receive(self, msg: Message) -> None:
+        topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+        offsets = self.offsets.setdefault((topic, partition), PartitionOffsets())
+        offsets.received(offset)
+        try:
+            record = RequestRecord.model_validate_json(msg.value() or b"")
+        except ValidationError:
+            # Not a millrace request record: nothing to answer, log and move on.
+            log.error("skipping malformed request record at %s[%d]@%d", topic, partition,
+                      offset)
+            offsets.finished(offset)
+            return
+        cost = token_cost(record.body, self.settings.default_max_tokens)
+        self.backlogs[self.model_of_topic[topic]].push(
+            Pending(record, topic, partition, offset, offsets, cost))
+
+    def _admit(self) -> None:
+        for model, backlog in self.backlogs.items():
+            self._stop_lines(backlog)
+            budget = self.budgets[model]
+            while backlog and budget.fits(backlog.peek().cost):
+                item = backlog.pop()
+                ticket = next(self._tickets)
+                budget.take(ticket, item.cost)
+                self.running[ticket] = Running(item, model, time.time())
+                self.engine.submit(ticket, EngineRequest(item.record.url, item.record.body))
+
+    def _stop_lines(self, backlog: Backlog) -> None:
+        """Lines of cancelled or expired batches that have not started never run."""
+        for batch_id in backlog.batches():
+            code = self.stops.code(batch_id)
             if code is None:
-                runnable.append(record)
-            else:
-                self._produce(record, error=LineError(code=code, message=BATCH_LINE_ERRORS[code]))
-        if runnable:
-            started = time.perf_counter()
-            results = self.engine.run([EngineRequest(r.url, r.body) for r in runnable])
-            elapsed = time.perf_counter() - started
-            log.info("ran %d requests in %.3fs", len(runnable), elapsed)
-            for record, result in zip(runnable, results, strict=True):
-                self._produce(record, result, engine_ms=elapsed * 1000)
-        pending = self.producer.flush(60)
-        if pending or self._failed_deliveries:
-            # Exit without committing: the restarted worker redoes this micro-batch.
-            raise DeliveryError(
-                f"{pending} responses pending, {self._failed_deliveries} failed; not committing"
-            )
-        self.consumer.commit(asynchronous=False)
+                continue
+            error = LineError(code=code, message=BATCH_LINE_ERRORS[code])
+            for item in backlog.take_batch(batch_id):
+                self._produce(item, error=error)
 
-    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            log.error("response delivery failed: %s", err)
-            self._failed_deliveries += 1
+    def _finish(self, finished: list[tuple[int, EngineResult]]) -> None:
+        now = time.time()
+        for ticket, result in finished:
+            run = self.running.pop(ticket)
+            self.budgets[run.model].release(ticket)
+            self._produce(run.item, result, engine_ms=(now - run.admitted_at) * 1000,
+                          queue_ms=(run.admitted_at - run.item.record.enqueued_at) * 1000)
 
+    def _drain(self) -> None:
+        """Graceful stop: fetch nothing more, hand back what has not started, finish what
+        runs (up to `worker_drain_s`)."""
+        self.consumer.pause(self.consumer.assignment())
+        handed_back = self._waiting()
+        self.backlogs = {m: Backlog() for m in self.backlogs}
+        deadline = time.monotonic() + self.settings.worker_drain_s
+        while self.running and time.monotonic() < deadline and not self._failed_deliveries:
+            self._finish(self.engine.step())
+            self.producer.poll(0)
+        log.info("stopping: %d lines handed back unstarted, %d unfinished after the drain",
+                 handed_back, len(self.running))
+
+    # --- responses and offsets ---------------------------------------------------------
     def _produce(
-        self, record: RequestRecord, result: EngineResult | None = None,
+        self, item: Pending, result: EngineResult | None = None,
         error: LineError | None = None, engine_ms: float | None = None,
+        queue_ms: float | None = None,
     ) -> None:
         """One response: the engine's result, or a batch-level error for a line not run."""
+        record = item.record
         response = ResponseRecord(
             batch_id=record.batch_id,
             project=record.project,
@@ -120,12 +211,74 @@ class Worker:
             usage=result.usage if result else Usage(),
             worker=self.name,
             engine_ms=engine_ms,
+            queue_ms=queue_ms,
         )
-        self.producer.produce(
-            self.topics.responses,
-            key=record.batch_id,
-            value=response.dumps(),
-            headers={"batch_id": record.batch_id, "custom_id": record.custom_id},
-            on_delivery=self._delivered,
-        )
-        self.producer.poll(0)
+        while True:
+            try:
+                self.producer.produce(
+                    self.topics.responses, key=record.batch_id, value=response.dumps(),
+                    headers={"batch_id": record.batch_id, "custom_id": record.custom_id},
+                    on_delivery=partial(self._delivered, item),
+                )
+                return
+            except BufferError:  # local queue full: let deliveries drain first
+                self.producer.poll(0.05)
+
+    def _delivered(self, item: Pending, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            item.finish()
+        else:
+            log.error("response delivery failed: %s", err)
+            self._failed_deliveries += 1
+
+    def _commit(self, sync: bool, only: set[tuple[str, int]] | None = None) -> None:
+        self._last_commit = time.monotonic()
+        due = []
+        for (topic, partition), offsets in self.offsets.items():
+            if only is not None and (topic, partition) not in only:
+                continue
+            offset = offsets.committable()
+            if offset is not None and offset != offsets.committed:
+                due.append(TopicPartition(topic, partition, offset))
+                offsets.committed = offset
+        if not due:
+            return
+        try:
+            if sync:
+                self.consumer.commit(offsets=due, asynchronous=False)
+            else:
+                self.consumer.commit(offsets=due, asynchronous=True)
+        except KafkaException as exc:  # e.g. mid-rebalance: those lines are redelivered
+            log.warning("commit failed: %s", exc)
+
+    # --- rebalances ------------------------------------------------------------------------
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.offsets[(tp.topic, tp.partition)] = PartitionOffsets()
+        self._paused = False
+        log.info("assigned %s", _names(partitions))
+        if self._on_ready is not None:
+            self._on_ready()
+            self._on_ready = None
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._commit(sync=True, only=keys)  # still ours until this returns
+        self._forget(keys)
+        log.info("revoked %s", _names(partitions))
+
+    def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._forget({(tp.topic, tp.partition) for tp in partitions})
+        log.warning("lost %s", _names(partitions))
+
+    def _forget(self, keys: set[tuple[str, int]]) -> None:
+        """Unstarted lines of partitions we no longer own are dropped (the new owner reads
+        them again); running ones finish, their offsets no longer ours to commit."""
+        for backlog in self.backlogs.values():
+            backlog.drop(keys)
+        for key in keys:
+            self.offsets.pop(key, None)
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"

@@ -75,7 +75,7 @@ def streaming(data_dir: Path, api_key: str, requests: int = 30,
     consumer.close()
     overheads = [lat - eng for lat, eng in zip(latencies, engines, strict=True)]
     return StreamingResult(len(latencies), Percentiles.of(latencies), Percentiles.of(engines),
-                           Percentiles.of(overheads), _machine())
+                           Percentiles.of(overheads), machine())
 
 
 def _wait_for(consumer: Consumer, batch_id: str, custom_id: str,
@@ -92,7 +92,7 @@ def _wait_for(consumer: Consumer, batch_id: str, custom_id: str,
     raise TimeoutError(f"no response for {custom_id} in {timeout}s")
 
 
-def _machine() -> str:
+def machine() -> str:
     import os
 
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"

@@ -45,10 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, default=0, help="0 = a free port")
     redis = common(sub.add_parser("redis", help="the embedded redis-server"))
     redis.add_argument("--port", type=int, default=0, help="0 = a free port")
-    bench = common(sub.add_parser("bench", help="measure a running deployment"))
-    bench.add_argument("--streaming", action="store_true", required=True,
-                       help="produce→response latency of single streamed requests")
-    bench.add_argument("--requests", type=int, default=30)
+    bench = common(sub.add_parser(
+        "bench", help="vLLM direct vs the pipeline on one file (starts its own deployments)"))
+    bench.add_argument("--streaming", action="store_true",
+                       help="instead: produce→response latency of single streamed requests "
+                            "against the running deployment in --data-dir")
+    bench.add_argument("--requests", type=int, default=30, help="--streaming: requests")
+    bench.add_argument("--lines", type=int, default=64, help="chat lines of the compared file")
+    bench.add_argument("--max-tokens", type=int, default=32)
+    bench.add_argument("--ingest-lines", type=int, default=50_000,
+                       help="lines of the echo-engine file (ingest rate, orchestration ceiling)")
+    bench.add_argument("--no-direct", action="store_true", help="skip `vllm run-batch`")
+    bench.add_argument("--work", type=Path, default=Path("bench/work"),
+                       help="inputs, outputs and the deployments' data dirs")
     bench.add_argument("--results", type=Path, default=Path("bench/results"))
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -73,7 +82,8 @@ def _logging(settings: Settings) -> None:
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # the launcher's health polls
+    for chatty in ("httpx", "httpx2"):  # the launcher's health polls, the bench's SDK calls
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -151,6 +161,16 @@ def _redis(settings: Settings, args: argparse.Namespace) -> None:
 def _bench(settings: Settings, args: argparse.Namespace) -> None:
     from millrace import bench
 
+    if not args.streaming:
+        from millrace import batch_bench
+
+        compared = batch_bench.run(
+            settings, args.work, lines=args.lines, max_tokens=args.max_tokens,
+            ingest_lines=args.ingest_lines, direct=not args.no_direct,
+            say=lambda text: print(text, file=sys.stderr, flush=True))
+        print(batch_bench.table(compared))
+        print(f"saved {batch_bench.save(compared, args.results)}")
+        return
     key_file = settings.data_dir / "api_key"
     if settings.api_key is not None:
         api_key = settings.api_key.get_secret_value()

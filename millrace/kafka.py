@@ -119,7 +119,8 @@ class AsyncProducer:
             self._producer.poll(0.1)
 
     def produce(
-        self, topic: str, key: str, value: bytes, headers: Headers | None = None
+        self, topic: str, key: str, value: bytes, headers: Headers | None = None,
+        partition: int | None = None,
     ) -> asyncio.Future[Message]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Message] = loop.create_future()
@@ -130,7 +131,7 @@ class AsyncProducer:
             else:
                 loop.call_soon_threadsafe(_settle, fut, None, msg)
 
-        self._produce_waiting(topic, key, value, delivered, headers)
+        self._produce_waiting(topic, key, value, delivered, headers, partition)
         return fut
 
     async def send(
@@ -139,9 +140,10 @@ class AsyncProducer:
         return await self.produce(topic, key, value, headers)
 
     def send_all(
-        self, topic: str, items: Iterable[tuple[str, bytes]], timeout: float = 120.0
+        self, items: Iterable[tuple[str, str, int | None, bytes]], timeout: float = 120.0
     ) -> int:
-        """Blocking: produce every (key, value) and wait until the broker acknowledged all."""
+        """Blocking: produce every (topic, key, partition, value) and wait until the broker
+        acknowledged all (partition None: by key)."""
         cond = threading.Condition()
         pending = 0
         failed: list[KafkaError] = []
@@ -155,10 +157,10 @@ class AsyncProducer:
                 cond.notify_all()
 
         sent = 0
-        for key, value in items:
+        for topic, key, partition, value in items:
             with cond:
                 pending += 1
-            self._produce_waiting(topic, key, value, delivered)
+            self._produce_waiting(topic, key, value, delivered, None, partition)
             sent += 1
         with cond:
             if not cond.wait_for(lambda: pending == 0, timeout):
@@ -169,12 +171,16 @@ class AsyncProducer:
 
     def _produce_waiting(
         self, topic: str, key: str, value: bytes, callback: Any,
-        headers: Headers | None = None,
+        headers: Headers | None = None, partition: int | None = None,
     ) -> None:
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=callback,
-                                       headers=headers)
+                if partition is None:
+                    self._producer.produce(topic, value=value, key=key,
+                                           on_delivery=callback, headers=headers)
+                else:
+                    self._producer.produce(topic, value=value, key=key, partition=partition,
+                                           on_delivery=callback, headers=headers)
                 return
             except BufferError:
                 # Local queue full: wait for deliveries instead of growing without bound.

@@ -28,7 +28,7 @@ from millrace.topics import Topics
 log = logging.getLogger("millrace.up")
 
 SERVICES = ("worker", "aggregator", "sink", "gateway")
-STOP_GRACE_S = 20.0
+STOP_GRACE_S = 40.0  # a worker finishes its running requests (worker_drain_s) first
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -62,6 +62,7 @@ class Launcher:
         self.settings = settings.model_copy(update={"data_dir": data_dir})
         self.logs = data_dir / "logs"
         self.children: list[Child] = []
+        self.services: list[str] = []
         self._stop = False
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -75,9 +76,10 @@ class Launcher:
                 )
             self._start_infrastructure()
             api_key = self._bootstrap_key()
-            for name in SERVICES:
+            for name, command, env in self._service_plan():
                 readiness.clear(self.settings, name)
-                self._add(Child(name, self._service_starter(name)))
+                self.services.append(name)
+                self._add(Child(name, self._service_starter(name, command, env)))
             self._wait_ready()
             if self._stop:
                 return 0
@@ -148,15 +150,34 @@ class Launcher:
         return key
 
     # --- services ----------------------------------------------------------------------
-    def _service_starter(self, name: str) -> Callable[[], subprocess.Popen[bytes]]:
-        env = {**os.environ, **settings_env(self.settings)}
+    def _service_plan(self) -> list[tuple[str, str, dict[str, str]]]:
+        """(name, command, extra env) of each service process: `workers` workers (on CPU
+        with vLLM each gets its own slice of the cores), then the other services."""
+        count = max(self.settings.workers, 1)
+        cpus = self.settings.cpus() or sorted(os.sched_getaffinity(0))
+        split = (count > 1 and self.settings.engine == "vllm" and not self.settings.cpu_set
+                 and len(cpus) >= count)
+        plan = []
+        for i in range(count):
+            name = "worker" if i == 0 else f"worker-{i + 1}"
+            env = {"MILLRACE_WORKER_NAME": name}
+            if split:
+                share = cpus[i * len(cpus) // count:(i + 1) * len(cpus) // count]
+                env["MILLRACE_CPU_SET"] = ",".join(map(str, share))
+            plan.append((name, "worker", env))
+        return plan + [(name, name, {}) for name in SERVICES if name != "worker"]
+
+    def _service_starter(
+        self, name: str, command: str, extra_env: dict[str, str]
+    ) -> Callable[[], subprocess.Popen[bytes]]:
+        env = {**os.environ, **settings_env(self.settings), **extra_env}
 
         def start() -> subprocess.Popen[bytes]:
             readiness.clear(self.settings, name)
             self.logs.mkdir(parents=True, exist_ok=True)
             with (self.logs / f"{name}.log").open("ab") as out:
                 return subprocess.Popen(
-                    [sys.executable, "-m", "millrace", name], env=env, stdout=out,
+                    [sys.executable, "-m", "millrace", command], env=env, stdout=out,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, preexec_fn=embedded.die_with_parent,
                 )
@@ -174,7 +195,7 @@ class Launcher:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.settings.ready_timeout_s
-        waiting = set(SERVICES)
+        waiting = set(self.services)
         while waiting and not self._stop:
             if time.monotonic() > deadline:
                 raise ComponentError(f"not ready after {self.settings.ready_timeout_s}s: "
@@ -218,8 +239,8 @@ class Launcher:
             log.info("restarted %s (pid %s)", child.name, child.proc.pid if child.proc else "?")
 
     def _shutdown(self) -> None:
-        services = [c for c in self.children if c.name in SERVICES]
-        infrastructure = [c for c in self.children if c.name not in SERVICES]
+        services = [c for c in self.children if c.name in self.services]
+        infrastructure = [c for c in self.children if c.name not in self.services]
         for group in (services, list(reversed(infrastructure))):
             for child in group:
                 if child.alive and child.proc:
@@ -234,7 +255,7 @@ class Launcher:
                     log.warning("%s did not stop in %.0fs; killing", child.name, STOP_GRACE_S)
                     child.proc.kill()
                     child.proc.wait()
-        for name in SERVICES:
+        for name in self.services:
             readiness.clear(self.settings, name)
         log.info("stopped")
 

@@ -64,8 +64,10 @@ class ResponseRecord(Record):
     error: LineError | None = None
     usage: Usage = Field(default_factory=Usage)
     worker: str = ""
-    # wall time of the engine call that produced this result (its whole micro-batch)
+    # time this request spent in the engine (admitted → finished)
     engine_ms: float | None = None
+    # time it waited before the engine admitted it (gateway enqueue → admitted)
+    queue_ms: float | None = None
     finished_at: float = Field(default_factory=time.time)
 
     @property

@@ -49,15 +49,35 @@ class Settings(BaseSettings):
     partitions: int = 4
     request_partitions: int = 8
 
+    # A batch's lines are spread round-robin over this many shards (key `batch_id:shard`),
+    # each on its own partition of the model's requests topic; 0 = request_partitions.
+    batch_shards: int = 0
+
     # gpu_consumer
-    worker_max_batch: int = 32
-    # after the first request arrives, how long to wait for more to fill the micro-batch
+    # Requests in the engine at once, per model; 0 = the engine's own batch size (vLLM's
+    # max_num_seqs), which keeps it exactly full. Lines beyond wait in the worker's
+    # backlog, where cancels reach them and batches take turns.
+    worker_max_in_flight: int = 0
+    # Tokens (prompt estimate + max_tokens * n) in the engine at once, per model; 0 = no limit.
+    worker_token_budget: int = 0
+    # Lines read ahead of the engine (the fair-share horizon); fetching pauses beyond it.
+    worker_read_ahead: int = 100_000
+    # when idle, after the first request arrives, how long to wait for more to fill the
+    # first engine step
     worker_max_wait_ms: int = 5
+    # On SIGTERM: how long running requests may take to finish before the worker exits
+    # (unfinished ones are redelivered).
+    worker_drain_s: float = 30.0
+    # Workers `millrace up` starts; with the vLLM engine on CPU they split the cores.
+    workers: int = 1
+    # This worker's name in readiness markers and logs (`up` names them worker, worker-2…).
+    worker_name: str = "worker"
+    # CPUs a worker's engine may use, e.g. "0-3,8"; default: all the process may use.
+    cpu_set: str | None = None
     default_max_tokens: int = 256
     # bf16 (vLLM's CPU default) garbles the 135M bundled model's answers; float32 is
     # correct at ~2/3 of the speed. Use "auto" for real models on GPU hosts.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    cpu_threads: int = 0  # 0 = every core the process may use
     kv_cache_gib: int = 1
 
     # sink: consume() returns when this many records arrived or the wait ran out
@@ -87,6 +107,19 @@ class Settings(BaseSettings):
             if name:
                 served[name] = path or None
         return served
+
+    def cpus(self) -> list[int] | None:
+        """`cpu_set` as a sorted list of CPU numbers."""
+        if not self.cpu_set:
+            return None
+        cpus: set[int] = set()
+        for part in self.cpu_set.split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+        return sorted(cpus)
+
+    def shards(self) -> int:
+        return self.batch_shards or self.request_partitions
 
     def require_kafka(self) -> str:
         if not self.kafka_bootstrap:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import zlib
 from dataclasses import dataclass
 
 from millrace.settings import Settings
@@ -11,9 +13,9 @@ from millrace.settings import Settings
 class Topics:
     prefix: str
 
-    @property
-    def requests(self) -> str:
-        return f"{self.prefix}.requests"
+    def requests_for(self, model: str) -> str:
+        """Each served model has its own requests topic; a worker reads its models' topics."""
+        return f"{self.prefix}.requests.{_TOPIC_UNSAFE.sub('_', model)}"
 
     @property
     def responses(self) -> str:
@@ -47,7 +49,8 @@ class Topics:
     def layout(self, settings: Settings) -> dict[str, int]:
         """Topic name → partition count."""
         return {
-            self.requests: settings.request_partitions,
+            **{self.requests_for(m): settings.request_partitions
+               for m in settings.served_models()},
             self.responses: settings.partitions,
             self.batch_events: settings.partitions,
             self.ingest: settings.partitions,
@@ -57,3 +60,14 @@ class Topics:
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
         return cls(settings.topic_prefix)
+
+
+_TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def request_route(batch_id: str, line: int, shards: int, partitions: int) -> tuple[str, int]:
+    """(key, partition) of a batch's line: lines go round-robin over `shards` shards, shard s
+    on partition (first + s) mod partitions, so a batch spreads evenly over the workers."""
+    shard = line % shards
+    first = zlib.crc32(batch_id.encode()) % partitions
+    return f"{batch_id}:{shard}", (first + shard) % partitions

@@ -12,15 +12,26 @@ from millrace.status import BatchStatus
 from tests.deployment import wait_until
 
 ORDER = ["validating", "in_progress", "finalizing", "completed"]
+TERMINAL = {s.value for s in BatchStatus if s.terminal}
+
+
+def create_batch(client: OpenAI, path: Path, endpoint: str = "/v1/chat/completions") -> Batch:
+    """Upload a JSONL file and create a batch over it."""
+    with path.open("rb") as f:
+        uploaded = client.files.create(file=f, purpose="batch")
+    return client.batches.create(input_file_id=uploaded.id, endpoint=endpoint,  # type: ignore[arg-type]
+                                 completion_window="24h")
+
+
+def wait_done(client: OpenAI, batch_id: str, timeout: float = 300) -> Batch:
+    return wait_until(lambda: (b := client.batches.retrieve(batch_id)).status in TERMINAL and b,
+                      timeout, f"batch {batch_id} to finish")
 
 
 def run_batch(client: OpenAI, path: Path, endpoint: str = "/v1/chat/completions",
               timeout: float = 300) -> tuple[Batch, list[str]]:
     """Upload, create, poll to a terminal status; returns the batch and statuses seen."""
-    with path.open("rb") as f:
-        uploaded = client.files.create(file=f, purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint,  # type: ignore[arg-type]
-                                  completion_window="24h")
+    batch = create_batch(client, path, endpoint)
     seen = [batch.status]
 
     def terminal() -> Batch | None:

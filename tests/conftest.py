@@ -18,7 +18,10 @@ from tests.deployment import Deployment, start
 
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    dep = start(tmp_path_factory.mktemp("millrace"))
+    # 16 in flight (the engine would take 256): bigger batches keep a backlog in the worker,
+    # so cancels and fair share have unstarted lines to act on, as on a busy GPU host.
+    dep = start(tmp_path_factory.mktemp("millrace"),
+                extra_env={"MILLRACE_WORKER_MAX_IN_FLIGHT": "16"})
     yield dep
     code = dep.stop()
     assert code == 0, "".join(dep.stderr_lines[-50:])

@@ -1,0 +1,329 @@
+"""`millrace bench`: one JSONL file through vLLM directly and through millrace, side by side.
+
+In one run, on this machine, with the same model and the same file:
+
+1. `vllm run-batch` (vLLM's own OpenAI batch runner) on the file, its batch phase timed
+   apart from the engine's start-up (millrace.vllm_run_batch), because a millrace worker
+   has its engine loaded before a batch arrives;
+2. the file through a fresh `millrace up` deployment (upload → `completed`) with 1 worker,
+   then with 2 workers (on CPU each gets half the cores);
+3. a `--ingest-lines` file through a deployment with the zero-cost echo engine: the
+   orchestration ceiling (requests/s end to end) and the ingest rate;
+
+and per-stage latency of each pipeline run, read back from the topics: gateway ingest
+(create → every line acknowledged in Kafka), queue wait and engine time per line (from the
+response records), sink (last response → files written) and finalize (files → completed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+from openai import OpenAI
+
+from millrace import models
+from millrace.bench import Percentiles, machine
+from millrace.embedded import die_with_parent, free_port
+from millrace.errors import ComponentError
+from millrace.kafka import KafkaConfig
+from millrace.records import (
+    BatchFilesReady,
+    BatchTransition,
+    BatchValidated,
+    ResponseRecord,
+    parse_event,
+)
+from millrace.settings import BUNDLED_CHAT_MODEL, Settings
+from millrace.status import BatchStatus
+from millrace.topics import Topics
+
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+@dataclass
+class Run:
+    name: str
+    lines: int
+    wall_s: float
+    output_tokens: int
+    failed_lines: int = 0
+    note: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.lines / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass
+class Stages:
+    """Where a pipeline run's time went (seconds unless named _ms)."""
+
+    ingest_s: float
+    queue_ms: Percentiles
+    engine_ms: Percentiles
+    sink_s: float
+    finalize_s: float
+
+    @property
+    def last_response_to_completed_ms(self) -> float:
+        return (self.sink_s + self.finalize_s) * 1000
+
+
+@dataclass
+class BenchResult:
+    model: str
+    lines: int
+    max_tokens: int
+    machine: str
+    runs: list[Run] = field(default_factory=list)
+    stages: dict[str, Stages] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+def chat_lines(count: int, model: str, max_tokens: int) -> list[str]:
+    topics = ["rivers", "bread", "comets", "chess", "owls", "glass", "tides", "maps"]
+    return [json.dumps({
+        "custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": model, "max_tokens": max_tokens, "temperature": 0,
+                 "messages": [{"role": "user", "content":
+                               f"Write two sentences about {topics[i % len(topics)]} "
+                               f"and the number {i}."}]},
+    }) for i in range(count)]
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- vLLM directly ------------------------------------------------------------------------
+def direct_vllm(settings: Settings, source: Path, work: Path, model: str) -> Run:
+    from gpu_consumer.vllm_engine import cpu_runtime_env
+
+    folder = models.resolve({model: settings.served_models().get(model)},
+                            settings.model_cache)[model]
+    env = {**os.environ, **cpu_runtime_env(settings)}
+
+    out, timing = work / "direct.out.jsonl", work / "direct.timing.json"
+    argv = [sys.executable, "-m", "millrace.vllm_run_batch", str(timing), "-i", str(source),
+            "-o", str(out), "--model", str(folder), "--served-model-name", model,
+            "--enforce-eager", "--dtype", settings.dtype, "--seed", "0"]
+    started = time.perf_counter()
+    with (work / "run_batch.log").open("ab") as log:
+        subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, check=True,
+                       preexec_fn=die_with_parent)
+    total_s = time.perf_counter() - started
+    batch_s = json.loads(timing.read_text())["batch_s"]
+    tokens, failed = _usage(out.read_text().splitlines())
+    return Run("vllm run-batch", len(source.read_text().splitlines()), batch_s, tokens, failed,
+               note=f"batch phase; {total_s:.1f}s with engine start-up")
+
+
+def _usage(lines: list[str]) -> tuple[int, int]:
+    """(completion tokens, failed lines) of OpenAI batch output lines."""
+    tokens = failed = 0
+    for raw in lines:
+        line = json.loads(raw)
+        response = line.get("response") or {}
+        if line.get("error") or response.get("status_code") != 200:
+            failed += 1
+            continue
+        tokens += response["body"].get("usage", {}).get("completion_tokens", 0)
+    return tokens, failed
+
+
+# --- millrace -------------------------------------------------------------------------------
+@dataclass
+class Deployment:
+    client: OpenAI
+    endpoints: dict[str, Any]
+
+
+@contextmanager
+def deployment(work: Path, engine: str, model: str, workers: int,
+               extra_env: dict[str, str] | None = None) -> Iterator[Deployment]:
+    """A fresh `millrace up` in its own data dir; stopped (SIGTERM) on exit."""
+    data_dir = work / f"up-{engine}-{workers}w-{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MILLRACE_") or k in ("MILLRACE_MODEL_CACHE", "MILLRACE_DTYPE")}
+    env.update({"MILLRACE_WORKERS": str(workers), **(extra_env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "millrace", "up", "--data-dir", str(data_dir),
+         "--port", str(free_port()), "--engine", engine, "--model", model],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        preexec_fn=die_with_parent,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("millrace ready: "):
+            raise ComponentError(f"millrace up did not start (see {data_dir}/logs): {line!r}")
+        _, _, base_url, key = line.split()
+        endpoints = json.loads((data_dir / "endpoints.json").read_text())
+        client = OpenAI(base_url=base_url, api_key=key.removeprefix("api_key="),
+                        max_retries=0, timeout=600)
+        yield Deployment(client, endpoints)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+
+
+def pipeline(dep: Deployment, name: str, source: Path) -> tuple[Run, Stages]:
+    client = dep.client
+    upload = client.files.create(file=source.open("rb"), purpose="batch")
+    created = time.time()
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    while batch.status not in TERMINAL:
+        time.sleep(0.05)
+        batch = client.batches.retrieve(batch.id)
+    if batch.status != "completed" or not batch.output_file_id:
+        raise ComponentError(f"{name}: batch ended {batch.status}: {batch.errors}")
+    output = client.files.content(batch.output_file_id).text.splitlines()
+    errors = (client.files.content(batch.error_file_id).text.splitlines()
+              if batch.error_file_id else [])
+    tokens, _ = _usage(output)
+    stages, completed_at = _stages(dep.endpoints, batch.id, created)
+    run = Run(name, len(output) + len(errors), completed_at - created, tokens, len(errors))
+    return run, stages
+
+
+def _stages(endpoints: dict[str, Any], batch_id: str, created: float) -> tuple[Stages, float]:
+    """Per-stage timings of one batch from the Kafka timestamps of its records."""
+    topics = Topics(endpoints["topic_prefix"])
+    responses = _records(endpoints["kafka_bootstrap"], topics.responses, batch_id)
+    events = _records(endpoints["kafka_bootstrap"], topics.batch_events, batch_id)
+    validated = files_ready = completed = None
+    for at, value in events:
+        event = parse_event(value)
+        if isinstance(event, BatchValidated):
+            validated = at
+        elif isinstance(event, BatchFilesReady):
+            files_ready = at
+        elif isinstance(event, BatchTransition) and event.to_status == BatchStatus.COMPLETED:
+            completed = at
+    if validated is None or files_ready is None or completed is None:
+        raise ComponentError(f"events of {batch_id} incomplete on {topics.batch_events}")
+    parsed = [ResponseRecord.model_validate_json(value) for _, value in responses]
+    last_response = max(at for at, _ in responses)
+    stages = Stages(
+        ingest_s=validated - created,
+        queue_ms=Percentiles.of([r.queue_ms for r in parsed if r.queue_ms is not None]),
+        engine_ms=Percentiles.of([r.engine_ms for r in parsed if r.engine_ms is not None]),
+        sink_s=files_ready - last_response,
+        finalize_s=completed - files_ready,
+    )
+    return stages, completed
+
+
+def _records(bootstrap: str, topic: str, key: str) -> list[tuple[float, bytes]]:
+    """(timestamp s, value) of every record of `topic` keyed `key`, read to the end."""
+    config = KafkaConfig(bootstrap=bootstrap, client_id="millrace-bench").consumer(
+        f"millrace-bench-{uuid.uuid4().hex}", **{"enable.partition.eof": True})
+    consumer = Consumer(config)
+    partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    at_end: set[int] = set()
+    found: list[tuple[float, bytes]] = []
+    wanted = key.encode()
+    while len(at_end) < len(partitions):
+        for msg in consumer.consume(1000, 1.0):
+            if msg.error():
+                at_end.add(msg.partition() or 0)
+            elif msg.key() == wanted:
+                found.append((msg.timestamp()[1] / 1000, msg.value() or b""))
+    consumer.close()
+    return found
+
+
+# --- the whole benchmark ------------------------------------------------------------------
+def run(settings: Settings, work: Path, lines: int = 64, max_tokens: int = 32,
+        ingest_lines: int = 50_000, direct: bool = True,
+        model: str = BUNDLED_CHAT_MODEL, say: Any = None) -> BenchResult:
+    def note(text: str) -> None:
+        if say is not None:
+            say(text)
+
+    work.mkdir(parents=True, exist_ok=True)
+    source = write_jsonl(work / "input.jsonl", chat_lines(lines, model, max_tokens))
+    result = BenchResult(model, lines, max_tokens, machine())
+    if direct:
+        note(f"vllm run-batch on {lines} lines …")
+        result.runs.append(direct_vllm(settings, source, work, model))
+    for workers in (1, 2):
+        note(f"millrace, {workers} worker(s), {lines} lines …")
+        with deployment(work, "vllm", model, workers) as dep:
+            run_, stages = pipeline(dep, f"millrace, {workers} worker(s)", source)
+        result.runs.append(run_)
+        result.stages[run_.name] = stages
+    note(f"millrace, echo engine, {ingest_lines} lines …")
+    big = write_jsonl(work / "ingest.jsonl", chat_lines(ingest_lines, model, max_tokens))
+    with deployment(work, "echo", model, 1) as dep:
+        echo, stages = pipeline(dep, "millrace, echo engine", big)
+    result.runs.append(echo)
+    result.stages[echo.name] = stages
+    result.ratios = _ratios(result)
+    return result
+
+
+def _ratios(result: BenchResult) -> dict[str, float]:
+    by_name = {r.name: r for r in result.runs}
+    ratios: dict[str, float] = {}
+    one, two = by_name["millrace, 1 worker(s)"], by_name["millrace, 2 worker(s)"]
+    if "vllm run-batch" in by_name:
+        ratios["pipeline / vllm direct (tokens/s)"] = (
+            one.tokens_per_s / by_name["vllm run-batch"].tokens_per_s)
+    ratios["2 workers / 1 worker (tokens/s)"] = two.tokens_per_s / one.tokens_per_s
+    echo = result.stages["millrace, echo engine"]
+    ratios["ingest lines/s (echo file)"] = by_name["millrace, echo engine"].lines / echo.ingest_s
+    ratios["orchestration ceiling requests/s"] = by_name["millrace, echo engine"].requests_per_s
+    return ratios
+
+
+def table(result: BenchResult) -> str:
+    out = [f"millrace bench: {result.lines} chat lines, max_tokens {result.max_tokens}, "
+           f"{result.model} ({result.machine})", "",
+           f"{'run':28} {'lines':>7} {'wall s':>8} {'out tok':>8} {'tok/s':>8} {'req/s':>8}"]
+    for r in result.runs:
+        out.append(f"{r.name:28} {r.lines:7d} {r.wall_s:8.2f} {r.output_tokens:8d} "
+                   f"{r.tokens_per_s:8.1f} {r.requests_per_s:8.1f}"
+                   + (f"  ({r.note})" if r.note else "")
+                   + (f"  [{r.failed_lines} failed]" if r.failed_lines else ""))
+    out += ["", f"{'stage':28} {'ingest s':>9} {'queue p50/p99 ms':>18} "
+                f"{'engine p50/p99 ms':>18} {'sink s':>7} {'final s':>7} {'last→done ms':>12}"]
+    for name, s in result.stages.items():
+        out.append(f"{name:28} {s.ingest_s:9.2f} {s.queue_ms.p50:8.0f}/{s.queue_ms.p99:<9.0f} "
+                   f"{s.engine_ms.p50:8.0f}/{s.engine_ms.p99:<9.0f} {s.sink_s:7.2f} "
+                   f"{s.finalize_s:7.2f} {s.last_response_to_completed_ms:12.0f}")
+    out += [""] + [f"{name:40} {value:10.2f}" for name, value in result.ratios.items()]
+    return "\n".join(out)
+
+
+def save(result: BenchResult, results_dir: Path) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"batch-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    data = asdict(result)
+    for run_, raw in zip(result.runs, data["runs"], strict=True):
+        raw.update(tokens_per_s=run_.tokens_per_s, requests_per_s=run_.requests_per_s)
+    for name, stages in result.stages.items():
+        data["stages"][name]["last_response_to_completed_ms"] = (
+            stages.last_response_to_completed_ms)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
