@@ -144,7 +144,7 @@ class StreamIngest:
         detail = ErrorDetail(message=error.message, type="invalid_request_error",
                              param=error.param, code=error.code)
         failed = ResponseRecord(
-            batch_id=batch_id, project=stream["project"], custom_id=custom_id,
+            batch_id=batch_id, project=stream["project"], custom_id=custom_id, line=number,
             id=f"batch_req_{uuid.uuid4().hex}", request_id=f"req_{uuid.uuid4().hex}",
             status_code=400, body=ErrorEnvelope(error=detail).model_dump(),
         )

@@ -203,6 +203,7 @@ class Worker:
             batch_id=record.batch_id,
             project=record.project,
             custom_id=record.custom_id,
+            line=record.line,
             id=f"batch_req_{uuid.uuid4().hex}",
             request_id=f"req_{uuid.uuid4().hex}" if result else None,
             status_code=result.status_code if result else None,

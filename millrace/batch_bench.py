@@ -187,7 +187,8 @@ def deployment(work: Path, engine: str, model: str, workers: int,
 
 def pipeline(dep: Deployment, name: str, source: Path) -> tuple[Run, Stages]:
     client = dep.client
-    upload = client.files.create(file=source.open("rb"), purpose="batch")
+    with source.open("rb") as f:
+        upload = client.files.create(file=f, purpose="batch")
     created = time.time()
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                   completion_window="24h")

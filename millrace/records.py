@@ -47,32 +47,40 @@ class Usage(BaseModel):
     completion_tokens: int = 0
 
 
-class ResponseRecord(Record):
+class ResponseOutcome(Record):
+    """What counting needs of a response record; parsing a full `ResponseRecord` value as
+    this skips building its body."""
+
+    batch_id: str
+    custom_id: str
+    # the request's line in the batch (RequestRecord.line): the aggregator's dedupe key
+    line: int | None = None
+    status_code: int | None
+    usage: Usage = Field(default_factory=Usage)
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code == 200
+
+
+class ResponseRecord(ResponseOutcome):
     """`<prefix>.responses`: the outcome of one request line.
 
     `status_code` 200 goes to the output file; anything else (an engine/HTTP-style error
     with a `body`, or a batch-level `error` with no response) goes to the error file.
     """
 
-    batch_id: str
     project: str
-    custom_id: str
     id: str
     request_id: str | None
-    status_code: int | None
     body: dict[str, Any] | None
     error: LineError | None = None
-    usage: Usage = Field(default_factory=Usage)
     worker: str = ""
     # time this request spent in the engine (admitted → finished)
     engine_ms: float | None = None
     # time it waited before the engine admitted it (gateway enqueue → admitted)
     queue_ms: float | None = None
     finished_at: float = Field(default_factory=time.time)
-
-    @property
-    def ok(self) -> bool:
-        return self.status_code == 200
 
 
 class _Event(Record):

@@ -1,22 +1,26 @@
 """The Faust aggregator: `faust -A streams.app worker` or `millrace aggregator`.
 
 One agent reads responses and batch-events (both keyed by batch id, same partition count,
-so a batch's whole history lands on one partition and one table shard). It dedupes on
-(batch_id, custom_id), counts, applies legal transitions, publishes each transition on
-batch-events, and writes the aggregator half of the Batch object to Redis.
+so a batch's whole history lands on one partition and one table shard), in chunks of up to
+CHUNK records. Per batch per chunk it counts the responses not counted yet (the counted
+lines are part of the batch's table record, so counts and dedupe survive a crash
+together), applies legal transitions, publishes what they emit on batch-events, saves the
+state once, and writes the aggregator half of the Batch object to Redis.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Any
 
 import faust
+from faust.streams import _current_event
 from pydantic import ValidationError
 
 from millrace.readiness import mark_ready
-from millrace.records import BatchExpireDue, BatchTransition, ResponseRecord, parse_event
+from millrace.records import BatchExpireDue, BatchTransition, ResponseOutcome, parse_event
 from millrace.settings import Settings
 from millrace.status import BatchStatus
 from millrace.store import Store
@@ -51,7 +55,6 @@ source = app.topic(
 events_out = app.topic(topics.batch_events, key_serializer="raw", value_serializer="raw")
 
 batches = app.Table("batches", default=None, partitions=settings.partitions)
-seen = app.Table("seen", default=bool, partitions=settings.partitions)
 
 _store: Store | None = None
 
@@ -63,17 +66,54 @@ def store() -> Store:
     return _store
 
 
+# Records handled per step: one table write, one Redis write per batch per chunk.
+CHUNK = 1000
+CHUNK_WAIT_S = 0.005
+
+
 @app.agent(source)
 async def aggregate(stream: Any) -> None:
-    async for event in stream.events():
-        batch_id = (event.key or b"").decode()
+    async for events in stream.take_events(CHUNK, within=CHUNK_WAIT_S):
+        by_batch: dict[str, list[tuple[str, bytes]]] = {}
+        last: dict[str, Any] = {}
+        for event in events:
+            batch_id = (event.key or b"").decode()
+            by_batch.setdefault(batch_id, []).append((event.message.topic, event.value))
+            last[batch_id] = event
+        for batch_id, records in by_batch.items():
+            # A table write goes to the changelog partition of the "current event"; a
+            # chunk has none of its own, so it is the batch's last record (same partition).
+            _current_event.set(weakref.ref(last[batch_id]))
+            await apply(batch_id, records)
+
+
+async def apply(batch_id: str, records: list[tuple[str, bytes]]) -> None:
+    """Apply one batch's records of a chunk, in order, then save once."""
+    state = load(batch_id)
+    emitted: list[Emitted] = []
+    responses: list[ResponseOutcome] = []
+    changed = False
+    for topic, value in records:
         try:
-            if event.message.topic == topics.responses:
-                await on_response(batch_id, ResponseRecord.model_validate_json(event.value))
-            else:
-                await on_event(batch_id, event.value)
+            if topic == topics.responses:
+                responses.append(ResponseOutcome.model_validate_json(value))
+                continue
+            event = parse_event(value)
         except ValidationError:
-            log.error("skipping malformed record on %s: %.200r", event.message.topic, event.value)
+            log.error("skipping malformed record on %s: %.200r", topic, value)
+            continue
+        if event.type in ("transition", "seal_requested"):
+            continue  # our own output
+        if responses:  # responses before this event are applied before it
+            emitted += state.count_new(responses)
+            responses = []
+        emitted += state.apply(event)
+        changed = True
+    if responses:
+        emitted += state.count_new(responses)
+        changed = True
+    if changed:
+        await save(state, emitted)
 
 
 def load(batch_id: str) -> BatchState:
@@ -82,32 +122,22 @@ def load(batch_id: str) -> BatchState:
 
 
 async def save(state: BatchState, emitted: list[Emitted]) -> None:
-    """Write the state back (inside the stream, as Faust requires), publish what the state
-    change emitted, and refresh the Redis read model."""
-    batches[state.batch_id] = state.model_dump(mode="json")
-    track_deadline(state)
+    """Publish what the change emitted (acknowledged), then write the state back and
+    refresh the Redis read model.
+
+    Publishing first means a crash in between repeats an event rather than losing it: the
+    state still shows the change undone, so the replayed records emit it again (the sink
+    seals idempotently; subscribers may see a transition twice). A state that was written
+    always had its events published, so a batch cannot stall on a lost seal request.
+    """
     for event in emitted:
-        await events_out.send(key=state.batch_id.encode(), value=event.dumps())
+        delivery = await events_out.send(key=state.batch_id.encode(), value=event.dumps())
+        await delivery
         if isinstance(event, BatchTransition):
             log.info("%s: %s → %s", state.batch_id, event.from_status, event.to_status)
+    batches[state.batch_id] = state.model_dump(mode="json")
+    track_deadline(state)
     await store().set_batch_state(state.batch_id, state.batch_fields())
-
-
-async def on_response(batch_id: str, response: ResponseRecord) -> None:
-    key = f"{batch_id}/{response.custom_id}"
-    if seen[key]:
-        return  # redelivered: already counted
-    seen[key] = True
-    state = load(batch_id)
-    await save(state, state.count(response))
-
-
-async def on_event(batch_id: str, raw: bytes) -> None:
-    event = parse_event(raw)
-    if event.type in ("transition", "seal_requested"):
-        return
-    state = load(batch_id)
-    await save(state, state.apply(event))
 
 
 def ready(sender: Any, *args: Any, **kwargs: Any) -> None:

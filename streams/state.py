@@ -5,6 +5,8 @@ Kept free of Faust and I/O so the status machine and counting rules are tested d
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -21,7 +23,7 @@ from millrace.records import (
     BatchTransition,
     BatchValidated,
     BatchValidationFailed,
-    ResponseRecord,
+    ResponseOutcome,
     now,
 )
 from millrace.status import TIMESTAMP_FIELD, BatchStatus, can_transition
@@ -47,6 +49,11 @@ class BatchState(BaseModel):
     output_file_id: str | None = None
     error_file_id: str | None = None
     errors: list[BatchError] | None = None
+    # Which lines are counted, saved in the same table record as the counts they produced,
+    # so a replayed response is recognised whatever crashed when: a bitmap over input line
+    # numbers (base64), and custom_ids of responses that carry no line number.
+    counted: str = ""
+    counted_ids: list[str] = Field(default_factory=list)
 
     @property
     def done(self) -> int:
@@ -95,8 +102,32 @@ class BatchState(BaseModel):
             and self.expires_at <= now()
         )
 
-    def count(self, response: ResponseRecord) -> list[Emitted]:
-        """Count one response; the caller guarantees each custom_id is counted once."""
+    def count_new(self, responses: Iterable[ResponseOutcome]) -> list[Emitted]:
+        """Count each response whose line is not counted yet (redeliveries are skipped)."""
+        bits = bytearray(base64.b64decode(self.counted))
+        ids = set(self.counted_ids)
+        emitted: list[Emitted] = []
+        for response in responses:
+            if response.line is None:
+                if response.custom_id in ids:
+                    continue
+                ids.add(response.custom_id)
+            else:
+                byte, bit = divmod(response.line, 8)
+                if byte >= len(bits):
+                    bits.extend(bytes(byte + 1 - len(bits)))
+                if bits[byte] >> bit & 1:
+                    continue
+                bits[byte] |= 1 << bit
+            emitted += self.count(response)
+        if self.status.terminal:
+            bits, ids = bytearray(), set()  # nothing is counted any more: drop the index
+        self.counted = base64.b64encode(bits).decode()
+        self.counted_ids = sorted(ids)
+        return emitted
+
+    def count(self, response: ResponseOutcome) -> list[Emitted]:
+        """Count one response; the caller guarantees each line is counted once."""
         if self.status.terminal:
             return []  # e.g. expired: its counts come from the files the sink sealed
         if response.ok:

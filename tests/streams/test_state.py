@@ -158,3 +158,38 @@ def test_counters_never_exceed_total_nor_decrease(outcomes: list[bool], split: i
         assert state.done <= total
     assert state.status is S.FINALIZING
     assert state.completed == sum(outcomes)
+
+
+def numbered(line: int, status: int = 200) -> ResponseRecord:
+    return ResponseRecord(batch_id="b", project="p", custom_id=f"c{line}", id="i",
+                          request_id="r", status_code=status, body={}, line=line)
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=200), st.integers(1, 199),
+       st.booleans())
+def test_redelivered_responses_are_counted_once_even_across_a_restore(
+        deliveries: list[int], cut: int, with_lines: bool) -> None:
+    """Any order and number of redeliveries, with the state saved and restored (as after a
+    crash) at any point: each line counts once."""
+    def record(line: int) -> ResponseRecord:
+        return numbered(line, 200 if line % 3 else 500) if with_lines else response(
+            f"c{line}", 200 if line % 3 else 500)
+
+    state = BatchState(batch_id="b")
+    state.apply(BatchValidated(batch_id="b", total=40))
+    state.count_new(record(n) for n in deliveries[:cut])
+    state = BatchState.model_validate(state.model_dump(mode="json"))  # the table round trip
+    state.count_new(record(n) for n in deliveries[cut:])
+    distinct = set(deliveries)
+    assert state.done == len(distinct)
+    assert state.failed == sum(1 for n in distinct if n % 3 == 0)
+
+
+def test_the_counted_index_is_dropped_once_nothing_counts_any_more() -> None:
+    state = BatchState(batch_id="b")
+    state.apply(BatchValidated(batch_id="b", total=2))
+    state.count_new([numbered(1), numbered(2)])
+    state.apply(files_ready())
+    assert state.status is S.COMPLETED
+    state.count_new([numbered(1)])
+    assert (state.counted, state.counted_ids, state.completed) == ("", [], 2)
