@@ -31,7 +31,7 @@ def cpu_runtime_env(settings: Settings) -> dict[str, str]:
     """The environment vLLM's CPU backend reads at import, for this worker's CPUs."""
     cores = settings.cpus() or sorted(os.sched_getaffinity(0))
     return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # one process: the worker owns the engine
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if settings.engine_process else "0",
         "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),

@@ -5,6 +5,7 @@ cleanly on SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -231,6 +232,7 @@ class Launcher:
             if len(recent) >= 5:
                 continue  # crash loop: back off until the window slides
             log.warning("%s exited with code %s; restarting", child.name, code)
+            _reap_group(child)
             child.launch()
             if child.name == "broker":
                 # the memory:// broker lost its topics with the process
@@ -255,9 +257,19 @@ class Launcher:
                     log.warning("%s did not stop in %.0fs; killing", child.name, STOP_GRACE_S)
                     child.proc.kill()
                     child.proc.wait()
+                _reap_group(child)
         for name in self.services:
             readiness.clear(self.settings, name)
         log.info("stopped")
+
+
+def _reap_group(child: Child) -> None:
+    """Kill what is left of a dead child's process group (each child leads its own): a
+    worker killed with SIGKILL leaves its vLLM engine-core process behind."""
+    if child.proc is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.proc.pid, signal.SIGKILL)
 
 
 def up(settings: Settings, announce: Callable[[str], None]) -> int:

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     workers: int = 1
     # This worker's name in readiness markers and logs (`up` names them worker, worker-2…).
     worker_name: str = "worker"
+    # vLLM's engine core in its own process (vLLM's default): scheduling and the model run
+    # while the worker handles Kafka and finished outputs. False: everything in one process.
+    engine_process: bool = True
     # CPUs a worker's engine may use, e.g. "0-3,8"; default: all the process may use.
     cpu_set: str | None = None
     default_max_tokens: int = 256

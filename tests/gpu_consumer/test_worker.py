@@ -190,4 +190,20 @@ def test_worker_killed_mid_batch_loses_and_repeats_nothing(
     restarted = wait_until(lambda: (i := deployment.ready_info("worker")) is not None
                            and i["pid"] != info["pid"] and i, 180, "the worker to restart")
     assert restarted["pid"] != info["pid"]
+    # the killed worker's vLLM engine-core process was reaped with its process group
+    assert not running_in_group(int(str(info["pid"])))
     assert_exactly_once(client, batch.id, ids)
+
+
+def running_in_group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
