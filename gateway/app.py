@@ -10,10 +10,11 @@ from fastapi import FastAPI
 
 from gateway import errors
 from gateway.context import Context
-from gateway.routes import admin, batches, files, health, models
+from gateway.routes import admin, batches, files, health, models, results, webhooks
 from gateway.stream_ingest import StreamIngest
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
+from millrace.registry import Registry
 from millrace.settings import Settings
 from millrace.store import Principal, Store
 from millrace.topics import Topics
@@ -24,17 +25,20 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-gateway")
         topics = Topics.from_settings(settings)
-        ensure_topics(kafka, topics.layout(settings))
+        ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
+        store = Store.connect(settings.require_redis(), settings.topic_prefix)
+        producer = AsyncProducer(kafka.producer())
         ctx = Context(
             settings=settings,
-            store=Store.connect(settings.require_redis(), settings.topic_prefix),
+            store=store,
             files=FileStore(settings.files_url),
-            producer=AsyncProducer(kafka.producer()),
+            producer=producer,
             topics=topics,
+            registry=Registry(store, producer, topics),
         )
         if settings.api_key is not None:
             # A configured bootstrap key is always a working admin key (compose, k8s).
-            await ctx.store.put_api_key(
+            await ctx.registry.put_api_key(
                 settings.api_key.get_secret_value(), Principal("default", admin=True)
             )
         app.state.ctx = ctx
@@ -52,6 +56,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="millrace", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for module in (files, batches, models, admin, health):
+    for module in (files, batches, results, webhooks, models, admin, health):
         app.include_router(module.router)
     return app

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer
+from millrace.registry import Registry
 from millrace.settings import Settings
 from millrace.store import Store
 from millrace.topics import Topics
@@ -22,6 +23,7 @@ class Context:
     files: FileStore
     producer: AsyncProducer
     topics: Topics
+    registry: Registry
     # Background ingest tasks, kept referenced so they are not garbage-collected.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 

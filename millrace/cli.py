@@ -17,7 +17,8 @@ from setproctitle import setproctitle
 from millrace.errors import MillraceError
 from millrace.settings import Settings
 
-SERVICES = ("up", "gateway", "worker", "aggregator", "sink", "broker", "redis", "keys")
+SERVICES = ("up", "gateway", "worker", "aggregator", "sink", "broker", "redis", "keys",
+            "rebuild", "schemas")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--work", type=Path, default=Path("bench/work"),
                        help="inputs, outputs and the deployments' data dirs")
     bench.add_argument("--results", type=Path, default=Path("bench/results"))
+    common(sub.add_parser(
+        "rebuild", help="restore Redis (batches, files, API keys, webhook endpoints) from Kafka"))
+    sub.add_parser("schemas", help="print the JSON schema of every record on the public topics")
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = common(keys_sub.add_parser("create", help="mint a key for a project"))
@@ -92,11 +96,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "broker":
         _broker(args.port)
         return
+    if args.command == "schemas":
+        from millrace.schemas import topic_schemas
+
+        print(json.dumps(topic_schemas(), indent=2))
+        return
     settings = _settings(args)
     _logging(settings)
     handler = {
         "up": _up, "gateway": _gateway, "worker": _worker, "aggregator": _aggregator,
-        "sink": _sink, "redis": _redis, "keys": _keys, "bench": _bench,
+        "sink": _sink, "redis": _redis, "keys": _keys, "bench": _bench, "rebuild": _rebuild,
     }[args.command]
     try:
         sys.exit(handler(settings, args) or 0)
@@ -183,23 +192,36 @@ def _bench(settings: Settings, args: argparse.Namespace) -> None:
     print(f"saved {bench.save(result, args.results)}")
 
 
+def _rebuild(settings: Settings, args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from streams.rebuild import rebuild
+
+    print(json.dumps(asdict(asyncio.run(rebuild(_with_endpoints(settings, "rebuild"))))))
+
+
 def _keys(settings: Settings, args: argparse.Namespace) -> None:
-    from millrace.store import Principal, Store, new_api_key
+    from millrace.registry import register_key
+    from millrace.store import Principal, new_api_key
+    from millrace.topics import Topics
 
-    redis_url = settings.redis_url
+    settings = _with_endpoints(settings, "keys")
+    key = new_api_key()
+    asyncio.run(register_key(settings.require_kafka(), settings.require_redis(),
+                             Topics.from_settings(settings), key,
+                             Principal(args.project, args.admin)))
+    print(json.dumps({"key": key, "project": args.project}))
+
+
+def _with_endpoints(settings: Settings, command: str) -> Settings:
+    """Kafka and Redis from the settings, else from a running `millrace up` in the data dir."""
     endpoints = settings.data_dir / "endpoints.json"
-    if not redis_url and endpoints.exists():
-        redis_url = json.loads(endpoints.read_text())["redis_url"]
-    if not redis_url:
-        sys.exit("millrace keys: set MILLRACE_REDIS_URL or run `millrace up` in this data dir")
-
-    async def create() -> str:
-        store = Store.connect(redis_url, settings.topic_prefix)
-        try:
-            key = new_api_key()
-            await store.put_api_key(key, Principal(args.project, args.admin))
-            return key
-        finally:
-            await store.close()
-
-    print(json.dumps({"key": asyncio.run(create()), "project": args.project}))
+    found = json.loads(endpoints.read_text()) if endpoints.exists() else {}
+    settings = settings.model_copy(update={
+        "kafka_bootstrap": settings.kafka_bootstrap or found.get("kafka_bootstrap"),
+        "redis_url": settings.redis_url or found.get("redis_url"),
+    })
+    if not (settings.kafka_bootstrap and settings.redis_url):
+        sys.exit(f"millrace {command}: set MILLRACE_KAFKA_BOOTSTRAP and MILLRACE_REDIS_URL, "
+                 "or run `millrace up` in this data dir")
+    return settings

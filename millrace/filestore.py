@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import IO, cast
 
@@ -76,3 +77,28 @@ class FileStore:
 
     def delete(self, key: str) -> None:
         self.fs.delete_file(self.path(key))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Readers see the whole object or none of it: S3 makes an object visible when it
+        is closed; on a local disk it is written aside and renamed into place."""
+        path = self.path(key)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        target = f"{path}.{uuid.uuid4().hex}.tmp" if local else path
+        with self.fs.open_output_stream(target) as out:
+            out.write(data)
+        if local:
+            self.fs.move(target, path)
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.get_file_info(self.path(key)).type == pafs.FileType.File)
+
+    def names(self, prefix: str) -> list[str]:
+        """Names of the files directly under `prefix` (none if it does not exist)."""
+        selector = pafs.FileSelector(self.path(prefix), allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.File)
+
+    def delete_tree(self, prefix: str) -> None:
+        if self.fs.get_file_info(self.path(prefix)).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(self.path(prefix))

@@ -9,10 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterable
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from pydantic import BaseModel, ConfigDict
 
@@ -85,12 +95,55 @@ def usable(msg: Message) -> bool:
     return False
 
 
-def ensure_topics(config: KafkaConfig, layout: dict[str, int], timeout: float = 30.0) -> None:
+def read_to_fence(
+    config: KafkaConfig, topic: str, fence: Callable[[str], bytes | None],
+    timeout: float = 120.0,
+) -> Iterator[Message]:
+    """Every record of `topic` written before this call, partition by partition.
+
+    A fence record (key `"fence:<token>"`, JSON-quoted so Faust's changelog recovery can
+    read it too; value `fence(token)`) is written to each partition first, and each
+    partition is read until its fence comes back: exact without trusting high watermarks
+    (wrong on tansu 0.6.0 for multi-record produce batches). Fences are not yielded.
+    """
+    token = uuid.uuid4().hex
+    fence_key = f'"fence:{token}"'.encode()
+    consumer = Consumer(config.consumer(f"millrace-reader-{token}"))
+    try:
+        partitions = list(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+        producer = Producer(config.producer(**{"batch.num.messages": 1}))
+        for p in partitions:
+            producer.produce(topic, key=fence_key, value=fence(token), partition=p)
+        if producer.flush(30):
+            raise DeliveryError(f"fences on {topic} not acknowledged")
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        waiting = set(partitions)
+        deadline = time.monotonic() + timeout
+        while waiting:
+            if time.monotonic() > deadline:
+                raise DeliveryError(f"read {topic} for {timeout}s without reaching the fence "
+                                    f"on partitions {sorted(waiting)}")
+            for msg in consumer.consume(500, 0.2):
+                if not usable(msg):
+                    continue
+                if msg.key() == fence_key:
+                    waiting.discard(msg.partition() or 0)
+                elif (msg.key() or b"").startswith(b'"fence:'):
+                    continue  # an earlier reader's fence
+                elif msg.partition() in waiting:
+                    yield msg
+    finally:
+        consumer.close()
+
+
+def ensure_topics(config: KafkaConfig, layout: dict[str, int], timeout: float = 30.0,
+                  configs: dict[str, dict[str, str]] | None = None) -> None:
     """Create missing topics; existing ones are left as they are."""
     admin = AdminClient(config.base())
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
-        NewTopic(name, num_partitions=n, replication_factor=1)
+        NewTopic(name, num_partitions=n, replication_factor=1,
+                 config=(configs or {}).get(name, {}))
         for name, n in layout.items()
         if name not in existing
     ]
@@ -119,7 +172,7 @@ class AsyncProducer:
             self._producer.poll(0.1)
 
     def produce(
-        self, topic: str, key: str, value: bytes, headers: Headers | None = None,
+        self, topic: str, key: str, value: bytes | None, headers: Headers | None = None,
         partition: int | None = None,
     ) -> asyncio.Future[Message]:
         loop = asyncio.get_running_loop()
@@ -135,8 +188,9 @@ class AsyncProducer:
         return fut
 
     async def send(
-        self, topic: str, key: str, value: bytes, headers: Headers | None = None
+        self, topic: str, key: str, value: bytes | None, headers: Headers | None = None
     ) -> Message:
+        """Produce and wait for the broker's acknowledgement (`value` None: a tombstone)."""
         return await self.produce(topic, key, value, headers)
 
     def send_all(
@@ -170,7 +224,7 @@ class AsyncProducer:
         return sent
 
     def _produce_waiting(
-        self, topic: str, key: str, value: bytes, callback: Any,
+        self, topic: str, key: str, value: bytes | None, callback: Any,
         headers: Headers | None = None, partition: int | None = None,
     ) -> None:
         while True:

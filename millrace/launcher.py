@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,12 +19,14 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 import httpx
+from pydantic import SecretStr
 
 from millrace import embedded, readiness
 from millrace.errors import ComponentError
 from millrace.kafka import KafkaConfig, ensure_topics
+from millrace.registry import register_key
 from millrace.settings import Settings
-from millrace.store import Principal, Store, new_api_key
+from millrace.store import Principal, new_api_key
 from millrace.topics import Topics
 
 log = logging.getLogger("millrace.up")
@@ -36,6 +39,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as MILLRACE_* variables, so child processes see exactly ours."""
     env: dict[str, str] = {}
     for name, value in settings.model_dump(exclude={"api_key"}).items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             env[f"MILLRACE_{name.upper()}"] = str(value)
     return env
@@ -77,6 +82,7 @@ class Launcher:
                 )
             self._start_infrastructure()
             api_key = self._bootstrap_key()
+            self._webhook_signing_key()
             for name, command, env in self._service_plan():
                 readiness.clear(self.settings, name)
                 self.services.append(name)
@@ -125,29 +131,35 @@ class Launcher:
 
     def _ensure_topics(self) -> None:
         kafka = KafkaConfig(bootstrap=self.settings.require_kafka())
-        ensure_topics(kafka, Topics.from_settings(self.settings).layout(self.settings))
+        topics = Topics.from_settings(self.settings)
+        ensure_topics(kafka, topics.layout(self.settings), configs=topics.configs())
+
+    def _kept_secret(self, name: str, make: Callable[[], str]) -> str:
+        """A secret generated once and kept (mode 0600) in the data dir."""
+        path = self.settings.data_dir / name
+        if path.exists():
+            return path.read_text().strip()
+        value = make()
+        path.touch(mode=0o600)
+        path.write_text(value)
+        return value
+
+    def _webhook_signing_key(self) -> None:
+        if self.settings.webhook_signing_key is None:
+            key = self._kept_secret("webhook_signing_key", lambda: secrets.token_urlsafe(32))
+            self.settings = self.settings.model_copy(
+                update={"webhook_signing_key": SecretStr(key)})
 
     def _bootstrap_key(self) -> str:
         """The admin key: MILLRACE_API_KEY, else one generated once and kept in the data dir."""
         if self.settings.api_key is not None:
             key = self.settings.api_key.get_secret_value()
         else:
-            key_file = self.settings.data_dir / "api_key"
-            if key_file.exists():
-                key = key_file.read_text().strip()
-            else:
-                key = new_api_key()
-                key_file.touch(mode=0o600)
-                key_file.write_text(key)
+            key = self._kept_secret("api_key", new_api_key)
 
-        async def store_key() -> None:
-            store = Store.connect(self.settings.require_redis(), self.settings.topic_prefix)
-            try:
-                await store.put_api_key(key, Principal("default", admin=True))
-            finally:
-                await store.close()
-
-        asyncio.run(store_key())
+        asyncio.run(register_key(
+            self.settings.require_kafka(), self.settings.require_redis(),
+            Topics.from_settings(self.settings), key, Principal("default", admin=True)))
         return key
 
     # --- services ----------------------------------------------------------------------

@@ -135,6 +135,31 @@ class Batch(BaseModel):
     metadata: dict[str, str] | None = None
     usage: BatchUsage = Field(default_factory=BatchUsage)
 
+    @property
+    def settled(self) -> bool:
+        """Finished, with its result files attached (an expired batch gets them after it
+        entered `expired`: the sink seals them then)."""
+        if not self.status.terminal:
+            return False
+        if self.status is BatchStatus.EXPIRED:
+            # an expired batch always has an error line, unless it never had any line
+            # (a stream batch that expired before its first message)
+            counts = self.request_counts
+            nothing = counts.total == counts.completed == counts.failed == 0
+            return bool(self.output_file_id or self.error_file_id) or nothing
+        return True
+
+
+class WebhookEndpoint(BaseModel):
+    """A project's configured webhook target (millrace extension; OpenAI configures these in
+    its dashboard). `events` None = every batch event."""
+
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    events: list[str] | None = None
+    created_at: int
+
 
 class ModelObject(BaseModel):
     id: str

@@ -87,6 +87,25 @@ class Settings(BaseSettings):
     sink_max_batch: int = 500
     sink_max_wait_ms: int = 0
 
+    # sink: how often a running batch's new lines are published for partial results
+    sink_partial_every_s: float = 1.0
+
+    # webhooks. Each project's signing secret (`whsec_…`) is derived from this key, so
+    # nothing secret is stored; `up` generates one (kept in the data dir) when unset.
+    webhook_signing_key: SecretStr | None = None
+    # Production: only https targets. Private, loopback and link-local targets are refused
+    # unless named here ("loopback", "private", "link-local", comma separated).
+    webhook_https_only: bool = False
+    webhook_allow: str = "loopback"
+    webhook_timeout_s: float = 10.0
+    # Retry schedule: exponential from `base` (with jitter), each wait capped at `max`,
+    # given up `horizon` after the event.
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_max_s: float = 3600.0
+    webhook_horizon_s: float = 72 * 3600.0
+    # Batches of at most this many lines carry their result lines in the webhook payload.
+    webhook_results_max_lines: int = 100
+
     # streams (Faust)
     faust_session_timeout_s: float = 6.0
 

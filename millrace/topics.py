@@ -31,6 +31,11 @@ class Topics:
         return f"{self.prefix}.ingest"
 
     @property
+    def registry(self) -> str:
+        """Compacted: files, API key hashes and webhook endpoints, for `millrace rebuild`."""
+        return f"{self.prefix}.registry"
+
+    @property
     def ingest_rejects(self) -> str:
         return f"{self.prefix}.ingest-rejects"
 
@@ -46,6 +51,10 @@ class Topics:
     def aggregator_id(self) -> str:
         return f"{self.prefix}.aggregator"
 
+    def aggregator_changelog(self) -> str:
+        """Faust's changelog of the aggregator's `batches` table (`<app id>-<table>-changelog`)."""
+        return f"{self.aggregator_id()}-batches-changelog"
+
     def layout(self, settings: Settings) -> dict[str, int]:
         """Topic name → partition count."""
         return {
@@ -55,7 +64,13 @@ class Topics:
             self.batch_events: settings.partitions,
             self.ingest: settings.partitions,
             self.ingest_rejects: 1,
+            self.registry: 1,
         }
+
+    def configs(self) -> dict[str, dict[str, str]]:
+        """Topic configs beyond the broker's defaults: the registry keeps the latest record
+        per key for good."""
+        return {self.registry: {"cleanup.policy": "compact"}}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:

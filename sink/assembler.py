@@ -8,23 +8,27 @@ spool after a restart, so a redelivered response is never written twice. A torn 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from millrace.filestore import FileStore
 from millrace.protocol import FileObject, LineError, LineResponse, OutputLine
 from millrace.records import BatchSealRequested, ResponseRecord
+from millrace.results import (
+    KINDS,
+    partial_dir,
+    published_lines,
+    sealed_file_id,
+    sealed_key,
+    segment_key,
+)
 
 log = logging.getLogger(__name__)
-
-KINDS = ("output", "errors")
-
 
 def output_line(record: ResponseRecord) -> OutputLine:
     response = None
@@ -36,15 +40,6 @@ def output_line(record: ResponseRecord) -> OutputLine:
                       error=record.error)
 
 
-def sealed_file_id(batch_id: str, kind: str) -> str:
-    """Deterministic, so sealing again after a crash re-registers the same file."""
-    return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
-
-
-def sealed_key(batch_id: str, kind: str) -> str:
-    return f"outputs/{batch_id}/{kind}.jsonl"
-
-
 @dataclass
 class Spool:
     directory: Path
@@ -52,6 +47,12 @@ class Spool:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     seal: BatchSealRequested | None = None
     project: str = ""
+    # bytes in each spool file, and how many lines / bytes of it are published as
+    # partial-result segments
+    sizes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    published: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    published_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    published_at: float = 0.0
 
     @property
     def sealed(self) -> bool:
@@ -60,7 +61,9 @@ class Spool:
     def path(self, kind: str) -> Path:
         return self.directory / f"{kind}.jsonl"
 
-    def rebuild(self) -> None:
+    def rebuild(self, published: dict[str, int] | None = None) -> None:
+        """Reload the index from the spool files; `published` = lines of each kind already
+        in partial-result segments (read back from the file store)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         request = self.directory / "seal.json"
         if request.exists():
@@ -74,9 +77,18 @@ class Spool:
             if len(keep) != len(data):
                 log.warning("cutting a torn line off %s", path)
                 path.write_bytes(keep)
-            for raw in keep.splitlines():
+            self.sizes[kind] = len(keep)
+            done = min((published or {}).get(kind, 0), keep.count(b"\n"))
+            offset = 0
+            for raw in keep.splitlines(keepends=True):
+                if self.counts[kind] == done:
+                    self.published_bytes[kind] = offset
                 self.custom_ids.add(json.loads(raw)["custom_id"])
                 self.counts[kind] += 1
+                offset += len(raw)
+            if self.counts[kind] == done:
+                self.published_bytes[kind] = offset
+            self.published[kind] = done
 
     def append(self, record: ResponseRecord) -> bool:
         if record.custom_id in self.custom_ids or self.sealed:
@@ -85,10 +97,29 @@ class Spool:
         return True
 
     def _write(self, kind: str, line: OutputLine) -> None:
+        data = line.model_dump_json().encode() + b"\n"
         with self.path(kind).open("ab") as f:
-            f.write(line.model_dump_json().encode() + b"\n")
+            f.write(data)
         self.custom_ids.add(line.custom_id)
         self.counts[kind] += 1
+        self.sizes[kind] += len(data)
+
+    @property
+    def unpublished(self) -> bool:
+        return any(self.counts[k] > self.published[k] for k in KINDS)
+
+    def unpublished_segments(self) -> Iterator[tuple[str, int, int, bytes]]:
+        """(kind, first line, end line, bytes) of what is spooled but not yet published."""
+        for kind in KINDS:
+            if self.counts[kind] > self.published[kind]:
+                with self.path(kind).open("rb") as f:
+                    f.seek(self.published_bytes[kind])
+                    data = f.read(self.sizes[kind] - self.published_bytes[kind])
+                yield kind, self.published[kind], self.counts[kind], data
+
+    def mark_published(self, kind: str, end: int, size: int) -> None:
+        self.published[kind] = end
+        self.published_bytes[kind] += size
 
     def fill(self, custom_ids: Iterable[str], code: str, message: str) -> int:
         """Write an error line for every custom_id that has no result yet."""
@@ -136,7 +167,7 @@ class Assembler:
         spool = self._spools.get(batch_id)
         if spool is None:
             spool = Spool(self.root / batch_id)
-            spool.rebuild()
+            spool.rebuild({k: published_lines(self.files, batch_id, k) for k in KINDS})
             self._spools[batch_id] = spool
         return spool
 
@@ -155,6 +186,23 @@ class Assembler:
         pending = spool.directory / "seal.json"
         pending.with_suffix(".tmp").write_bytes(request.dumps())
         pending.with_suffix(".tmp").replace(pending)
+
+    def publish_due(self, every_s: float) -> list[str]:
+        """Batches with lines not yet published as partial results for `every_s`."""
+        now = time.monotonic()
+        return [b for b, s in self._spools.items()
+                if s.unpublished and not s.sealed and now - s.published_at >= every_s]
+
+    def publish(self, batch_id: str) -> int:
+        """Publish the batch's new spooled lines as partial-result segments."""
+        spool = self.spool(batch_id)
+        published = 0
+        for kind, first, end, data in list(spool.unpublished_segments()):
+            self.files.write_bytes(segment_key(batch_id, kind, first, end), data)
+            spool.mark_published(kind, end, len(data))
+            published += end - first
+        spool.published_at = time.monotonic()
+        return published
 
     def sealable(self) -> list[str]:
         return [b for b, s in self._spools.items() if s.complete and not s.sealed]
@@ -187,3 +235,5 @@ class Assembler:
         (spool.directory / "seal.json").unlink(missing_ok=True)
         spool.custom_ids.clear()
         del self._spools[batch_id]
+        # the sealed files hold every published line, in the same order
+        self.files.delete_tree(partial_dir(batch_id))

@@ -1,7 +1,9 @@
-"""The sink loop: responses + batch-events → spool files → sealed output/error files.
+"""The sink loop: responses + batch-events → spool files → sealed output/error files, partial
+results while a batch runs, and webhooks when it ends.
 
-Offsets are committed after the records of a poll are written to the spool, so a crash
-redelivers only what the spool may not have; the spool's custom_id index drops repeats.
+Offsets are committed after the records of a poll are written to the spool (and the
+webhook deliveries of its terminal transitions recorded), so a crash redelivers only what
+the spool may not have; the spool's custom_id index drops repeats.
 """
 
 from __future__ import annotations
@@ -19,11 +21,20 @@ from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, take, usable
 from millrace.protocol import BATCH_LINE_ERRORS
 from millrace.readiness import mark_ready
-from millrace.records import BatchFilesReady, BatchSealRequested, ResponseRecord, parse_event
+from millrace.records import (
+    BatchFilesReady,
+    BatchSealRequested,
+    BatchTransition,
+    ResponseRecord,
+    parse_event,
+)
+from millrace.registry import Registry
+from millrace.results import sealed_key
 from millrace.settings import Settings
 from millrace.store import Store
 from millrace.topics import Topics
-from sink.assembler import Assembler, sealed_key
+from sink.assembler import Assembler
+from sink.webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +54,11 @@ class Sink:
         self.consumer = Consumer(kafka.consumer(self.topics.sink_group()))
         self.producer = AsyncProducer(kafka.producer())
         self.store = Store.connect(settings.require_redis(), settings.topic_prefix)
-        self.assembler = Assembler(settings.data_dir / "sink", FileStore(settings.files_url))
+        self.registry = Registry(self.store, self.producer, self.topics)
+        files = FileStore(settings.files_url)
+        self.assembler = Assembler(settings.data_dir / "sink", files)
+        self.webhooks = Dispatcher(settings, self.store, files)
+        self._transitions: list[BatchTransition] = []
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -51,6 +66,7 @@ class Sink:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         self.consumer.subscribe([self.topics.responses, self.topics.batch_events])
+        webhooks = asyncio.create_task(self.webhooks.run(self._stopping))
         mark_ready(self.settings, "sink")
         try:
             while not self._stopping.is_set():
@@ -62,8 +78,15 @@ class Sink:
                     self.handle(messages)
                     for batch_id in self.assembler.sealable():
                         await self.seal(batch_id)
+                    for transition in self._transitions:
+                        await self.webhooks.enqueue(transition)
+                    self._transitions.clear()
                     await asyncio.to_thread(self.consumer.commit, asynchronous=False)
+                for batch_id in self.assembler.publish_due(self.settings.sink_partial_every_s):
+                    await asyncio.to_thread(self.assembler.publish, batch_id)
         finally:
+            self._stopping.set()
+            await webhooks
             self.consumer.close()
             self.producer.close()
             await self.store.close()
@@ -83,6 +106,8 @@ class Sink:
                 continue
             if isinstance(event, BatchSealRequested):
                 self.assembler.seal_when_complete(event)
+            elif isinstance(event, BatchTransition):
+                self._transitions.append(event)
 
     async def seal(self, batch_id: str) -> None:
         spool = self.assembler.spool(batch_id)
@@ -96,7 +121,7 @@ class Sink:
         sealed = await asyncio.to_thread(self.assembler.seal, batch_id)
         for kind, obj in sealed.files.items():
             if obj is not None:
-                await self.store.put_file(obj, sealed.project, sealed_key(batch_id, kind))
+                await self.registry.put_file(obj, sealed.project, sealed_key(batch_id, kind))
         output, errors = sealed.files["output"], sealed.files["errors"]
         ready = BatchFilesReady(
             batch_id=batch_id,

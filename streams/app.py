@@ -137,7 +137,8 @@ async def save(state: BatchState, emitted: list[Emitted]) -> None:
             log.info("%s: %s → %s", state.batch_id, event.from_status, event.to_status)
     batches[state.batch_id] = state.model_dump(mode="json")
     track_deadline(state)
-    await store().set_batch_state(state.batch_id, state.batch_fields())
+    # writes the gateway's half back too where Redis lost it (automatic recovery)
+    await store().set_batch_state(state.batch_id, state.batch_fields(), state.restorable())
 
 
 def ready(sender: Any, *args: Any, **kwargs: Any) -> None:

@@ -27,6 +27,7 @@ from millrace.records import (
     now,
 )
 from millrace.status import TIMESTAMP_FIELD, BatchStatus, can_transition
+from millrace.store import RestoredBatch
 
 Emitted = BatchTransition | BatchSealRequested
 
@@ -54,6 +55,11 @@ class BatchState(BaseModel):
     # numbers (base64), and custom_ids of responses that carry no line number.
     counted: str = ""
     counted_ids: list[str] = Field(default_factory=list)
+    # The gateway's half of the Batch object, as created, kept so that the read model can
+    # be restored from this table's changelog if Redis is lost (`millrace rebuild`).
+    doc: dict[str, Any] | None = None
+    webhook: dict[str, Any] | None = None
+    listed_at: float | None = None
 
     @property
     def done(self) -> int:
@@ -145,6 +151,9 @@ class BatchState(BaseModel):
             self.input_file_id = event.batch.get("input_file_id")
             self.expires_at = event.batch.get("expires_at")
             self.output_expires_after_s = event.output_expires_after_s
+            self.doc = event.batch
+            self.webhook = event.webhook
+            self.listed_at = event.listed_at if event.listed_at is not None else event.at
             return []
         if isinstance(event, BatchExpireDue):
             if not self.due:
@@ -173,6 +182,12 @@ class BatchState(BaseModel):
             target = after_seal.get(self.status)
             return self._moved(target, event.at) if target else []
         return []  # transitions and seal requests are our own output
+
+    def restorable(self) -> RestoredBatch | None:
+        """The gateway's half, for putting the batch back into a lost read model."""
+        if self.doc is None or self.listed_at is None:
+            return None
+        return RestoredBatch(self.project, self.doc, self.listed_at, self.webhook)
 
     def batch_fields(self) -> dict[str, Any]:
         """The aggregator-owned half of the Batch object, as stored in Redis."""

@@ -20,8 +20,12 @@ from tests.deployment import Deployment, start
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     # 16 in flight (the engine would take 256): bigger batches keep a backlog in the worker,
     # so cancels and fair share have unstarted lines to act on, as on a busy GPU host.
+    # Webhook retries start at ~1 s (not 5 s) and partial results are published every
+    # 0.2 s, so the tests of both see several steps within seconds.
     dep = start(tmp_path_factory.mktemp("millrace"),
-                extra_env={"MILLRACE_WORKER_MAX_IN_FLIGHT": "16"})
+                extra_env={"MILLRACE_WORKER_MAX_IN_FLIGHT": "16",
+                           "MILLRACE_WEBHOOK_RETRY_BASE_S": "1",
+                           "MILLRACE_SINK_PARTIAL_EVERY_S": "0.2"})
     yield dep
     code = dep.stop()
     assert code == 0, "".join(dep.stderr_lines[-50:])

@@ -28,5 +28,5 @@ class MintedKey(BaseModel):
 @router.post("/api-keys", response_model=MintedKey)
 async def mint(ctx: Ctx, who: Admin, params: NewKey) -> MintedKey:
     key = new_api_key()
-    await ctx.store.put_api_key(key, Principal(params.project, params.admin, params.rpm))
+    await ctx.registry.put_api_key(key, Principal(params.project, params.admin, params.rpm))
     return MintedKey(key=key, project=params.project, admin=params.admin, rpm=params.rpm)

@@ -25,6 +25,7 @@ from millrace.errors import ConflictError, InvalidRequestError, NotFoundError
 from millrace.protocol import SUPPORTED_ENDPOINTS, Batch, BatchError, ListPage
 from millrace.records import CONTROL_HEADER, BatchCancelRequested, BatchCreated, BatchOpened
 from millrace.status import BatchStatus
+from millrace.webhooks import check_target
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -55,6 +56,16 @@ class CreateBatch(BaseModel):
     completion_window: str
     metadata: dict[str, str] | None = None
     output_expires_after: ExpiresAfter | None = None
+    # Inference Cloud's field (seed 003); `metadata.webhook_url` works the same way
+    webhook_url: str | None = Field(default=None, max_length=2048)
+
+    @property
+    def webhook(self) -> tuple[str, str] | None:
+        """(url, the parameter it came from), if the batch asks for a webhook."""
+        if self.webhook_url is not None:
+            return self.webhook_url, "webhook_url"
+        url = (self.metadata or {}).get("webhook_url")
+        return (url, "metadata.webhook_url") if url is not None else None
 
     @field_validator("metadata")
     @classmethod
@@ -79,6 +90,7 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
             code="invalid_value",
         )
     window = window_seconds(params.completion_window)
+    await check_webhook(ctx, params)
     if params.input == "stream":
         return await open_stream(ctx, who.project, params, window)
     if params.input_file_id is None:
@@ -102,10 +114,22 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
     return batch
 
 
+async def check_webhook(ctx: Ctx, params: CreateBatch) -> None:
+    if params.webhook is None:
+        return
+    url, param = params.webhook
+    if ctx.settings.webhook_signing_key is None:
+        raise InvalidRequestError("webhooks are not enabled on this deployment (set "
+                                  "MILLRACE_WEBHOOK_SIGNING_KEY)", param=param,
+                                  code="webhooks_disabled")
+    await check_target(url, ctx.settings, param)
+
+
 async def register(ctx: Ctx, project: str, params: CreateBatch, window: int,
                    input_file_id: str, status: BatchStatus) -> Batch:
     """Store a new Batch object and publish `created` (file and stream batches alike)."""
-    now = int(time.time())
+    listed_at = time.time()
+    now = int(listed_at)
     batch = Batch(
         id="batch_" + secrets.token_hex(12),
         endpoint=params.endpoint,
@@ -117,11 +141,13 @@ async def register(ctx: Ctx, project: str, params: CreateBatch, window: int,
         expires_at=now + window,
         metadata=params.metadata,
     )
-    await ctx.store.create_batch(batch, project)
+    webhook = {"url": params.webhook[0]} if params.webhook else None
+    await ctx.store.create_batch(batch, project, listed_at=listed_at, webhook=webhook)
     created = BatchCreated(
         batch_id=batch.id, project=project, batch=batch.model_dump(mode="json"),
         output_expires_after_s=(
             params.output_expires_after.seconds if params.output_expires_after else None),
+        webhook=webhook, listed_at=listed_at,
     )
     await ctx.producer.send(ctx.topics.batch_events, batch.id, created.dumps())
     return batch

@@ -78,7 +78,7 @@ async def upload(
         filename=file.filename or "upload.jsonl", purpose=purpose,
         expires_at=created + expiry.seconds if expiry else None,
     )
-    await ctx.store.put_file(obj, who.project, key)
+    await ctx.registry.put_file(obj, who.project, key)
     return obj
 
 
@@ -128,7 +128,7 @@ async def content(ctx: Ctx, who: Caller, file_id: str) -> StreamingResponse:
 @router.delete("/{file_id}")
 async def delete(ctx: Ctx, who: Caller, file_id: str) -> dict[str, object]:
     found = await owned(ctx, who, file_id)
-    await ctx.store.delete_file(file_id, who.project)
+    await ctx.registry.delete_file(file_id, who.project)
     await asyncio.to_thread(ctx.files.delete, found.path)
     return {"id": file_id, "object": "file", "deleted": True}
 

@@ -38,3 +38,15 @@ def test_too_large_leaves_nothing_behind(store: FileStore) -> None:
         store.write_from("big.bin", io.BytesIO(b"0" * (3 << 20)), max_bytes=2 << 20)
     with pytest.raises(FileNotFoundError):
         list(store.iter_chunks("big.bin"))
+
+
+def test_whole_objects_listing_and_tree_delete(store: FileStore) -> None:
+    assert store.names("p/q") == [] and not store.exists("p/q/1.jsonl")
+    store.write_bytes("p/q/2.jsonl", b"two\n")
+    store.write_bytes("p/q/1.jsonl", b"one\n")
+    assert store.names("p/q") == ["1.jsonl", "2.jsonl"]  # nothing half-written is listed
+    assert store.exists("p/q/1.jsonl")
+    assert list(store.iter_lines("p/q/2.jsonl")) == [b"two"]
+    store.delete_tree("p")
+    assert store.names("p/q") == [] and not store.exists("p/q/1.jsonl")
+    store.delete_tree("p")  # already gone: nothing to do

@@ -7,7 +7,8 @@ from pathlib import Path
 from millrace.filestore import FileStore
 from millrace.protocol import OutputLine
 from millrace.records import BatchSealRequested, ResponseRecord
-from sink.assembler import Assembler, sealed_file_id
+from millrace.results import Page, read_page, sealed_file_id, segments
+from sink.assembler import Assembler
 
 
 def record(custom_id: str, status: int = 200) -> ResponseRecord:
@@ -119,3 +120,47 @@ def test_a_pending_seal_survives_a_restart(tmp_path: Path) -> None:
     restarted.seal("batch_1")
     restarted.mark_sealed("batch_1")
     assert Assembler(tmp_path / "spool", files).sealable() == []
+
+
+def ids(page: Page) -> list[str]:
+    return [OutputLine.model_validate_json(x).custom_id for x in page.lines]
+
+
+def test_partial_results_page_through_segments_then_the_sealed_file(tmp_path: Path) -> None:
+    files = FileStore(str(tmp_path / "files"))
+    assembler = Assembler(tmp_path / "spool", files)
+    for name in ("a", "b", "c"):
+        assembler.add(record(name))
+    assembler.add(record("x", 400))
+    assert assembler.publish_due(0.0) == ["batch_1"]
+    assert assembler.publish("batch_1") == 4
+    assert assembler.publish_due(0.0) == []  # nothing new
+    first = read_page(files, "batch_1", "output", 0, 2)
+    assert ids(first) == ["a", "b"] and first.more and not first.sealed
+    assert ids(read_page(files, "batch_1", "errors", 0, 10)) == ["x"]
+    # a crash: the restarted sink knows what it published and publishes only what is new
+    restarted = Assembler(tmp_path / "spool", files)
+    restarted.add(record("d"))
+    assert restarted.publish("batch_1") == 1
+    assert [s[:2] for s in segments(files, "batch_1", "output")] == [(0, 3), (3, 4)]
+    rest = read_page(files, "batch_1", "output", first.cursor(0), 10)
+    assert ids(rest) == ["c", "d"] and not rest.more
+    assert ids(read_page(files, "batch_1", "output", 4, 10)) == []
+    # sealed: the same lines in the same order, so the cursor still holds; segments go
+    restarted.seal_when_complete(seal(total=5))
+    restarted.seal("batch_1")
+    restarted.mark_sealed("batch_1")
+    assert segments(files, "batch_1", "output") == []
+    after_seal = read_page(files, "batch_1", "output", 2, 10)
+    assert ids(after_seal) == ["c", "d"] and after_seal.sealed and not after_seal.more
+
+
+def test_publishing_resumes_after_a_restart_with_nothing_new(tmp_path: Path) -> None:
+    files = FileStore(str(tmp_path / "files"))
+    first = Assembler(tmp_path / "spool", files)
+    first.add(record("a"))
+    first.publish("batch_1")
+    restarted = Assembler(tmp_path / "spool", files)
+    restarted.spool("batch_1")
+    assert restarted.publish_due(0.0) == []
+    assert ids(read_page(files, "batch_1", "output", 0, 10)) == ["a"]

@@ -193,3 +193,25 @@ def test_the_counted_index_is_dropped_once_nothing_counts_any_more() -> None:
     assert state.status is S.COMPLETED
     state.count_new([numbered(1)])
     assert (state.counted, state.counted_ids, state.completed) == ("", [], 2)
+
+
+def test_the_created_document_is_kept_for_restoring_the_read_model() -> None:
+    state = BatchState(batch_id="b")
+    assert state.restorable() is None  # nothing to restore before `created`
+    doc = {"id": "b", "object": "batch", "endpoint": "/v1/chat/completions",
+           "input_file_id": "f", "completion_window": "24h", "status": "validating",
+           "created_at": 7, "metadata": {"k": "v"}}
+    state.apply(BatchCreated(batch_id="b", project="p", batch=doc,
+                             webhook={"url": "http://127.0.0.1/h"}, listed_at=7.25))
+    state.apply(BatchValidated(batch_id="b", total=1))
+    state.count_new([numbered(0)])
+    state.apply(files_ready())
+    saved = BatchState.model_validate_json(state.model_dump_json())  # the changelog record
+    restored = saved.restorable()
+    assert restored is not None
+    assert (restored.project, restored.listed_at, restored.webhook) == (
+        "p", 7.25, {"url": "http://127.0.0.1/h"})
+    batch = Batch.model_validate({**restored.doc, **saved.batch_fields()})
+    assert batch.status == "completed" and batch.metadata == {"k": "v"}
+    assert batch.request_counts.completed == 1 and batch.output_file_id == "o"
+    assert batch.settled

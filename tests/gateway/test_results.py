@@ -1,0 +1,103 @@
+"""Partial results while a batch runs on the real engine, paged by cursor, as JSONL and as a
+JSON array; Parquet export once it has finished."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+from openai import OpenAI
+
+from tests.batch_flow import create_batch, wait_done
+from tests.conftest import chat_line, write_jsonl
+from tests.deployment import Deployment, wait_until
+
+
+def test_lines_so_far_then_all_of_them_exactly_once(
+        client: OpenAI, http: httpx.Client, deployment: Deployment, model: str,
+        tmp_path: Path) -> None:
+    headers = {"Authorization": f"Bearer {deployment.api_key}"}
+    ids = [f"p{i}" for i in range(48)]  # 16 run at once: three waves of results
+    batch = create_batch(client, write_jsonl(tmp_path / "in.jsonl", [
+        chat_line(cid, model, f"Write about the number {i}.", max_tokens=24)
+        for i, cid in enumerate(ids)]))
+    early = http.get(f"/v1/batches/{batch.id}/output", params={"format": "parquet"},
+                     headers=headers)
+    assert early.status_code == 409 and early.json()["error"]["param"] == "format"
+
+    collected: list[bytes] = []
+    partial_while_running: list[int] = []
+    cursor = 0
+    complete = False
+
+    def next_page() -> bool:
+        nonlocal cursor, complete
+        running = client.batches.retrieve(batch.id).status == "in_progress"
+        fmt = "json" if len(collected) % 2 else "jsonl"  # both shapes share the cursor
+        page = http.get(f"/v1/batches/{batch.id}/output", headers=headers,
+                        params={"after": cursor, "limit": 10, "format": fmt})
+        assert page.status_code == 200, page.text
+        lines = ([json.dumps(x).encode() for x in page.json()] if fmt == "json"
+                 else page.content.splitlines())
+        assert int(page.headers["x-millrace-next-cursor"]) == cursor + len(lines)
+        if running and lines:
+            partial_while_running.append(len(lines))
+        collected.extend(lines)
+        cursor += len(lines)
+        complete = page.headers["x-millrace-complete"] == "true"
+        return complete
+
+    wait_until(next_page, 300, "the output to be complete", every=0.1)
+
+    assert partial_while_running, "no line was readable before the batch finished"
+    done = wait_done(client, batch.id)
+    assert done.status == "completed" and complete
+    sealed = client.files.content(done.output_file_id or "").text.splitlines()
+    assert [json.loads(x) for x in collected] == [json.loads(x) for x in sealed]
+    assert sorted(json.loads(x)["custom_id"] for x in collected) == sorted(ids)
+    past_the_end = http.get(f"/v1/batches/{batch.id}/output", headers=headers,
+                            params={"after": cursor})
+    assert past_the_end.content == b"" and past_the_end.headers["x-millrace-complete"] == "true"
+    no_errors = http.get(f"/v1/batches/{batch.id}/output", headers=headers,
+                         params={"file": "errors", "format": "json"})
+    assert no_errors.json() == [] and no_errors.headers["x-millrace-complete"] == "true"
+
+    exported = http.get(f"/v1/batches/{batch.id}/output", params={"format": "parquet"},
+                        headers=headers)
+    assert exported.status_code == 200
+    assert exported.headers["content-type"] == "application/vnd.apache.parquet"
+    table = pq.read_table(io.BytesIO(exported.content)).to_pylist()
+    assert sorted(row["custom_id"] for row in table) == sorted(ids)
+    assert {row["file"] for row in table} == {"output"}
+    assert {row["status_code"] for row in table} == {200}
+    by_id = {json.loads(x)["custom_id"]: json.loads(x) for x in sealed}
+    for row in table:
+        assert json.loads(row["body"]) == by_id[row["custom_id"]]["response"]["body"]
+
+
+def test_errors_are_pageable_and_exported_too(
+        client: OpenAI, http: httpx.Client, deployment: Deployment, model: str,
+        tmp_path: Path) -> None:
+    headers = {"Authorization": f"Bearer {deployment.api_key}"}
+    batch = create_batch(client, write_jsonl(tmp_path / "in.jsonl", [
+        chat_line("fine", model, "Say yes.", max_tokens=2),
+        chat_line("bad", model, "Say yes.", max_tokens=2, tools=[{"type": "function"}]),
+    ]))
+    done = wait_done(client, batch.id)
+    assert done.request_counts is not None and done.request_counts.failed == 1
+    errors = http.get(f"/v1/batches/{batch.id}/output", headers=headers,
+                      params={"file": "errors", "format": "json"})
+    [line] = errors.json()
+    assert line["custom_id"] == "bad" and line["response"]["status_code"] == 400
+    table = pq.read_table(io.BytesIO(http.get(
+        f"/v1/batches/{batch.id}/output", params={"format": "parquet"},
+        headers=headers).content)).to_pylist()
+    rows = {row["custom_id"]: row for row in table}
+    assert (rows["fine"]["file"], rows["bad"]["file"]) == ("output", "errors")
+    assert rows["bad"]["status_code"] == 400
+    assert json.loads(rows["bad"]["body"])["error"]["param"] == "tools"
+    other = http.get("/v1/batches/batch_nope/output", headers=headers)
+    assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
