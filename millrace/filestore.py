@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import IO, cast
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from millrace.errors import MillraceError
@@ -38,17 +40,12 @@ class FileStore:
 
         Raises TooLarge (leaving nothing behind) once more than `max_bytes` were read.
         """
-        path = self.path(key)
-        parent = path.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
         size = lines = 0
         last = b"\n"
-        with self.fs.open_output_stream(path) as out:
+        with self._output(key) as out:
             while chunk := source.read(CHUNK):
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
-                    out.close()
-                    self.fs.delete_file(path)
                     raise TooLarge(max_bytes)
                 out.write(chunk)
                 lines += chunk.count(b"\n")
@@ -79,14 +76,25 @@ class FileStore:
         self.fs.delete_file(self.path(key))
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        """Readers see the whole object or none of it: S3 makes an object visible when it
-        is closed; on a local disk it is written aside and renamed into place."""
+        with self._output(key) as out:
+            out.write(data)
+
+    @contextmanager
+    def _output(self, key: str) -> Iterator[pa.NativeFile]:
+        """Readers see the whole object or none of it: S3 makes an object visible when its
+        upload completes; on a local disk it is written aside and renamed into place. If
+        the writer raises, nothing is left behind."""
         path = self.path(key)
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         local = isinstance(self.fs, pafs.LocalFileSystem)
         target = f"{path}.{uuid.uuid4().hex}.tmp" if local else path
-        with self.fs.open_output_stream(target) as out:
-            out.write(data)
+        try:
+            with self.fs.open_output_stream(target) as out:
+                yield out
+        except BaseException:
+            with suppress(OSError):
+                self.fs.delete_file(target)
+            raise
         if local:
             self.fs.move(target, path)
 

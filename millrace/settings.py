@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_CHAT_MODEL = "smollm2-135m-instruct"
@@ -111,6 +111,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     ready_timeout_s: float = 600.0
+
+    @field_validator("api_key", "webhook_signing_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`VAR=` (as compose writes an unset `${VAR:-}`) means unset, not an empty secret."""
+        return None if value == "" else value
 
     @property
     def run_dir(self) -> Path:

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from millrace.filestore import FileStore
@@ -29,6 +30,8 @@ from millrace.results import (
 )
 
 log = logging.getLogger(__name__)
+
+FILL_CHUNK = 10_000
 
 def output_line(record: ResponseRecord) -> OutputLine:
     response = None
@@ -90,19 +93,27 @@ class Spool:
                 self.published_bytes[kind] = offset
             self.published[kind] = done
 
-    def append(self, record: ResponseRecord) -> bool:
-        if record.custom_id in self.custom_ids or self.sealed:
-            return False
-        self._write("output" if record.ok else "errors", output_line(record))
-        return True
+    def append(self, records: Iterable[ResponseRecord]) -> int:
+        """Write each record whose custom_id has no line yet; returns how many were new."""
+        if self.sealed:
+            return 0
+        return self._write(("output" if r.ok else "errors", output_line(r)) for r in records)
 
-    def _write(self, kind: str, line: OutputLine) -> None:
-        data = line.model_dump_json().encode() + b"\n"
-        with self.path(kind).open("ab") as f:
-            f.write(data)
-        self.custom_ids.add(line.custom_id)
-        self.counts[kind] += 1
-        self.sizes[kind] += len(data)
+    def _write(self, lines: Iterable[tuple[str, OutputLine]]) -> int:
+        """Append the lines of custom_ids not written yet: one write per file."""
+        parts: dict[str, list[bytes]] = {kind: [] for kind in KINDS}
+        for kind, line in lines:
+            if line.custom_id not in self.custom_ids:
+                self.custom_ids.add(line.custom_id)
+                parts[kind].append(line.model_dump_json().encode() + b"\n")
+        for kind, new in parts.items():
+            if new:
+                data = b"".join(new)
+                with self.path(kind).open("ab") as f:
+                    f.write(data)
+                self.counts[kind] += len(new)
+                self.sizes[kind] += len(data)
+        return sum(len(new) for new in parts.values())
 
     @property
     def unpublished(self) -> bool:
@@ -123,13 +134,13 @@ class Spool:
 
     def fill(self, custom_ids: Iterable[str], code: str, message: str) -> int:
         """Write an error line for every custom_id that has no result yet."""
+        error = LineError(code=code, message=message)
+        missing = (("errors", OutputLine(id=f"batch_req_{uuid.uuid4().hex}", custom_id=c,
+                                         response=None, error=error))
+                   for c in custom_ids if c not in self.custom_ids)
         added = 0
-        for custom_id in custom_ids:
-            if custom_id not in self.custom_ids:
-                self._write("errors", OutputLine(
-                    id=f"batch_req_{uuid.uuid4().hex}", custom_id=custom_id, response=None,
-                    error=LineError(code=code, message=message)))
-                added += 1
+        while chunk := list(islice(missing, FILL_CHUNK)):  # bounded memory, few writes
+            added += self._write(chunk)
         return added
 
     @property
@@ -171,10 +182,17 @@ class Assembler:
             self._spools[batch_id] = spool
         return spool
 
-    def add(self, record: ResponseRecord) -> bool:
-        spool = self.spool(record.batch_id)
-        spool.project = spool.project or record.project
-        return spool.append(record)
+    def add(self, records: Iterable[ResponseRecord]) -> int:
+        """Spool each response once; returns how many were new."""
+        by_batch: dict[str, list[ResponseRecord]] = {}
+        for record in records:
+            by_batch.setdefault(record.batch_id, []).append(record)
+        added = 0
+        for batch_id, group in by_batch.items():
+            spool = self.spool(batch_id)
+            spool.project = spool.project or group[0].project
+            added += spool.append(group)
+        return added
 
     def seal_when_complete(self, request: BatchSealRequested) -> None:
         """Remember (on disk: its offset gets committed) to seal once the lines are in."""

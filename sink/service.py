@@ -3,7 +3,9 @@ results while a batch runs, and webhooks when it ends.
 
 Offsets are committed after the records of a poll are written to the spool (and the
 webhook deliveries of its terminal transitions recorded), so a crash redelivers only what
-the spool may not have; the spool's custom_id index drops repeats.
+the spool may not have; the spool's custom_id index drops repeats, a sealed batch ignores
+its late records, and sealing and webhook deliveries are idempotent — so the commit can be
+asynchronous: one that is lost only means more of that.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class Sink:
                     for transition in self._transitions:
                         await self.webhooks.enqueue(transition)
                     self._transitions.clear()
-                    await asyncio.to_thread(self.consumer.commit, asynchronous=False)
+                    self.consumer.commit(asynchronous=True)
                 for batch_id in self.assembler.publish_due(self.settings.sink_partial_every_s):
                     await asyncio.to_thread(self.assembler.publish, batch_id)
         finally:
@@ -92,12 +94,13 @@ class Sink:
             await self.store.close()
 
     def handle(self, messages: list[Message]) -> None:
+        responses = []
         for msg in messages:
             if not usable(msg):
                 continue
             try:
                 if msg.topic() == self.topics.responses:
-                    self.assembler.add(ResponseRecord.model_validate_json(msg.value() or b""))
+                    responses.append(ResponseRecord.model_validate_json(msg.value() or b""))
                     continue
                 event = parse_event(msg.value() or b"")
             except ValidationError:
@@ -108,6 +111,8 @@ class Sink:
                 self.assembler.seal_when_complete(event)
             elif isinstance(event, BatchTransition):
                 self._transitions.append(event)
+        # one write per spool file per poll (a seal request only marks what to wait for)
+        self.assembler.add(responses)
 
     async def seal(self, batch_id: str) -> None:
         spool = self.assembler.spool(batch_id)

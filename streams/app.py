@@ -15,7 +15,6 @@ import time
 import weakref
 from typing import Any
 
-import faust
 from faust.streams import _current_event
 from pydantic import ValidationError
 
@@ -26,6 +25,7 @@ from millrace.status import BatchStatus
 from millrace.store import Store
 from millrace.topics import Topics
 from streams.state import BatchState, Emitted
+from streams.transport import App
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 settings = Settings()
 topics = Topics.from_settings(settings)
 
-app = faust.App(
+app = App(
     topics.aggregator_id(),
     broker=f"kafka://{settings.require_kafka()}",
     store="memory://",

@@ -108,3 +108,11 @@ def test_retries_back_off_exponentially_with_bounded_jitter() -> None:
     assert lows[:4] == [2.5, 5.0, 10.0, 20.0] and highs[:4] == [5.0, 10.0, 20.0, 40.0]
     assert highs[-1] == 3600 and lows[-1] == 1800  # capped
     assert all(a <= b for a, b in itertools.pairwise(highs))
+
+
+def test_an_empty_signing_key_means_webhooks_off() -> None:
+    # compose writes `MILLRACE_WEBHOOK_SIGNING_KEY: ${…:-}`: unset must not mean "sign with ''"
+    assert Settings(webhook_signing_key="").webhook_signing_key is None
+    assert Settings(api_key="").api_key is None
+    key = Settings(webhook_signing_key="k").webhook_signing_key
+    assert key is not None and key.get_secret_value() == "k"
