@@ -71,9 +71,6 @@ class Store:
         return ":".join((self.ns, *parts))
 
     # --- API keys -------------------------------------------------------------------
-    async def put_api_key(self, api_key: str, principal: Principal) -> None:
-        await self.put_key_hash(hash_key(api_key), principal)
-
     async def put_key_hash(self, key_hash: str, principal: Principal,
                            created_at: int | None = None) -> None:
         await self.r.hset(

@@ -64,6 +64,15 @@ def project_secret(signing_key: SecretStr, project: str) -> str:
     return "whsec_" + base64.b64encode(raw).decode()
 
 
+def signing_key(settings: Settings, param: str | None = None) -> SecretStr:
+    """The deployment's signing key; a 400 where webhooks are not enabled."""
+    if settings.webhook_signing_key is None:
+        raise InvalidRequestError("webhooks are not enabled on this deployment (set "
+                                  "MILLRACE_WEBHOOK_SIGNING_KEY)", param=param,
+                                  code="webhooks_disabled")
+    return settings.webhook_signing_key
+
+
 def signed_headers(secret: str, msg_id: str, timestamp: int, body: str) -> dict[str, str]:
     signature = Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, UTC), body)
     return {

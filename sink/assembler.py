@@ -31,7 +31,8 @@ from millrace.results import (
 
 log = logging.getLogger(__name__)
 
-FILL_CHUNK = 10_000
+FILL_CHUNK = 10_000  # fill lines written (and held) at a time
+
 
 def output_line(record: ResponseRecord) -> OutputLine:
     response = None

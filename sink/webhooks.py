@@ -34,6 +34,7 @@ from millrace.webhooks import (
     project_secret,
     retry_delay,
     signed_headers,
+    signing_key,
 )
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,7 @@ class Dispatcher:
         retry = True
         try:
             await check_target(delivery.url, self.settings)
-            assert self.settings.webhook_signing_key is not None
-            secret = project_secret(self.settings.webhook_signing_key, delivery.project)
+            secret = project_secret(signing_key(self.settings), delivery.project)
             headers = signed_headers(secret, delivery.event_id, int(time.time()), body)
             response = await self.client.post(delivery.url, content=body, headers=headers)
             status_code = response.status_code

@@ -25,7 +25,7 @@ from millrace.errors import ConflictError, InvalidRequestError, NotFoundError
 from millrace.protocol import SUPPORTED_ENDPOINTS, Batch, BatchError, ListPage
 from millrace.records import CONTROL_HEADER, BatchCancelRequested, BatchCreated, BatchOpened
 from millrace.status import BatchStatus
-from millrace.webhooks import check_target
+from millrace.webhooks import check_target, signing_key
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -118,10 +118,7 @@ async def check_webhook(ctx: Ctx, params: CreateBatch) -> None:
     if params.webhook is None:
         return
     url, param = params.webhook
-    if ctx.settings.webhook_signing_key is None:
-        raise InvalidRequestError("webhooks are not enabled on this deployment (set "
-                                  "MILLRACE_WEBHOOK_SIGNING_KEY)", param=param,
-                                  code="webhooks_disabled")
+    signing_key(ctx.settings, param)
     await check_target(url, ctx.settings, param)
 
 

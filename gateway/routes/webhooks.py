@@ -19,9 +19,9 @@ from gateway.auth import Caller
 from gateway.context import Context, Ctx
 from gateway.routes.batches import owned
 from millrace.deliveries import Deliveries
-from millrace.errors import InvalidRequestError, NotFoundError
+from millrace.errors import NotFoundError
 from millrace.protocol import ListPage, WebhookEndpoint
-from millrace.webhooks import EVENT_TYPES, check_target, project_secret
+from millrace.webhooks import EVENT_TYPES, check_target, project_secret, signing_key
 
 router = APIRouter(tags=["webhooks"])
 
@@ -32,11 +32,7 @@ class WebhookSecret(BaseModel):
 
 
 def secret_for(ctx: Context, project: str, param: str | None = None) -> str:
-    if ctx.settings.webhook_signing_key is None:
-        raise InvalidRequestError("webhooks are not enabled on this deployment (set "
-                                  "MILLRACE_WEBHOOK_SIGNING_KEY)", param=param,
-                                  code="webhooks_disabled")
-    return project_secret(ctx.settings.webhook_signing_key, project)
+    return project_secret(signing_key(ctx.settings, param), project)
 
 
 @router.get("/v1/webhook_secret", response_model=WebhookSecret)
