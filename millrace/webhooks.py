@@ -119,7 +119,11 @@ def allowed_classes(settings: Settings) -> set[str]:
 def check_url(url: str, settings: Settings, param: str = "webhook_url") -> str:
     """Refuse a malformed URL, a non-https one in https-only mode, and a literal internal
     address that is not allowed. Returns the host to resolve."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
+    except ValueError as exc:
+        raise UnsafeTarget(f"'{url[:200]}' is not a valid URL: {exc}", param) from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UnsafeTarget(f"'{url[:200]}' is not an http(s) URL", param)
     if settings.webhook_https_only and parts.scheme != "https":
@@ -143,7 +147,7 @@ async def check_target(url: str, settings: Settings, param: str = "webhook_url")
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port,
                                                              type=socket.SOCK_STREAM)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a label IDNA cannot encode
         raise UnsafeTarget(f"cannot resolve webhook host '{host}': {exc}", param) from exc
     _refuse_internal([str(info[4][0]) for info in infos], settings, param)
 

@@ -116,3 +116,14 @@ def test_an_empty_signing_key_means_webhooks_off() -> None:
     assert Settings(api_key="").api_key is None
     key = Settings(webhook_signing_key="k").webhook_signing_key
     assert key is not None and key.get_secret_value() == "k"
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://h:99999/x", "http://h:port/x"])
+def test_unparseable_urls_are_a_400_not_a_crash(url: str) -> None:
+    with pytest.raises(UnsafeTarget, match="not a valid URL"):
+        check_url(url, Settings())
+
+
+async def test_a_host_name_idna_cannot_encode_is_refused() -> None:
+    with pytest.raises(UnsafeTarget, match="resolve"):
+        await check_target(f"http://{'a' * 300}.com/hook", Settings())
