@@ -10,8 +10,8 @@ from fastapi import FastAPI
 
 from gateway import errors
 from gateway.context import Context
+from gateway.ingest_topic import StreamIngest
 from gateway.routes import admin, batches, files, health, models, results, webhooks
-from gateway.stream_ingest import StreamIngest
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
 from millrace.registry import Registry
@@ -23,7 +23,7 @@ from millrace.topics import Topics
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-gateway")
+        kafka = KafkaConfig.of(settings, "gateway")
         topics = Topics.from_settings(settings)
         ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
         store = Store.connect(settings.require_redis(), settings.topic_prefix)

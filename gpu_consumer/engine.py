@@ -68,16 +68,6 @@ class Engine(Protocol):
         ...
 
 
-def run_all(engine: Engine, requests: Sequence[EngineRequest]) -> list[EngineResult]:
-    """Run requests to completion, results in request order (benchmarks, tests)."""
-    for ticket, request in enumerate(requests):
-        engine.submit(ticket, request)
-    results: dict[int, EngineResult] = {}
-    while engine.busy:
-        results.update(engine.step())
-    return [results[i] for i in range(len(requests))]
-
-
 class InvalidRequest(ValueError):
     """A request the engine cannot run as asked (bad parameter, prompt too long)."""
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from millrace import models, readiness
+from gpu_consumer import models
 from millrace.settings import Settings
+from millrace.up import readiness
 
 
 def run_worker(settings: Settings) -> None:

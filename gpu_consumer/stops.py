@@ -13,7 +13,7 @@ import uuid
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pydantic import ValidationError
 
-from millrace.kafka import KafkaConfig, usable
+from millrace.kafka import KafkaConfig, polled
 from millrace.records import BatchTransition, parse_event
 from millrace.status import BatchStatus
 
@@ -42,19 +42,16 @@ class StoppedBatches:
             return self._codes.get(batch_id)
 
     def _follow(self) -> None:
-        while not self._closing.is_set():
-            for msg in self._consumer.consume(500, 0.1):
-                if not usable(msg):
-                    continue
-                try:
-                    event = parse_event(msg.value() or b"")
-                except ValidationError:
-                    continue
-                if isinstance(event, BatchTransition) and event.to_status in STOP_CODES:
-                    with self._lock:
-                        self._codes[event.batch_id] = STOP_CODES[event.to_status]
-                    log.info("%s: unstarted lines become %s", event.batch_id,
-                             STOP_CODES[event.to_status])
+        for msg in polled(self._consumer, self._closing.is_set, wait=0.1):
+            try:
+                event = parse_event(msg.value() or b"")
+            except ValidationError:
+                continue
+            if isinstance(event, BatchTransition) and event.to_status in STOP_CODES:
+                with self._lock:
+                    self._codes[event.batch_id] = STOP_CODES[event.to_status]
+                log.info("%s: unstarted lines become %s", event.batch_id,
+                         STOP_CODES[event.to_status])
 
     def close(self) -> None:
         self._closing.set()

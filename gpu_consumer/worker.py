@@ -31,7 +31,7 @@ from gpu_consumer.admission import Backlog, Budget, PartitionOffsets, Pending, t
 from gpu_consumer.engine import Engine, EngineRequest, EngineResult
 from gpu_consumer.stops import StoppedBatches
 from millrace.errors import DeliveryError
-from millrace.kafka import KafkaConfig, take, usable
+from millrace.kafka import KafkaConfig, produce, take, usable
 from millrace.protocol import BATCH_LINE_ERRORS, LineError
 from millrace.records import RequestRecord, ResponseRecord, Usage
 from millrace.settings import Settings
@@ -57,7 +57,7 @@ class Worker:
         self.engine = engine
         self.topics = Topics.from_settings(settings)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-worker")
+        kafka = KafkaConfig.of(settings, "worker")
         self.consumer = Consumer(kafka.consumer(self.topics.worker_group()))
         self.producer = Producer(kafka.producer())
         self.stops = StoppedBatches(kafka, self.topics.batch_events)
@@ -214,16 +214,9 @@ class Worker:
             engine_ms=engine_ms,
             queue_ms=queue_ms,
         )
-        while True:
-            try:
-                self.producer.produce(
-                    self.topics.responses, key=record.batch_id, value=response.dumps(),
-                    headers={"batch_id": record.batch_id, "custom_id": record.custom_id},
-                    on_delivery=partial(self._delivered, item),
-                )
-                return
-            except BufferError:  # local queue full: let deliveries drain first
-                self.producer.poll(0.05)
+        produce(self.producer, self.topics.responses, response.dumps(), key=record.batch_id,
+                headers={"batch_id": record.batch_id, "custom_id": record.custom_id},
+                on_delivery=partial(self._delivered, item))
 
     def _delivered(self, item: Pending, err: KafkaError | None, msg: Message) -> None:
         if err is None:

@@ -10,15 +10,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
-from millrace.errors import MillraceError
+from millrace.errors import MillraceError, SettingsError
 from millrace.settings import Settings
-
-SERVICES = ("up", "gateway", "worker", "aggregator", "sink", "broker", "redis", "keys",
-            "rebuild", "schemas")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,7 +74,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, flag, None)
         if value is not None:
             overrides[flag] = value
-    return Settings(**overrides)
+    return Settings.load(**overrides)
 
 
 def _logging(settings: Settings) -> None:
@@ -101,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         print(json.dumps(topic_schemas(), indent=2))
         return
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except SettingsError as exc:
+        _refuse(exc)
     _logging(settings)
     handler = {
         "up": _up, "gateway": _gateway, "worker": _worker, "aggregator": _aggregator,
@@ -109,13 +109,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     }[args.command]
     try:
         sys.exit(handler(settings, args) or 0)
+    except SettingsError as exc:
+        _refuse(exc)
     except MillraceError as exc:
         logging.getLogger("millrace").error("%s", exc)
         sys.exit(1)
 
 
+def _refuse(exc: SettingsError) -> NoReturn:
+    """A bad setting: one line on stderr and exit code 2, as for a bad command line."""
+    print(f"millrace: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _up(settings: Settings, args: argparse.Namespace) -> int:
-    from millrace.launcher import up
+    from millrace.up.launcher import up
 
     return up(settings, lambda line: print(line, flush=True))
 
@@ -137,9 +145,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
 def _aggregator(settings: Settings, args: argparse.Namespace) -> None:
     # streams.app reads its settings at import (Faust's CLI needs a module-level app).
-    from millrace.launcher import settings_env
-
-    os.environ.update(settings_env(settings))
+    os.environ.update(settings.as_env())
     from streams.worker import run_aggregator
 
     run_aggregator(settings)
@@ -152,7 +158,7 @@ def _sink(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _broker(port: int) -> None:
-    from millrace import embedded
+    from millrace.up import embedded
 
     port = port or embedded.free_port()
     print(f"millrace broker: 127.0.0.1:{port}", flush=True)
@@ -160,7 +166,7 @@ def _broker(port: int) -> None:
 
 
 def _redis(settings: Settings, args: argparse.Namespace) -> None:
-    from millrace import embedded
+    from millrace.up import embedded
 
     port = args.port or embedded.free_port()
     print(f"millrace redis: redis://127.0.0.1:{port}/0", flush=True)
@@ -168,10 +174,10 @@ def _redis(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> None:
-    from millrace import bench
+    from millrace.bench import streaming as bench
 
     if not args.streaming:
-        from millrace import batch_bench
+        from millrace.bench import batch as batch_bench
 
         compared = batch_bench.run(
             settings, args.work, lines=args.lines, max_tokens=args.max_tokens,
@@ -203,13 +209,10 @@ def _rebuild(settings: Settings, args: argparse.Namespace) -> None:
 def _keys(settings: Settings, args: argparse.Namespace) -> None:
     from millrace.registry import register_key
     from millrace.store import Principal, new_api_key
-    from millrace.topics import Topics
 
     settings = _with_endpoints(settings, "keys")
     key = new_api_key()
-    asyncio.run(register_key(settings.require_kafka(), settings.require_redis(),
-                             Topics.from_settings(settings), key,
-                             Principal(args.project, args.admin)))
+    asyncio.run(register_key(settings, key, Principal(args.project, args.admin)))
     print(json.dumps({"key": key, "project": args.project}))
 
 
@@ -217,11 +220,10 @@ def _with_endpoints(settings: Settings, command: str) -> Settings:
     """Kafka and Redis from the settings, else from a running `millrace up` in the data dir."""
     endpoints = settings.data_dir / "endpoints.json"
     found = json.loads(endpoints.read_text()) if endpoints.exists() else {}
-    settings = settings.model_copy(update={
-        "kafka_bootstrap": settings.kafka_bootstrap or found.get("kafka_bootstrap"),
-        "redis_url": settings.redis_url or found.get("redis_url"),
-    })
-    if not (settings.kafka_bootstrap and settings.redis_url):
-        sys.exit(f"millrace {command}: set MILLRACE_KAFKA_BOOTSTRAP and MILLRACE_REDIS_URL, "
-                 "or run `millrace up` in this data dir")
+    settings = settings.with_kafka(
+        bootstrap=settings.kafka.bootstrap or found.get("kafka_bootstrap")
+    ).model_copy(update={"redis_url": settings.redis_url or found.get("redis_url")})
+    if not (settings.kafka.bootstrap and settings.redis_url):
+        raise SettingsError(f"millrace {command}: set MILLRACE_KAFKA__BOOTSTRAP and "
+                            "MILLRACE_REDIS_URL, or run `millrace up` in this data dir")
     return settings

@@ -1,6 +1,6 @@
 """Helpers for producers and subscribers that talk to millrace's topics directly.
 
-    batch = StreamBatch.open(base_url, api_key, kafka_bootstrap="127.0.0.1:9092")
+    batch = StreamBatch.open(base_url, api_key, kafka="127.0.0.1:9092")
     for i, text in enumerate(texts):
         batch.send({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                     "body": {"model": "smollm2-135m-instruct",
@@ -10,7 +10,8 @@
         print(result.custom_id, result.status_code)
 
 Any Kafka client works the same way (see examples/stream_with_confluent_kafka.py); this
-module only saves the boilerplate.
+module only saves the boilerplate. `kafka` is a bootstrap address, or a `KafkaSettings` with
+credentials for a cluster that needs them (SASL, TLS).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import httpx
 from confluent_kafka import Consumer, Producer
 
 from millrace.errors import DeliveryError
-from millrace.kafka import KafkaConfig, usable
+from millrace.kafka import KafkaConfig, polled, produce
 from millrace.records import ResponseRecord
+from millrace.settings import KafkaSettings
 from millrace.topics import Topics
 
 
@@ -44,7 +46,7 @@ class StreamBatch:
 
     @classmethod
     def open(
-        cls, base_url: str, api_key: str, *, kafka_bootstrap: str,
+        cls, base_url: str, api_key: str, *, kafka: KafkaSettings | str,
         endpoint: str = "/v1/chat/completions", completion_window: str = "24h",
         metadata: dict[str, str] | None = None, topic_prefix: str = "millrace",
     ) -> StreamBatch:
@@ -54,8 +56,7 @@ class StreamBatch:
             "input": "stream", "endpoint": endpoint, "completion_window": completion_window,
             "metadata": metadata})
         response.raise_for_status()
-        producer = Producer(KafkaConfig(bootstrap=kafka_bootstrap,
-                                        client_id="millrace-stream").producer())
+        producer = Producer(_config(kafka, "stream").producer())
         return cls(response.json(), http, producer, Topics(topic_prefix))
 
     @property
@@ -67,13 +68,8 @@ class StreamBatch:
         self.send_raw(json.dumps(line).encode())
 
     def send_raw(self, value: bytes) -> None:
-        while True:
-            try:
-                self._producer.produce(self._topics.ingest, key=self.id, value=value)
-                self.sent += 1
-                break
-            except BufferError:
-                self._producer.poll(0.05)  # let deliveries drain: bounded memory
+        produce(self._producer, self._topics.ingest, value, key=self.id)
+        self.sent += 1
         self._producer.poll(0)
 
     def flush(self, timeout: float = 60.0) -> None:
@@ -101,7 +97,7 @@ class StreamBatch:
 
 
 def iter_results(
-    kafka_bootstrap: str, batch_id: str, *, topic_prefix: str = "millrace",
+    kafka: KafkaSettings | str, batch_id: str, *, topic_prefix: str = "millrace",
     expected: int | None = None, timeout: float = 60.0,
 ) -> Iterator[ResponseRecord]:
     """Each result of `batch_id` from the responses topic, once per custom_id.
@@ -110,25 +106,30 @@ def iter_results(
     Correlates by the `batch_id` header, without parsing other batches' values.
     """
     topics = Topics(topic_prefix)
-    config = KafkaConfig(bootstrap=kafka_bootstrap, client_id="millrace-results")
+    config = _config(kafka, "results")
     consumer = Consumer(config.consumer(f"millrace-results-{uuid.uuid4().hex}"))
     consumer.subscribe([topics.responses])
     seen: set[str] = set()
     idle_since = time.monotonic()
+
+    def done() -> bool:
+        finished = expected is not None and len(seen) >= expected
+        return finished or time.monotonic() - idle_since > timeout
+
     try:
-        while expected is None or len(seen) < expected:
-            if time.monotonic() - idle_since > timeout:
-                return
-            for msg in consumer.consume(500, 0.2):
-                if not usable(msg):
-                    continue
-                headers = dict(msg.headers() or [])
-                if headers.get("batch_id") != batch_id.encode():
-                    continue
-                record = ResponseRecord.model_validate_json(msg.value() or b"")
-                if record.custom_id not in seen:
-                    seen.add(record.custom_id)
-                    idle_since = time.monotonic()
-                    yield record
+        for msg in polled(consumer, done):
+            headers = dict(msg.headers() or [])
+            if headers.get("batch_id") != batch_id.encode():
+                continue
+            record = ResponseRecord.model_validate_json(msg.value() or b"")
+            if record.custom_id not in seen:
+                seen.add(record.custom_id)
+                idle_since = time.monotonic()
+                yield record
     finally:
         consumer.close()
+
+
+def _config(kafka: KafkaSettings | str, service: str) -> KafkaConfig:
+    settings = KafkaSettings(bootstrap=kafka) if isinstance(kafka, str) else kafka
+    return KafkaConfig(settings, service)

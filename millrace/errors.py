@@ -9,6 +9,7 @@ MillraceError
 │   ├── PayloadTooLargeError  413 file_too_large
 │   ├── RateLimitError        429 rate_limit_exceeded
 │   └── InvalidRequestError   400 invalid_request_error
+├── SettingsError       a setting is missing, unknown or malformed (the CLI exits 2)
 ├── ComponentError      an embedded component (broker, Redis, model) failed to start
 └── DeliveryError       the broker did not acknowledge records we must not lose
 """
@@ -84,6 +85,10 @@ class RateLimitError(APIError):
     status_code = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class SettingsError(MillraceError):
+    """A setting a service needs is missing, unknown, malformed or inconsistent."""
 
 
 class ComponentError(MillraceError):

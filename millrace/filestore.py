@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import IO, cast
+from typing import IO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -53,9 +53,6 @@ class FileStore:
         if last != b"\n":
             lines += 1  # a final line without its newline still counts
         return size, lines
-
-    def open(self, key: str) -> IO[bytes]:
-        return cast(IO[bytes], self.fs.open_input_stream(self.path(key)))
 
     def iter_chunks(self, key: str) -> Iterator[bytes]:
         with self.fs.open_input_stream(self.path(key)) as f:

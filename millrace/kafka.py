@@ -11,8 +11,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, Literal
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -24,54 +24,74 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
-from pydantic import BaseModel, ConfigDict
 
-from millrace.errors import DeliveryError
+from millrace.errors import ComponentError, DeliveryError
+from millrace.settings import KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
 
 Headers = dict[str, str | bytes | None]
 
 
-class KafkaConfig(BaseModel):
-    """Typed Kafka client settings that render librdkafka dicts."""
+class TopicLayoutError(ComponentError):
+    """A topic exists with another partition count than the settings say."""
 
-    model_config = ConfigDict(frozen=True)
 
-    bootstrap: str
-    client_id: str = "millrace"
-    session_timeout_ms: int = 6000
-    linger_ms: int = 1
-    # How long the broker may hold an empty fetch. Measured on tansu (5 idle consumers):
-    # 10 ms → 2-7 ms produce→consume, 15% of a core in the broker; 100 ms → 2-5 ms, 3%;
-    # 250 ms and more → 86+ ms (it stops answering at once when a record arrives).
-    fetch_wait_ms: int = 100
+class KafkaConfig:
+    """The librdkafka configurations of one service's clients, all rendered from
+    `KafkaSettings.librdkafka` (bootstrap, security, client id, extra options)."""
+
+    def __init__(self, kafka: KafkaSettings, service: str) -> None:
+        self.kafka = kafka
+        self.service = service
+
+    @classmethod
+    def of(cls, settings: Settings, service: str) -> KafkaConfig:
+        return cls(settings.kafka, service)
 
     def base(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap, "client.id": self.client_id}
+        return self.kafka.librdkafka(self.service)
 
     def producer(self, **extra: Any) -> dict[str, Any]:
-        return {
-            **self.base(),
+        return self.kafka.librdkafka(self.service, **{
             "acks": "all",
             "enable.idempotence": True,
             "partitioner": "murmur2_random",
-            "linger.ms": self.linger_ms,
+            "linger.ms": 1,
             **extra,
-        }
+        })
 
     def consumer(self, group: str, **extra: Any) -> dict[str, Any]:
-        return {
-            **self.base(),
+        timeout = self.kafka.session_timeout_ms
+        return self.kafka.librdkafka(self.service, **{
             "group.id": group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            "session.timeout.ms": self.session_timeout_ms,
-            "heartbeat.interval.ms": max(self.session_timeout_ms // 6, 500),
+            "session.timeout.ms": timeout,
+            "heartbeat.interval.ms": max(timeout // 6, 500),
             "partition.assignment.strategy": "range",
-            "fetch.wait.max.ms": self.fetch_wait_ms,
+            "fetch.wait.max.ms": self.kafka.fetch_wait_ms,
             **extra,
-        }
+        })
+
+
+def produce(
+    producer: Producer, topic: str, value: bytes | None, *, key: str | bytes | None = None,
+    partition: int | None = None, headers: Headers | None = None,
+    on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+) -> None:
+    """Queue one record; when the local queue is full, serve deliveries until it has room
+    (bounded memory: a producer faster than the broker waits instead of growing)."""
+    args: dict[str, Any] = {"value": value, "key": key, "headers": headers,
+                            "on_delivery": on_delivery}
+    if partition is not None:
+        args["partition"] = partition
+    while True:
+        try:
+            producer.produce(topic, **args)
+            return
+        except BufferError:
+            producer.poll(0.05)
 
 
 def take(consumer: Consumer, most: int, wait_first: float, fill_wait: float = 0.0) -> list[Message]:
@@ -97,6 +117,46 @@ def usable(msg: Message) -> bool:
     return False
 
 
+def polled(consumer: Consumer, until: Callable[[], bool], most: int = 500,
+           wait: float = 0.2) -> Iterator[Message]:
+    """Every usable message as it arrives, until `until()` (checked at least every `wait`
+    seconds) — for readers that follow a topic without committing."""
+    while not until():
+        for msg in consumer.consume(most, wait):
+            if usable(msg):
+                yield msg
+
+
+async def consume_loop(
+    consumer: Consumer, handle: Callable[[list[Message]], Awaitable[None]],
+    stopping: asyncio.Event, *, most: int = 500, wait_first: float = 0.2,
+    fill_wait: float = 0.0, commit: Literal["sync", "async"] = "async",
+) -> None:
+    """A service's consume loop: take what Kafka has (blocking for the first message),
+    hand the usable messages to `handle`, then commit the consumer's positions.
+
+    `handle` returns only once everything the messages must cause is durable, so a
+    commit never covers work that a crash could lose; a commit that is lost (async) only
+    means those messages come again, which every handler tolerates.
+    """
+    while not stopping.is_set():
+        messages = await asyncio.to_thread(take, consumer, most, wait_first, fill_wait)
+        if not messages:
+            continue
+        await handle([m for m in messages if usable(m)])
+        if commit == "sync":
+            await asyncio.to_thread(_commit_sync, consumer)
+        else:
+            consumer.commit(asynchronous=True)
+
+
+def _commit_sync(consumer: Consumer) -> None:
+    try:
+        consumer.commit(asynchronous=False)
+    except KafkaException as exc:  # e.g. mid-rebalance: the messages come again
+        log.warning("commit failed: %s", exc)
+
+
 def read_to_fence(
     config: KafkaConfig, topic: str, fence: Callable[[str], bytes | None],
     timeout: float = 120.0,
@@ -115,34 +175,43 @@ def read_to_fence(
         partitions = list(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
         producer = Producer(config.producer(**{"batch.num.messages": 1}))
         for p in partitions:
-            producer.produce(topic, key=fence_key, value=fence(token), partition=p)
+            produce(producer, topic, fence(token), key=fence_key, partition=p)
         if producer.flush(30):
             raise DeliveryError(f"fences on {topic} not acknowledged")
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         waiting = set(partitions)
         deadline = time.monotonic() + timeout
-        while waiting:
-            if time.monotonic() > deadline:
+
+        def done() -> bool:
+            if waiting and time.monotonic() > deadline:
                 raise DeliveryError(f"read {topic} for {timeout}s without reaching the fence "
                                     f"on partitions {sorted(waiting)}")
-            for msg in consumer.consume(500, 0.2):
-                if not usable(msg):
-                    continue
-                if msg.key() == fence_key:
-                    waiting.discard(msg.partition() or 0)
-                elif (msg.key() or b"").startswith(b'"fence:'):
-                    continue  # an earlier reader's fence
-                elif msg.partition() in waiting:
-                    yield msg
+            return not waiting
+
+        for msg in polled(consumer, done):
+            if msg.key() == fence_key:
+                waiting.discard(msg.partition() or 0)
+            elif (msg.key() or b"").startswith(b'"fence:'):
+                continue  # an earlier reader's fence
+            elif msg.partition() in waiting:
+                yield msg
     finally:
         consumer.close()
 
 
 def ensure_topics(config: KafkaConfig, layout: dict[str, int], timeout: float = 30.0,
                   configs: dict[str, dict[str, str]] | None = None) -> None:
-    """Create missing topics; existing ones are left as they are."""
+    """Create missing topics. An existing topic must have the layout's partition count:
+    batch ids are routed to partitions by that count."""
     admin = AdminClient(config.base())
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    found = admin.list_topics(timeout=timeout).topics
+    wrong = {name: len(found[name].partitions) for name, n in layout.items()
+             if name in found and len(found[name].partitions) != n}
+    if wrong:
+        raise TopicLayoutError(", ".join(
+            f"{name} has {n} partitions, millrace is set up for {layout[name]}"
+            for name, n in sorted(wrong.items())))
+    existing = set(found)
     wanted = [
         NewTopic(name, num_partitions=n, replication_factor=1,
                  config=(configs or {}).get(name, {}))
@@ -186,7 +255,8 @@ class AsyncProducer:
             else:
                 loop.call_soon_threadsafe(_settle, fut, None, msg)
 
-        self._produce_waiting(topic, key, value, delivered, headers, partition)
+        produce(self._producer, topic, value, key=key, partition=partition, headers=headers,
+                on_delivery=delivered)
         return fut
 
     async def send(
@@ -216,7 +286,8 @@ class AsyncProducer:
         for topic, key, partition, value in items:
             with cond:
                 pending += 1
-            self._produce_waiting(topic, key, value, delivered, None, partition)
+            produce(self._producer, topic, value, key=key, partition=partition,
+                    on_delivery=delivered)
             sent += 1
         with cond:
             if not cond.wait_for(lambda: pending == 0, timeout):
@@ -224,23 +295,6 @@ class AsyncProducer:
         if failed:
             raise DeliveryError(f"{len(failed)} of {sent} records failed: {failed[0]}")
         return sent
-
-    def _produce_waiting(
-        self, topic: str, key: str, value: bytes | None, callback: Any,
-        headers: Headers | None = None, partition: int | None = None,
-    ) -> None:
-        while True:
-            try:
-                if partition is None:
-                    self._producer.produce(topic, value=value, key=key,
-                                           on_delivery=callback, headers=headers)
-                else:
-                    self._producer.produce(topic, value=value, key=key, partition=partition,
-                                           on_delivery=callback, headers=headers)
-                return
-            except BufferError:
-                # Local queue full: wait for deliveries instead of growing without bound.
-                self._producer.poll(0.05)
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)

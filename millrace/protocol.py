@@ -63,6 +63,14 @@ class OutputLine(BaseModel):
     error: LineError | None
 
 
+class ExpiresAfter(BaseModel):
+    """`expires_after` of a file, `output_expires_after` of a batch: OpenAI's bounds, one
+    hour to thirty days after creation."""
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2_592_000)
+
+
 class FileObject(BaseModel):
     id: str
     object: Literal["file"] = "file"

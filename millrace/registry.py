@@ -23,6 +23,7 @@ from millrace.records import (
     endpoint_key,
     parse_registry,
 )
+from millrace.settings import Settings
 from millrace.store import Principal, Store, hash_key
 from millrace.topics import Topics
 
@@ -60,11 +61,11 @@ class Registry:
         return await self.store.delete_endpoint(project, endpoint_id)
 
 
-async def register_key(kafka_bootstrap: str, redis_url: str, topics: Topics, api_key: str,
-                       principal: Principal) -> None:
+async def register_key(settings: Settings, api_key: str, principal: Principal) -> None:
     """One key, from a process that has no registry of its own (launcher, CLI)."""
-    store = Store.connect(redis_url, topics.prefix)
-    producer = AsyncProducer(KafkaConfig(bootstrap=kafka_bootstrap).producer())
+    topics = Topics.from_settings(settings)
+    store = Store.connect(settings.require_redis(), topics.prefix)
+    producer = AsyncProducer(KafkaConfig.of(settings, "keys").producer())
     try:
         await Registry(store, producer, topics).put_api_key(api_key, principal)
     finally:

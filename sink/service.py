@@ -22,7 +22,6 @@ from pydantic import ValidationError
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, take, usable
 from millrace.protocol import BATCH_LINE_ERRORS
-from millrace.readiness import mark_ready
 from millrace.records import (
     BatchFilesReady,
     BatchSealRequested,
@@ -35,6 +34,7 @@ from millrace.results import sealed_key
 from millrace.settings import Settings
 from millrace.store import Store
 from millrace.topics import Topics
+from millrace.up.readiness import mark_ready
 from sink.assembler import Assembler
 from sink.webhooks import Dispatcher
 
@@ -52,7 +52,7 @@ class Sink:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
-        kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-sink")
+        kafka = KafkaConfig.of(settings, "sink")
         self.consumer = Consumer(kafka.consumer(self.topics.sink_group()))
         self.producer = AsyncProducer(kafka.producer())
         self.store = Store.connect(settings.require_redis(), settings.topic_prefix)

@@ -18,12 +18,12 @@ from typing import Any
 from faust.streams import _current_event
 from pydantic import ValidationError
 
-from millrace.readiness import mark_ready
 from millrace.records import BatchExpireDue, BatchTransition, ResponseOutcome, parse_event
 from millrace.settings import Settings
 from millrace.status import BatchStatus
 from millrace.store import Store
 from millrace.topics import Topics
+from millrace.up.readiness import mark_ready
 from streams.state import BatchState, Emitted
 from streams.transport import App
 
@@ -48,6 +48,8 @@ app = App(
     producer_max_batch_size=1,
     web_enabled=False,
 )
+
+app.fetch_wait_ms = settings.kafka.fetch_wait_ms
 
 source = app.topic(
     topics.responses, topics.batch_events, key_serializer="raw", value_serializer="raw"

@@ -51,7 +51,7 @@ def read_batches(kafka: KafkaConfig, topics: Topics) -> dict[str, BatchState]:
 
 
 async def rebuild(settings: Settings) -> Rebuilt:
-    kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-rebuild")
+    kafka = KafkaConfig.of(settings, "rebuild")
     topics = Topics.from_settings(settings)
     entries = list(read_registry(kafka, topics).values())
     states = read_batches(kafka, topics)

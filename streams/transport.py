@@ -1,10 +1,10 @@
-"""Faust's aiokafka transport with a short broker fetch wait.
+"""Faust's aiokafka transport with millrace's broker fetch wait.
 
 faust-streaming hard-codes `fetch_max_wait_ms=1500` for its consumer, and tansu does not
 answer a waiting fetch at once when a record arrives if the wait is long: measured,
-~200-380 ms from produce to consume at 1,000-1,500 ms, 2-5 ms at 100 ms. Every hop into the
-aggregator (last response, files_ready) paid it. It gets the wait of every other consumer
-(`KafkaConfig.fetch_wait_ms`).
+~200-380 ms from produce to consume at 1,000-1,500 ms. Every hop into the aggregator (last
+response, files_ready) paid it. It gets the wait of every other consumer
+(`Settings.kafka_fetch_wait_ms`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,6 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TransportT
 
-from millrace.kafka import KafkaConfig
-
-FETCH_MAX_WAIT_MS = KafkaConfig.model_fields["fetch_wait_ms"].default
-
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_consumer(self, loop: asyncio.AbstractEventLoop) -> aiokafka.AIOKafkaConsumer:
@@ -28,7 +24,8 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # Fail loudly if aiokafka renames it, rather than silently waiting 1.5 s a hop again.
         if not hasattr(consumer, "_fetch_max_wait_ms"):
             raise RuntimeError("aiokafka changed: cannot set the consumer's fetch wait")
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        app = self.app
+        consumer._fetch_max_wait_ms = app.fetch_wait_ms if isinstance(app, App) else 100
         return consumer
 
 
@@ -42,7 +39,9 @@ class _Transport(faust_aiokafka.Transport):
 
 
 class App(faust.App):
-    """faust.App whose consumer fetches with a short wait."""
+    """faust.App whose consumer fetches with `fetch_wait_ms`."""
+
+    fetch_wait_ms: int = 100
 
     def _new_transport(self) -> TransportT:
         return _Transport(self.conf.broker_consumer, self)

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from millrace.embedded import free_port
 from millrace.settings import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL
+from millrace.up.embedded import free_port
 from tests.deployment import Deployment, start
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from millrace.embedded import die_with_parent, free_port
+from millrace.up.embedded import die_with_parent, free_port
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ def start(data_dir: Path, *, engine: str = "vllm", timeout: float = 600,
     """Run `millrace up` and return once it printed its ready line."""
     port = free_port()
     env = {**os.environ, "MILLRACE_LOG_LEVEL": "INFO", **(extra_env or {})}
-    env.pop("MILLRACE_KAFKA_BOOTSTRAP", None)
+    env.pop("MILLRACE_KAFKA__BOOTSTRAP", None)
     env.pop("MILLRACE_REDIS_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "millrace", "up", "--port", str(port),

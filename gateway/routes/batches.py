@@ -16,13 +16,13 @@ from starlette.datastructures import UploadFile
 
 from gateway.auth import Caller
 from gateway.context import Ctx
-from gateway.ingest import ingest, rules
-from gateway.routes.files import ExpiresAfter
-from gateway.stream_ingest import seal as seal_stream
-from gateway.stream_ingest import seal_if_complete
+from gateway.deps import owned_batch
+from gateway.explode import ingest, rules
+from gateway.ingest_topic import seal as seal_stream
+from gateway.ingest_topic import seal_if_complete
 from gateway.validation import validate
 from millrace.errors import ConflictError, InvalidRequestError, NotFoundError
-from millrace.protocol import SUPPORTED_ENDPOINTS, Batch, BatchError, ListPage
+from millrace.protocol import SUPPORTED_ENDPOINTS, Batch, BatchError, ExpiresAfter, ListPage
 from millrace.records import CONTROL_HEADER, BatchCancelRequested, BatchCreated, BatchOpened
 from millrace.status import BatchStatus
 from millrace.webhooks import check_target, signing_key
@@ -203,21 +203,14 @@ async def dry_run(ctx: Ctx, who: Caller, request: Request) -> ValidationResult:
     return ValidationResult(valid=not report.errors, total=report.total, errors=report.errors)
 
 
-async def owned(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
-    batch = await ctx.store.get_batch(batch_id, who.project)
-    if batch is None:
-        raise NotFoundError(f"No such Batch object: {batch_id}", param="batch_id")
-    return batch
-
-
 @router.get("/{batch_id}", response_model=Batch)
 async def retrieve(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
-    return await owned(ctx, who, batch_id)
+    return await owned_batch(ctx, who, batch_id)
 
 
 @router.post("/{batch_id}/cancel", response_model=Batch)
 async def cancel(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
-    batch = await owned(ctx, who, batch_id)
+    batch = await owned_batch(ctx, who, batch_id)
     if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
         return batch
     if batch.status not in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
@@ -246,7 +239,7 @@ async def seal(ctx: Ctx, who: Caller, batch_id: str, params: SealBatch | None = 
     message goes to the batch's partition (murmur2 of the batch id): exact only for lines
     produced before it to that same partition, i.e. with a Java-compatible partitioner.
     """
-    batch = await owned(ctx, who, batch_id)
+    batch = await owned_batch(ctx, who, batch_id)
     stream = await ctx.store.stream(batch_id)
     if stream is None:
         raise ConflictError("Only a batch created with \"input\": \"stream\" can be sealed.",

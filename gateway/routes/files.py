@@ -9,25 +9,18 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
 from gateway.auth import Caller
 from gateway.context import Ctx
-from millrace.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from gateway.deps import owned_file
+from millrace.errors import InvalidRequestError, PayloadTooLargeError
 from millrace.filestore import TooLarge
-from millrace.protocol import FileObject, ListPage
-from millrace.store import StoredFile
+from millrace.protocol import ExpiresAfter, FileObject, ListPage
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 UPLOAD_PURPOSES = {"batch", "assistants", "fine-tune", "vision", "user_data", "evals"}
-
-
-class ExpiresAfter(BaseModel):
-    """OpenAI's bounds: one hour to thirty days after creation."""
-
-    anchor: Literal["created_at"]
-    seconds: int = Field(ge=3600, le=2_592_000)
 
 
 def new_file_id() -> str:
@@ -104,22 +97,14 @@ async def list_files(
     return ListPage.of(data[:limit], has_more=len(data) > limit)
 
 
-async def owned(ctx: Ctx, who: Caller, file_id: str) -> StoredFile:
-    found = await ctx.store.get_file(file_id, who.project)
-    expired = found and found.obj.expires_at and found.obj.expires_at <= time.time()
-    if found is None or expired:
-        raise NotFoundError(f"No such File object: {file_id}", param="file_id")
-    return found
-
-
 @router.get("/{file_id}", response_model=FileObject)
 async def retrieve(ctx: Ctx, who: Caller, file_id: str) -> FileObject:
-    return (await owned(ctx, who, file_id)).obj
+    return (await owned_file(ctx, who, file_id)).obj
 
 
 @router.get("/{file_id}/content")
 async def content(ctx: Ctx, who: Caller, file_id: str) -> StreamingResponse:
-    found = await owned(ctx, who, file_id)
+    found = await owned_file(ctx, who, file_id)
     media = "application/jsonl" if found.obj.filename.endswith(".jsonl") else (
         "application/octet-stream")
     return StreamingResponse(ctx.files.iter_chunks(found.path), media_type=media)
@@ -127,7 +112,7 @@ async def content(ctx: Ctx, who: Caller, file_id: str) -> StreamingResponse:
 
 @router.delete("/{file_id}")
 async def delete(ctx: Ctx, who: Caller, file_id: str) -> dict[str, object]:
-    found = await owned(ctx, who, file_id)
+    found = await owned_file(ctx, who, file_id)
     await ctx.registry.delete_file(file_id, who.project)
     await asyncio.to_thread(ctx.files.delete, found.path)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -21,7 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from gateway.auth import Caller
 from gateway.context import Context, Ctx
-from gateway.routes.batches import owned
+from gateway.deps import owned_batch
 from millrace.errors import ConflictError
 from millrace.protocol import Batch
 from millrace.results import read_page
@@ -49,7 +49,7 @@ async def output(
     format: Literal["jsonl", "json", "parquet"] = "jsonl",
     file: Literal["output", "errors"] = "output",
 ) -> Response:
-    batch = await owned(ctx, who, batch_id)
+    batch = await owned_batch(ctx, who, batch_id)
     if format == "parquet":
         return await parquet(ctx, batch, who.project)
     page = await asyncio.to_thread(read_page, ctx.files, batch.id, file, after, limit)

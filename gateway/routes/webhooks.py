@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from gateway.auth import Caller
 from gateway.context import Context, Ctx
-from gateway.routes.batches import owned
+from gateway.deps import owned_batch
 from millrace.deliveries import Deliveries
 from millrace.errors import NotFoundError
 from millrace.protocol import ListPage, WebhookEndpoint
@@ -84,5 +84,5 @@ async def delete_endpoint(ctx: Ctx, who: Caller, endpoint_id: str) -> dict[str, 
 @router.get("/v1/batches/{batch_id}/webhook_deliveries", response_model=ListPage)
 async def deliveries(ctx: Ctx, who: Caller, batch_id: str) -> ListPage:
     """Every webhook delivery of the batch, each with all its attempts."""
-    batch = await owned(ctx, who, batch_id)
+    batch = await owned_batch(ctx, who, batch_id)
     return ListPage.of(await Deliveries(ctx.store).for_batch(batch.id))

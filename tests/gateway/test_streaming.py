@@ -102,7 +102,7 @@ def test_plain_kafka_producer_streams_into_an_open_batch(
 def test_helper_and_rejections(deployment: Deployment, client: OpenAI, model: str) -> None:
     bootstrap = str(deployment.endpoints["kafka_bootstrap"])
     prefix = str(deployment.endpoints["topic_prefix"])
-    with StreamBatch.open(deployment.base_url, deployment.api_key, kafka_bootstrap=bootstrap,
+    with StreamBatch.open(deployment.base_url, deployment.api_key, kafka=bootstrap,
                           topic_prefix=prefix) as batch:
         batch.send_raw(line("a", model, "Say a."))
         batch.send_raw(line("a", model, "Say a again."))  # duplicate custom_id: rejected
@@ -170,7 +170,7 @@ def test_cancelling_an_open_stream_batch_seals_it(deployment: Deployment, client
                                                   model: str) -> None:
     bootstrap = str(deployment.endpoints["kafka_bootstrap"])
     prefix = str(deployment.endpoints["topic_prefix"])
-    with StreamBatch.open(deployment.base_url, deployment.api_key, kafka_bootstrap=bootstrap,
+    with StreamBatch.open(deployment.base_url, deployment.api_key, kafka=bootstrap,
                           topic_prefix=prefix) as batch:
         batch.send_raw(line("only", model, "Say ok."))
         batch.flush()

@@ -21,8 +21,8 @@ import pytest
 from openai import OpenAI
 
 from millrace.client import iter_results
-from millrace.embedded import die_with_parent
 from millrace.records import ResponseRecord
+from millrace.up.embedded import die_with_parent
 from tests.batch_flow import create_batch, read_lines, wait_done
 from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, wait_until
@@ -118,7 +118,7 @@ def second_worker(deployment: Deployment, model: str) -> Iterator[tuple[subproce
                                                                       threading.Event]]:
     """One more `millrace worker` (chat model only) joining the deployment's group."""
     env = {**os.environ,
-           "MILLRACE_KAFKA_BOOTSTRAP": str(deployment.endpoints["kafka_bootstrap"]),
+           "MILLRACE_KAFKA__BOOTSTRAP": str(deployment.endpoints["kafka_bootstrap"]),
            "MILLRACE_REDIS_URL": str(deployment.endpoints["redis_url"]),
            "MILLRACE_WORKER_NAME": "worker-extra",
            "MILLRACE_WORKER_MAX_IN_FLIGHT": str(IN_FLIGHT),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from millrace import batch_bench
+from millrace.bench import batch as batch_bench
 from tests.deployment import Deployment
 
 

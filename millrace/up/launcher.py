@@ -21,29 +21,18 @@ from types import FrameType
 import httpx
 from pydantic import SecretStr
 
-from millrace import embedded, readiness
 from millrace.errors import ComponentError
 from millrace.kafka import KafkaConfig, ensure_topics
 from millrace.registry import register_key
 from millrace.settings import Settings
 from millrace.store import Principal, new_api_key
 from millrace.topics import Topics
+from millrace.up import embedded, readiness
 
 log = logging.getLogger("millrace.up")
 
 SERVICES = ("worker", "aggregator", "sink", "gateway")
 STOP_GRACE_S = 40.0  # a worker finishes its running requests (worker_drain_s) first
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as MILLRACE_* variables, so child processes see exactly ours."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump(exclude={"api_key"}).items():
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        if value is not None:
-            env[f"MILLRACE_{name.upper()}"] = str(value)
-    return env
 
 
 @dataclass
@@ -111,13 +100,13 @@ class Launcher:
     def _start_infrastructure(self) -> None:
         s = self.settings
         updates: dict[str, str] = {}
-        if not s.kafka_bootstrap:
+        if not s.kafka.bootstrap:
             kafka_port = embedded.free_port()
             self._add(Child("broker", lambda: embedded.spawn(
                 embedded.tansu_binary(), embedded.broker_argv(kafka_port),
                 self.logs / "broker.log")))
             embedded.wait_for_port(kafka_port, 30, lambda: self.children[-1].alive)
-            updates["kafka_bootstrap"] = f"127.0.0.1:{kafka_port}"
+            self.settings = self.settings.with_kafka(bootstrap=f"127.0.0.1:{kafka_port}")
         if not s.redis_url:
             redis_port = embedded.free_port()
             redis_dir = s.data_dir / "redis"
@@ -130,7 +119,7 @@ class Launcher:
         self._ensure_topics()
 
     def _ensure_topics(self) -> None:
-        kafka = KafkaConfig(bootstrap=self.settings.require_kafka())
+        kafka = KafkaConfig.of(self.settings, "up")
         topics = Topics.from_settings(self.settings)
         ensure_topics(kafka, topics.layout(self.settings), configs=topics.configs())
 
@@ -157,9 +146,7 @@ class Launcher:
         else:
             key = self._kept_secret("api_key", new_api_key)
 
-        asyncio.run(register_key(
-            self.settings.require_kafka(), self.settings.require_redis(),
-            Topics.from_settings(self.settings), key, Principal("default", admin=True)))
+        asyncio.run(register_key(self.settings, key, Principal("default", admin=True)))
         return key
 
     # --- services ----------------------------------------------------------------------
@@ -183,7 +170,7 @@ class Launcher:
     def _service_starter(
         self, name: str, command: str, extra_env: dict[str, str]
     ) -> Callable[[], subprocess.Popen[bytes]]:
-        env = {**os.environ, **settings_env(self.settings), **extra_env}
+        env = {**os.environ, **self.settings.as_env(), **extra_env}
 
         def start() -> subprocess.Popen[bytes]:
             readiness.clear(self.settings, name)
@@ -221,7 +208,7 @@ class Launcher:
         worker = readiness.read(self.settings, "worker") or {}
         endpoints = {
             "base_url": base_url,
-            "kafka_bootstrap": self.settings.kafka_bootstrap,
+            "kafka_bootstrap": self.settings.kafka.bootstrap,
             "redis_url": self.settings.redis_url,
             "topic_prefix": self.settings.topic_prefix,
             "models": worker.get("models", {}),

@@ -25,9 +25,9 @@ import uuid
 
 from confluent_kafka import Consumer, Message
 
-from gateway.ingest import request, rules
+from gateway.explode import request, rules
 from gateway.validation import Report, Rules, check_line
-from millrace.kafka import AsyncProducer, KafkaConfig, take, usable
+from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
 from millrace.protocol import ErrorDetail, ErrorEnvelope
 from millrace.records import (
     CONTROL_HEADER,
@@ -79,7 +79,7 @@ class StreamIngest:
         self.store = store
         self.producer = producer
         self.topics = Topics.from_settings(settings)
-        kafka = KafkaConfig(bootstrap=settings.require_kafka(), client_id="millrace-ingest")
+        kafka = KafkaConfig.of(settings, "ingest")
         self.consumer = Consumer(kafka.consumer(self.topics.ingest_group()))
         self._stop = asyncio.Event()
         self._rules_by_endpoint: dict[str, Rules] = {}
@@ -87,14 +87,14 @@ class StreamIngest:
     async def run(self) -> None:
         self.consumer.subscribe([self.topics.ingest])
         try:
-            while not self._stop.is_set():
-                messages = await asyncio.to_thread(take, self.consumer, 500, 0.2)
-                pending = [await self.handle(m) for m in messages if usable(m)]
-                await asyncio.gather(*(f for fs in pending for f in fs))
-                if messages:
-                    await asyncio.to_thread(self.consumer.commit, asynchronous=False)
+            await consume_loop(self.consumer, self.handle_all, self._stop, commit="sync")
         finally:
             await asyncio.to_thread(self.consumer.close)
+
+    async def handle_all(self, messages: list[Message]) -> None:
+        """Route a poll's messages and wait until all they produced is acknowledged."""
+        pending = [await self.handle(m) for m in messages]
+        await asyncio.gather(*(f for fs in pending for f in fs))
 
     def stop(self) -> None:
         self._stop.set()

@@ -70,11 +70,12 @@ def wait_for_port(port: int, timeout: float, alive: Callable[[], bool] = lambda:
     raise ComponentError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def broker_argv(port: int) -> list[str]:
-    """argv[0] `millrace` makes the broker show in `ps` as `millrace broker …`."""
+def broker_argv(port: int, *, advertised: str | None = None) -> list[str]:
+    """argv[0] `millrace` makes the broker show in `ps` as `millrace broker …`; clients are
+    told to connect to `advertised` (default: where it listens)."""
     url = f"tcp://127.0.0.1:{port}"
-    return ["millrace", "broker", "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/"]
+    return ["millrace", "broker", "--listener-url", url,
+            "--advertised-listener-url", advertised or url, "--storage-engine", "memory://tansu/"]
 
 
 def redis_argv(port: int, data_dir: Path) -> list[str]:

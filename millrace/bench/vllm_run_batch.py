@@ -1,4 +1,4 @@
-"""`python -m millrace.vllm_run_batch TIMING.json <vllm run-batch arguments>`: vLLM's own
+"""`python -m millrace.bench.vllm_run_batch TIMING.json <vllm run-batch arguments>`: vLLM's own
 batch runner, unchanged, with the batch phase timed apart from the engine's start-up.
 
 The timing (seconds from reading the input to having written the output) is what a

@@ -21,7 +21,7 @@ from confluent_kafka import Consumer
 from millrace.client import StreamBatch
 from millrace.kafka import KafkaConfig, usable
 from millrace.records import ResponseRecord
-from millrace.settings import BUNDLED_CHAT_MODEL
+from millrace.settings import BUNDLED_CHAT_MODEL, KafkaSettings
 from millrace.topics import Topics
 
 
@@ -51,13 +51,13 @@ def streaming(data_dir: Path, api_key: str, requests: int = 30,
               model: str = BUNDLED_CHAT_MODEL) -> StreamingResult:
     endpoints: dict[str, Any] = json.loads((data_dir / "endpoints.json").read_text())
     bootstrap, prefix = endpoints["kafka_bootstrap"], endpoints["topic_prefix"]
-    consumer = Consumer(KafkaConfig(bootstrap=bootstrap, client_id="millrace-bench").consumer(
+    consumer = Consumer(KafkaConfig(KafkaSettings(bootstrap=bootstrap), "bench").consumer(
         f"millrace-bench-{uuid.uuid4().hex}", **{"auto.offset.reset": "latest"}))
     consumer.subscribe([Topics(prefix).responses])
     while not consumer.assignment():  # join the group before the clock starts
         consumer.poll(0.1)
     latencies, engines = [], []
-    with StreamBatch.open(endpoints["base_url"], api_key, kafka_bootstrap=bootstrap,
+    with StreamBatch.open(endpoints["base_url"], api_key, kafka=bootstrap,
                           topic_prefix=prefix) as batch:
         for i in range(requests + 1):  # the first request warms every hop up: not counted
             custom_id = f"bench-{i}"

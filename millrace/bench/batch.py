@@ -3,7 +3,7 @@
 In one run, on this machine, with the same model and the same file:
 
 1. `vllm run-batch` (vLLM's own OpenAI batch runner) on the file, its batch phase timed
-   apart from the engine's start-up (millrace.vllm_run_batch), because a millrace worker
+   apart from the engine's start-up (millrace.bench.vllm_run_batch), because a millrace worker
    has its engine loaded before a batch arrives;
 2. the file through a fresh `millrace up` deployment (upload → `completed`) with 1 worker,
    then with 2 workers (on CPU each gets half the cores);
@@ -33,9 +33,8 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 from openai import OpenAI
 
-from millrace import models
-from millrace.bench import Percentiles, machine
-from millrace.embedded import die_with_parent, free_port
+from gpu_consumer import models
+from millrace.bench.streaming import Percentiles, machine
 from millrace.errors import ComponentError
 from millrace.kafka import KafkaConfig
 from millrace.records import (
@@ -45,9 +44,10 @@ from millrace.records import (
     ResponseRecord,
     parse_event,
 )
-from millrace.settings import BUNDLED_CHAT_MODEL, Settings
+from millrace.settings import BUNDLED_CHAT_MODEL, KafkaSettings, Settings
 from millrace.status import BatchStatus
 from millrace.topics import Topics
+from millrace.up.embedded import die_with_parent, free_port
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -122,7 +122,7 @@ def direct_vllm(settings: Settings, source: Path, work: Path, model: str) -> Run
     env = {**os.environ, **cpu_runtime_env(settings)}
 
     out, timing = work / "direct.out.jsonl", work / "direct.timing.json"
-    argv = [sys.executable, "-m", "millrace.vllm_run_batch", str(timing), "-i", str(source),
+    argv = [sys.executable, "-m", "millrace.bench.vllm_run_batch", str(timing), "-i", str(source),
             "-o", str(out), "--model", str(folder), "--served-model-name", model,
             "--enforce-eager", "--dtype", settings.dtype, "--seed", "0"]
     started = time.perf_counter()
@@ -236,7 +236,7 @@ def _stages(endpoints: dict[str, Any], batch_id: str, created: float) -> tuple[S
 
 def _records(bootstrap: str, topic: str, key: str) -> list[tuple[float, bytes]]:
     """(timestamp s, value) of every record of `topic` keyed `key`, read to the end."""
-    config = KafkaConfig(bootstrap=bootstrap, client_id="millrace-bench").consumer(
+    config = KafkaConfig(KafkaSettings(bootstrap=bootstrap), "bench").consumer(
         f"millrace-bench-{uuid.uuid4().hex}", **{"enable.partition.eof": True})
     consumer = Consumer(config)
     partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions

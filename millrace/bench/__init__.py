@@ -1,0 +1,1 @@
+"""`millrace bench`: vLLM direct vs the pipeline, and streaming latency."""

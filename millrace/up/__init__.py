@@ -1,0 +1,1 @@
+"""`millrace up`: the embedded deployment (launcher, embedded broker and Redis, readiness)."""
