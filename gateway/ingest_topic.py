@@ -25,8 +25,10 @@ import uuid
 
 from confluent_kafka import Consumer, Message
 
-from gateway.explode import request, rules
+from gateway.lines import StreamLine, persist_stream_lines, request, rules
+from gateway.stream_ledger import StreamLedger
 from gateway.validation import Report, Rules, check_line
+from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
 from millrace.protocol import ErrorDetail, ErrorEnvelope
 from millrace.records import (
@@ -52,37 +54,40 @@ def header(msg: Message, name: str) -> str | None:
     return None
 
 
-async def seal(
-    store: Store, producer: AsyncProducer, topics: Topics, batch_id: str
-) -> asyncio.Future[Message]:
+async def close(ledger: StreamLedger, producer: AsyncProducer, topics: Topics,
+                batch_id: str) -> asyncio.Future[Message]:
     """Close the batch (idempotent) and publish its total, as `validated` does for files."""
-    total = await store.seal_stream(batch_id)
-    sealed = BatchValidated(batch_id=batch_id, total=total)
-    return producer.produce(topics.batch_events, batch_id, sealed.dumps())
+    total = await ledger.close(batch_id)
+    closed = BatchValidated(batch_id=batch_id, total=total)
+    return producer.produce(topics.batch_events, batch_id, closed.dumps())
 
 
-async def seal_if_complete(
-    store: Store, producer: AsyncProducer, topics: Topics, batch_id: str
-) -> list[asyncio.Future[Message]]:
-    """Seal once every message the producer announced (`POST /seal {"total"}`) is in."""
-    stream = await store.stream(batch_id)
-    if stream is None or "expected" not in stream:
+async def close_if_complete(ledger: StreamLedger, producer: AsyncProducer, topics: Topics,
+                            batch_id: str) -> list[asyncio.Future[Message]]:
+    """Close once every message the producer announced (`POST /seal {"total"}`) is in."""
+    stream = await ledger.get(batch_id)
+    if stream is None or "expected" not in stream or "sealed_total" in stream:
         return []
-    if await store.received(batch_id) < int(stream["expected"]):
+    if await ledger.received(batch_id) < int(stream["expected"]):
         return []
-    return [await seal(store, producer, topics, batch_id)]
+    return [await close(ledger, producer, topics, batch_id)]
 
 
 class StreamIngest:
-    def __init__(self, settings: Settings, store: Store, producer: AsyncProducer) -> None:
+    def __init__(self, settings: Settings, store: Store, files: FileStore) -> None:
         self.settings = settings
-        self.store = store
-        self.producer = producer
+        self.ledger = StreamLedger(store)
+        self.files = files
         self.topics = Topics.from_settings(settings)
         kafka = KafkaConfig.of(settings, "ingest")
         self.consumer = Consumer(kafka.consumer(self.topics.ingest_group()))
+        self.producer = AsyncProducer(kafka.producer())
         self._stop = asyncio.Event()
         self._rules_by_endpoint: dict[str, Rules] = {}
+        self._epoch = ""
+        # per poll: each batch's new lines (persisted before anything is enqueued)
+        self._lines: dict[str, list[StreamLine]] = {}
+        self._produce: list[tuple[str, str, int | None, bytes]] = []
 
     async def run(self) -> None:
         self.consumer.subscribe([self.topics.ingest])
@@ -90,35 +95,41 @@ class StreamIngest:
             await consume_loop(self.consumer, self.handle_all, self._stop, commit="sync")
         finally:
             await asyncio.to_thread(self.consumer.close)
-
-    async def handle_all(self, messages: list[Message]) -> None:
-        """Route a poll's messages and wait until all they produced is acknowledged."""
-        pending = [await self.handle(m) for m in messages]
-        await asyncio.gather(*(f for fs in pending for f in fs))
+            self.producer.close()
 
     def stop(self) -> None:
         self._stop.set()
 
+    async def handle_all(self, messages: list[Message]) -> None:
+        """Route a poll's messages; persist its new lines, then enqueue them, and wait
+        until all of it is acknowledged."""
+        self._epoch = await asyncio.to_thread(self.producer.cluster_id)
+        self._lines, self._produce = {}, []
+        pending = [f for m in messages for f in await self.handle(m)]
+        for batch_id, lines in self._lines.items():
+            await asyncio.to_thread(persist_stream_lines, self.files, batch_id, lines)
+        pending += [self.producer.produce(topic, key, value, partition=partition)
+                    for topic, key, partition, value in self._produce]
+        await asyncio.gather(*pending)
+
     async def handle(self, msg: Message) -> list[asyncio.Future[Message]]:
-        """Route one message; returns the deliveries to await before committing."""
+        """Route one message; returns the rejects and control deliveries to await."""
         key = msg.key()
         batch_id = header(msg, "batch_id") or (key.decode(errors="replace") if key else None)
         if not batch_id:
             return [self._reject(msg, None, "missing_batch_id",
                                  "no batch id: set the message key or a batch_id header")]
-        stream = await self.store.stream(batch_id)
+        stream = await self.ledger.get(batch_id)
         if header(msg, CONTROL_HEADER) == "seal":
             if stream is None:
                 return [self._reject(msg, batch_id, "unknown_batch", "seal of an unknown batch")]
-            return [await seal(self.store, self.producer, self.topics, batch_id)]
+            return [await close(self.ledger, self.producer, self.topics, batch_id)]
         if stream is None:
             return [self._reject(msg, batch_id, "unknown_batch", "no open batch with this id")]
-        if "sealed_total" in stream:
-            return [self._reject(msg, batch_id, "batch_sealed", "the batch is sealed")]
         deliveries = await self._line(msg, batch_id, stream)
-        # re-read inside: `POST /seal {"total"}` may have arrived while we worked
-        return deliveries + await seal_if_complete(self.store, self.producer, self.topics,
-                                                   batch_id)
+        # re-read: `POST /seal {"total": N}` may have come meanwhile; the N-th message closes
+        return deliveries + await close_if_complete(self.ledger, self.producer, self.topics,
+                                                    batch_id)
 
     async def _line(
         self, msg: Message, batch_id: str, stream: dict[str, str]
@@ -128,18 +139,26 @@ class StreamIngest:
         line = check_line(0, raw, self._rules(stream["endpoint"]), report)
         custom_id = line.custom_id if line else _custom_id(raw) or (
             f"ingest-{msg.partition()}-{msg.offset()}")
-        token = f"{msg.partition()}:{msg.offset()}"
-        claim, number = await self.store.claim_line(batch_id, custom_id, token)
+        token = f"{self._epoch}:{msg.partition()}:{msg.offset()}"
+        if "sealed_total" in stream:
+            # a message that claimed its line before the batch closed (then we crashed)
+            # still becomes that line; anything else is too late
+            claim, number = await self.ledger.held(batch_id, custom_id, token)
+            if claim is None:
+                return [self._reject(msg, batch_id, "batch_sealed", "the batch is sealed")]
+        else:
+            claim, number = await self.ledger.claim(batch_id, custom_id, token)
         if claim == "duplicate":
-            await self.store.note_rejected(batch_id, token)
+            await self.ledger.note_rejected(batch_id, token)
             return [self._reject(msg, batch_id, "duplicate_custom_id",
                                  f"custom_id '{custom_id}' is already in the batch")]
         if line is not None:
             record = RequestRecord(batch_id=batch_id, project=stream["project"],
                                    custom_id=custom_id, line=number, url=line.url,
                                    body=line.body)
-            topic, key, partition, value = request(self.settings, self.topics, record)
-            return [self.producer.produce(topic, key, value, partition=partition)]
+            self._keep(batch_id, StreamLine(line=number, custom_id=custom_id, request=record),
+                       request(self.settings, self.topics, record))
+            return []
         error = report.errors[0]
         detail = ErrorDetail(message=error.message, type="invalid_request_error",
                              param=error.param, code=error.code)
@@ -148,11 +167,15 @@ class StreamIngest:
             id=f"batch_req_{uuid.uuid4().hex}", request_id=f"req_{uuid.uuid4().hex}",
             status_code=400, body=ErrorEnvelope(error=detail).model_dump(),
         )
-        return [
-            self.producer.produce(self.topics.responses, batch_id, failed.dumps()),
-            self._reject(msg, batch_id, error.code, f"{error.message} (an error line of the "
-                         "batch)"),
-        ]
+        self._keep(batch_id, StreamLine(line=number, custom_id=custom_id, error=failed),
+                   (self.topics.responses, batch_id, None, failed.dumps()))
+        return [self._reject(msg, batch_id, error.code, f"{error.message} (an error line of the "
+                             "batch)")]
+
+    def _keep(self, batch_id: str, line: StreamLine,
+              produce: tuple[str, str, int | None, bytes]) -> None:
+        self._lines.setdefault(batch_id, []).append(line)
+        self._produce.append(produce)
 
     def _rules(self, endpoint: str) -> Rules:
         """Line rules per endpoint, built once (served models are parsed from settings)."""

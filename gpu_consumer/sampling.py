@@ -24,6 +24,7 @@ _DIRECT = {
     "top_k": "top_k",
     "min_p": "min_p",
     "repetition_penalty": "repetition_penalty",
+    "min_tokens": "min_tokens",
 }
 CHAT_FIELDS = _PASSIVE | set(_DIRECT) | {
     "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs",

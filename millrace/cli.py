@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = common(sub.add_parser("worker", help="gpu_consumer: inference worker"))
     worker.add_argument("--engine", choices=["vllm", "echo"], help="MILLRACE_ENGINE")
     worker.add_argument("--model", help="served models (MILLRACE_MODEL)")
-    common(sub.add_parser("aggregator", help="streams: the Faust aggregator"))
+    common(sub.add_parser("aggregator", help="streams: batch statuses and expiry"))
     common(sub.add_parser("sink", help="output/error file assembly"))
     broker = sub.add_parser("broker", help="the embedded Kafka-protocol broker (tansu)")
     broker.add_argument("--port", type=int, default=0, help="0 = a free port")
@@ -144,9 +144,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _aggregator(settings: Settings, args: argparse.Namespace) -> None:
-    # streams.app reads its settings at import (Faust's CLI needs a module-level app).
-    os.environ.update(settings.as_env())
-    from streams.worker import run_aggregator
+    from streams.aggregator import run_aggregator
 
     run_aggregator(settings)
 

@@ -1,9 +1,10 @@
 """Webhook deliveries in Redis: durable across sink restarts, every attempt recorded.
 
-- `<ns>:whd:<id>`           the delivery (JSON), created once per (event, target)
-- `<ns>:whd-attempts:<id>`  its attempts, in order
-- `<ns>:whd-due`            id → when it is next due (removed when delivered or given up)
-- `<ns>:whd-batch:<batch>`  the batch's deliveries, for `GET …/webhook_deliveries`
+- `whd:<id>`           the delivery (JSON), created once per (event, target)
+- `whd-body:<id>`      the event body it sends, the same on every attempt
+- `whd-attempts:<id>`  its attempts, in order
+- `whd-due`            id → when it is next due (removed when delivered or given up)
+- `whd-batch:<batch>`  the batch's deliveries, for `GET …/webhook_deliveries`
 
 A sink claims due deliveries by pushing their due time one lease ahead in one script, so
 several sinks never send the same attempt, and a sink that dies mid-attempt leaves the
@@ -64,41 +65,44 @@ def delivery_id(event_id: str, url: str) -> str:
 class Deliveries:
     def __init__(self, store: Store) -> None:
         self.r = store.r
-        self.key = store.key
+        self.keys = store.keys
         self._claim = self.r.register_script(_CLAIM)
 
-    async def add(self, delivery: Delivery) -> bool:
-        """Record a new delivery, due now; False if it already exists (a repeated event)."""
-        created = await self.r.hsetnx(self.key("whd", delivery.id), "doc",
+    async def add(self, delivery: Delivery, body: str) -> bool:
+        """Record a new delivery of `body`, due now; False if it already exists (a repeated
+        event)."""
+        created = await self.r.hsetnx(self.keys.delivery(delivery.id), "doc",
                                       delivery.model_dump_json(exclude={"attempts"}))
         if not created:
             return False
         async with self.r.pipeline(transaction=True) as p:
-            p.zadd(self.key("whd-due"), {delivery.id: time.time()})
-            p.zadd(self.key("whd-batch", delivery.batch_id), {delivery.id: time.time()})
+            p.set(self.keys.delivery_body(delivery.id), body)
+            p.zadd(self.keys.deliveries_due, {delivery.id: time.time()})
+            p.zadd(self.keys.batch_deliveries(delivery.batch_id), {delivery.id: time.time()})
             await p.execute()
         return True
 
     async def claim(self, lease_s: float, most: int) -> list[str]:
         """Ids of deliveries due now, each leased to the caller for `lease_s`."""
         now = time.time()
-        ids = await self._claim(keys=[self.key("whd-due")], args=[now, now + lease_s, most])
+        ids = await self._claim(keys=[self.keys.deliveries_due],
+                                args=[now, now + lease_s, most])
         return [str(i) for i in ids]
 
     async def get(self, delivery_id: str) -> Delivery | None:
-        doc = await self.r.hget(self.key("whd", delivery_id), "doc")
+        doc = await self.r.hget(self.keys.delivery(delivery_id), "doc")
         if doc is None:
             return None
-        attempts = await self.r.lrange(self.key("whd-attempts", delivery_id), 0, -1)
+        attempts = await self.r.lrange(self.keys.delivery_attempts(delivery_id), 0, -1)
         return Delivery.model_validate({**json.loads(doc),
                                         "attempts": [json.loads(a) for a in attempts]})
 
-    async def forget_due(self, delivery_id: str) -> None:
-        await self.r.zrem(self.key("whd-due"), delivery_id)
+    async def body(self, delivery_id: str) -> str | None:
+        body = await self.r.get(self.keys.delivery_body(delivery_id))
+        return str(body) if body is not None else None
 
-    async def defer(self, delivery_id: str, until: float) -> None:
-        """Due again at `until`, without counting an attempt."""
-        await self.r.zadd(self.key("whd-due"), {delivery_id: until})
+    async def forget_due(self, delivery_id: str) -> None:
+        await self.r.zrem(self.keys.deliveries_due, delivery_id)
 
     async def record(self, delivery: Delivery, attempt: DeliveryAttempt,
                      next_at: float | None, delivered: bool) -> Delivery:
@@ -110,17 +114,17 @@ class Deliveries:
             "delivered_at": attempt.at if delivered else None,
             "attempts": [*delivery.attempts, attempt]})
         async with self.r.pipeline(transaction=True) as p:
-            p.rpush(self.key("whd-attempts", delivery.id), attempt.model_dump_json())
-            p.hset(self.key("whd", delivery.id), "doc",
+            p.rpush(self.keys.delivery_attempts(delivery.id), attempt.model_dump_json())
+            p.hset(self.keys.delivery(delivery.id), "doc",
                    updated.model_dump_json(exclude={"attempts"}))
             if next_at is None:
-                p.zrem(self.key("whd-due"), delivery.id)
+                p.zrem(self.keys.deliveries_due, delivery.id)
             else:
-                p.zadd(self.key("whd-due"), {delivery.id: next_at})
+                p.zadd(self.keys.deliveries_due, {delivery.id: next_at})
             await p.execute()
         return updated
 
     async def for_batch(self, batch_id: str) -> list[Delivery]:
-        ids = await self.r.zrange(self.key("whd-batch", batch_id), 0, -1)
+        ids = await self.r.zrange(self.keys.batch_deliveries(batch_id), 0, -1)
         found = [await self.get(str(i)) for i in ids]
         return [d for d in found if d is not None]

@@ -8,6 +8,7 @@ MillraceError
 │   ├── ConflictError         409
 │   ├── PayloadTooLargeError  413 file_too_large
 │   ├── RateLimitError        429 rate_limit_exceeded
+│   ├── ServiceUnavailableError 503 service_unavailable (broker or Redis away; Retry-After)
 │   └── InvalidRequestError   400 invalid_request_error
 ├── SettingsError       a setting is missing, unknown or malformed (the CLI exits 2)
 ├── ComponentError      an embedded component (broker, Redis, model) failed to start
@@ -89,6 +90,19 @@ class RateLimitError(APIError):
 
 class SettingsError(MillraceError):
     """A setting a service needs is missing, unknown, malformed or inconsistent."""
+
+
+class ServiceUnavailableError(APIError):
+    """A part millrace needs (the broker, Redis) did not answer in time: nothing was done,
+    try again."""
+
+    status_code = 503
+    type = "server_error"
+    code = "service_unavailable"
+    retry_after_s = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"retry-after": str(self.retry_after_s)})
 
 
 class ComponentError(MillraceError):

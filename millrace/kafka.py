@@ -131,23 +131,26 @@ async def consume_loop(
     consumer: Consumer, handle: Callable[[list[Message]], Awaitable[None]],
     stopping: asyncio.Event, *, most: int = 500, wait_first: float = 0.2,
     fill_wait: float = 0.0, commit: Literal["sync", "async"] = "async",
+    every: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """A service's consume loop: take what Kafka has (blocking for the first message),
     hand the usable messages to `handle`, then commit the consumer's positions.
 
     `handle` returns only once everything the messages must cause is durable, so a
     commit never covers work that a crash could lose; a commit that is lost (async) only
-    means those messages come again, which every handler tolerates.
+    means those messages come again, which every handler tolerates. `every` runs after
+    each round, busy or idle (at least every `wait_first` seconds).
     """
     while not stopping.is_set():
         messages = await asyncio.to_thread(take, consumer, most, wait_first, fill_wait)
-        if not messages:
-            continue
-        await handle([m for m in messages if usable(m)])
-        if commit == "sync":
-            await asyncio.to_thread(_commit_sync, consumer)
-        else:
-            consumer.commit(asynchronous=True)
+        if messages:
+            await handle([m for m in messages if usable(m)])
+            if commit == "sync":
+                await asyncio.to_thread(_commit_sync, consumer)
+            else:
+                consumer.commit(asynchronous=True)
+        if every is not None:
+            await every()
 
 
 def _commit_sync(consumer: Consumer) -> None:
@@ -163,10 +166,10 @@ def read_to_fence(
 ) -> Iterator[Message]:
     """Every record of `topic` written before this call, partition by partition.
 
-    A fence record (key `"fence:<token>"`, JSON-quoted so Faust's changelog recovery can
-    read it too; value `fence(token)`) is written to each partition first, and each
-    partition is read until its fence comes back: exact without trusting high watermarks
-    (wrong on tansu 0.6.0 for multi-record produce batches). Fences are not yielded.
+    A fence record (key `"fence:<token>"`, value `fence(token)`) is written to each
+    partition first, and each partition is read until its fence comes back: exact without
+    trusting high watermarks (wrong on tansu 0.6.0 for multi-record produce batches).
+    Fences are not yielded.
     """
     token = uuid.uuid4().hex
     fence_key = f'"fence:{token}"'.encode()
@@ -258,6 +261,11 @@ class AsyncProducer:
         produce(self._producer, topic, value, key=key, partition=partition, headers=headers,
                 on_delivery=delivered)
         return fut
+
+    def cluster_id(self, timeout: float = 10.0) -> str:
+        """The broker cluster's id: it changes when the embedded broker starts afresh, so
+        anything recorded against it (an explode checkpoint) is void after a data loss."""
+        return str(self._producer.list_topics(timeout=timeout).cluster_id)
 
     async def send(
         self, topic: str, key: str, value: bytes | None, headers: Headers | None = None

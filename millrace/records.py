@@ -145,33 +145,80 @@ class BatchTransition(_Event):
     failed: int
 
 
-class BatchSealRequested(_Event):
-    """Every line of the batch has a result: the sink may seal its files.
+class BatchProgress(_Event):
+    """The sink's count of the batch's result lines so far (absolute, never decreasing):
+    exactly what its output and error files hold."""
 
-    `fill` names the error code the sink writes for input lines that have no result
-    (`batch_expired`), or is None when every line has one.
-    """
+    type: Literal["progress"] = "progress"
+    completed: int
+    failed: int
+    input_tokens: int = 0
+    output_tokens: int = 0
 
-    type: Literal["seal_requested"] = "seal_requested"
+    @property
+    def done(self) -> int:
+        return self.completed + self.failed
+
+
+class BatchFillRequested(_Event):
+    """The batch was cancelled or expired: every line without a result gets an error line
+    with `code` (`batch_cancelled` / `batch_expired`), without waiting for workers."""
+
+    type: Literal["fill_requested"] = "fill_requested"
     project: str
-    total: int
-    # results the aggregator had counted: the sink seals once it holds at least these
-    done: int = 0
+    code: str
     input_file_id: str | None = None
-    fill: str | None = None
-    output_expires_after_s: int | None = None
+
+
+class BatchRedriveRequested(_Event):
+    """Every line without a result is put on the requests topic again (after a broker lost
+    its data, or by an operator's sweep); lines that finish twice are written once."""
+
+    type: Literal["redrive_requested"] = "redrive_requested"
+    project: str
+    input_file_id: str | None = None
+
+
+class BatchFilled(_Event):
+    """The gateway wrote an error line for every line without a result; `total` is the
+    batch's number of lines (a batch that expired while validating learns it here)."""
+
+    type: Literal["filled"] = "filled"
+    total: int
 
 
 class BatchFilesReady(_Event):
-    """The sink sealed the batch's output and error files (ids are None when empty)."""
+    """The sink wrote the batch's output and error files (ids are None when empty); the
+    counts and usage are those of the files."""
 
     type: Literal["files_ready"] = "files_ready"
     output_file_id: str | None
     error_file_id: str | None
     lines: int
-    # lines sealed into each file: the final request_counts of an expired batch
     completed: int = 0
     failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class WebhookTarget(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    url: str
+    # "batch": the batch's own webhook_url; "endpoint": a project's configured endpoint
+    source: Literal["batch", "endpoint"]
+    endpoint_id: str | None = None
+
+
+class BatchFinished(_Event):
+    """The batch reached its final status with its files: one record per batch for
+    subscribers, and what the sink sends webhooks from."""
+
+    type: Literal["finished"] = "finished"
+    project: str
+    status: BatchStatus
+    batch: dict[str, Any]  # the final Batch object, as GET /v1/batches/{id} returns it
+    webhooks: list[WebhookTarget] = Field(default_factory=list)
 
 
 BatchEvent = Annotated[
@@ -182,8 +229,12 @@ BatchEvent = Annotated[
     | BatchCancelRequested
     | BatchExpireDue
     | BatchTransition
-    | BatchSealRequested
-    | BatchFilesReady,
+    | BatchProgress
+    | BatchFillRequested
+    | BatchRedriveRequested
+    | BatchFilled
+    | BatchFilesReady
+    | BatchFinished,
     Field(discriminator="type"),
 ]
 _event_adapter: TypeAdapter[BatchEvent] = TypeAdapter(BatchEvent)

@@ -1,13 +1,12 @@
-"""Where a batch's result lines live in the file store, sealed or still being written.
+"""Where a batch's result lines live in the file store, final or still being written.
 
-- `outputs/<batch>/<kind>.jsonl`: the sealed output / error file (`kind` output|errors).
+- `outputs/<batch>/<kind>.jsonl`: the final output / error file (`kind` output|errors).
 - `partial/<batch>/<kind>/<first>-<end>.jsonl`: while the batch runs, the sink publishes
   the lines it has spooled, in segments; segment [first, end) holds lines first..end-1 in
   the order they were written.
 
-The sealed file holds the segments' lines in the same order (followed, for an expired
-batch, by its `batch_expired` lines), so a cursor — the number of lines read so far —
-means the same before and after sealing.
+The final file holds the segments' lines in the same order, so a cursor — the number of
+lines read so far — means the same before and after the files are written.
 """
 
 from __future__ import annotations
@@ -22,12 +21,12 @@ from millrace.filestore import FileStore
 KINDS = ("output", "errors")
 
 
-def sealed_key(batch_id: str, kind: str) -> str:
+def final_key(batch_id: str, kind: str) -> str:
     return f"outputs/{batch_id}/{kind}.jsonl"
 
 
-def sealed_file_id(batch_id: str, kind: str) -> str:
-    """Deterministic, so sealing again after a crash re-registers the same file."""
+def final_file_id(batch_id: str, kind: str) -> str:
+    """Deterministic, so writing the files again after a crash registers the same ids."""
     return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
 
 
@@ -57,8 +56,8 @@ def published_lines(files: FileStore, batch_id: str, kind: str) -> int:
 @dataclass(frozen=True)
 class Page:
     lines: list[bytes]
-    # read from the sealed file: no line will be added to it
-    sealed: bool
+    # read from the final file: no line will be added to it
+    final: bool
     # lines after this page exist already
     more: bool
 
@@ -67,14 +66,14 @@ class Page:
 
 
 def read_page(files: FileStore, batch_id: str, kind: str, after: int, limit: int) -> Page:
-    """Up to `limit` lines after the first `after`: from the sealed file once it exists,
+    """Up to `limit` lines after the first `after`: from the final file once it exists,
     else from the published segments."""
-    if files.exists(sealed_key(batch_id, kind)):
-        return _page(islice(files.iter_lines(sealed_key(batch_id, kind)), after, None),
-                     limit, sealed=True)
+    if files.exists(final_key(batch_id, kind)):
+        return _page(islice(files.iter_lines(final_key(batch_id, kind)), after, None),
+                     limit, final=True)
     try:
-        return _page(_segment_lines(files, batch_id, kind, after), limit, sealed=False)
-    except FileNotFoundError:  # sealed (and its segments removed) while we read
+        return _page(_segment_lines(files, batch_id, kind, after), limit, final=False)
+    except FileNotFoundError:  # written (and its segments removed) while we read
         return read_page(files, batch_id, kind, after, limit)
 
 
@@ -84,6 +83,6 @@ def _segment_lines(files: FileStore, batch_id: str, kind: str, after: int) -> It
             yield from islice(files.iter_lines(key), max(after - first, 0), None)
 
 
-def _page(lines: Iterator[bytes], limit: int, sealed: bool) -> Page:
+def _page(lines: Iterator[bytes], limit: int, final: bool) -> Page:
     taken = [line for line in islice(lines, limit + 1) if line]
-    return Page(taken[:limit], sealed, more=len(taken) > limit)
+    return Page(taken[:limit], final, more=len(taken) > limit)

@@ -22,7 +22,7 @@ class BatchStatus(StrEnum):
 
 S = BatchStatus
 TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
-    S.VALIDATING: frozenset({S.IN_PROGRESS, S.FAILED, S.CANCELLING}),
+    S.VALIDATING: frozenset({S.IN_PROGRESS, S.FAILED, S.CANCELLING, S.EXPIRED}),
     S.IN_PROGRESS: frozenset({S.FINALIZING, S.EXPIRED, S.CANCELLING}),
     S.FINALIZING: frozenset({S.COMPLETED}),
     S.CANCELLING: frozenset({S.CANCELLED}),

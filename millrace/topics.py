@@ -39,6 +39,11 @@ class Topics:
     def ingest_rejects(self) -> str:
         return f"{self.prefix}.ingest-rejects"
 
+    @property
+    def batch_state(self) -> str:
+        """Compacted: the aggregator's latest state of each batch, for `millrace rebuild`."""
+        return f"{self.prefix}.batch-state"
+
     def ingest_group(self) -> str:
         return f"{self.prefix}.ingest"
 
@@ -48,12 +53,12 @@ class Topics:
     def sink_group(self) -> str:
         return f"{self.prefix}.sink"
 
-    def aggregator_id(self) -> str:
+    def aggregator_group(self) -> str:
         return f"{self.prefix}.aggregator"
 
-    def aggregator_changelog(self) -> str:
-        """Faust's changelog of the aggregator's `batches` table (`<app id>-<table>-changelog`)."""
-        return f"{self.aggregator_id()}-batches-changelog"
+    def jobs_group(self) -> str:
+        """Gateways taking batch jobs (explode, fill, redrive) from batch-events."""
+        return f"{self.prefix}.gateway-jobs"
 
     def layout(self, settings: Settings) -> dict[str, int]:
         """Topic name → partition count."""
@@ -65,12 +70,14 @@ class Topics:
             self.ingest: settings.partitions,
             self.ingest_rejects: 1,
             self.registry: 1,
+            self.batch_state: settings.partitions,
         }
 
     def configs(self) -> dict[str, dict[str, str]]:
-        """Topic configs beyond the broker's defaults: the registry keeps the latest record
-        per key for good."""
-        return {self.registry: {"cleanup.policy": "compact"}}
+        """Topic configs beyond the broker's defaults: the registry and the batch states
+        keep the latest record per key for good."""
+        compact = {"cleanup.policy": "compact"}
+        return {self.registry: compact, self.batch_state: compact}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:

@@ -1,37 +1,51 @@
-"""Per-batch spool files: append each response line once, seal into the file store.
+"""Per-batch spools: append each result line once, count what the files hold, and write the
+final output and error files into the file store once every line is in.
 
-Each batch spools to `<data_dir>/sink/<batch_id>/{output,errors}.jsonl` on local disk,
-appending as responses arrive. The set of custom_ids already written is rebuilt from the
-spool after a restart, so a redelivered response is never written twice. A torn last line
-(crash mid-write) is cut off on rebuild.
+Each batch spools to `<data_dir>/sink/<batch_id>/` on local disk:
+- `output.jsonl`, `errors.jsonl`: its result lines, appended as responses arrive; a
+  custom_id already written is skipped (the index is rebuilt from these files after a
+  restart, and a torn last line is cut off);
+- `meta.json`: what the sink learnt from batch-events (project, number of lines, output
+  expiry), written before the events' offsets are committed;
+- `written`: the `files_ready` record, left once the final files are registered; later
+  records are ignored, and the record can be announced again.
+
+The counts and usage of a batch are those of its spool lines, so `request_counts` and
+`usage` always equal what the files hold.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 from millrace.filestore import FileStore
-from millrace.protocol import FileObject, LineError, LineResponse, OutputLine
-from millrace.records import BatchSealRequested, ResponseRecord
+from millrace.protocol import FileObject, LineResponse, OutputLine
+from millrace.records import BatchFilesReady, BatchProgress, ResponseRecord
 from millrace.results import (
     KINDS,
+    final_file_id,
+    final_key,
     partial_dir,
     published_lines,
-    sealed_file_id,
-    sealed_key,
     segment_key,
 )
 
 log = logging.getLogger(__name__)
 
-FILL_CHUNK = 10_000  # fill lines written (and held) at a time
+
+class BatchMeta(BaseModel):
+    project: str = ""
+    total: int | None = None  # lines of the batch, once known
+    output_expires_after_s: int | None = None
 
 
 def output_line(record: ResponseRecord) -> OutputLine:
@@ -44,13 +58,21 @@ def output_line(record: ResponseRecord) -> OutputLine:
                       error=record.error)
 
 
+def usage_of(body: object) -> tuple[int, int]:
+    """(prompt, completion) tokens of a result line, from its response body's `usage`."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
 @dataclass
 class Spool:
     directory: Path
+    meta: BatchMeta = field(default_factory=BatchMeta)
     custom_ids: set[str] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
-    seal: BatchSealRequested | None = None
-    project: str = ""
+    tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion
     # bytes in each spool file, and how many lines / bytes of it are published as
     # partial-result segments
     sizes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
@@ -59,19 +81,28 @@ class Spool:
     published_at: float = 0.0
 
     @property
-    def sealed(self) -> bool:
-        return (self.directory / "sealed").exists()
+    def batch_id(self) -> str:
+        return self.directory.name
+
+    @property
+    def written(self) -> bool:
+        return (self.directory / "written").exists()
+
+    def files_ready(self) -> BatchFilesReady | None:
+        """The announcement of the batch's final files, once they are written."""
+        path = self.directory / "written"
+        return BatchFilesReady.model_validate_json(path.read_bytes()) if path.exists() else None
 
     def path(self, kind: str) -> Path:
         return self.directory / f"{kind}.jsonl"
 
     def rebuild(self, published: dict[str, int] | None = None) -> None:
-        """Reload the index from the spool files; `published` = lines of each kind already
-        in partial-result segments (read back from the file store)."""
+        """Reload meta, index, counts and usage from disk; `published` = lines of each kind
+        already in partial-result segments (read back from the file store)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        request = self.directory / "seal.json"
-        if request.exists():
-            self.seal = BatchSealRequested.model_validate_json(request.read_bytes())
+        meta = self.directory / "meta.json"
+        if meta.exists():
+            self.meta = BatchMeta.model_validate_json(meta.read_bytes())
         for kind in KINDS:
             path = self.path(kind)
             if not path.exists():
@@ -87,34 +118,64 @@ class Spool:
             for raw in keep.splitlines(keepends=True):
                 if self.counts[kind] == done:
                     self.published_bytes[kind] = offset
-                self.custom_ids.add(json.loads(raw)["custom_id"])
-                self.counts[kind] += 1
+                line = json.loads(raw)
+                self.custom_ids.add(line["custom_id"])
+                self._count(kind, (line.get("response") or {}).get("body"))
                 offset += len(raw)
             if self.counts[kind] == done:
                 self.published_bytes[kind] = offset
             self.published[kind] = done
 
-    def append(self, records: Iterable[ResponseRecord]) -> int:
-        """Write each record whose custom_id has no line yet; returns how many were new."""
-        if self.sealed:
-            return 0
-        return self._write(("output" if r.ok else "errors", output_line(r)) for r in records)
+    def _count(self, kind: str, body: object) -> None:
+        self.counts[kind] += 1
+        prompt, completion = usage_of(body)
+        self.tokens[0] += prompt
+        self.tokens[1] += completion
 
-    def _write(self, lines: Iterable[tuple[str, OutputLine]]) -> int:
-        """Append the lines of custom_ids not written yet: one write per file."""
+    def learn(self, **changes: Any) -> None:
+        """Remember what batch-events said (on disk: the events' offsets get committed)."""
+        meta = self.meta.model_copy(update=changes)
+        if meta == self.meta:
+            return
+        self.meta = meta
+        path = self.directory / "meta.json"
+        path.with_suffix(".tmp").write_text(meta.model_dump_json())
+        path.with_suffix(".tmp").replace(path)
+
+    def append(self, records: Iterable[ResponseRecord]) -> list[int]:
+        """Write each record whose custom_id has no line yet: one write per file. Returns
+        the input line numbers of the new lines (those known)."""
+        if self.written:
+            return []
         parts: dict[str, list[bytes]] = {kind: [] for kind in KINDS}
-        for kind, line in lines:
-            if line.custom_id not in self.custom_ids:
-                self.custom_ids.add(line.custom_id)
-                parts[kind].append(line.model_dump_json().encode() + b"\n")
+        lines = []
+        for record in records:
+            if record.custom_id in self.custom_ids:
+                continue
+            self.custom_ids.add(record.custom_id)
+            kind = "output" if record.ok else "errors"
+            parts[kind].append(output_line(record).model_dump_json().encode() + b"\n")
+            self._count(kind, record.body if record.status_code is not None else None)
+            if record.line is not None:
+                lines.append(record.line)
         for kind, new in parts.items():
             if new:
                 data = b"".join(new)
                 with self.path(kind).open("ab") as f:
                     f.write(data)
-                self.counts[kind] += len(new)
                 self.sizes[kind] += len(data)
-        return sum(len(new) for new in parts.values())
+        return lines
+
+    @property
+    def complete(self) -> bool:
+        """Every line of the batch has its result line here."""
+        total = self.meta.total
+        return total is not None and len(self.custom_ids) >= total and not self.written
+
+    def progress(self) -> BatchProgress:
+        return BatchProgress(batch_id=self.batch_id, completed=self.counts["output"],
+                             failed=self.counts["errors"], input_tokens=self.tokens[0],
+                             output_tokens=self.tokens[1])
 
     @property
     def unpublished(self) -> bool:
@@ -133,32 +194,16 @@ class Spool:
         self.published[kind] = end
         self.published_bytes[kind] += size
 
-    def fill(self, custom_ids: Iterable[str], code: str, message: str) -> int:
-        """Write an error line for every custom_id that has no result yet."""
-        error = LineError(code=code, message=message)
-        missing = (("errors", OutputLine(id=f"batch_req_{uuid.uuid4().hex}", custom_id=c,
-                                         response=None, error=error))
-                   for c in custom_ids if c not in self.custom_ids)
-        added = 0
-        while chunk := list(islice(missing, FILL_CHUNK)):  # bounded memory, few writes
-            added += self._write(chunk)
-        return added
-
-    @property
-    def complete(self) -> bool:
-        """Every line has a result, or (when filling) every result counted upstream is here."""
-        if self.seal is None:
-            return False
-        needed = self.seal.done if self.seal.fill else self.seal.total
-        return len(self.custom_ids) >= needed
-
 
 @dataclass(frozen=True)
-class Sealed:
+class Written:
+    """A batch's final files, with what they hold."""
+
     batch_id: str
     project: str
     files: dict[str, FileObject | None]
     counts: dict[str, int]
+    tokens: tuple[int, int]
 
     @property
     def lines(self) -> int:
@@ -170,10 +215,10 @@ class Assembler:
         self.root = spool_root
         self.files = files
         self._spools: dict[str, Spool] = {}
-        # seals that were requested before a restart and are still waiting
-        for pending in spool_root.glob("*/seal.json"):
-            if not (pending.parent / "sealed").exists():
-                self.spool(pending.parent.name)
+        # batches whose lines were all in before a restart are written at once
+        for meta in spool_root.glob("*/meta.json"):
+            if not (meta.parent / "written").exists():
+                self.spool(meta.parent.name)
 
     def spool(self, batch_id: str) -> Spool:
         spool = self._spools.get(batch_id)
@@ -183,34 +228,35 @@ class Assembler:
             self._spools[batch_id] = spool
         return spool
 
-    def add(self, records: Iterable[ResponseRecord]) -> int:
-        """Spool each response once; returns how many were new."""
+    def add(self, records: Iterable[ResponseRecord]) -> dict[str, list[int]]:
+        """Spool each response once; per batch with new lines, their input line numbers."""
         by_batch: dict[str, list[ResponseRecord]] = {}
         for record in records:
             by_batch.setdefault(record.batch_id, []).append(record)
-        added = 0
+        added: dict[str, list[int]] = {}
         for batch_id, group in by_batch.items():
             spool = self.spool(batch_id)
-            spool.project = spool.project or group[0].project
-            added += spool.append(group)
+            before = len(spool.custom_ids)
+            lines = spool.append(group)
+            if len(spool.custom_ids) > before:
+                if not spool.meta.project:
+                    spool.learn(project=group[0].project)
+                added[batch_id] = lines
         return added
 
-    def seal_when_complete(self, request: BatchSealRequested) -> None:
-        """Remember (on disk: its offset gets committed) to seal once the lines are in."""
-        spool = self.spool(request.batch_id)
-        if spool.sealed:
-            return
-        spool.seal = request
-        spool.project = request.project
-        pending = spool.directory / "seal.json"
-        pending.with_suffix(".tmp").write_bytes(request.dumps())
-        pending.with_suffix(".tmp").replace(pending)
+    def learn(self, batch_id: str, **changes: Any) -> None:
+        spool = self.spool(batch_id)
+        if not spool.written:
+            spool.learn(**changes)
+
+    def complete(self) -> list[str]:
+        return [b for b, s in self._spools.items() if s.complete]
 
     def publish_due(self, every_s: float) -> list[str]:
         """Batches with lines not yet published as partial results for `every_s`."""
         now = time.monotonic()
         return [b for b, s in self._spools.items()
-                if s.unpublished and not s.sealed and now - s.published_at >= every_s]
+                if s.unpublished and not s.written and now - s.published_at >= every_s]
 
     def publish(self, batch_id: str) -> int:
         """Publish the batch's new spooled lines as partial-result segments."""
@@ -223,36 +269,45 @@ class Assembler:
         spool.published_at = time.monotonic()
         return published
 
-    def sealable(self) -> list[str]:
-        return [b for b, s in self._spools.items() if s.complete and not s.sealed]
-
-    def seal(self, batch_id: str) -> Sealed:
+    def write_files(self, batch_id: str) -> Written:
         """Copy the spool files into the file store; empty files get no id."""
         spool = self.spool(batch_id)
-        expires_after = spool.seal.output_expires_after_s if spool.seal else None
-        sealed: dict[str, FileObject | None] = {}
+        expires_after = spool.meta.output_expires_after_s
+        files: dict[str, FileObject | None] = {}
         for kind in KINDS:
             path = spool.path(kind)
             if not path.exists() or path.stat().st_size == 0:
-                sealed[kind] = None
+                files[kind] = None
                 continue
             with path.open("rb") as src:
-                size, _ = self.files.write_from(sealed_key(batch_id, kind), src)
+                size, _ = self.files.write_from(final_key(batch_id, kind), src)
             created = int(time.time())
-            sealed[kind] = FileObject(
-                id=sealed_file_id(batch_id, kind), bytes=size, created_at=created,
+            files[kind] = FileObject(
+                id=final_file_id(batch_id, kind), bytes=size, created_at=created,
                 filename=f"{batch_id}_{kind}.jsonl", purpose="batch_output",
                 expires_at=created + expires_after if expires_after else None,
             )
-        return Sealed(batch_id, spool.project, sealed, dict(spool.counts))
+        return Written(batch_id, spool.meta.project, files, dict(spool.counts),
+                       (spool.tokens[0], spool.tokens[1]))
 
-    def mark_sealed(self, batch_id: str) -> None:
+    def forget(self, batch_id: str) -> None:
+        """A finished batch that has no files (failed validation, cancelled before any line
+        ran): nothing will come for it."""
         spool = self.spool(batch_id)
-        (spool.directory / "sealed").touch()
+        if not spool.written and not spool.custom_ids:
+            shutil.rmtree(spool.directory, ignore_errors=True)
+            del self._spools[batch_id]
+
+    def mark_written(self, batch_id: str, ready: BatchFilesReady) -> None:
+        """The files are registered: drop the spool, keep the announcement (late lines are
+        ignored from now on)."""
+        spool = self.spool(batch_id)
+        marker = spool.directory / "written"
+        marker.with_suffix(".tmp").write_bytes(ready.dumps())
+        marker.with_suffix(".tmp").replace(marker)
         for kind in KINDS:
             spool.path(kind).unlink(missing_ok=True)
-        (spool.directory / "seal.json").unlink(missing_ok=True)
         spool.custom_ids.clear()
         del self._spools[batch_id]
-        # the sealed files hold every published line, in the same order
+        # the final files hold every published line, in the same order
         self.files.delete_tree(partial_dir(batch_id))

@@ -1,36 +1,44 @@
-"""The sink loop: responses + batch-events → spool files → sealed output/error files, partial
-results while a batch runs, and webhooks when it ends.
+"""The sink: responses + batch-events → spool files → final output/error files, counts,
+partial results while a batch runs, and webhooks when it is finished.
 
-Offsets are committed after the records of a poll are written to the spool (and the
-webhook deliveries of its terminal transitions recorded), so a crash redelivers only what
-the spool may not have; the spool's custom_id index drops repeats, a sealed batch ignores
-its late records, and sealing and webhook deliveries are idempotent — so the commit can be
-asynchronous: one that is lost only means more of that.
+Per poll, in this order: batch-events teach each batch's spool its project, number of
+lines and output expiry; responses are appended to the spools (a custom_id already there
+is skipped); the lines that got a result are marked in Redis (`done:<batch>`, so a
+re-drive or fill skips them); each batch with new lines publishes its `progress` (the
+counts and usage its files will hold); each batch whose every line is in gets its files
+written, registered and announced (`files_ready`); `finished` events become webhook
+deliveries. Only then are the offsets committed, so a crash redelivers only what the spool
+may not have, and everything above is idempotent.
+
+A fill or re-drive request for a batch whose files are already written means its
+`files_ready` may have been lost (a broker that lost its data): it is announced again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
-from collections.abc import Iterable, Iterator
 
 from confluent_kafka import Consumer, Message
 from pydantic import ValidationError
 
 from millrace.filestore import FileStore
-from millrace.kafka import AsyncProducer, KafkaConfig, take, usable
-from millrace.protocol import BATCH_LINE_ERRORS
+from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
 from millrace.records import (
+    BatchCreated,
+    BatchEvent,
     BatchFilesReady,
-    BatchSealRequested,
-    BatchTransition,
+    BatchFilled,
+    BatchFillRequested,
+    BatchFinished,
+    BatchRedriveRequested,
+    BatchValidated,
     ResponseRecord,
     parse_event,
 )
 from millrace.registry import Registry
-from millrace.results import sealed_key
+from millrace.results import final_key
 from millrace.settings import Settings
 from millrace.store import Store
 from millrace.topics import Topics
@@ -39,13 +47,6 @@ from sink.assembler import Assembler
 from sink.webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
-
-
-def input_custom_ids(lines: Iterable[bytes]) -> Iterator[str]:
-    """custom_ids of a batch input file (already validated: every line has one)."""
-    for raw in lines:
-        if raw.strip():
-            yield str(json.loads(raw)["custom_id"])
 
 
 class Sink:
@@ -60,7 +61,6 @@ class Sink:
         files = FileStore(settings.files_url)
         self.assembler = Assembler(settings.data_dir / "sink", files)
         self.webhooks = Dispatcher(settings, self.store, files)
-        self._transitions: list[BatchTransition] = []
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -71,71 +71,95 @@ class Sink:
         webhooks = asyncio.create_task(self.webhooks.run(self._stopping))
         mark_ready(self.settings, "sink")
         try:
-            while not self._stopping.is_set():
-                messages = await asyncio.to_thread(
-                    take, self.consumer, self.settings.sink_max_batch, 0.2,
-                    self.settings.sink_max_wait_ms / 1000,
-                )
-                if messages:
-                    self.handle(messages)
-                    for batch_id in self.assembler.sealable():
-                        await self.seal(batch_id)
-                    for transition in self._transitions:
-                        await self.webhooks.enqueue(transition)
-                    self._transitions.clear()
-                    self.consumer.commit(asynchronous=True)
-                for batch_id in self.assembler.publish_due(self.settings.sink_partial_every_s):
-                    await asyncio.to_thread(self.assembler.publish, batch_id)
+            await self.write_complete()  # batches whose lines were all in before a restart
+            await consume_loop(
+                self.consumer, self.handle, self._stopping, most=self.settings.sink_max_batch,
+                fill_wait=self.settings.sink_max_wait_ms / 1000, every=self.publish_partial)
         finally:
             self._stopping.set()
             await webhooks
-            self.consumer.close()
+            await asyncio.to_thread(self.consumer.close)
             self.producer.close()
             await self.store.close()
 
-    def handle(self, messages: list[Message]) -> None:
-        responses = []
+    async def handle(self, messages: list[Message]) -> None:
+        responses: list[ResponseRecord] = []
+        events: list[BatchEvent] = []
         for msg in messages:
-            if not usable(msg):
-                continue
             try:
                 if msg.topic() == self.topics.responses:
                     responses.append(ResponseRecord.model_validate_json(msg.value() or b""))
-                    continue
-                event = parse_event(msg.value() or b"")
+                else:
+                    events.append(parse_event(msg.value() or b""))
             except ValidationError:
                 log.error("skipping malformed record at %s[%d]@%d",
                           msg.topic(), msg.partition(), msg.offset())
-                continue
-            if isinstance(event, BatchSealRequested):
-                self.assembler.seal_when_complete(event)
-            elif isinstance(event, BatchTransition):
-                self._transitions.append(event)
-        # one write per spool file per poll (a seal request only marks what to wait for)
-        self.assembler.add(responses)
+        finished, announce = self.learn(events)
+        added = await asyncio.to_thread(self.assembler.add, responses)
+        if added:
+            await self.store.mark_done(added)
+            progress = [self.producer.produce(self.topics.batch_events, batch_id,
+                                              self.assembler.spool(batch_id).progress().dumps())
+                        for batch_id in added]
+            await asyncio.gather(*progress)
+        await self.write_complete()
+        for ready in announce:
+            await self.producer.send(self.topics.batch_events, ready.batch_id, ready.dumps())
+        for event in finished:
+            await self.webhooks.enqueue(event)
+            await self.store.forget_done(event.batch_id)
+            self.assembler.forget(event.batch_id)
 
-    async def seal(self, batch_id: str) -> None:
-        spool = self.assembler.spool(batch_id)
-        request = spool.seal
-        if request is not None and request.fill and request.input_file_id:
-            source = await self.store.get_file(request.input_file_id, request.project)
-            if source is not None:
-                ids = input_custom_ids(self.assembler.files.iter_lines(source.path))
-                await asyncio.to_thread(spool.fill, ids, request.fill,
-                                        BATCH_LINE_ERRORS.get(request.fill, request.fill))
-        sealed = await asyncio.to_thread(self.assembler.seal, batch_id)
-        for kind, obj in sealed.files.items():
+    def learn(self, events: list[BatchEvent]) -> tuple[list[BatchFinished],
+                                                        list[BatchFilesReady]]:
+        """What batch-events teach the spools; returns the `finished` events to send
+        webhooks for, and the `files_ready` to announce again."""
+        finished: list[BatchFinished] = []
+        announce: list[BatchFilesReady] = []
+        for event in events:
+            if isinstance(event, BatchCreated):
+                self.assembler.learn(event.batch_id, project=event.project,
+                                     output_expires_after_s=event.output_expires_after_s)
+            elif isinstance(event, BatchValidated):
+                self.assembler.learn(event.batch_id, total=event.total)
+            elif isinstance(event, BatchFilled):
+                spool = self.assembler.spool(event.batch_id)
+                if spool.meta.total is None:
+                    self.assembler.learn(event.batch_id, total=event.total)
+            elif isinstance(event, BatchFinished):
+                finished.append(event)
+            elif isinstance(event, BatchFillRequested | BatchRedriveRequested):
+                ready = self.assembler.spool(event.batch_id).files_ready()
+                if ready is not None:
+                    announce.append(ready)
+        return finished, announce
+
+    async def write_complete(self) -> None:
+        for batch_id in self.assembler.complete():
+            await self.write_files(batch_id)
+
+    async def write_files(self, batch_id: str) -> None:
+        """Write, register and announce a batch's final files (again after a crash: the
+        file ids derive from the batch id, so the result is the same)."""
+        written = await asyncio.to_thread(self.assembler.write_files, batch_id)
+        for kind, obj in written.files.items():
             if obj is not None:
-                await self.registry.put_file(obj, sealed.project, sealed_key(batch_id, kind))
-        output, errors = sealed.files["output"], sealed.files["errors"]
+                await self.registry.put_file(obj, written.project, final_key(batch_id, kind))
+        output, errors = written.files["output"], written.files["errors"]
         ready = BatchFilesReady(
             batch_id=batch_id,
             output_file_id=output.id if output else None,
             error_file_id=errors.id if errors else None,
-            lines=sealed.lines,
-            completed=sealed.counts["output"],
-            failed=sealed.counts["errors"],
+            lines=written.lines,
+            completed=written.counts["output"],
+            failed=written.counts["errors"],
+            input_tokens=written.tokens[0],
+            output_tokens=written.tokens[1],
         )
         await self.producer.send(self.topics.batch_events, batch_id, ready.dumps())
-        self.assembler.mark_sealed(batch_id)
-        log.info("sealed %s: %d lines", batch_id, sealed.lines)
+        await asyncio.to_thread(self.assembler.mark_written, batch_id, ready)
+        log.info("wrote the files of %s: %d lines", batch_id, written.lines)
+
+    async def publish_partial(self) -> None:
+        for batch_id in self.assembler.publish_due(self.settings.sink_partial_every_s):
+            await asyncio.to_thread(self.assembler.publish, batch_id)

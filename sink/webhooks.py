@@ -1,11 +1,12 @@
-"""Webhook delivery: a batch's terminal transition becomes one delivery per target, and due
-deliveries are signed (Standard Webhooks) and POSTed until one answers 2xx.
+"""Webhook delivery: a batch's `finished` event becomes one delivery per target it names,
+and due deliveries are signed (Standard Webhooks) and POSTed until one answers 2xx.
 
-Targets: the batch's own `webhook_url` and the project's configured endpoints. Deliveries
-live in Redis (`millrace.deliveries`), so a restarted sink carries on with the retries;
-every attempt is recorded. A delivery waits until the read model shows the batch in its
-final state (an expired batch with its files), so a receiver that fetches the batch when
-told sees what the event says.
+The event carries everything: the final Batch object (files attached, counts, usage) and
+the targets (the batch's own `webhook_url` and its project's endpoints that want the event
+type), so nothing is looked up in the read model. The body is built once, when the
+delivery is recorded, and is the same on every attempt. Deliveries live in Redis
+(`millrace.deliveries`), so a restarted sink carries on with the retries; every attempt is
+recorded.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import httpx
 
 from millrace.deliveries import Deliveries, Delivery, DeliveryAttempt, delivery_id
 from millrace.filestore import FileStore
-from millrace.protocol import Batch
-from millrace.records import BatchTransition
+from millrace.records import BatchFinished
+from millrace.results import KINDS, final_key
 from millrace.settings import Settings
 from millrace.store import Store
 from millrace.webhooks import (
@@ -41,15 +42,12 @@ log = logging.getLogger(__name__)
 
 CONCURRENCY = 8  # deliveries attempted at once by one sink
 IDLE_S = 0.2  # how often an idle dispatcher looks for due deliveries
-SETTLE_POLL_S = 0.2
-SETTLE_WAIT_S = 60.0  # longest a delivery waits for the read model to show the final batch
 
 
 class Dispatcher:
     def __init__(self, settings: Settings, store: Store, files: FileStore,
                  client: httpx.AsyncClient | None = None) -> None:
         self.settings = settings
-        self.store = store
         self.files = files
         self.deliveries = Deliveries(store)
         # no redirects: a 3xx to an internal address would walk around the target check
@@ -60,26 +58,20 @@ class Dispatcher:
     def enabled(self) -> bool:
         return self.settings.webhook_signing_key is not None
 
-    async def enqueue(self, transition: BatchTransition) -> int:
-        """Deliveries for a terminal transition; a repeated transition adds none."""
-        event_type = EVENT_TYPES.get(transition.to_status)
-        if event_type is None or not self.enabled:
+    async def enqueue(self, finished: BatchFinished) -> int:
+        """Deliveries of a `finished` event; a repeated event adds none."""
+        event_type = EVENT_TYPES.get(finished.status)
+        if event_type is None or not self.enabled or not finished.webhooks:
             return 0
-        targets: dict[str, tuple[str, str | None]] = {}
-        for endpoint in await self.store.endpoints(transition.project):
-            if endpoint.events is None or event_type in endpoint.events:
-                targets.setdefault(endpoint.url, ("endpoint", endpoint.id))
-        own = await self.store.batch_webhook(transition.batch_id)
-        if own is not None:
-            targets[str(own["url"])] = ("batch", None)
-        evt = event_id(transition.batch_id, event_type)
+        evt = event_id(finished.batch_id, event_type)
+        body = await self.payload(finished, evt, event_type)
         added = 0
-        for url, (source, endpoint_id) in targets.items():
+        for target in finished.webhooks:
             added += await self.deliveries.add(Delivery(
-                id=delivery_id(evt, url), batch_id=transition.batch_id,
-                project=transition.project, event_id=evt, event_type=event_type,
-                event_created_at=transition.at, url=url, source=source,
-                endpoint_id=endpoint_id, next_attempt_at=time.time()))
+                id=delivery_id(evt, target.url), batch_id=finished.batch_id,
+                project=finished.project, event_id=evt, event_type=event_type,
+                event_created_at=finished.at, url=target.url, source=target.source,
+                endpoint_id=target.endpoint_id, next_attempt_at=time.time()), body)
         return added
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -98,15 +90,10 @@ class Dispatcher:
 
     async def attempt(self, delivery_id_: str) -> None:
         delivery = await self.deliveries.get(delivery_id_)
-        if delivery is None or delivery.status != "pending":
+        body = await self.deliveries.body(delivery_id_)
+        if delivery is None or body is None or delivery.status != "pending":
             await self.deliveries.forget_due(delivery_id_)
             return
-        batch = await self.store.get_batch(delivery.batch_id, delivery.project)
-        now = time.time()
-        if not settled(batch, delivery) and now - delivery.event_created_at < SETTLE_WAIT_S:
-            await self.deliveries.defer(delivery.id, now + SETTLE_POLL_S)
-            return
-        body = await self.payload(delivery, batch)
         number = len(delivery.attempts) + 1
         started = time.monotonic()
         status_code: int | None = None
@@ -138,32 +125,20 @@ class Dispatcher:
         at = time.time() + retry_delay(attempts, s.webhook_retry_base_s, s.webhook_retry_max_s)
         return at if at <= delivery.event_created_at + s.webhook_horizon_s else None
 
-    async def payload(self, delivery: Delivery, batch: Batch | None) -> str:
-        data: dict[str, Any] = (batch.model_dump(mode="json") if batch is not None
-                                else {"id": delivery.batch_id})
+    async def payload(self, finished: BatchFinished, evt: str, event_type: str) -> str:
+        data = dict(finished.batch) or {"id": finished.batch_id}
         most = self.settings.webhook_results_max_lines
-        if batch is not None and most and batch.request_counts.total <= most:
-            data["results"] = await self.results(batch, delivery.project)
-        event = WebhookEvent(id=delivery.event_id, type=delivery.event_type,
-                             created_at=delivery.event_created_at, data=data)
+        counts = data.get("request_counts") or {}
+        if most and int(counts.get("total") or 0) <= most:
+            data["results"] = await asyncio.to_thread(self.results, finished.batch_id)
+        event = WebhookEvent(id=evt, type=event_type, created_at=finished.at, data=data)
         return event.model_dump_json()
 
-    async def results(self, batch: Batch, project: str) -> list[Any]:
+    def results(self, batch_id: str) -> list[Any]:
         """A small batch's output and error lines (PromptLoop sends results with the hook)."""
         lines: list[Any] = []
-        for file_id in (batch.output_file_id, batch.error_file_id):
-            found = await self.store.get_file(file_id, project) if file_id else None
-            if found is not None:
-                raw = await asyncio.to_thread(self._lines, found.path)
-                lines += [json.loads(line) for line in raw if line.strip()]
+        for kind in KINDS:
+            if self.files.exists(final_key(batch_id, kind)):
+                lines += [json.loads(line) for line in self.files.iter_lines(
+                    final_key(batch_id, kind)) if line.strip()]
         return lines
-
-
-    def _lines(self, path: str) -> list[bytes]:
-        return list(self.files.iter_lines(path))
-
-
-def settled(batch: Batch | None, delivery: Delivery) -> bool:
-    """The read model shows the batch as the event describes it, files attached."""
-    return (batch is not None and EVENT_TYPES.get(batch.status) == delivery.event_type
-            and batch.settled)

@@ -1,15 +1,14 @@
 """Restoring the Redis read model from Kafka (`millrace rebuild`).
 
-Batches come from the aggregator's table changelog: each record is a batch's whole state,
-including the Batch object as the gateway created it, so the latest record per batch is the
-batch. Files, API keys (hashed) and webhook endpoints come from `<prefix>.registry`. Values
-already in Redis are kept (the services may have written newer ones since it was wiped),
-so rebuilding is safe while everything runs, and idempotent.
+Batches come from the compacted `<prefix>.batch-state` topic: each record is a batch's
+whole aggregator state, including the Batch object as the gateway created it, so the latest
+record per batch is the batch. Files, API keys (hashed) and webhook endpoints come from
+`<prefix>.registry`. Values already in Redis are kept (the services may have written newer
+ones since it was wiped), so rebuilding is safe while everything runs, and idempotent.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
@@ -35,13 +34,11 @@ class Rebuilt:
 
 
 def read_batches(kafka: KafkaConfig, topics: Topics) -> dict[str, BatchState]:
-    """The latest state of every batch in the aggregator's changelog."""
+    """The latest state of every batch on the batch-state topic."""
     latest: dict[str, BatchState | None] = {}
-    # the fence is a tombstone: harmless to Faust when it recovers the table
-    for msg in read_to_fence(kafka, topics.aggregator_changelog(), lambda token: None):
-        key = json.loads(msg.key() or b"null")
-        if not isinstance(key, str):
-            continue
+    # the fence is a tombstone under its own key: compaction drops it
+    for msg in read_to_fence(kafka, topics.batch_state, lambda token: None):
+        key = (msg.key() or b"").decode()
         value = msg.value()
         try:
             latest[key] = BatchState.model_validate_json(value) if value else None
@@ -63,7 +60,8 @@ async def rebuild(settings: Settings) -> Rebuilt:
             original = state.restorable()
             if original is None:
                 continue  # created before batches kept their document
-            if await store.restore_batch(state.batch_id, original, state.batch_fields()):
+            if await store.restore_batch(state.batch_id, original, state.model_dump_json(),
+                                         state.batch_fields(), active=not state.finished):
                 restored += 1
             else:
                 kept += 1

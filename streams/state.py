@@ -1,41 +1,59 @@
-"""Per-batch aggregate state and the pure functions that advance it.
+"""A batch's status machine: pure decisions, no I/O, so every rule is tested directly.
 
-Kept free of Faust and I/O so the status machine and counting rules are tested directly.
+Invariants:
+- Only legal transitions (`millrace/status.py`) happen, each stamped and published once.
+- Counts come from the sink (`progress`, then `files_ready`), which counts the lines its
+  files hold; they never decrease, and a final batch's counts and usage are its files'.
+- Every event may be applied twice (a crash replays what was not committed): applying one
+  again changes nothing and emits nothing new, except that an event emitted just before a
+  crash may be emitted again (subscribers and the sink treat repeats as no-ops).
+- Every non-final status has a way out: `validating`/`in_progress` by the window
+  (`expire_due`), `cancelling`/`expired` by a fill request (every line without a result
+  gets an error line), after which the sink writes the files.
 """
 
 from __future__ import annotations
 
-import base64
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from millrace.protocol import BatchError
+from millrace.protocol import Batch, BatchError
 from millrace.records import (
     BatchCancelRequested,
     BatchCreated,
     BatchEvent,
     BatchExpireDue,
     BatchFilesReady,
+    BatchFilled,
+    BatchFillRequested,
+    BatchFinished,
     BatchOpened,
-    BatchSealRequested,
+    BatchProgress,
     BatchTransition,
     BatchValidated,
     BatchValidationFailed,
-    ResponseOutcome,
+    WebhookTarget,
     now,
 )
 from millrace.status import TIMESTAMP_FIELD, BatchStatus, can_transition
 from millrace.store import RestoredBatch
 
-Emitted = BatchTransition | BatchSealRequested
+S = BatchStatus
+Emitted = BatchTransition | BatchFillRequested | BatchFinished
+
+STREAM_INPUT = "stream"  # input_file_id of a batch fed from the ingest topic
+# status a batch entered → the error code of its lines without a result
+FILL_CODES = {S.CANCELLING: "batch_cancelled", S.EXPIRED: "batch_expired"}
+# what files_ready completes
+AFTER_FILES = {S.FINALIZING: S.COMPLETED, S.CANCELLING: S.CANCELLED}
 
 
 class BatchState(BaseModel):
     batch_id: str
     project: str = ""
-    status: BatchStatus = BatchStatus.VALIDATING
+    status: BatchStatus = S.VALIDATING
     total: int | None = None
     completed: int = 0
     failed: int = 0
@@ -45,149 +63,172 @@ class BatchState(BaseModel):
     input_file_id: str | None = None
     expires_at: int | None = None
     output_expires_after_s: int | None = None
-    seal_requested: bool = False
     timestamps: dict[str, int] = Field(default_factory=dict)
     output_file_id: str | None = None
     error_file_id: str | None = None
+    files_ready: bool = False
     errors: list[BatchError] | None = None
-    # Which lines are counted, saved in the same table record as the counts they produced,
-    # so a replayed response is recognised whatever crashed when: a bitmap over input line
-    # numbers (base64), and custom_ids of responses that carry no line number.
-    counted: str = ""
-    counted_ids: list[str] = Field(default_factory=list)
-    # The gateway's half of the Batch object, as created, kept so that the read model can
-    # be restored from this table's changelog if Redis is lost (`millrace rebuild`).
+    fill: str | None = None  # the fill code requested, once
+    finished: bool = False  # `finished` published
+    # The gateway's half of the Batch object, as created: the read model can be restored
+    # from this state if Redis loses it, and the final Batch travels in `finished`.
     doc: dict[str, Any] | None = None
     webhook: dict[str, Any] | None = None
     listed_at: float | None = None
+
+    @classmethod
+    def from_doc(cls, batch_id: str, doc: dict[str, Any], project: str) -> BatchState:
+        """The state of a batch known only from its read-model document (its `created`
+        event was lost): enough to expire, cancel, fill and finish it."""
+        state = cls(batch_id=batch_id)
+        state._created(project, doc, None, None, float(doc.get("created_at") or now()))
+        return state
 
     @property
     def done(self) -> int:
         return self.completed + self.failed
 
-    def transition(self, to: BatchStatus, at: int | None = None) -> BatchTransition | None:
-        """Move to `to` if legal; the returned event is what gets published."""
+    @property
+    def deadline(self) -> int | None:
+        """When the window closes, while the batch can still expire."""
+        expirable = self.status in (S.VALIDATING, S.IN_PROGRESS)
+        return self.expires_at if expirable else None
+
+    def due(self, at: float) -> bool:
+        return self.deadline is not None and self.deadline <= at
+
+    # --- events ----------------------------------------------------------------------
+    def apply(self, event: BatchEvent) -> list[Emitted]:
+        """Apply one event from the gateway, the sink or the aggregator's timer;
+        transitions, fill/redrive requests and `finished` are not ours to apply."""
+        handler = _HANDLERS.get(type(event))
+        return handler(self, event) if handler is not None else []
+
+    def _on_created(self, event: BatchCreated) -> list[Emitted]:
+        self._created(event.project, event.batch, event.webhook, event.output_expires_after_s,
+                      event.listed_at if event.listed_at is not None else event.at)
+        return []
+
+    def _on_opened(self, event: BatchOpened) -> list[Emitted]:
+        return self._move(S.IN_PROGRESS, event.at) if self.status is S.VALIDATING else []
+
+    def _on_progress(self, event: BatchProgress) -> list[Emitted]:
+        if event.done >= self.done and not self.files_ready:
+            self.completed, self.failed = event.completed, event.failed
+            self.input_tokens, self.output_tokens = event.input_tokens, event.output_tokens
+        return self._counted(event.at)
+
+    def _on_filled(self, event: BatchFilled) -> list[Emitted]:
+        if self.total is None:
+            self.total = event.total
+        return self._counted(event.at)
+
+    def _on_cancel(self, event: BatchCancelRequested) -> list[Emitted]:
+        if self.status not in (S.VALIDATING, S.IN_PROGRESS):
+            return []
+        return self._move(S.CANCELLING, event.at) + self._fill_if_due()
+
+    def _on_expire_due(self, event: BatchExpireDue) -> list[Emitted]:
+        if not self.due(event.at):
+            return []
+        return self._move(S.EXPIRED, event.at) + self._fill_if_due()
+
+    def _created(self, project: str, doc: dict[str, Any], webhook: dict[str, Any] | None,
+                 output_expires_after_s: int | None, listed_at: float) -> None:
+        self.project = project
+        self.input_file_id = doc.get("input_file_id")
+        self.expires_at = doc.get("expires_at")
+        self.output_expires_after_s = output_expires_after_s
+        self.doc = doc
+        self.webhook = webhook
+        self.listed_at = listed_at
+
+    def _on_validated(self, event: BatchValidated) -> list[Emitted]:
+        self.total = event.total
+        self.model = event.model or self.model
+        emitted = self._move(S.IN_PROGRESS, event.at) if self.status is S.VALIDATING else []
+        return emitted + self._fill_if_due() + self._counted(event.at)
+
+    def _on_validation_failed(self, event: BatchValidationFailed) -> list[Emitted]:
+        self.errors = event.errors
+        if self.status is S.CANCELLING:  # nothing was enqueued: done
+            return self._move(S.CANCELLED, event.at) + self._finish()
+        if self.status is S.VALIDATING:
+            return self._move(S.FAILED, event.at) + self._finish()
+        if self.status is S.EXPIRED:  # expired while validating; nothing ran
+            return self._finish()
+        return []
+
+    def _counted(self, at: int) -> list[Emitted]:
+        """Once every line has a result, a running batch is finalizing (files next)."""
+        if self.status is S.IN_PROGRESS and self.total is not None and self.done >= self.total:
+            return self._move(S.FINALIZING, at)
+        return []
+
+    def _on_files_ready(self, event: BatchFilesReady) -> list[Emitted]:
+        if self.files_ready or (self.status.terminal and self.status is not S.EXPIRED):
+            return []
+        self.files_ready = True
+        self.output_file_id, self.error_file_id = event.output_file_id, event.error_file_id
+        self.completed, self.failed = event.completed, event.failed
+        self.input_tokens, self.output_tokens = event.input_tokens, event.output_tokens
+        self.total = self.total if self.total is not None else event.lines
+        emitted = self._move(S.FINALIZING, event.at) if self.status is S.IN_PROGRESS else []
+        target = AFTER_FILES.get(self.status)
+        if target is not None:
+            emitted += self._move(target, event.at)
+        return emitted + self._finish()
+
+    # --- what the state emits -----------------------------------------------------------
+    def _move(self, to: BatchStatus, at: int | None = None) -> list[Emitted]:
         if not can_transition(self.status, to):
-            return None
+            return []
         event = BatchTransition(
             batch_id=self.batch_id, project=self.project, from_status=self.status,
             to_status=to, total=self.total or 0, completed=self.completed, failed=self.failed,
-        )
+            at=at or now())
         self.status = to
-        self.timestamps[TIMESTAMP_FIELD[to]] = at or now()
-        return event
+        self.timestamps[TIMESTAMP_FIELD[to]] = event.at
+        return [event]
 
-    def _moved(self, to: BatchStatus, at: int | None = None) -> list[Emitted]:
-        event = self.transition(to, at)
-        return [event] if event else []
-
-    def advance(self) -> list[Emitted]:
-        """Once every line has a result: in_progress → finalizing, and ask the sink to seal
-        (a cancelling batch stays cancelling until its files are sealed)."""
-        if self.total is None or self.done < self.total or self.seal_requested:
+    def _fill_if_due(self) -> list[Emitted]:
+        """A cancelled or expired batch's lines without a result get error lines; a file
+        batch once its lines are known (validated), a stream batch at once (the fill
+        closes it)."""
+        code = FILL_CODES.get(self.status)
+        known = self.total is not None or self.input_file_id == STREAM_INPUT
+        if code is None or self.fill is not None or not known:
             return []
-        if self.status not in (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING):
+        self.fill = code
+        return [BatchFillRequested(batch_id=self.batch_id, project=self.project, code=code,
+                                   input_file_id=self.input_file_id)]
+
+    def _finish(self) -> list[Emitted]:
+        """`finished`, once: the final Batch object, with the batch's own webhook target
+        (the aggregator adds the project's endpoints)."""
+        if self.finished or not self.status.terminal:
             return []
-        emitted = self._moved(BatchStatus.FINALIZING)
-        return [*emitted, self._seal()]
+        self.finished = True
+        own = [WebhookTarget(url=str(self.webhook["url"]), source="batch")] if (
+            self.webhook and self.webhook.get("url")) else []
+        batch = self.batch()
+        return [BatchFinished(batch_id=self.batch_id, project=self.project,
+                              status=self.status,
+                              batch=batch.model_dump(mode="json") if batch else {},
+                              webhooks=own)]
 
-    def _seal(self, fill: str | None = None) -> BatchSealRequested:
-        self.seal_requested = True
-        return BatchSealRequested(
-            batch_id=self.batch_id, project=self.project, total=self.total or 0,
-            done=self.done, input_file_id=self.input_file_id, fill=fill,
-            output_expires_after_s=self.output_expires_after_s,
-        )
-
-    @property
-    def due(self) -> bool:
-        """Past its window and still running (the timer's question)."""
-        return (
-            self.status is BatchStatus.IN_PROGRESS
-            and self.expires_at is not None
-            and self.expires_at <= now()
-        )
-
-    def count_new(self, responses: Iterable[ResponseOutcome]) -> list[Emitted]:
-        """Count each response whose line is not counted yet (redeliveries are skipped)."""
-        bits = bytearray(base64.b64decode(self.counted))
-        ids = set(self.counted_ids)
-        emitted: list[Emitted] = []
-        for response in responses:
-            if response.line is None:
-                if response.custom_id in ids:
-                    continue
-                ids.add(response.custom_id)
-            else:
-                byte, bit = divmod(response.line, 8)
-                if byte >= len(bits):
-                    bits.extend(bytes(byte + 1 - len(bits)))
-                if bits[byte] >> bit & 1:
-                    continue
-                bits[byte] |= 1 << bit
-            emitted += self.count(response)
-        if self.status.terminal:
-            bits, ids = bytearray(), set()  # nothing is counted any more: drop the index
-        self.counted = base64.b64encode(bits).decode()
-        self.counted_ids = sorted(ids)
-        return emitted
-
-    def count(self, response: ResponseOutcome) -> list[Emitted]:
-        """Count one response; the caller guarantees each line is counted once."""
-        if self.status.terminal:
-            return []  # e.g. expired: its counts come from the files the sink sealed
-        if response.ok:
-            self.completed += 1
-        else:
-            self.failed += 1
-        self.input_tokens += response.usage.prompt_tokens
-        self.output_tokens += response.usage.completion_tokens
-        return self.advance()
-
-    def apply(self, event: BatchEvent) -> list[Emitted]:
-        """Apply a lifecycle event from the gateway or the sink."""
-        if isinstance(event, BatchCreated):
-            self.project = event.project
-            self.input_file_id = event.batch.get("input_file_id")
-            self.expires_at = event.batch.get("expires_at")
-            self.output_expires_after_s = event.output_expires_after_s
-            self.doc = event.batch
-            self.webhook = event.webhook
-            self.listed_at = event.listed_at if event.listed_at is not None else event.at
-            return []
-        if isinstance(event, BatchExpireDue):
-            if not self.due:
-                return []
-            return [*self._moved(BatchStatus.EXPIRED, event.at), self._seal("batch_expired")]
-        if isinstance(event, BatchOpened):
-            return self._moved(BatchStatus.IN_PROGRESS, event.at)
-        if isinstance(event, BatchValidated):
-            self.total = event.total
-            self.model = event.model
-            return self._moved(BatchStatus.IN_PROGRESS, event.at) + self.advance()
-        if isinstance(event, BatchValidationFailed):
-            self.errors = event.errors
-            if self.status is BatchStatus.CANCELLING:  # nothing was enqueued: done
-                return self._moved(BatchStatus.CANCELLED, event.at)
-            return self._moved(BatchStatus.FAILED, event.at)
-        if isinstance(event, BatchCancelRequested):
-            return self._moved(BatchStatus.CANCELLING, event.at) + self.advance()
-        if isinstance(event, BatchFilesReady):
-            self.output_file_id = event.output_file_id
-            self.error_file_id = event.error_file_id
-            if self.status is BatchStatus.EXPIRED:
-                self.completed, self.failed = event.completed, event.failed
-            after_seal = {BatchStatus.FINALIZING: BatchStatus.COMPLETED,
-                          BatchStatus.CANCELLING: BatchStatus.CANCELLED}
-            target = after_seal.get(self.status)
-            return self._moved(target, event.at) if target else []
-        return []  # transitions and seal requests are our own output
+    # --- the read model -------------------------------------------------------------------
+    def batch(self) -> Batch | None:
+        """The Batch object as the gateway serves it (None before `created` is known)."""
+        if self.doc is None:
+            return None
+        return Batch.model_validate({**self.doc, **self.batch_fields()})
 
     def restorable(self) -> RestoredBatch | None:
         """The gateway's half, for putting the batch back into a lost read model."""
         if self.doc is None or self.listed_at is None:
             return None
-        return RestoredBatch(self.project, self.doc, self.listed_at, self.webhook)
+        return RestoredBatch(self.project, self.doc, self.listed_at)
 
     def batch_fields(self) -> dict[str, Any]:
         """The aggregator-owned half of the Batch object, as stored in Redis."""
@@ -212,3 +253,16 @@ class BatchState(BaseModel):
             ),
             **self.timestamps,
         }
+
+
+_HANDLERS: dict[type, Callable[[BatchState, Any], list[Emitted]]] = {
+    BatchCreated: BatchState._on_created,
+    BatchOpened: BatchState._on_opened,
+    BatchValidated: BatchState._on_validated,
+    BatchValidationFailed: BatchState._on_validation_failed,
+    BatchProgress: BatchState._on_progress,
+    BatchFilled: BatchState._on_filled,
+    BatchCancelRequested: BatchState._on_cancel,
+    BatchExpireDue: BatchState._on_expire_due,
+    BatchFilesReady: BatchState._on_files_ready,
+}

@@ -8,6 +8,7 @@ connections (ENVIRONMENT.md); a real cluster (MSK, Confluent Cloud) terminates T
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import socket
 import ssl
@@ -126,8 +127,6 @@ def _pipe(source: socket.socket, target: socket.socket) -> None:
         pass
     finally:
         for s in (source, target):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()

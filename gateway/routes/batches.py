@@ -17,11 +17,16 @@ from starlette.datastructures import UploadFile
 from gateway.auth import Caller
 from gateway.context import Ctx
 from gateway.deps import owned_batch
-from gateway.explode import ingest, rules
-from gateway.ingest_topic import seal as seal_stream
-from gateway.ingest_topic import seal_if_complete
+from gateway.ingest_topic import close_if_complete
+from gateway.lines import rules
+from gateway.stream_ledger import StreamLedger
 from gateway.validation import validate
-from millrace.errors import ConflictError, InvalidRequestError, NotFoundError
+from millrace.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from millrace.protocol import SUPPORTED_ENDPOINTS, Batch, BatchError, ExpiresAfter, ListPage
 from millrace.records import CONTROL_HEADER, BatchCancelRequested, BatchCreated, BatchOpened
 from millrace.status import BatchStatus
@@ -106,12 +111,9 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
             "The input file must be uploaded with purpose 'batch'.", param="input_file_id",
             code="invalid_file_purpose",
         )
-    batch = await register(ctx, who.project, params, window, params.input_file_id,
-                           BatchStatus.VALIDATING)
-    task = asyncio.create_task(ingest(ctx, batch, who.project, source.path))
-    ctx.tasks.add(task)
-    task.add_done_callback(ctx.tasks.discard)
-    return batch
+    # a gateway's jobs consumer validates and enqueues it when `created` arrives
+    return await register(ctx, who.project, params, window, params.input_file_id,
+                          BatchStatus.VALIDATING)
 
 
 async def check_webhook(ctx: Ctx, params: CreateBatch) -> None:
@@ -124,7 +126,11 @@ async def check_webhook(ctx: Ctx, params: CreateBatch) -> None:
 
 async def register(ctx: Ctx, project: str, params: CreateBatch, window: int,
                    input_file_id: str, status: BatchStatus) -> Batch:
-    """Store a new Batch object and publish `created` (file and stream batches alike)."""
+    """Store a new Batch object and publish `created` (file and stream batches alike).
+
+    Only a batch whose `created` the broker acknowledged is answered with a 2xx; if it
+    cannot be published, the batch is taken back and the caller gets a 503.
+    """
     listed_at = time.time()
     now = int(listed_at)
     batch = Batch(
@@ -139,14 +145,18 @@ async def register(ctx: Ctx, project: str, params: CreateBatch, window: int,
         metadata=params.metadata,
     )
     webhook = {"url": params.webhook[0]} if params.webhook else None
-    await ctx.store.create_batch(batch, project, listed_at=listed_at, webhook=webhook)
+    await ctx.store.create_batch(batch, project, listed_at=listed_at)
     created = BatchCreated(
         batch_id=batch.id, project=project, batch=batch.model_dump(mode="json"),
         output_expires_after_s=(
             params.output_expires_after.seconds if params.output_expires_after else None),
         webhook=webhook, listed_at=listed_at,
     )
-    await ctx.producer.send(ctx.topics.batch_events, batch.id, created.dumps())
+    try:
+        await ctx.send(batch.id, created)
+    except ServiceUnavailableError:
+        await ctx.store.forget_batch(batch.id, project)
+        raise
     return batch
 
 
@@ -157,9 +167,8 @@ async def open_stream(ctx: Ctx, project: str, params: CreateBatch, window: int) 
                                   param="input_file_id", code="invalid_value")
     batch = await register(ctx, project, params, window, STREAM_INPUT, BatchStatus.IN_PROGRESS)
     # open for lines before the caller learns the id, so no early line is rejected
-    await ctx.store.open_stream(batch.id, batch.endpoint, project)
-    opened = BatchOpened(batch_id=batch.id, at=batch.created_at)
-    await ctx.producer.send(ctx.topics.batch_events, batch.id, opened.dumps())
+    await StreamLedger(ctx.store).open(batch.id, batch.endpoint, project)
+    await ctx.send(batch.id, BatchOpened(batch_id=batch.id, at=batch.created_at))
     return batch
 
 
@@ -216,12 +225,10 @@ async def cancel(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
     if batch.status not in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
         raise ConflictError(f"Cannot cancel a batch with status '{batch.status.value}'.",
                             param="batch_id")
+    # The aggregator applies it (and closes an open stream batch as it stands); answer as
+    # OpenAI does, already cancelling.
     event = BatchCancelRequested(batch_id=batch.id)
-    await ctx.producer.send(ctx.topics.batch_events, batch.id, event.dumps())
-    if await ctx.store.stream(batch.id) is not None:
-        # an open stream batch has no total until sealed: cancelling seals it as it stands
-        await (await seal_stream(ctx.store, ctx.producer, ctx.topics, batch.id))
-    # The aggregator applies the transition; answer as OpenAI does, already cancelling.
+    await ctx.send(batch.id, event)
     return batch.model_copy(update={"status": BatchStatus.CANCELLING,
                                     "cancelling_at": event.at})
 
@@ -240,13 +247,13 @@ async def seal(ctx: Ctx, who: Caller, batch_id: str, params: SealBatch | None = 
     produced before it to that same partition, i.e. with a Java-compatible partitioner.
     """
     batch = await owned_batch(ctx, who, batch_id)
-    stream = await ctx.store.stream(batch_id)
-    if stream is None:
+    ledger = StreamLedger(ctx.store)
+    if await ledger.get(batch_id) is None:
         raise ConflictError("Only a batch created with \"input\": \"stream\" can be sealed.",
                             param="batch_id")
     if params is not None and params.total is not None:
-        await ctx.store.expect_stream(batch_id, params.total)
-        for delivery in await seal_if_complete(ctx.store, ctx.producer, ctx.topics, batch_id):
+        await ledger.expect(batch_id, params.total)
+        for delivery in await close_if_complete(ledger, ctx.producer, ctx.topics, batch_id):
             await delivery
     else:
         await ctx.producer.send(ctx.topics.ingest, batch_id, b"",

@@ -54,7 +54,7 @@ async def output(
         return await parquet(ctx, batch, who.project)
     page = await asyncio.to_thread(read_page, ctx.files, batch.id, file, after, limit)
     has_file = (batch.output_file_id if file == "output" else batch.error_file_id) is not None
-    complete = batch.settled and (not has_file or (page.sealed and not page.more))
+    complete = batch.settled and (not has_file or (page.final and not page.more))
     headers = {
         "x-millrace-next-cursor": str(page.cursor(after)),
         "x-millrace-has-more": str(page.more).lower(),

@@ -12,13 +12,18 @@ from millrace.records import (
     BatchCancelRequested,
     BatchCreated,
     BatchFilesReady,
-    BatchSealRequested,
+    BatchFilled,
+    BatchFillRequested,
+    BatchFinished,
+    BatchProgress,
+    BatchRedriveRequested,
     BatchTransition,
     BatchValidated,
     BatchValidationFailed,
     RequestRecord,
     ResponseRecord,
     Usage,
+    WebhookTarget,
     parse_event,
 )
 from millrace.status import BatchStatus
@@ -61,7 +66,13 @@ def test_events_parse_by_type() -> None:
                         to_status=BatchStatus.FINALIZING, total=3, completed=2, failed=1),
         BatchFilesReady(batch_id="b", output_file_id="f", error_file_id=None, lines=3),
         BatchCancelRequested(batch_id="b"),
-        BatchSealRequested(batch_id="b", project="p", total=3, input_file_id="f"),
+        BatchProgress(batch_id="b", completed=2, failed=1, input_tokens=7, output_tokens=9),
+        BatchFillRequested(batch_id="b", project="p", code="batch_expired", input_file_id="f"),
+        BatchRedriveRequested(batch_id="b", project="p", input_file_id="stream"),
+        BatchFilled(batch_id="b", total=3),
+        BatchFinished(batch_id="b", project="p", status=BatchStatus.COMPLETED,
+                      batch={"id": "b", "status": "completed"},
+                      webhooks=[WebhookTarget(url="https://x.example/h", source="batch")]),
     ]
     for event in events:
         assert parse_event(event.dumps()) == event

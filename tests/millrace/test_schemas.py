@@ -21,8 +21,9 @@ def test_every_batch_event_type_is_in_the_schema() -> None:
     types = {d["properties"]["type"]["const"] for d in events["$defs"].values()
              if "type" in d.get("properties", {})}
     assert types == {"created", "opened", "validated", "validation_failed",
-                     "cancel_requested", "expire_due", "transition", "seal_requested",
-                     "files_ready"}
+                     "cancel_requested", "expire_due", "transition", "progress",
+                     "fill_requested", "redrive_requested", "filled", "files_ready",
+                     "finished"}
     raw = BatchTransition(batch_id="b", project="p", from_status="in_progress",
                           to_status="finalizing", total=1, completed=1, failed=0).dumps()
     assert parse_event(raw).type == "transition"

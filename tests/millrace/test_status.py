@@ -12,6 +12,8 @@ from millrace.status import TIMESTAMP_FIELD, TRANSITIONS, BatchStatus, can_trans
 S = BatchStatus
 LEGAL = {
     (S.VALIDATING, S.IN_PROGRESS), (S.VALIDATING, S.FAILED), (S.VALIDATING, S.CANCELLING),
+    # the completion window counts from creation (OpenAI), so validating can expire too
+    (S.VALIDATING, S.EXPIRED),
     (S.IN_PROGRESS, S.FINALIZING), (S.IN_PROGRESS, S.EXPIRED), (S.IN_PROGRESS, S.CANCELLING),
     (S.FINALIZING, S.COMPLETED),
     (S.CANCELLING, S.CANCELLED),

@@ -8,6 +8,8 @@ pull the floor from under the other tests.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from tests.batch_flow import read_lines, run_batch, wait_done
 from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, start, wait_until
 
-LINES = 20_000  # with the echo engine: several seconds of work to wipe Redis in the middle
+LINES = 20_000
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +65,13 @@ def test_a_wiped_read_model_is_rebuilt_from_the_topics(echo: Deployment,
         endpoint="/v1/chat/completions", completion_window="24h", metadata={"k": "v"})
     wait_until(lambda: (c := client.batches.retrieve(running.id).request_counts) is not None
                and c.completed >= 1000, 120, "the big batch to be under way")
+    worker = int(str((echo.ready_info("worker") or {})["pid"]))
+    os.kill(worker, signal.SIGSTOP)  # the batch holds still, mid-run, while Redis goes
+    wait_until(lambda: client.batches.retrieve(running.id).status == "in_progress", 120,
+               "every line of the big batch to be enqueued")
     batches, files, endpoints = snapshot(client, http, echo.api_key)
     assert batches[0]["id"] == running.id and batches[0]["status"] == "in_progress"
+    assert 1000 <= batches[0]["request_counts"]["completed"] < LINES
 
     redis.Redis.from_url(str(echo.endpoints["redis_url"])).flushall()
 
@@ -76,9 +83,9 @@ def test_a_wiped_read_model_is_rebuilt_from_the_topics(echo: Deployment,
     report = json.loads(out)
     assert report["api_keys"] == 2 and report["webhook_endpoints"] == 1
     assert report["files"] >= 3
-    # the finished batch came back from the changelog; the running one the aggregator had
-    # already put back itself with its next count (automatic recovery), so it was kept
-    assert (report["batches"], report["batches_kept"]) == (1, 1)
+    # both batches came back from the batch-state topic (or the running one was already put
+    # back by the aggregator itself, if the sink's last counts reached it after the wipe)
+    assert report["batches"] + report["batches_kept"] == 2 and report["batches"] >= 1
 
     batches_now, files_now, endpoints_now = snapshot(client, http, echo.api_key)
     assert endpoints_now == endpoints and len(endpoints) == 1
@@ -92,6 +99,7 @@ def test_a_wiped_read_model_is_rebuilt_from_the_topics(echo: Deployment,
     assert other.files.list().data == []  # a minted project key works again
 
     # the batch that was running when Redis went completes with exact counts
+    os.kill(worker, signal.SIGCONT)
     done = wait_done(client, running.id, 300)
     assert done.status == "completed" and done.metadata == {"k": "v"}
     assert done.request_counts is not None

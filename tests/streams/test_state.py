@@ -1,4 +1,5 @@
-"""Aggregate state: counting, transitions, seal requests, and the Batch fields it owns."""
+"""The aggregator's status machine: every path to a final status, fills, finished events,
+replays, and the Batch fields it owns."""
 
 from __future__ import annotations
 
@@ -9,209 +10,222 @@ from millrace.protocol import Batch, BatchError
 from millrace.records import (
     BatchCancelRequested,
     BatchCreated,
+    BatchEvent,
     BatchExpireDue,
     BatchFilesReady,
-    BatchSealRequested,
+    BatchFilled,
+    BatchFillRequested,
+    BatchFinished,
+    BatchOpened,
+    BatchProgress,
     BatchTransition,
     BatchValidated,
     BatchValidationFailed,
-    ResponseRecord,
 )
 from millrace.status import BatchStatus
 from streams.state import BatchState, Emitted
 
 S = BatchStatus
+DOC = {"id": "b", "endpoint": "/v1/chat/completions", "input_file_id": "file-1",
+       "completion_window": "24h", "status": "validating", "created_at": 1000,
+       "expires_at": 2000}
 
 
-def response(custom_id: str, status: int = 200) -> ResponseRecord:
-    return ResponseRecord(batch_id="b", project="p", custom_id=custom_id, id="i",
-                          request_id="r", status_code=status, body={})
+def created(webhook: str | None = None, doc: dict[str, object] | None = None) -> BatchCreated:
+    return BatchCreated(batch_id="b", project="p", batch=doc or DOC, listed_at=1000.5,
+                        webhook={"url": webhook} if webhook else None,
+                        output_expires_after_s=3600)
 
 
-def moves(emitted: list[Emitted]) -> list[BatchStatus | str]:
-    return [e.to_status if isinstance(e, BatchTransition) else "seal" for e in emitted]
+def progress(completed: int, failed: int = 0) -> BatchProgress:
+    return BatchProgress(batch_id="b", completed=completed, failed=failed,
+                         input_tokens=3 * completed, output_tokens=5 * completed)
 
 
-def files_ready() -> BatchFilesReady:
-    return BatchFilesReady(batch_id="b", output_file_id="o", error_file_id="e", lines=2)
+def files(completed: int, failed: int = 0) -> BatchFilesReady:
+    return BatchFilesReady(batch_id="b", output_file_id="o" if completed else None,
+                           error_file_id="e" if failed else None, lines=completed + failed,
+                           completed=completed, failed=failed, input_tokens=3 * completed,
+                           output_tokens=5 * completed)
 
 
-def test_happy_path_reaches_completed() -> None:
+def moves(emitted: list[Emitted]) -> list[str]:
+    names = {BatchFillRequested: "fill", BatchFinished: "finished"}
+    return [e.to_status.value if isinstance(e, BatchTransition) else names[type(e)]
+            for e in emitted]
+
+
+def run(state: BatchState, *events: BatchEvent) -> list[str]:
+    return [m for e in events for m in moves(state.apply(e))]
+
+
+def test_happy_path_reaches_completed_with_the_files_counts() -> None:
     state = BatchState(batch_id="b")
-    assert state.apply(BatchCreated(batch_id="b", project="p",
-                                    batch={"input_file_id": "f"})) == []
-    assert moves(state.apply(BatchValidated(batch_id="b", total=2))) == [S.IN_PROGRESS]
-    assert state.count(response("a")) == []
-    emitted = state.count(response("b", 500))
-    assert moves(emitted) == [S.FINALIZING, "seal"]
-    transition, seal = emitted
-    assert isinstance(transition, BatchTransition) and isinstance(seal, BatchSealRequested)
-    assert (transition.total, transition.completed, transition.failed) == (2, 1, 1)
-    assert (seal.total, seal.project, seal.input_file_id) == (2, "p", "f")
-    assert moves(state.apply(files_ready())) == [S.COMPLETED]
-    assert state.status is S.COMPLETED
+    assert run(state, created(), BatchValidated(batch_id="b", total=2, model="m")) == [
+        "in_progress"]
+    assert run(state, progress(1)) == []
+    assert run(state, progress(1, 1)) == ["finalizing"]
+    emitted = state.apply(files(1, 1))
+    assert moves(emitted) == ["completed", "finished"]
+    finished = emitted[-1]
+    assert isinstance(finished, BatchFinished)
+    batch = Batch.model_validate(finished.batch)
+    assert batch.status is S.COMPLETED and batch.output_file_id == "o"
+    assert (batch.request_counts.total, batch.request_counts.completed,
+            batch.request_counts.failed) == (2, 1, 1)
+    assert batch.usage.input_tokens == 3 and batch.usage.total_tokens == 8
+    assert batch.completed_at is not None and batch.model == "m"
 
 
-def test_responses_before_validated_are_counted_then_finalize() -> None:
+def test_files_before_the_last_progress_still_finalize_then_complete() -> None:
     state = BatchState(batch_id="b")
-    state.count(response("a"))
-    state.count(response("b"))
+    run(state, created(), BatchValidated(batch_id="b", total=2))
+    assert run(state, files(2)) == ["finalizing", "completed", "finished"]
+
+
+def test_lines_done_before_validated_finalize_on_validated() -> None:
+    state = BatchState(batch_id="b")
+    run(state, created(), progress(2))
     assert state.status is S.VALIDATING
-    emitted = state.apply(BatchValidated(batch_id="b", total=2))
-    assert moves(emitted) == [S.IN_PROGRESS, S.FINALIZING, "seal"]
+    assert run(state, BatchValidated(batch_id="b", total=2)) == ["in_progress", "finalizing"]
 
 
-def test_validation_failure_is_terminal() -> None:
+def test_validation_failure_is_final_and_finished() -> None:
     state = BatchState(batch_id="b")
-    state.apply(BatchValidationFailed(batch_id="b", errors=[BatchError(code="c", message="m")]))
-    assert state.status is S.FAILED
-    assert state.apply(BatchValidated(batch_id="b", total=1)) == []
-    assert state.apply(BatchCancelRequested(batch_id="b")) == []
-    assert state.status is S.FAILED
+    state.apply(created())
+    failed = BatchValidationFailed(batch_id="b", errors=[BatchError(code="c", message="m")])
+    assert run(state, failed) == ["failed", "finished"]
+    assert run(state, BatchValidated(batch_id="b", total=1), BatchCancelRequested(batch_id="b"),
+               failed) == []
+    assert state.batch_fields()["errors"]["data"][0]["code"] == "c"
 
 
-def test_cancel_waits_for_every_line_then_seals_then_cancels() -> None:
+def test_cancel_fills_the_rest_then_cancels_on_files() -> None:
     state = BatchState(batch_id="b")
-    state.apply(BatchValidated(batch_id="b", total=2))
-    state.count(response("a"))
-    assert moves(state.apply(BatchCancelRequested(batch_id="b"))) == [S.CANCELLING]
-    assert moves(state.count(response("b", 400))) == ["seal"]  # stays cancelling
-    assert state.status is S.CANCELLING
-    assert moves(state.apply(files_ready())) == [S.CANCELLED]
-    assert state.timestamps.keys() >= {"cancelling_at", "cancelled_at"}
+    run(state, created(), BatchValidated(batch_id="b", total=3), progress(1))
+    emitted = state.apply(BatchCancelRequested(batch_id="b"))
+    assert moves(emitted) == ["cancelling", "fill"]
+    fill = emitted[1]
+    assert isinstance(fill, BatchFillRequested)
+    assert (fill.code, fill.input_file_id, fill.project) == ("batch_cancelled", "file-1", "p")
+    assert run(state, BatchFilled(batch_id="b", total=3), progress(1, 2)) == []
+    assert state.status is S.CANCELLING  # files decide
+    assert run(state, files(1, 2)) == ["cancelled", "finished"]
 
 
-def test_cancel_while_validating_keeps_counting_until_all_lines_are_back() -> None:
+def test_cancel_while_validating_fills_once_the_lines_are_known() -> None:
     state = BatchState(batch_id="b")
-    assert moves(state.apply(BatchCancelRequested(batch_id="b"))) == [S.CANCELLING]
-    assert state.apply(BatchValidated(batch_id="b", total=1)) == []
-    assert moves(state.count(response("a", 400))) == ["seal"]
+    state.apply(created())
+    assert run(state, BatchCancelRequested(batch_id="b")) == ["cancelling"]
+    assert run(state, BatchValidated(batch_id="b", total=4)) == ["fill"]
+    assert run(state, BatchValidated(batch_id="b", total=4)) == []  # once
 
 
 def test_cancel_of_a_batch_that_then_fails_validation_ends_cancelled() -> None:
     state = BatchState(batch_id="b")
-    state.apply(BatchCancelRequested(batch_id="b"))
-    emitted = state.apply(BatchValidationFailed(batch_id="b", errors=[]))
-    assert moves(emitted) == [S.CANCELLED]
+    run(state, created(), BatchCancelRequested(batch_id="b"))
+    failed = BatchValidationFailed(batch_id="b", errors=[BatchError(code="c", message="m")])
+    assert run(state, failed) == ["cancelled", "finished"]
 
 
-def test_expiry_moves_a_running_batch_and_asks_for_a_filling_seal() -> None:
+def test_a_stream_batch_is_filled_at_once_its_lines_counted_by_the_fill() -> None:
     state = BatchState(batch_id="b")
-    state.apply(BatchCreated(batch_id="b", project="p",
-                             batch={"input_file_id": "f", "expires_at": 1}))
-    assert state.apply(BatchExpireDue(batch_id="b")) == []  # validating: not yet
-    state.apply(BatchValidated(batch_id="b", total=3))
-    state.count(response("a"))
-    assert state.due
-    emitted = state.apply(BatchExpireDue(batch_id="b"))
-    assert moves(emitted) == [S.EXPIRED, "seal"]
-    seal = emitted[1]
-    assert isinstance(seal, BatchSealRequested)
-    assert (seal.fill, seal.done, seal.total) == ("batch_expired", 1, 3)
-    assert state.count(response("b")) == []  # late results no longer count
-    assert state.completed == 1
-    assert state.apply(BatchFilesReady(batch_id="b", output_file_id="o", error_file_id="e",
-                                       lines=3, completed=2, failed=1)) == []
-    assert (state.status, state.completed, state.failed) == (S.EXPIRED, 2, 1)
-    assert state.output_file_id == "o" and "expired_at" in state.timestamps
+    run(state, created(doc={**DOC, "input_file_id": "stream"}), BatchOpened(batch_id="b"))
+    assert state.status is S.IN_PROGRESS and state.total is None
+    assert run(state, progress(2), BatchCancelRequested(batch_id="b")) == ["cancelling", "fill"]
+    assert run(state, BatchFilled(batch_id="b", total=5)) == []
+    assert state.total == 5
+    assert run(state, files(2, 3)) == ["cancelled", "finished"]
 
 
-def test_a_batch_within_its_window_is_not_due() -> None:
+def test_expiry_covers_validating_and_running_batches_only_once_due() -> None:
+    for before in ([], [BatchValidated(batch_id="b", total=2)]):
+        state = BatchState(batch_id="b")
+        run(state, created(), *before)
+        assert state.deadline == 2000
+        assert run(state, BatchExpireDue(batch_id="b", at=1999)) == []
+        expected = ["expired", "fill"] if before else ["expired"]  # file lines unknown yet
+        assert run(state, BatchExpireDue(batch_id="b", at=2000)) == expected
+        assert state.deadline is None  # nothing more to expire
+        assert run(state, BatchExpireDue(batch_id="b", at=3000)) == []
+
+
+def test_an_expired_batch_gets_its_files_and_finishes_with_their_counts() -> None:
     state = BatchState(batch_id="b")
-    state.apply(BatchCreated(batch_id="b", project="p",
-                             batch={"expires_at": 4_000_000_000}))
-    state.apply(BatchValidated(batch_id="b", total=1))
-    assert not state.due
-    assert state.apply(BatchExpireDue(batch_id="b")) == []
+    run(state, created(), BatchValidated(batch_id="b", total=3), progress(1))
+    run(state, BatchExpireDue(batch_id="b", at=2001))
+    assert run(state, files(1, 2)) == ["finished"]
+    batch = state.batch()
+    assert batch is not None and batch.status is S.EXPIRED and batch.settled
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 2)
 
 
-def test_seal_is_requested_once() -> None:
+def test_a_batch_that_expired_while_validating_fills_when_validated() -> None:
     state = BatchState(batch_id="b")
-    state.apply(BatchValidated(batch_id="b", total=1))
-    assert "seal" in moves(state.count(response("a")))
-    assert state.advance() == []
+    run(state, created(), BatchExpireDue(batch_id="b", at=2500))
+    assert run(state, BatchValidated(batch_id="b", total=2)) == ["fill"]
+    assert state.status is S.EXPIRED
 
 
-def test_batch_fields_merge_into_a_valid_batch_object() -> None:
+def test_finalizing_and_cancelling_batches_do_not_expire() -> None:
+    for events in ([BatchValidated(batch_id="b", total=1), progress(1)],
+                   [BatchCancelRequested(batch_id="b")]):
+        state = BatchState(batch_id="b")
+        run(state, created(), *events)
+        assert state.deadline is None
+        assert run(state, BatchExpireDue(batch_id="b", at=9999)) == []
+
+
+def test_finished_names_the_batch_s_own_webhook() -> None:
     state = BatchState(batch_id="b")
-    state.apply(BatchValidated(batch_id="b", total=1, model="m"))
-    state.count(response("a"))
-    doc = {"id": "b", "endpoint": "/v1/chat/completions", "input_file_id": "f",
-           "completion_window": "24h", "status": "validating", "created_at": 1}
-    batch = Batch.model_validate({**doc, **state.batch_fields()})
-    assert batch.status == "finalizing"
-    assert batch.request_counts.completed == 1
-    assert batch.in_progress_at is not None and batch.finalizing_at is not None
+    run(state, created(webhook="https://hooks.example.com/x"),
+        BatchValidated(batch_id="b", total=1))
+    finished = state.apply(files(1))[-1]
+    assert isinstance(finished, BatchFinished)
+    assert [(t.url, t.source) for t in finished.webhooks] == [
+        ("https://hooks.example.com/x", "batch")]
 
 
-@given(st.lists(st.booleans(), min_size=1, max_size=60), st.integers(0, 60))
-def test_counters_never_exceed_total_nor_decrease(outcomes: list[bool], split: int) -> None:
+def test_a_state_built_from_the_document_alone_can_expire_fill_and_finish() -> None:
+    state = BatchState.from_doc("b", DOC, "p")  # its `created` event never arrived
+    assert (state.project, state.input_file_id, state.deadline) == ("p", "file-1", 2000)
+    assert run(state, BatchExpireDue(batch_id="b", at=2000)) == ["expired"]
+    assert run(state, BatchValidated(batch_id="b", total=1), files(0, 1)) == [
+        "fill", "finished"]
+
+
+EVENTS = [created(), BatchValidated(batch_id="b", total=3), progress(1), progress(2),
+          BatchCancelRequested(batch_id="b"), BatchFilled(batch_id="b", total=3), progress(2, 1),
+          files(2, 1)]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(EVENTS) - 1), max_size=12))
+def test_replaying_events_changes_nothing_and_emits_nothing_new(replays: list[int]) -> None:
+    """A crash replays a suffix of what was applied; every event applied twice is a no-op."""
     state = BatchState(batch_id="b")
-    total = len(outcomes)
-    previous = 0
-    for i, ok in enumerate(outcomes):
-        if i == min(split, total - 1):
-            state.apply(BatchValidated(batch_id="b", total=total))
-        state.count(response(str(i), 200 if ok else 400))
-        assert state.done >= previous
-        previous = state.done
-        assert state.done <= total
-    assert state.status is S.FINALIZING
-    assert state.completed == sum(outcomes)
+    first = run(state, *EVENTS)
+    assert first == ["in_progress", "cancelling", "fill", "cancelled", "finished"]
+    final = state.model_dump_json()
+    assert run(state, *(EVENTS[i] for i in replays)) == []
+    assert state.model_dump_json() == final
 
 
-def numbered(line: int, status: int = 200) -> ResponseRecord:
-    return ResponseRecord(batch_id="b", project="p", custom_id=f"c{line}", id="i",
-                          request_id="r", status_code=status, body={}, line=line)
-
-
-@given(st.lists(st.integers(1, 40), min_size=1, max_size=200), st.integers(1, 199),
-       st.booleans())
-def test_redelivered_responses_are_counted_once_even_across_a_restore(
-        deliveries: list[int], cut: int, with_lines: bool) -> None:
-    """Any order and number of redeliveries, with the state saved and restored (as after a
-    crash) at any point: each line counts once."""
-    def record(line: int) -> ResponseRecord:
-        return numbered(line, 200 if line % 3 else 500) if with_lines else response(
-            f"c{line}", 200 if line % 3 else 500)
-
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 50)), max_size=20))
+def test_counts_never_decrease_whatever_order_progress_arrives_in(
+        seen: list[tuple[int, int]]) -> None:
     state = BatchState(batch_id="b")
-    state.apply(BatchValidated(batch_id="b", total=40))
-    state.count_new(record(n) for n in deliveries[:cut])
-    state = BatchState.model_validate(state.model_dump(mode="json"))  # the table round trip
-    state.count_new(record(n) for n in deliveries[cut:])
-    distinct = set(deliveries)
-    assert state.done == len(distinct)
-    assert state.failed == sum(1 for n in distinct if n % 3 == 0)
-
-
-def test_the_counted_index_is_dropped_once_nothing_counts_any_more() -> None:
-    state = BatchState(batch_id="b")
-    state.apply(BatchValidated(batch_id="b", total=2))
-    state.count_new([numbered(1), numbered(2)])
-    state.apply(files_ready())
-    assert state.status is S.COMPLETED
-    state.count_new([numbered(1)])
-    assert (state.counted, state.counted_ids, state.completed) == ("", [], 2)
+    run(state, created(), BatchValidated(batch_id="b", total=200))
+    last = 0
+    for completed, failed in seen:
+        state.apply(progress(completed, failed))
+        assert state.done >= last
+        last = state.done
+    assert state.done == max([c + f for c, f in seen], default=0)
 
 
 def test_the_created_document_is_kept_for_restoring_the_read_model() -> None:
     state = BatchState(batch_id="b")
-    assert state.restorable() is None  # nothing to restore before `created`
-    doc = {"id": "b", "object": "batch", "endpoint": "/v1/chat/completions",
-           "input_file_id": "f", "completion_window": "24h", "status": "validating",
-           "created_at": 7, "metadata": {"k": "v"}}
-    state.apply(BatchCreated(batch_id="b", project="p", batch=doc,
-                             webhook={"url": "http://127.0.0.1/h"}, listed_at=7.25))
-    state.apply(BatchValidated(batch_id="b", total=1))
-    state.count_new([numbered(0)])
-    state.apply(files_ready())
-    saved = BatchState.model_validate_json(state.model_dump_json())  # the changelog record
-    restored = saved.restorable()
+    state.apply(created())
+    restored = state.restorable()
     assert restored is not None
-    assert (restored.project, restored.listed_at, restored.webhook) == (
-        "p", 7.25, {"url": "http://127.0.0.1/h"})
-    batch = Batch.model_validate({**restored.doc, **saved.batch_fields()})
-    assert batch.status == "completed" and batch.metadata == {"k": "v"}
-    assert batch.request_counts.completed == 1 and batch.output_file_id == "o"
-    assert batch.settled
+    assert (restored.project, restored.doc, restored.listed_at) == ("p", DOC, 1000.5)

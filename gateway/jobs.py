@@ -1,0 +1,219 @@
+"""Batch jobs that gateways take from `<prefix>.batch-events` (group `<prefix>.gateway-jobs`):
+
+- `created` (a file batch): **explode** — validate every line, then enqueue each line not
+  yet enqueued or finished, recording how far it got (`explode:<batch>`: lines acknowledged,
+  with the broker's cluster id) every `CHECKPOINT_LINES`; publish `validated` (or
+  `validation_failed`).
+- `fill_requested`: **fill** — an error line (`batch_cancelled` / `batch_expired`) for every
+  line that has no result yet, then `filled`; a stream batch is closed first.
+- `redrive_requested`: **re-drive** — enqueue again every line that has no result yet.
+
+A job's offset is committed only once the job is done, so a gateway that dies mid-job
+leaves it to the next owner of the partition (another gateway, or itself restarted), which
+does it again: lines already acknowledged in the same broker are skipped, lines that have a
+result are skipped, and a line enqueued twice is still written once (the sink keeps one
+result per custom_id). A job that meets an outage (broker, Redis) waits and tries again; one
+that cannot be done (a missing input file) fails the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from itertools import islice
+
+from confluent_kafka import Consumer, KafkaException, Message
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from gateway.lines import Produce, file_requests, not_run, request, rules, stream_lines
+from gateway.stream_ledger import StreamLedger
+from gateway.validation import validate
+from millrace.errors import DeliveryError
+from millrace.filestore import FileStore
+from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
+from millrace.protocol import BatchError
+from millrace.records import (
+    BatchCreated,
+    BatchEvent,
+    BatchFilled,
+    BatchFillRequested,
+    BatchRedriveRequested,
+    BatchValidated,
+    BatchValidationFailed,
+    RequestRecord,
+    ResponseRecord,
+    parse_event,
+)
+from millrace.settings import Settings
+from millrace.store import DoneLines, Store
+from millrace.topics import Topics
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_LINES = 5000
+RETRY_S = 1.0
+STREAM_INPUT = "stream"
+OUTAGES = (DeliveryError, KafkaException, RedisError, OSError)
+
+
+class Jobs:
+    def __init__(self, settings: Settings, store: Store, files: FileStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.files = files
+        self.topics = Topics.from_settings(settings)
+        kafka = KafkaConfig.of(settings, "jobs")
+        self.consumer = Consumer(kafka.consumer(self.topics.jobs_group()))
+        self.producer = AsyncProducer(kafka.producer())
+        self.ledger = StreamLedger(store)
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        self.consumer.subscribe([self.topics.batch_events])
+        try:
+            await consume_loop(self.consumer, self.handle, self._stop, most=100, commit="sync")
+        finally:
+            await asyncio.to_thread(self.consumer.close)
+            self.producer.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def handle(self, messages: list[Message]) -> None:
+        for msg in messages:
+            try:
+                event = parse_event(msg.value() or b"")
+            except ValidationError:
+                continue
+            while not self._stop.is_set():
+                try:
+                    await self.do(event)
+                    break
+                except OUTAGES as exc:  # broker or Redis away: the job waits for them
+                    log.warning("%s job of %s waits: %s", event.type, event.batch_id, exc)
+                    await asyncio.sleep(RETRY_S)
+            if self._stop.is_set():  # not done: not committed, taken up again after us
+                raise asyncio.CancelledError
+
+    async def do(self, event: BatchEvent) -> None:
+        if isinstance(event, BatchCreated) and event.batch.get("input_file_id") != STREAM_INPUT:
+            await self.explode(event)
+        elif isinstance(event, BatchFillRequested):
+            await self.fill(event)
+        elif isinstance(event, BatchRedriveRequested):
+            await self.redrive(event)
+
+    # --- explode ---------------------------------------------------------------------------
+    async def explode(self, event: BatchCreated) -> None:
+        batch_id, project = event.batch_id, event.project
+        source = await self.store.get_file(str(event.batch.get("input_file_id")), project)
+        if source is None:
+            await self._failed(batch_id, "the input file is gone")
+            return
+        line_rules = rules(self.settings, str(event.batch.get("endpoint")))
+        try:
+            report = await asyncio.to_thread(validate, self.files.iter_lines(source.path),
+                                             line_rules)
+        except FileNotFoundError:
+            await self._failed(batch_id, "the input file is gone")
+            return
+        if report.errors:
+            failed = BatchValidationFailed(batch_id=batch_id, errors=report.errors)
+            await self.producer.send(self.topics.batch_events, batch_id, failed.dumps())
+            return
+        epoch = await asyncio.to_thread(self.producer.cluster_id)
+        checkpoint = await self.store.r.hgetall(self.store.keys.explode(batch_id))
+        after = int(checkpoint.get("lines", 0)) if checkpoint.get("epoch") == epoch else 0
+        done = await self.store.done_lines(batch_id)
+        records = (r for r in file_requests(self.files, source.path, line_rules, batch_id,
+                                            project)
+                   if r.line > after and r.line not in done)
+        while chunk := await asyncio.to_thread(lambda: list(islice(records, CHECKPOINT_LINES))):
+            await asyncio.to_thread(self.producer.send_all,
+                                    [request(self.settings, self.topics, r) for r in chunk])
+            await self.store.r.hset(self.store.keys.explode(batch_id),
+                                    mapping={"epoch": epoch, "lines": chunk[-1].line})
+        validated = BatchValidated(batch_id=batch_id, total=report.total, model=report.model)
+        await self.producer.send(self.topics.batch_events, batch_id, validated.dumps())
+
+    async def _failed(self, batch_id: str, why: str) -> None:
+        failed = BatchValidationFailed(batch_id=batch_id, errors=[
+            BatchError(code="server_error", message=f"could not read the batch: {why}")])
+        await self.producer.send(self.topics.batch_events, batch_id, failed.dumps())
+
+    # --- fill and re-drive ----------------------------------------------------------------
+    async def fill(self, event: BatchFillRequested) -> None:
+        if event.input_file_id == STREAM_INPUT:
+            await self.ledger.close(event.batch_id)  # no line joins a batch being filled
+        lines, errors = await self._missing(event.batch_id, event.project,
+                                            event.input_file_id, fill=event.code)
+        await self._send(errors)
+        filled = BatchFilled(batch_id=event.batch_id, total=lines)
+        await self.producer.send(self.topics.batch_events, event.batch_id, filled.dumps())
+        log.info("%s: %d of %d lines filled with %s", event.batch_id, len(errors), lines,
+                 event.code)
+
+    async def redrive(self, event: BatchRedriveRequested) -> None:
+        _, again = await self._missing(event.batch_id, event.project, event.input_file_id)
+        await self._send(again)
+        log.info("%s: %d lines enqueued again", event.batch_id, len(again))
+
+    async def _send(self, items: list[Produce]) -> None:
+        for chunk in _chunks(iter(items)):
+            await asyncio.to_thread(self.producer.send_all, chunk)
+
+    async def _missing(self, batch_id: str, project: str, input_file_id: str | None,
+                       fill: str | None = None) -> tuple[int, list[Produce]]:
+        """(lines of the batch, what to enqueue for each line without a result): its
+        request again, or with `fill`, its error line."""
+        done = await self.store.done_lines(batch_id)
+        if input_file_id == STREAM_INPUT:
+            return await asyncio.to_thread(self._stream_missing, batch_id, done, fill)
+        source = await self.store.get_file(str(input_file_id), project)
+        batch = await self.store.get_batch(batch_id, project)
+        if source is None or batch is None:
+            return 0, []
+        records = file_requests(self.files, source.path, rules(self.settings, batch.endpoint),
+                                batch_id, project)
+        return await asyncio.to_thread(self._file_missing, records, done, fill)
+
+    def _file_missing(self, records: Iterator[RequestRecord], done: DoneLines,
+                      fill: str | None) -> tuple[int, list[Produce]]:
+        lines, missing = 0, []
+        for record in records:
+            lines += 1
+            if record.line in done:
+                continue
+            if fill is None:
+                missing.append(request(self.settings, self.topics, record))
+            else:
+                missing.append(self._error(not_run(record.batch_id, record.project,
+                                                   record.custom_id, record.line, fill)))
+        return lines, missing
+
+    def _stream_missing(self, batch_id: str, done: DoneLines, fill: str | None
+                        ) -> tuple[int, list[Produce]]:
+        lines, missing = 0, []
+        for line in stream_lines(self.files, batch_id):
+            lines += 1
+            if line.line in done:
+                continue
+            if line.error is not None:  # a message that failed validation: its error line
+                missing.append(self._error(line.error))
+            elif fill is not None:
+                assert line.request is not None
+                missing.append(self._error(not_run(batch_id, line.request.project,
+                                                   line.custom_id, line.line, fill)))
+            elif line.request is not None:
+                missing.append(request(self.settings, self.topics, line.request))
+        return lines, missing
+
+    def _error(self, record: ResponseRecord) -> Produce:
+        return self.topics.responses, record.batch_id, None, record.dumps()
+
+
+def _chunks(items: Iterator[Produce]) -> Iterator[list[Produce]]:
+    while chunk := list(islice(items, CHECKPOINT_LINES)):
+        yield chunk

@@ -1,0 +1,100 @@
+"""Every Redis key millrace uses, in one place. All start with the topic prefix (namespace).
+
+| key | type | written by | what |
+|---|---|---|---|
+| `key:<sha256>` | hash | gateway, `up`, `keys` | an API key's project, admin flag, rpm |
+| `rate:<sha256>:<minute>` | string | gateway | requests of a key in one minute |
+| `file:<id>` | hash | gateway, sink | FileObject, project, store path |
+| `files:<project>` | zset | gateway, sink | a project's files by creation |
+| `batch:<id>` | hash | gateway (`doc`, `project`), aggregator (`state`, `agg`) | a Batch |
+| `batches:<project>` | zset | gateway | a project's batches by creation |
+| `active` | set | gateway, aggregator | batches not yet in a final status |
+| `deadlines` | zset | gateway, aggregator | active batch → `expires_at` |
+| `done:<batch>` | bitmap | sink | input lines that have a result line in the sink's spool |
+| `explode:<batch>` | hash | gateway | how far an explode got (lines acknowledged, broker id) |
+| `stream:<batch>` | hash | gateway | an open stream batch: endpoint, project, expected, total |
+| `stream-ids:<batch>` | hash | gateway | custom_id → message that claimed it |
+| `stream-rejected:<batch>` | set | gateway | messages of the batch that became no line |
+| `webhook-endpoints:<project>` | hash | gateway | endpoint id → WebhookEndpoint |
+| `whd:<id>` | hash | sink | a webhook delivery (one per event and target) |
+| `whd-body:<id>`, `whd-attempts:<id>` | string, list | sink | its body, its attempts |
+| `whd-due` | zset | sink | delivery → when it is next due |
+| `whd-batch:<batch>` | zset | sink | a batch's deliveries |
+| `expiry-tick` | string | aggregator | lease: one aggregator a second looks for due batches |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    namespace: str
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))
+
+    def api_key(self, key_hash: str) -> str:
+        return self._k("key", key_hash)
+
+    def rate(self, key_hash: str, minute: int) -> str:
+        return self._k("rate", key_hash, str(minute))
+
+    def file(self, file_id: str) -> str:
+        return self._k("file", file_id)
+
+    def files(self, project: str) -> str:
+        return self._k("files", project)
+
+    def batch(self, batch_id: str) -> str:
+        return self._k("batch", batch_id)
+
+    def batches(self, project: str) -> str:
+        return self._k("batches", project)
+
+    @property
+    def active(self) -> str:
+        return self._k("active")
+
+    @property
+    def deadlines(self) -> str:
+        return self._k("deadlines")
+
+    def done(self, batch_id: str) -> str:
+        return self._k("done", batch_id)
+
+    def explode(self, batch_id: str) -> str:
+        return self._k("explode", batch_id)
+
+    def stream(self, batch_id: str) -> str:
+        return self._k("stream", batch_id)
+
+    def stream_ids(self, batch_id: str) -> str:
+        return self._k("stream-ids", batch_id)
+
+    def stream_rejected(self, batch_id: str) -> str:
+        return self._k("stream-rejected", batch_id)
+
+    def webhook_endpoints(self, project: str) -> str:
+        return self._k("webhook-endpoints", project)
+
+    def delivery(self, delivery_id: str) -> str:
+        return self._k("whd", delivery_id)
+
+    def delivery_body(self, delivery_id: str) -> str:
+        return self._k("whd-body", delivery_id)
+
+    def delivery_attempts(self, delivery_id: str) -> str:
+        return self._k("whd-attempts", delivery_id)
+
+    @property
+    def deliveries_due(self) -> str:
+        return self._k("whd-due")
+
+    def batch_deliveries(self, batch_id: str) -> str:
+        return self._k("whd-batch", batch_id)
+
+    @property
+    def expiry_tick(self) -> str:
+        return self._k("expiry-tick")

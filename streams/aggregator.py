@@ -1,0 +1,186 @@
+"""The aggregator (`millrace aggregator`): owns every batch's status.
+
+It reads `<prefix>.batch-events` in the group `<prefix>.aggregator` (a batch's events are on
+one partition, so one aggregator at a time applies them, in order), applies each poll's
+events per batch to its state (`streams/state.py`), publishes what that emits — and waits
+for the broker's acknowledgement — then saves the state to Redis with the read model in one
+round trip, then commits. A crash therefore replays events into a state that may already
+hold them; applying an event twice is a no-op, so nothing counts twice and no batch stalls.
+
+The state lives in Redis (`batch:<id>` field `agg`), not in a Kafka table: after any
+restart, a rebalance or a broker that lost its data, a batch's state is read back from
+Redis (or built from its read-model document if its `created` event never arrived). Each
+saved state is also published to the compacted `<prefix>.batch-state` topic, from which
+`millrace rebuild` restores a lost Redis.
+
+Expiry: every second one aggregator (a Redis lease) publishes `expire_due` for each active
+batch past its window; the batch's owner applies it like any event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from confluent_kafka import Consumer, Message, TopicPartition
+from pydantic import ValidationError
+
+from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
+from millrace.records import (
+    BatchEvent,
+    BatchExpireDue,
+    BatchFinished,
+    BatchTransition,
+    WebhookTarget,
+    parse_event,
+)
+from millrace.settings import Settings
+from millrace.store import Store
+from millrace.topics import Topics
+from millrace.up.readiness import mark_ready
+from millrace.webhooks import EVENT_TYPES
+from streams.state import BatchState, Emitted
+
+log = logging.getLogger(__name__)
+
+# Events this service publishes itself, or that are requests to the gateway's jobs.
+NOT_OURS = {"transition", "fill_requested", "redrive_requested", "finished"}
+EXPIRY_EVERY_S = 1.0
+CACHE_MOST = 10_000  # batch states kept in memory between polls
+
+
+class Aggregator:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics.from_settings(settings)
+        kafka = KafkaConfig.of(settings, "aggregator")
+        self.consumer = Consumer(kafka.consumer(self.topics.aggregator_group()))
+        self.producer = AsyncProducer(kafka.producer())
+        self.store = Store.connect(settings.require_redis(), settings.topic_prefix)
+        # states of batches on our partitions; Redis holds the truth
+        self.states: dict[str, BatchState] = {}
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        self.consumer.subscribe([self.topics.batch_events], on_assign=self._assigned,
+                                on_revoke=self._revoked, on_lost=self._revoked)
+        expiry = asyncio.create_task(self._expire_loop())
+        try:
+            await consume_loop(self.consumer, self.handle, self._stopping, most=1000)
+        finally:
+            self._stopping.set()
+            await expiry
+            await asyncio.to_thread(self.consumer.close)
+            self.producer.close()
+            await self.store.close()
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        mark_ready(self.settings, "aggregator")
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.states.clear()  # batches may move: read them back from Redis
+
+    # --- applying events ---------------------------------------------------------------
+    async def handle(self, messages: list[Message]) -> None:
+        by_batch: dict[str, list[BatchEvent]] = {}
+        for msg in messages:
+            try:
+                event = parse_event(msg.value() or b"")
+            except ValidationError:
+                log.error("skipping malformed record at %s[%d]@%d", msg.topic(),
+                          msg.partition(), msg.offset())
+                continue
+            if event.type not in NOT_OURS:
+                by_batch.setdefault(event.batch_id, []).append(event)
+        snapshots = []
+        for batch_id, events in by_batch.items():
+            state = await self.load(batch_id)
+            before = state.model_dump_json()
+            emitted: list[Emitted] = []
+            for event in events:
+                emitted += state.apply(event)
+            # an `expire_due` that changes nothing still saves: the deadline index is fixed
+            stale = any(isinstance(e, BatchExpireDue) for e in events)
+            if emitted or stale or state.model_dump_json() != before:
+                snapshots.append(await self.save(state, emitted))
+        await asyncio.gather(*snapshots)
+        if len(self.states) > CACHE_MOST:
+            self.states.clear()
+
+    async def load(self, batch_id: str) -> BatchState:
+        state = self.states.get(batch_id)
+        if state is None:
+            stored = await self.store.load_aggregate(batch_id)
+            if stored.agg:
+                state = BatchState.model_validate_json(stored.agg)
+            elif stored.doc is not None and stored.project is not None:
+                state = BatchState.from_doc(batch_id, stored.doc, stored.project)
+            else:
+                state = BatchState(batch_id=batch_id)
+            self.states[batch_id] = state
+        return state
+
+    async def save(self, state: BatchState, emitted: list[Emitted]) -> asyncio.Future[Message]:
+        """Publish what the change emitted (acknowledged), then save the state.
+
+        In this order a crash in between repeats an event rather than losing it: the
+        saved state does not show the change, so the replayed events emit it again.
+        Returns the delivery of the state's snapshot on the batch-state topic.
+        """
+        for event in emitted:
+            if isinstance(event, BatchFinished):
+                event = await self._with_endpoints(event)
+            await self.producer.send(self.topics.batch_events, state.batch_id, event.dumps())
+            if isinstance(event, BatchTransition):
+                log.info("%s: %s → %s", state.batch_id, event.from_status, event.to_status)
+        agg = state.model_dump_json()
+        await self.store.save_aggregate(
+            state.batch_id, agg, state.batch_fields(), active=not state.finished,
+            deadline=state.deadline, restore=state.restorable())
+        return self.producer.produce(self.topics.batch_state, state.batch_id, agg.encode())
+
+    async def _with_endpoints(self, event: BatchFinished) -> BatchFinished:
+        """The project's webhook endpoints that want this event, besides the batch's own."""
+        event_type = EVENT_TYPES.get(event.status)
+        targets = list(event.webhooks)
+        urls = {t.url for t in targets}
+        for endpoint in await self.store.endpoints(event.project):
+            wanted = endpoint.events is None or event_type in endpoint.events
+            if wanted and endpoint.url not in urls:
+                targets.append(WebhookTarget(url=endpoint.url, source="endpoint",
+                                             endpoint_id=endpoint.id))
+                urls.add(endpoint.url)
+        return event.model_copy(update={"webhooks": targets})
+
+    # --- expiry ------------------------------------------------------------------------
+    async def _expire_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), EXPIRY_EVERY_S)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.expire_due()
+            except Exception:  # Redis or the broker away: try again next second
+                log.exception("looking for expired batches failed")
+
+    async def expire_due(self) -> int:
+        """Publish `expire_due` for each active batch past its window (one aggregator a
+        second does this; the batch's owner decides)."""
+        if not await self.store.take_expiry_tick(int(EXPIRY_EVERY_S * 900)):
+            return 0
+        due = await self.store.due_batches(time.time())
+        for batch_id in due:
+            await self.producer.send(self.topics.batch_events, batch_id,
+                                     BatchExpireDue(batch_id=batch_id).dumps())
+        return len(due)
+
+
+def run_aggregator(settings: Settings) -> None:
+    asyncio.run(Aggregator(settings).run())
