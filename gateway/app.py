@@ -22,6 +22,7 @@ from millrace.registry import Registry
 from millrace.settings import Settings
 from millrace.store import Principal, Store
 from millrace.topics import Topics
+from millrace.up.readiness import mark_ready
 
 log = logging.getLogger(__name__)
 RESTART_S = 1.0
@@ -70,6 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
                 settings.api_key.get_secret_value(), Principal("default", admin=True)
             )
         app.state.ctx = ctx
+        mark_ready(settings, "gateway")
         stopping = asyncio.Event()
         stages = [
             asyncio.create_task(keep_running(

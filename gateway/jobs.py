@@ -7,6 +7,8 @@
 - `fill_requested`: **fill** — an error line (`batch_cancelled` / `batch_expired`) for every
   line that has no result yet, then `filled`; a stream batch is closed first.
 - `redrive_requested`: **re-drive** — enqueue again every line that has no result yet.
+- `finished`: what a batch needed while it ran is removed (a stream batch's persisted lines
+  and ledger, the explode checkpoint).
 
 A job's offset is committed only once the job is done, so a gateway that dies mid-job
 leaves it to the next owner of the partition (another gateway, or itself restarted), which
@@ -23,14 +25,21 @@ import logging
 from collections.abc import Iterator
 from itertools import islice
 
-from confluent_kafka import Consumer, KafkaException, Message
+from confluent_kafka import Consumer, Message
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 
-from gateway.lines import Produce, file_requests, not_run, request, rules, stream_lines
+from gateway.lines import (
+    Produce,
+    file_requests,
+    not_run,
+    request,
+    rules,
+    stream_dir,
+    stream_lines,
+)
 from gateway.stream_ledger import StreamLedger
 from gateway.validation import validate
-from millrace.errors import DeliveryError
+from millrace.errors import OUTAGES
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
 from millrace.protocol import BatchError
@@ -39,6 +48,7 @@ from millrace.records import (
     BatchEvent,
     BatchFilled,
     BatchFillRequested,
+    BatchFinished,
     BatchRedriveRequested,
     BatchValidated,
     BatchValidationFailed,
@@ -55,7 +65,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_LINES = 5000
 RETRY_S = 1.0
 STREAM_INPUT = "stream"
-OUTAGES = (DeliveryError, KafkaException, RedisError, OSError)
+
+
+class Interrupted(Exception):
+    """The gateway stops while a job waits for an outage to end."""
 
 
 class Jobs:
@@ -74,6 +87,8 @@ class Jobs:
         self.consumer.subscribe([self.topics.batch_events])
         try:
             await consume_loop(self.consumer, self.handle, self._stop, most=100, commit="sync")
+        except Interrupted:
+            log.info("stopping with a job undone: the next owner of its partition does it")
         finally:
             await asyncio.to_thread(self.consumer.close)
             self.producer.close()
@@ -95,7 +110,7 @@ class Jobs:
                     log.warning("%s job of %s waits: %s", event.type, event.batch_id, exc)
                     await asyncio.sleep(RETRY_S)
             if self._stop.is_set():  # not done: not committed, taken up again after us
-                raise asyncio.CancelledError
+                raise Interrupted
 
     async def do(self, event: BatchEvent) -> None:
         if isinstance(event, BatchCreated) and event.batch.get("input_file_id") != STREAM_INPUT:
@@ -104,6 +119,8 @@ class Jobs:
             await self.fill(event)
         elif isinstance(event, BatchRedriveRequested):
             await self.redrive(event)
+        elif isinstance(event, BatchFinished):
+            await self.forget(event)
 
     # --- explode ---------------------------------------------------------------------------
     async def explode(self, event: BatchCreated) -> None:
@@ -142,6 +159,12 @@ class Jobs:
         failed = BatchValidationFailed(batch_id=batch_id, errors=[
             BatchError(code="server_error", message=f"could not read the batch: {why}")])
         await self.producer.send(self.topics.batch_events, batch_id, failed.dumps())
+
+    async def forget(self, event: BatchFinished) -> None:
+        await self.store.r.delete(self.store.keys.explode(event.batch_id))
+        if event.batch.get("input_file_id") == STREAM_INPUT:
+            await self.ledger.forget(event.batch_id)
+            await asyncio.to_thread(self.files.delete_tree, stream_dir(event.batch_id))
 
     # --- fill and re-drive ----------------------------------------------------------------
     async def fill(self, event: BatchFillRequested) -> None:

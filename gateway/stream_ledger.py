@@ -80,6 +80,11 @@ class StreamLedger:
         holder, _, line = str(current or "").partition("|")
         return ("redelivery", int(line)) if current and holder == token else (None, 0)
 
+    async def forget(self, batch_id: str) -> None:
+        """A finished batch needs no bookkeeping; a late message is an unknown batch."""
+        await self.r.delete(self.keys.stream(batch_id), self.keys.stream_ids(batch_id),
+                            self.keys.stream_rejected(batch_id))
+
     async def close(self, batch_id: str) -> int:
         """Close the batch; idempotent: a second call returns the same total."""
         key = self.keys.stream(batch_id)

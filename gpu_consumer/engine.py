@@ -8,7 +8,7 @@ batching: requests join and leave the running batch between steps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,6 +62,11 @@ class Engine(Protocol):
         """One engine iteration over everything admitted; returns what finished."""
         ...
 
+    def abort(self, tickets: Collection[int]) -> None:
+        """Stop these admitted requests now (their batch was cancelled or expired); no
+        result comes back for them from `step`."""
+        ...
+
     @property
     def busy(self) -> bool:
         """True while some admitted request has not been returned by `step`."""
@@ -108,6 +113,9 @@ class EchoEngine:
     def step(self) -> Finished:
         done, self._done = self._done, []
         return done
+
+    def abort(self, tickets: Collection[int]) -> None:
+        self._done = [(t, r) for t, r in self._done if t not in tickets]
 
     @property
     def busy(self) -> bool:

@@ -29,6 +29,8 @@ STOP_CODES = {
 class StoppedBatches:
     def __init__(self, kafka: KafkaConfig, topic: str) -> None:
         self._codes: dict[str, str] = {}
+        # bumped for every batch that stops: the worker looks at its running lines again
+        self.version = 0
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._consumer = Consumer(kafka.consumer(f"millrace-stops-{uuid.uuid4().hex}"))
@@ -50,6 +52,7 @@ class StoppedBatches:
             if isinstance(event, BatchTransition) and event.to_status in STOP_CODES:
                 with self._lock:
                     self._codes[event.batch_id] = STOP_CODES[event.to_status]
+                    self.version += 1
                 log.info("%s: unstarted lines become %s", event.batch_id,
                          STOP_CODES[event.to_status])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +162,18 @@ class VllmEngine:
                     live = self._live.pop((model, out.request_id))
                     finished.append((live.ticket, self._result(model, live, out)))
         return finished
+
+    def abort(self, tickets: Collection[int]) -> None:
+        """vLLM frees the requests' KV cache and drops them from the running batch."""
+        self._done = [(t, r) for t, r in self._done if t not in tickets]
+        for model, queued in self._embeds.items():
+            self._embeds[model] = [e for e in queued if e.ticket not in tickets]
+        running = [(model, rid) for (model, rid), live in self._live.items()
+                   if live.ticket in tickets]
+        for model, rid in running:
+            del self._live[(model, rid)]
+        for model in {m for m, _ in running}:
+            self._llms[model].llm_engine.abort_request([r for m, r in running if m == model])
 
     def _enqueue(self, model: str, chat: bool, prompt: Any, params: Any) -> str:
         llm = self._llms[model]

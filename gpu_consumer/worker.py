@@ -75,6 +75,7 @@ class Worker:
         self._paused = False
         self._alive = True
         self._failed_deliveries = 0
+        self._stops_seen = 0
         self._last_commit = 0.0
         self._on_ready: Callable[[], None] | None = None
 
@@ -150,6 +151,7 @@ class Worker:
             Pending(record, topic, partition, offset, offsets, cost))
 
     def _admit(self) -> None:
+        self._stop_running()
         for model, backlog in self.backlogs.items():
             self._stop_lines(backlog)
             budget = self.budgets[model]
@@ -169,6 +171,23 @@ class Worker:
             error = LineError(code=code, message=BATCH_LINE_ERRORS[code])
             for item in backlog.take_batch(batch_id):
                 self._produce(item, error=error)
+
+    def _stop_running(self) -> None:
+        """Requests of a batch that was cancelled (or expired) stop in the engine at once:
+        each becomes the batch's error line; what had finished was already sent."""
+        if self.stops.version == self._stops_seen:
+            return
+        self._stops_seen = self.stops.version
+        stopped = {ticket: code for ticket, run in self.running.items()
+                   if (code := self.stops.code(run.item.record.batch_id)) is not None}
+        if not stopped:
+            return
+        self.engine.abort(stopped)
+        for ticket, code in stopped.items():
+            run = self.running.pop(ticket)
+            self.budgets[run.model].release(ticket)
+            self._produce(run.item, error=LineError(code=code, message=BATCH_LINE_ERRORS[code]))
+        log.info("aborted %d running requests of stopped batches", len(stopped))
 
     def _finish(self, finished: list[tuple[int, EngineResult]]) -> None:
         now = time.time()

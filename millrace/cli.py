@@ -59,6 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--results", type=Path, default=Path("bench/results"))
     common(sub.add_parser(
         "rebuild", help="restore Redis (batches, files, API keys, webhook endpoints) from Kafka"))
+    resume = common(sub.add_parser(
+        "resume", help="carry every unfinished batch on after Kafka lost its data"))
+    resume.add_argument("--reseed", action="store_true",
+                        help="also publish every file, key, endpoint and batch state again")
+    chaos = common(sub.add_parser(
+        "chaos", help="run a deployment through random kills and restarts, check every line"))
+    chaos.add_argument("--rounds", type=int, default=30)
+    chaos.add_argument("--engine", choices=["vllm", "echo"], default="echo")
+    chaos.add_argument("--lines", type=int, default=5000, help="lines per round's batch")
+    chaos.add_argument("--seed", type=int, help="for the same faults at the same moments")
     sub.add_parser("schemas", help="print the JSON schema of every record on the public topics")
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -106,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handler = {
         "up": _up, "gateway": _gateway, "worker": _worker, "aggregator": _aggregator,
         "sink": _sink, "redis": _redis, "keys": _keys, "bench": _bench, "rebuild": _rebuild,
+        "resume": _resume, "chaos": _chaos,
     }[args.command]
     try:
         sys.exit(handler(settings, args) or 0)
@@ -202,6 +213,28 @@ def _rebuild(settings: Settings, args: argparse.Namespace) -> None:
     from streams.rebuild import rebuild
 
     print(json.dumps(asdict(asyncio.run(rebuild(_with_endpoints(settings, "rebuild"))))))
+
+
+def _resume(settings: Settings, args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from streams.resume import resume
+
+    resumed = asyncio.run(resume(_with_endpoints(settings, "resume"), reseed=args.reseed))
+    print(json.dumps(asdict(resumed)))
+
+
+def _chaos(settings: Settings, args: argparse.Namespace) -> int:
+    import tempfile
+
+    from millrace.up.chaos import chaos, table
+
+    data_dir = Path(tempfile.mkdtemp(prefix="millrace-chaos-"))
+    rounds = chaos(data_dir, args.rounds, engine=args.engine, lines=args.lines, seed=args.seed,
+                   say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(table(rounds))
+    print(f"deployment data dir: {data_dir}")
+    return 0 if all(r.ok for r in rounds) else 1
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> None:

@@ -17,6 +17,9 @@ MillraceError
 
 from __future__ import annotations
 
+from confluent_kafka import KafkaException
+from redis.exceptions import RedisError
+
 from millrace.protocol import ErrorDetail, ErrorEnvelope
 
 
@@ -111,3 +114,7 @@ class ComponentError(MillraceError):
 
 class DeliveryError(MillraceError):
     """The broker did not acknowledge produced records; the caller must not commit."""
+
+
+# What a part being away (the broker, Redis) looks like to a client: wait and try again.
+OUTAGES: tuple[type[Exception], ...] = (DeliveryError, KafkaException, RedisError)

@@ -6,6 +6,7 @@
 | `rate:<sha256>:<minute>` | string | gateway | requests of a key in one minute |
 | `file:<id>` | hash | gateway, sink | FileObject, project, store path |
 | `files:<project>` | zset | gateway, sink | a project's files by creation |
+| `file-expiry` | zset | gateway, sink | file id → its `expires_at` (deleted after it) |
 | `batch:<id>` | hash | gateway (`doc`, `project`), aggregator (`state`, `agg`) | a Batch |
 | `batches:<project>` | zset | gateway | a project's batches by creation |
 | `active` | set | gateway, aggregator | batches not yet in a final status |
@@ -21,6 +22,7 @@
 | `whd-due` | zset | sink | delivery → when it is next due |
 | `whd-batch:<batch>` | zset | sink | a batch's deliveries |
 | `expiry-tick` | string | aggregator | lease: one aggregator a second looks for due batches |
+| `janitor` | string | sink | lease: one sink at a time deletes expired files |
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class Keyspace:
 
     def files(self, project: str) -> str:
         return self._k("files", project)
+
+    @property
+    def file_expiry(self) -> str:
+        return self._k("file-expiry")
 
     def batch(self, batch_id: str) -> str:
         return self._k("batch", batch_id)
@@ -98,3 +104,7 @@ class Keyspace:
     @property
     def expiry_tick(self) -> str:
         return self._k("expiry-tick")
+
+    @property
+    def janitor(self) -> str:
+        return self._k("janitor")

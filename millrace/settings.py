@@ -197,6 +197,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     kv_cache_gib: int = 1
 
+    # `up`: the embedded broker keeps every record in memory; past this size it is started
+    # afresh while no batch runs (at twice this size at once), and unfinished batches are
+    # resumed on the new one. 0 = never.
+    broker_max_rss_mb: int = 1024
+
     # sink: consume() returns when this many records arrived or the wait ran out
     sink_max_batch: int = 500
     sink_max_wait_ms: int = 0

@@ -116,6 +116,8 @@ class Store:
             p.hset(self.keys.file(obj.id),
                    mapping={"obj": obj.model_dump_json(), "project": project, "path": path})
             p.zadd(self.keys.files(project), {obj.id: listed_at or time.time()})
+            if obj.expires_at is not None:
+                p.zadd(self.keys.file_expiry, {obj.id: obj.expires_at})
             await p.execute()
 
     async def get_file(self, file_id: str, project: str) -> StoredFile | None:
@@ -152,7 +154,25 @@ class Store:
         async with self.r.pipeline(transaction=True) as p:
             p.delete(self.keys.file(file_id))
             p.zrem(self.keys.files(project), file_id)
+            p.zrem(self.keys.file_expiry, file_id)
             await p.execute()
+
+    async def expired_files(self, now: float, most: int = 1000) -> list[StoredFile]:
+        """Files past their `expires_at` (not yet deleted)."""
+        found = []
+        for file_id in await self.r.zrangebyscore(self.keys.file_expiry, "-inf", now,
+                                                  start=0, num=most):
+            row = await self.r.hgetall(self.keys.file(str(file_id)))
+            if row:
+                found.append(StoredFile(FileObject.model_validate_json(row["obj"]),
+                                        str(row["project"]), str(row["path"])))
+            else:
+                await self.r.zrem(self.keys.file_expiry, str(file_id))
+        return found
+
+    async def take_lease(self, key: str, seconds: float) -> bool:
+        """True for one caller per `seconds` (several processes share a periodic task)."""
+        return bool(await self.r.set(key, "1", nx=True, px=int(seconds * 1000)))
 
     # --- batches ----------------------------------------------------------------------
     async def create_batch(self, batch: Batch, project: str, *, listed_at: float) -> None:
@@ -245,9 +265,6 @@ class Store:
         due = await self.r.zrangebyscore(self.keys.deadlines, "-inf", now, start=0, num=most)
         return [str(b) for b in due]
 
-    async def take_expiry_tick(self, lease_ms: int) -> bool:
-        """True for one caller per `lease_ms` (several aggregators share the sweep)."""
-        return bool(await self.r.set(self.keys.expiry_tick, "1", nx=True, px=lease_ms))
 
     # --- lines that have a result -------------------------------------------------------
     async def mark_done(self, lines: Mapping[str, Iterable[int]]) -> None:

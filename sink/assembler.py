@@ -16,6 +16,7 @@ The counts and usage of a batch are those of its spool lines, so `request_counts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -289,6 +290,17 @@ class Assembler:
             )
         return Written(batch_id, spool.meta.project, files, dict(spool.counts),
                        (spool.tokens[0], spool.tokens[1]))
+
+    def forget_written(self, older_than_s: float) -> int:
+        """Drop the markers of batches written that long ago (no late line comes after)."""
+        cutoff = time.time() - older_than_s
+        dropped = 0
+        for marker in self.root.glob("*/written"):
+            with contextlib.suppress(OSError):
+                if marker.stat().st_mtime < cutoff:
+                    shutil.rmtree(marker.parent)
+                    dropped += 1
+        return dropped
 
     def forget(self, batch_id: str) -> None:
         """A finished batch that has no files (failed validation, cancelled before any line

@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 from confluent_kafka import Consumer, Message
 from pydantic import ValidationError
 
+from millrace.errors import OUTAGES
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
 from millrace.records import (
@@ -44,6 +46,8 @@ from millrace.store import Store
 from millrace.topics import Topics
 from millrace.up.readiness import mark_ready
 from sink.assembler import Assembler
+from sink.janitor import EVERY_S as JANITOR_EVERY_S
+from sink.janitor import Janitor
 from sink.webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -61,7 +65,9 @@ class Sink:
         files = FileStore(settings.files_url)
         self.assembler = Assembler(settings.data_dir / "sink", files)
         self.webhooks = Dispatcher(settings, self.store, files)
+        self.janitor = Janitor(self.store, self.registry, files, self.assembler)
         self._stopping = asyncio.Event()
+        self._janitor_at = 0.0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -74,7 +80,7 @@ class Sink:
             await self.write_complete()  # batches whose lines were all in before a restart
             await consume_loop(
                 self.consumer, self.handle, self._stopping, most=self.settings.sink_max_batch,
-                fill_wait=self.settings.sink_max_wait_ms / 1000, every=self.publish_partial)
+                fill_wait=self.settings.sink_max_wait_ms / 1000, every=self.between_polls)
         finally:
             self._stopping.set()
             await webhooks
@@ -160,6 +166,12 @@ class Sink:
         await asyncio.to_thread(self.assembler.mark_written, batch_id, ready)
         log.info("wrote the files of %s: %d lines", batch_id, written.lines)
 
-    async def publish_partial(self) -> None:
+    async def between_polls(self) -> None:
         for batch_id in self.assembler.publish_due(self.settings.sink_partial_every_s):
             await asyncio.to_thread(self.assembler.publish, batch_id)
+        if time.monotonic() - self._janitor_at >= JANITOR_EVERY_S:
+            self._janitor_at = time.monotonic()
+            try:
+                await self.janitor.clean_up(time.time())
+            except OUTAGES as exc:
+                log.warning("clean-up put off: %s", exc)

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from millrace.deliveries import Deliveries, Delivery, DeliveryAttempt, delivery_id
+from millrace.errors import OUTAGES
 from millrace.filestore import FileStore
 from millrace.records import BatchFinished
 from millrace.results import KINDS, final_key
@@ -79,10 +80,13 @@ class Dispatcher:
         lease = self.settings.webhook_timeout_s + 5
         try:
             while not stopping.is_set():
-                due = await self.deliveries.claim(lease, CONCURRENCY) if self.enabled else []
-                if due:
-                    await asyncio.gather(*(self.attempt(i) for i in due))
-                    continue
+                try:
+                    due = await self.deliveries.claim(lease, CONCURRENCY) if self.enabled else []
+                    if due:
+                        await asyncio.gather(*(self.attempt(i) for i in due))
+                        continue
+                except OUTAGES as exc:  # Redis away: the deliveries wait in it
+                    log.warning("webhook deliveries wait: %s", exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), IDLE_S)
         finally:

@@ -88,6 +88,14 @@ class Aggregator:
 
     # --- applying events ---------------------------------------------------------------
     async def handle(self, messages: list[Message]) -> None:
+        try:
+            await self._apply(messages)
+        except BaseException:
+            # states changed in memory may not be saved: the retry starts from Redis
+            self.states.clear()
+            raise
+
+    async def _apply(self, messages: list[Message]) -> None:
         by_batch: dict[str, list[BatchEvent]] = {}
         for msg in messages:
             try:
@@ -139,6 +147,7 @@ class Aggregator:
             await self.producer.send(self.topics.batch_events, state.batch_id, event.dumps())
             if isinstance(event, BatchTransition):
                 log.info("%s: %s → %s", state.batch_id, event.from_status, event.to_status)
+        state.updated_at = time.time()
         agg = state.model_dump_json()
         await self.store.save_aggregate(
             state.batch_id, agg, state.batch_fields(), active=not state.finished,
@@ -173,7 +182,7 @@ class Aggregator:
     async def expire_due(self) -> int:
         """Publish `expire_due` for each active batch past its window (one aggregator a
         second does this; the batch's owner decides)."""
-        if not await self.store.take_expiry_tick(int(EXPIRY_EVERY_S * 900)):
+        if not await self.store.take_lease(self.store.keys.expiry_tick, EXPIRY_EVERY_S * 0.9):
             return 0
         due = await self.store.due_batches(time.time())
         for batch_id in due:

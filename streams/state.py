@@ -70,6 +70,7 @@ class BatchState(BaseModel):
     errors: list[BatchError] | None = None
     fill: str | None = None  # the fill code requested, once
     finished: bool = False  # `finished` published
+    updated_at: float | None = None  # when the aggregator last saved a change (unix s)
     # The gateway's half of the Batch object, as created: the read model can be restored
     # from this state if Redis loses it, and the final Batch travels in `finished`.
     doc: dict[str, Any] | None = None

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,19 +71,35 @@ def wait_for_port(port: int, timeout: float, alive: Callable[[], bool] = lambda:
     raise ComponentError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def broker_argv(port: int, *, advertised: str | None = None) -> list[str]:
+def broker_argv(port: int, *, advertised: str | None = None,
+                cluster_id: str | None = None) -> list[str]:
     """argv[0] `millrace` makes the broker show in `ps` as `millrace broker …`; clients are
-    told to connect to `advertised` (default: where it listens)."""
+    told to connect to `advertised` (default: where it listens). A fresh `cluster_id` per
+    start tells every client that this broker holds none of the data of the last one."""
     url = f"tcp://127.0.0.1:{port}"
     return ["millrace", "broker", "--listener-url", url,
-            "--advertised-listener-url", advertised or url, "--storage-engine", "memory://tansu/"]
+            "--advertised-listener-url", advertised or url, "--storage-engine", "memory://tansu/",
+            "--cluster-id", cluster_id or f"millrace-{uuid.uuid4().hex}"]
 
 
 def redis_argv(port: int, data_dir: Path) -> list[str]:
     data_dir.mkdir(parents=True, exist_ok=True)
     return ["millrace redis", "--port", str(port), "--bind", "127.0.0.1",
-            "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--save", "",
+            # every write is on disk before Redis answers: a SIGKILL loses nothing acknowledged
+            "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--appendfsync", "always",
+            "--save", "",
             "--protected-mode", "yes"]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, in MiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def spawn(executable: Path, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:

@@ -1,6 +1,13 @@
 """`millrace up`: the embedded deployment — broker, Redis and the four services, each its
 own process, supervised (a dead child is restarted and the restart logged) and stopped
-cleanly on SIGINT/SIGTERM."""
+cleanly on SIGINT/SIGTERM.
+
+The embedded broker keeps its topics in memory. Whenever it starts — with the deployment,
+after it died, or when it is recycled to bound its memory — the topics are created and every
+unfinished batch is resumed from the data dir (`streams/resume.py`): nothing the services
+need survives only in the broker. Redis writes every change to its append-only file before
+answering.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +41,8 @@ log = logging.getLogger("millrace.up")
 
 SERVICES = ("worker", "aggregator", "sink", "gateway")
 STOP_GRACE_S = 40.0  # a worker finishes its running requests (worker_drain_s) first
+CHECK_EVERY_S = 5.0  # broker memory and log sizes
+LOG_MAX_BYTES = 64 << 20  # a child's log is rotated (copied to .1, emptied) beyond this
 
 
 @dataclass
@@ -59,6 +69,9 @@ class Launcher:
         self.children: list[Child] = []
         self.services: list[str] = []
         self._stop = False
+        self._broker_port: int | None = None
+        self._resume_pending = False
+        self._last_check = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------
     def run(self, announce: Callable[[str], None]) -> int:
@@ -99,14 +112,6 @@ class Launcher:
     # --- infrastructure ------------------------------------------------------------------
     def _start_infrastructure(self) -> None:
         s = self.settings
-        updates: dict[str, str] = {}
-        if not s.kafka.bootstrap:
-            kafka_port = embedded.free_port()
-            self._add(Child("broker", lambda: embedded.spawn(
-                embedded.tansu_binary(), embedded.broker_argv(kafka_port),
-                self.logs / "broker.log")))
-            embedded.wait_for_port(kafka_port, 30, lambda: self.children[-1].alive)
-            self.settings = self.settings.with_kafka(bootstrap=f"127.0.0.1:{kafka_port}")
         if not s.redis_url:
             redis_port = embedded.free_port()
             redis_dir = s.data_dir / "redis"
@@ -114,14 +119,51 @@ class Launcher:
                 embedded.redis_binary(), embedded.redis_argv(redis_port, redis_dir),
                 self.logs / "redis.log")))
             embedded.wait_for_port(redis_port, 30, lambda: self.children[-1].alive)
-            updates["redis_url"] = f"redis://127.0.0.1:{redis_port}/0"
-        self.settings = self.settings.model_copy(update=updates)
+            self._mark("redis")
+            self.settings = self.settings.model_copy(
+                update={"redis_url": f"redis://127.0.0.1:{redis_port}/0"})
+        if not s.kafka.bootstrap:
+            self._broker_port = embedded.free_port()
+            port = self._broker_port
+            self._add(Child("broker", lambda: embedded.spawn(
+                embedded.tansu_binary(), embedded.broker_argv(port), self.logs / "broker.log")))
+            embedded.wait_for_port(port, 30, lambda: self.children[-1].alive)
+            self.settings = self.settings.with_kafka(bootstrap=f"127.0.0.1:{port}")
+            self._broker_started()
+        else:
+            self._ensure_topics()
+
+    def _broker_started(self) -> None:
+        """A fresh embedded broker holds nothing: topics, then every unfinished batch."""
+        self._mark("broker")
         self._ensure_topics()
+        self._resume_pending = True
+        self._resume()
+
+    def _resume(self) -> None:
+        from streams.resume import resume
+
+        try:
+            resumed = asyncio.run(resume(self.settings))
+        except Exception:  # Redis away too: tried again while supervising
+            log.exception("resuming the unfinished batches failed; will try again")
+            return
+        self._resume_pending = False
+        if resumed.batches:
+            log.info("resumed %d unfinished batches on the new broker (%d re-driven, %d "
+                     "filled, %d exploded again)", resumed.batches, resumed.redriven,
+                     resumed.filled, resumed.exploded)
 
     def _ensure_topics(self) -> None:
         kafka = KafkaConfig.of(self.settings, "up")
         topics = Topics.from_settings(self.settings)
         ensure_topics(kafka, topics.layout(self.settings), configs=topics.configs())
+
+    def _mark(self, name: str) -> None:
+        """A readiness marker with the pid of a component we started (chaos, tests)."""
+        child = next(c for c in self.children if c.name == name)
+        if child.proc is not None:
+            readiness.mark_ready(self.settings, name, pid=child.proc.pid)
 
     def _kept_secret(self, name: str, make: Callable[[], str]) -> str:
         """A secret generated once and kept (mode 0600) in the data dir."""
@@ -220,7 +262,52 @@ class Launcher:
     def _supervise(self) -> None:
         while not self._stop:
             self._restart_dead()
+            if self._resume_pending:
+                self._resume()
+            if time.monotonic() - self._last_check >= CHECK_EVERY_S:
+                self._last_check = time.monotonic()
+                self._bound_broker_memory()
+                self._rotate_logs()
             time.sleep(0.2)
+
+    def _bound_broker_memory(self) -> None:
+        """The in-memory broker keeps every record ever produced: past `broker_max_rss_mb`
+        it is started afresh while no batch is running (or, at twice that, at once), and
+        the unfinished batches are resumed on the new one."""
+        limit = self.settings.broker_max_rss_mb
+        broker = next((c for c in self.children if c.name == "broker"), None)
+        if not limit or broker is None or broker.proc is None or not broker.alive:
+            return
+        rss = embedded.rss_mb(broker.proc.pid)
+        if rss < limit or (rss < 2 * limit and self._batches_running()):
+            return
+        log.warning("broker holds %.0f MiB (limit %d MiB): starting it afresh", rss, limit)
+        broker.proc.kill()
+        broker.proc.wait()
+        self._restart_dead()
+
+    def _batches_running(self) -> bool:
+        from millrace.store import Store
+
+        async def count() -> int:
+            store = Store.connect(self.settings.require_redis(), self.settings.topic_prefix)
+            try:
+                return len(await store.active_batches())
+            finally:
+                await store.close()
+
+        try:
+            return asyncio.run(count()) > 0
+        except Exception:
+            return True  # cannot tell: do not disturb
+
+    def _rotate_logs(self) -> None:
+        """Children append to their logs (O_APPEND): copy a big one aside, then empty it."""
+        for path in self.logs.glob("*.log"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_size > LOG_MAX_BYTES:
+                    shutil.copyfile(path, path.with_suffix(".log.1"))
+                    os.truncate(path, 0)
 
     def _restart_dead(self) -> None:
         for child in self.children:
@@ -233,11 +320,14 @@ class Launcher:
             log.warning("%s exited with code %s; restarting", child.name, code)
             _reap_group(child)
             child.launch()
-            if child.name == "broker":
-                # the memory:// broker lost its topics with the process
-                embedded.wait_for_port(int(self.settings.require_kafka().rsplit(":", 1)[1]), 30)
-                self._ensure_topics()
             log.info("restarted %s (pid %s)", child.name, child.proc.pid if child.proc else "?")
+            if child.name == "redis":
+                embedded.wait_for_port(int(str(self.settings.redis_url).rsplit(":", 1)[1]
+                                           .split("/")[0]), 30)
+                self._mark("redis")
+            if child.name == "broker" and self._broker_port is not None:
+                embedded.wait_for_port(self._broker_port, 30)
+                self._broker_started()
 
     def _shutdown(self) -> None:
         services = [c for c in self.children if c.name in self.services]
@@ -257,7 +347,7 @@ class Launcher:
                     child.proc.kill()
                     child.proc.wait()
                 _reap_group(child)
-        for name in self.services:
+        for name in [*self.services, "broker", "redis"]:
             readiness.clear(self.settings, name)
         log.info("stopped")
 

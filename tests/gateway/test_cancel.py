@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from openai import OpenAI
@@ -43,3 +44,38 @@ def test_cancel_mid_run(client: OpenAI, model: str, tmp_path: Path) -> None:
         assert line.error.code == "batch_cancelled"
     for line in output:
         assert line.response is not None and line.response.status_code == 200
+
+
+def test_cancel_stops_the_engine_two_seconds_in(client: OpenAI, model: str,
+                                                tmp_path: Path) -> None:
+    """40 lines, cancelled 2 s after create: the lines running in the engine are aborted
+    (each becomes `batch_cancelled`), what had finished is kept, the batch is cancelled.
+
+    Each line must generate 1,500 tokens (vLLM's `min_tokens`): 1,500 decode steps, which
+    takes longer than the test allows on any machine, GPU or CPU, unless the engine aborts.
+    """
+    ids = [f"stop{i}" for i in range(40)]
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        chat_line(cid, model, f"Tell a tale about the number {i}.", max_tokens=1500,
+                  min_tokens=1500) for i, cid in enumerate(ids)])
+    with path.open("rb") as f:
+        uploaded = client.files.create(file=f, purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    wait_until(lambda: client.batches.retrieve(batch.id).created_at + 2 <= time.time(), 10,
+               "two seconds to pass")  # the moment of the cancel is the point of the test
+    client.batches.cancel(batch.id)
+    cancelled_at = time.monotonic()
+    done = wait_until(lambda: (b := client.batches.retrieve(batch.id)).status == "cancelled"
+                      and b, 120, "the batch to be cancelled")
+    # 16 lines x 1,500 steps run at once here: without the abort, minutes on a CPU
+    assert time.monotonic() - cancelled_at < 60
+    output = read_lines(client, done.output_file_id)
+    errors = read_lines(client, done.error_file_id)
+    assert len(output) < 40
+    assert sorted(x.custom_id for x in output + errors) == sorted(ids)
+    assert all(e.error is not None and e.error.code == "batch_cancelled" for e in errors)
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (
+        len(output), len(errors))
+    assert all(x.response is not None and x.response.status_code == 200 for x in output)

@@ -72,7 +72,8 @@ def test_extra_options_are_applied_last_and_reach_every_client() -> None:
     for config in (clients.base(), clients.producer(), clients.consumer("g")):
         assert config["socket.keepalive.enable"] == "true"
         assert config["client.id"] == "custom"
-    assert clients.producer()["acks"] == "all" and clients.producer()["enable.idempotence"]
+    assert clients.producer()["acks"] == "all"
+    assert clients.producer()["enable.idempotence"] is False  # see KafkaConfig.producer
     assert clients.consumer("g")["enable.auto.commit"] is False
 
 

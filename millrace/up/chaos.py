@@ -1,0 +1,371 @@
+"""`millrace chaos --rounds N`: a deployment put through random kills, checked line by line.
+
+It starts `millrace up` in its own data dir (echo engine by default; `--engine vllm` for
+real inference), then for each round creates a batch whose webhook goes to a receiver in
+this process, waits a random part of the time a batch takes, and does one fault:
+
+- `sigterm-all` / `sigkill-all`: stop the whole deployment (Ctrl-C; or SIGKILL of its
+  process group, as a power loss does) and run `millrace up` again on the same data dir;
+- `kill-<part>`: SIGKILL one of broker, redis, gateway, worker, aggregator, sink (the
+  launcher restarts it).
+
+Then it waits for the batch to end and checks what a user would: a final status, every
+input line in exactly one of the output and error files, `request_counts` and `usage`
+equal to what the files hold, and the webhook delivered. Each round is a row of the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from millrace.settings import BUNDLED_CHAT_MODEL
+from millrace.up.embedded import die_with_parent, free_port
+
+PARTS = ("broker", "redis", "gateway", "worker", "aggregator", "sink")
+FAULTS = ("sigterm-all", "sigkill-all", *(f"kill-{p}" for p in PARTS))
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+# --- a deployment driven from outside, as a user runs it --------------------------------
+@dataclass
+class Up:
+    """`millrace up` in a data dir, on a fixed port (kept across restarts)."""
+
+    data_dir: Path
+    port: int
+    engine: str = "echo"
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[str] | None = None
+    api_key: str = ""
+    stderr: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout: float = 600) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MILLRACE_")}
+        env.update({"MILLRACE_LOG_LEVEL": "INFO", **self.env})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "millrace", "up", "--port", str(self.port), "--data-dir",
+             str(self.data_dir), "--engine", self.engine],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            preexec_fn=die_with_parent, start_new_session=True)
+        ready: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc, ready), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("millrace up did not get ready:\n" + "".join(self.stderr[-40:]))
+            time.sleep(0.1)
+        self.api_key = ready[0].split("api_key=", 1)[1].strip()
+
+    def _pump(self, proc: subprocess.Popen[str], ready: list[str]) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        stderr = proc.stderr
+        threading.Thread(target=lambda: self.stderr.extend(stderr), daemon=True).start()
+        for line in proc.stdout:
+            if line.startswith("millrace ready: "):
+                ready.append(line)
+
+    def pid(self, part: str) -> int | None:
+        try:
+            return int(json.loads((self.data_dir / "run" / f"{part}.ready").read_text())["pid"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
+        """SIGTERM to the launcher (it stops everything), or SIGKILL to the whole group."""
+        assert self.proc is not None
+        if sig == signal.SIGKILL:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            _kill_leftovers(self.data_dir)
+        else:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def _kill_leftovers(data_dir: Path) -> None:
+    """Every child leads its own process group (so Ctrl-C reaches only the launcher): a
+    power loss takes them too."""
+    for marker in (data_dir / "run").glob("*.ready"):
+        try:
+            pid = int(json.loads(marker.read_text())["pid"])
+            os.killpg(pid, signal.SIGKILL)
+        except (ValueError, KeyError, ProcessLookupError, PermissionError, OSError):
+            continue
+
+
+# --- a webhook receiver -------------------------------------------------------------------
+class Receiver:
+    """Records every webhook POST: (webhook-id, event type, batch id)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str]] = []
+        received = self.events
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                try:
+                    event = json.loads(body)
+                    received.append((str(self.headers.get("webhook-id")),
+                                      str(event.get("type")),
+                                      str(event.get("data", {}).get("id"))))
+                except ValueError:
+                    pass
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def delivered(self, batch_id: str) -> int:
+        return sum(1 for _, _, b in self.events if b == batch_id)
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+# --- one round ----------------------------------------------------------------------------
+@dataclass
+class Round:
+    number: int
+    fault: str
+    fault_at_s: float  # after create
+    lines: int
+    status: str = ""
+    output: int = 0
+    errors: int = 0
+    duplicated: int = 0
+    missing: int = 0
+    counts_exact: bool = False
+    usage_exact: bool = False
+    webhooks: int = 0
+    recovered_s: float = 0.0  # fault → the deployment serves again
+    finished_s: float = 0.0  # fault → the batch is final
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return (self.status == "completed" and self.duplicated == self.missing == 0
+                and self.output + self.errors == self.lines and self.counts_exact
+                and self.usage_exact and self.webhooks >= 1)
+
+
+def batch_file(lines: int, tag: str, model: str = BUNDLED_CHAT_MODEL) -> bytes:
+    return "".join(json.dumps({
+        "custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": model, "max_tokens": 8,
+                 "messages": [{"role": "user", "content": f"Count to {i % 7 + 1}."}]},
+    }) + "\n" for i in range(lines)).encode()
+
+
+class Api:
+    """Raw HTTP, so an outage is a status code here, not an exception to unwind."""
+
+    def __init__(self, up: Up) -> None:
+        self.up = up
+
+    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response | None:
+        try:
+            return httpx.request(method, self.up.base_url + path, timeout=30,
+                                 headers={"Authorization": f"Bearer {self.up.api_key}"},
+                                 **kwargs)
+        except httpx.HTTPError:
+            return None
+
+    def until(self, what: Callable[[], Any], timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = what()
+            if value:
+                return value
+            time.sleep(0.1)
+        return None
+
+    def create(self, lines: int, tag: str, webhook: str) -> str:
+        upload = self.until(lambda: (r := self.call(
+            "POST", "/files", files={"file": (f"{tag}.jsonl", batch_file(lines, tag))},
+            data={"purpose": "batch"})) is not None and r.status_code == 200 and r, 120)
+        created = self.until(lambda: (r := self.call("POST", "/batches", json={
+            "input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions",
+            "completion_window": "24h", "webhook_url": webhook,
+        })) is not None and r.status_code == 200 and r, 120)
+        if not created:
+            raise RuntimeError("no batch could be created")
+        return str(created.json()["id"])
+
+    def batch(self, batch_id: str) -> dict[str, Any] | None:
+        r = self.call("GET", f"/batches/{batch_id}")
+        return r.json() if r is not None and r.status_code == 200 else None
+
+    def lines(self, file_id: str | None) -> list[dict[str, Any]]:
+        if not file_id:
+            return []
+        r = self.call("GET", f"/files/{file_id}/content")
+        assert r is not None and r.status_code == 200, r
+        return [json.loads(x) for x in r.text.splitlines() if x.strip()]
+
+
+def do_fault(up: Up, fault: str) -> None:
+    if fault in ("sigterm-all", "sigkill-all"):
+        up.stop(signal.SIGTERM if fault == "sigterm-all" else signal.SIGKILL)
+        up.start()
+        return
+    part = fault.removeprefix("kill-")
+    pid = up.pid(part)
+    if pid is None:
+        raise RuntimeError(f"no pid for {part}")
+    os.kill(pid, signal.SIGKILL)
+
+
+def recovered(up: Up, fault: str, before: int | None, api: Api, timeout: float) -> bool:
+    """The part is back (a new pid, ready) and the API answers."""
+    part = fault.removeprefix("kill-")
+
+    def back() -> bool:
+        pid = up.pid(part) if fault.startswith("kill-") else -1
+        if pid is None or pid == before:
+            return False
+        r = api.call("GET", "/models")
+        return r is not None and r.status_code == 200
+
+    return bool(api.until(back, timeout))
+
+
+def run_round(up: Up, receiver: Receiver, number: int, fault: str, lines: int,
+              fault_at_s: float, timeout: float = 600) -> Round:
+    api = Api(up)
+    tag = f"r{number}"
+    result = Round(number, fault, round(fault_at_s, 2), lines)
+    batch_id = api.create(lines, tag, receiver.url)
+    time.sleep(fault_at_s)  # the moment of the fault is the point of the round
+    part = fault.removeprefix("kill-")
+    before = up.pid(part) if fault.startswith("kill-") else None
+    faulted = time.monotonic()
+    do_fault(up, fault)
+    api = Api(up)  # a restarted `up` may print a new key only if the data dir lost it
+    if recovered(up, fault, before, api, timeout):
+        result.recovered_s = round(time.monotonic() - faulted, 2)
+    final = api.until(lambda: (b := api.batch(batch_id)) is not None
+                      and b["status"] in TERMINAL and _settled(b) and b, timeout)
+    result.finished_s = round(time.monotonic() - faulted, 2)
+    if not final:
+        b = api.batch(batch_id) or {}
+        result.status = f"stuck:{b.get('status')}"
+        result.note = json.dumps(b.get("request_counts"))
+        return result
+    check(result, final, api, tag)
+    api.until(lambda: receiver.delivered(batch_id), 60)
+    result.webhooks = receiver.delivered(batch_id)
+    return result
+
+
+def _settled(batch: dict[str, Any]) -> bool:
+    return batch["status"] != "expired" or bool(batch["output_file_id"] or batch["error_file_id"])
+
+
+def check(result: Round, batch: dict[str, Any], api: Api, tag: str) -> None:
+    result.status = batch["status"]
+    output = api.lines(batch.get("output_file_id"))
+    errors = api.lines(batch.get("error_file_id"))
+    ids = [line["custom_id"] for line in output + errors]
+    wanted = {f"{tag}-{i}" for i in range(result.lines)}
+    result.output, result.errors = len(output), len(errors)
+    result.duplicated = len(ids) - len(set(ids))
+    result.missing = len(wanted - set(ids))
+    counts = batch["request_counts"]
+    result.counts_exact = (counts["total"], counts["completed"], counts["failed"]) == (
+        result.lines, len(output), len(errors))
+    prompt = sum(int(((x.get("response") or {}).get("body") or {}).get("usage", {})
+                     .get("prompt_tokens", 0)) for x in output)
+    completion = sum(int(((x.get("response") or {}).get("body") or {}).get("usage", {})
+                         .get("completion_tokens", 0)) for x in output)
+    usage = batch["usage"]
+    result.usage_exact = (usage["input_tokens"], usage["output_tokens"]) == (prompt, completion)
+    if errors:
+        result.note = ",".join(sorted({str((e.get("error") or {}).get("code") or
+                                           (e.get("response") or {}).get("status_code"))
+                                       for e in errors}))
+
+
+# --- the command --------------------------------------------------------------------------
+@contextmanager
+def deployment(data_dir: Path, engine: str, env: dict[str, str]) -> Iterator[Up]:
+    up = Up(data_dir, free_port(), engine, env)
+    up.start()
+    try:
+        yield up
+    finally:
+        if up.proc is not None and up.proc.poll() is None:
+            up.stop()
+
+
+def table(rounds: list[Round]) -> str:
+    head = ("round", "fault", "at s", "status", "out", "err", "dup", "missing", "counts",
+            "usage", "hooks", "recover s", "final s")
+    rows = [head] + [(str(r.number), r.fault, f"{r.fault_at_s:.2f}", r.status, str(r.output),
+                      str(r.errors), str(r.duplicated), str(r.missing),
+                      "exact" if r.counts_exact else "WRONG",
+                      "exact" if r.usage_exact else "WRONG", str(r.webhooks),
+                      f"{r.recovered_s:.1f}", f"{r.finished_s:.1f}") for r in rounds]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+             for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    ok = sum(r.ok for r in rounds)
+    lines.append(f"\n{ok}/{len(rounds)} rounds: final, every line exactly once, counts and "
+                 "usage exact, webhook delivered")
+    return "\n".join(lines)
+
+
+def chaos(data_dir: Path, rounds: int, *, engine: str = "echo", lines: int = 5000,
+          seed: int | None = None, faults: tuple[str, ...] = FAULTS,
+          say: Callable[[str], None] = lambda _: None) -> list[Round]:
+    rng = random.Random(seed)
+    receiver = Receiver()
+    results: list[Round] = []
+    try:
+        with deployment(data_dir, engine, {}) as up:
+            # one batch without a fault: how long a batch takes, where faults may land
+            start = time.monotonic()
+            api = Api(up)
+            first = api.create(lines, "warmup", receiver.url)
+            api.until(lambda: (b := api.batch(first)) is not None and b["status"] in TERMINAL,
+                      600)
+            span = max(time.monotonic() - start, 0.5)
+            say(f"a {lines}-line batch takes {span:.1f}s here; faults land within it")
+            deck: list[str] = []
+            for number in range(1, rounds + 1):
+                if not deck:  # every fault once per len(faults) rounds, in random order
+                    deck = rng.sample(faults, len(faults))
+                fault = deck.pop()
+                result = run_round(up, receiver, number, fault, lines, rng.uniform(0, span))
+                results.append(result)
+                say(table([result]).splitlines()[2])
+    finally:
+        receiver.close()
+    return results

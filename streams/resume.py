@@ -1,0 +1,211 @@
+"""Resuming every unfinished batch on a broker that lost its data (`millrace resume`).
+
+The embedded broker keeps its topics in memory: after it restarts — or after a Kafka
+disaster in production — every request, response and event it held is gone. What a batch
+needs to finish is not: its Batch document and the aggregator's state are in Redis, its
+input in the file store (stream batches: the lines the ingest stage persisted), and every
+result line the sink has in its spool (`done:<batch>` marks them). Resuming publishes, for
+every active batch, the events that make the services carry on from there:
+
+- `created` again (the sink learns the project and output expiry; a file batch that was
+  still validating is exploded again — lines with a result are skipped);
+- `validated` with the batch's number of lines, when known (the sink writes the files once
+  it holds them all);
+- a cancelled or expired batch: `fill_requested` (its lines without a result get error
+  lines); a running one: `redrive_requested` (they are enqueued again). Both make a sink
+  that had already written the files announce them again.
+
+Every event is idempotent for its consumers, so resuming twice, or while the services run,
+changes nothing that was right. With `reseed` (after a Kafka disaster in production), the
+registry (files, API keys, webhook endpoints) and every batch's state are published again
+too, so that a later loss of Redis can still be rebuilt from Kafka; the embedded broker,
+restarted to bound its memory, is not filled up again with what is finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from millrace.kafka import AsyncProducer, KafkaConfig
+from millrace.protocol import FileObject, WebhookEndpoint
+from millrace.records import (
+    ApiKeyEntry,
+    BatchCreated,
+    BatchExpireDue,
+    BatchFillRequested,
+    BatchRedriveRequested,
+    BatchValidated,
+    EndpointEntry,
+    FileEntry,
+    Record,
+)
+from millrace.settings import Settings
+from millrace.status import BatchStatus
+from millrace.store import Store
+from millrace.topics import Topics
+from streams.state import FILL_CODES, BatchState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resumed:
+    batches: int = 0
+    redriven: int = 0
+    filled: int = 0
+    exploded: int = 0
+    registry: int = 0
+
+
+def resume_events(state: BatchState) -> list[Record]:
+    """What to publish so that an unfinished batch carries on (pure: tested directly)."""
+    if state.doc is None or state.finished:
+        return []
+    events: list[Record] = [BatchCreated(
+        batch_id=state.batch_id, project=state.project, batch=state.doc,
+        output_expires_after_s=state.output_expires_after_s, webhook=state.webhook,
+        listed_at=state.listed_at)]
+    if state.total is not None:
+        events.append(BatchValidated(batch_id=state.batch_id, total=state.total,
+                                     model=state.model))
+    code = state.fill or FILL_CODES.get(state.status)
+    if code is not None and (state.total is not None or state.input_file_id == "stream"):
+        events.append(BatchFillRequested(batch_id=state.batch_id, project=state.project,
+                                         code=code, input_file_id=state.input_file_id))
+    elif state.status in (BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING):
+        events.append(BatchRedriveRequested(batch_id=state.batch_id, project=state.project,
+                                            input_file_id=state.input_file_id))
+    return events
+
+
+@dataclass(frozen=True)
+class Swept:
+    """An active batch as the sweep found it, and what it did."""
+
+    batch_id: str
+    project: str
+    status: str
+    age_s: int
+    idle_s: int | None  # since the batch last changed
+    done: int
+    total: int | None
+    action: str | None  # expire, fill, redrive, explode, or None: left alone
+
+
+def sweep_events(state: BatchState, now: float, stuck_after_s: float
+                 ) -> tuple[str | None, list[Record]]:
+    """What gets an active batch moving again (pure): past its window, it expires; idle
+    for `stuck_after_s`, what `resume` would publish for it."""
+    if state.due(now):
+        return "expire", [BatchExpireDue(batch_id=state.batch_id, at=int(now))]
+    changed = state.updated_at or float((state.doc or {}).get("created_at") or now)
+    if now - changed < stuck_after_s:
+        return None, []
+    events = resume_events(state)
+    kinds = {type(e) for e in events}
+    if BatchFillRequested in kinds:
+        return "fill", events
+    if BatchRedriveRequested in kinds:
+        return "redrive", events
+    if state.status is BatchStatus.VALIDATING and events:
+        return "explode", events
+    return None, []
+
+
+async def sweep(store: Store, producer: AsyncProducer, topics: Topics, *, now: float,
+                stuck_after_s: float, dry_run: bool) -> list[Swept]:
+    """Every active batch, and the events that move the stuck ones (`POST /admin/...`)."""
+    found = []
+    for batch_id in await store.active_batches():
+        state = await _state(store, batch_id)
+        if state is None:
+            continue
+        action, events = sweep_events(state, now, stuck_after_s)
+        if not dry_run:
+            for event in events:
+                await producer.send(topics.batch_events, batch_id, event.dumps())
+        created = int((state.doc or {}).get("created_at") or now)
+        found.append(Swept(batch_id, state.project, state.status.value, int(now - created),
+                           int(now - state.updated_at) if state.updated_at else None,
+                           state.done, state.total, action))
+    return found
+
+
+async def resume(settings: Settings, *, reseed: bool = False) -> Resumed:
+    topics = Topics.from_settings(settings)
+    store = Store.connect(settings.require_redis(), settings.topic_prefix)
+    producer = AsyncProducer(KafkaConfig.of(settings, "resume").producer())
+    resumed = Resumed()
+    try:
+        if reseed:
+            resumed.registry = await _registry(store, producer, topics)
+        batches = await _all_batches(store) if reseed else await store.active_batches()
+        for batch_id in batches:
+            state = await _state(store, batch_id)
+            if state is None:
+                continue
+            if reseed:
+                await producer.send(topics.batch_state, batch_id,
+                                    state.model_dump_json().encode())
+            events = resume_events(state)
+            for event in events:
+                await producer.send(topics.batch_events, batch_id, event.dumps())
+            if events:
+                resumed.batches += 1
+                kinds = {type(e) for e in events}
+                resumed.filled += BatchFillRequested in kinds
+                resumed.redriven += BatchRedriveRequested in kinds
+                resumed.exploded += state.status is BatchStatus.VALIDATING
+    finally:
+        producer.close()
+        await store.close()
+    log.info("resumed: %s", resumed)
+    return resumed
+
+
+async def _state(store: Store, batch_id: str) -> BatchState | None:
+    stored = await store.load_aggregate(batch_id)
+    if stored.agg:
+        return BatchState.model_validate_json(stored.agg)
+    if stored.doc is not None and stored.project is not None:
+        return BatchState.from_doc(batch_id, stored.doc, stored.project)
+    return None
+
+
+async def _all_batches(store: Store) -> list[str]:
+    """Every batch in the read model (finished ones only have their state re-published)."""
+    prefix = store.keys.batch("")
+    found = [str(k)[len(prefix):] async for k in store.r.scan_iter(match=f"{prefix}*",
+                                                                   count=1000)]
+    return sorted(found)
+
+
+async def _registry(store: Store, producer: AsyncProducer, topics: Topics) -> int:
+    """Publish files, API keys and webhook endpoints from Redis to the registry again."""
+    entries: list[FileEntry | ApiKeyEntry | EndpointEntry] = []
+    async for key in store.r.scan_iter(match=store.keys.file("*"), count=1000):
+        row = await store.r.hgetall(key)
+        if row:
+            listed = await store.r.zscore(store.keys.files(str(row["project"])),
+                                          str(key).rsplit(":", 1)[1])
+            entries.append(FileEntry(file=FileObject.model_validate_json(row["obj"]),
+                                     project=row["project"], path=row["path"],
+                                     listed_at=float(listed or 0)))
+    async for key in store.r.scan_iter(match=store.keys.api_key("*"), count=1000):
+        row = await store.r.hgetall(key)
+        if row:
+            entries.append(ApiKeyEntry(key_hash=str(key).rsplit(":", 1)[1],
+                                       project=row["project"], admin=row.get("admin") == "1",
+                                       rpm=int(row.get("rpm") or 0),
+                                       created_at=int(row.get("created_at") or 0)))
+    async for key in store.r.scan_iter(match=store.keys.webhook_endpoints("*"), count=100):
+        project = str(key).split(":", 2)[2]
+        for raw in (await store.r.hgetall(key)).values():
+            entries.append(EndpointEntry(project=project,
+                                         endpoint=WebhookEndpoint.model_validate(
+                                             json.loads(raw))))
+    for entry in entries:
+        await producer.send(topics.registry, entry.key, entry.dumps())
+    return len(entries)
