@@ -53,6 +53,7 @@ class Up:
     proc: subprocess.Popen[str] | None = None
     api_key: str = ""
     stderr: list[str] = field(default_factory=list)
+    pumps: list[threading.Thread] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -67,7 +68,11 @@ class Up:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
             preexec_fn=die_with_parent, start_new_session=True)
         ready: list[str] = []
-        threading.Thread(target=self._pump, args=(self.proc, ready), daemon=True).start()
+        self.pumps = [threading.Thread(target=self._pump_out, args=(self.proc, ready),
+                                       daemon=True),
+                      threading.Thread(target=self._pump_err, args=(self.proc,), daemon=True)]
+        for pump in self.pumps:
+            pump.start()
         deadline = time.monotonic() + timeout
         while not ready:
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -75,13 +80,15 @@ class Up:
             time.sleep(0.1)
         self.api_key = ready[0].split("api_key=", 1)[1].strip()
 
-    def _pump(self, proc: subprocess.Popen[str], ready: list[str]) -> None:
-        assert proc.stdout is not None and proc.stderr is not None
-        stderr = proc.stderr
-        threading.Thread(target=lambda: self.stderr.extend(stderr), daemon=True).start()
+    def _pump_out(self, proc: subprocess.Popen[str], ready: list[str]) -> None:
+        assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("millrace ready: "):
                 ready.append(line)
+
+    def _pump_err(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.stderr.extend(proc.stderr)
 
     def pid(self, part: str) -> int | None:
         try:
@@ -97,7 +104,13 @@ class Up:
             _kill_leftovers(self.data_dir)
         else:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        for pump in self.pumps:
+            pump.join(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return code
 
 
 def _kill_leftovers(data_dir: Path) -> None:
@@ -147,6 +160,7 @@ class Receiver:
 
     def close(self) -> None:
         self.server.shutdown()
+        self.server.server_close()
 
 
 # --- one round ----------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""A long run of the embedded default stays bounded: 200,000 echo requests (four batches of
+50,000), then the broker — which keeps every record in memory — is started afresh once idle
+above its limit, the services hold no per-batch state for finished batches, and the data dir
+holds little besides the result files. The figures are printed for the record."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from millrace.up.chaos import Api, Receiver, Up, deployment
+from millrace.up.embedded import rss_mb
+from tests.deployment import wait_until
+
+BATCHES, LINES = 4, 50_000
+BROKER_LIMIT_MB = 300
+
+
+def du_mb(path: Path, skip: str | None = None) -> float:
+    total = 0
+    for root, dirs, names in os.walk(path):
+        if skip is not None and skip in dirs:
+            dirs.remove(skip)
+        total += sum((Path(root) / n).stat().st_size for n in names
+                     if (Path(root) / n).is_file())
+    return total / 2**20
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and all its descendants."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True,
+                         check=True).stdout.split()
+    children: dict[int, list[int]] = {}
+    for child, parent in zip(out[::2], out[1::2], strict=True):
+        children.setdefault(int(parent), []).append(int(child))
+    todo, seen = [pid], 0.0
+    while todo:
+        p = todo.pop()
+        seen += rss_mb(p)
+        todo += children.get(p, [])
+    return seen
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    env = {"MILLRACE_BROKER_MAX_RSS_MB": str(BROKER_LIMIT_MB)}
+    with deployment(tmp_path_factory.mktemp("long-run"), "echo", env) as running:
+        yield running
+
+
+def figures(up: Up) -> dict[str, float]:
+    assert up.proc is not None
+    broker = up.pid("broker")
+    assert broker is not None
+    return {
+        "broker_rss_mb": round(rss_mb(broker), 1),
+        "total_rss_mb": round(tree_rss_mb(up.proc.pid), 1),
+        "data_dir_mb": round(du_mb(up.data_dir), 1),
+        "data_dir_without_files_mb": round(du_mb(up.data_dir, skip="files"), 1),
+    }
+
+
+def test_two_hundred_thousand_requests_leave_memory_and_disk_bounded(up: Up) -> None:
+    api = Api(up)
+    receiver = Receiver()
+    try:
+        warm = api.create(100, "warm", receiver.url)
+        assert wait_until(lambda: (b := api.batch(warm)) and b["status"] == "completed", 120,
+                          "a first batch")
+        before = figures(up)
+        peak_broker = 0.0
+        for n in range(BATCHES):
+            batch_id = api.create(LINES, f"long{n}", receiver.url)
+            done = wait_until(lambda b=batch_id: (x := api.batch(b)) and x["status"]  # type: ignore[misc]
+                              in ("completed", "failed") and x, 600, f"batch {n}")
+            assert done["status"] == "completed"
+            assert done["request_counts"]["completed"] == LINES
+            peak_broker = max(peak_broker, rss_mb(up.pid("broker") or 0))
+        # idle and above its limit, the broker is started afresh (checked every 5 s)
+        wait_until(lambda: rss_mb(up.pid("broker") or 0) < BROKER_LIMIT_MB, 120,
+                   "the broker to be recycled")
+        after = figures(up)
+    finally:
+        receiver.close()
+    print(json.dumps({"requests": BATCHES * LINES, "before": before, "after": after,
+                      "broker_peak_rss_mb": round(peak_broker, 1)}))
+    assert peak_broker >= BROKER_LIMIT_MB, "the run never needed the broker's limit"
+    assert after["broker_rss_mb"] < BROKER_LIMIT_MB
+    # services: no state kept per finished batch (caches cleared, spools removed)
+    services_before = before["total_rss_mb"] - before["broker_rss_mb"]
+    services_after = after["total_rss_mb"] - after["broker_rss_mb"]
+    assert services_after < services_before + 200, (before, after)
+    # besides the result files (the users' to keep until they expire): Redis and markers
+    assert after["data_dir_without_files_mb"] < before["data_dir_without_files_mb"] + 100
+    spools = [p for p in (up.data_dir / "sink").iterdir() if (p / "output.jsonl").exists()]
+    assert spools == []
