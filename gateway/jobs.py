@@ -57,6 +57,7 @@ from millrace.records import (
     parse_event,
 )
 from millrace.settings import Settings
+from millrace.status import BatchStatus
 from millrace.store import DoneLines, Store
 from millrace.topics import Topics
 
@@ -125,6 +126,9 @@ class Jobs:
     # --- explode ---------------------------------------------------------------------------
     async def explode(self, event: BatchCreated) -> None:
         batch_id, project = event.batch_id, event.project
+        batch = await self.store.get_batch(batch_id, project)
+        if batch is not None and batch.status is not BatchStatus.VALIDATING:
+            return  # `created` again (resume): its lines were enqueued; a re-drive follows
         source = await self.store.get_file(str(event.batch.get("input_file_id")), project)
         if source is None:
             await self._failed(batch_id, "the input file is gone")

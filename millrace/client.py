@@ -59,6 +59,19 @@ class StreamBatch:
         producer = Producer(_config(kafka, "stream").producer())
         return cls(response.json(), http, producer, Topics(topic_prefix))
 
+    @classmethod
+    def attach(
+        cls, base_url: str, api_key: str, batch_id: str, *, kafka: KafkaSettings | str,
+        topic_prefix: str = "millrace",
+    ) -> StreamBatch:
+        """An open batch created elsewhere (another process, before a restart)."""
+        http = httpx.Client(base_url=base_url.rstrip("/"), timeout=30,
+                            headers={"Authorization": f"Bearer {api_key}"})
+        response = http.get(f"/batches/{batch_id}")
+        response.raise_for_status()
+        producer = Producer(_config(kafka, "stream").producer())
+        return cls(response.json(), http, producer, Topics(topic_prefix))
+
     @property
     def id(self) -> str:
         return str(self.batch["id"])
@@ -76,10 +89,12 @@ class StreamBatch:
         if self._producer.flush(timeout):
             raise DeliveryError("lines not acknowledged by the broker")
 
-    def seal(self) -> dict[str, Any]:
-        """Flush, then close the batch once millrace has processed every line sent so far."""
+    def seal(self, total: int | None = None) -> dict[str, Any]:
+        """Flush, then close the batch once millrace has processed `total` messages (default:
+        the ones this object sent)."""
         self.flush()
-        response = self._http.post(f"/batches/{self.id}/seal", json={"total": self.sent})
+        response = self._http.post(f"/batches/{self.id}/seal",
+                                   json={"total": self.sent if total is None else total})
         response.raise_for_status()
         result: dict[str, Any] = response.json()
         return result

@@ -9,7 +9,7 @@
 | `file-expiry` | zset | gateway, sink | file id → its `expires_at` (deleted after it) |
 | `batch:<id>` | hash | gateway (`doc`, `project`), aggregator (`state`, `agg`) | a Batch |
 | `batches:<project>` | zset | gateway | a project's batches by creation |
-| `active` | set | gateway, aggregator | batches not yet in a final status |
+| `active` | set | gateway, aggregator, sink | batches whose `finished` the sink has not taken yet |
 | `deadlines` | zset | gateway, aggregator | active batch → `expires_at` |
 | `done:<batch>` | bitmap | sink | input lines that have a result line in the sink's spool |
 | `explode:<batch>` | hash | gateway | how far an explode got (lines acknowledged, broker id) |

@@ -219,20 +219,20 @@ class Store:
                            str(project) if project else None)
 
     async def save_aggregate(self, batch_id: str, agg: str, fields: dict[str, Any], *,
-                             active: bool, deadline: int | None,
+                             finished: bool, deadline: int | None,
                              restore: RestoredBatch | None = None) -> None:
-        """The aggregator's state and the Batch fields it owns, in one round trip; the
-        batch leaves the active index once final. With `restore`, the gateway's half is
-        written back wherever it is missing (Redis was lost), never overwriting."""
+        """The aggregator's state and the Batch fields it owns, in one round trip. An
+        unfinished batch is (again) among the active ones; a finished one stays there until
+        the sink took its `finished` event (`done_with`). With `restore`, the gateway's half
+        is written back wherever it is missing (Redis was lost), never overwriting."""
         key = self.keys.batch(batch_id)
         async with self.r.pipeline(transaction=True) as p:
             p.hset(key, mapping={"agg": agg, "state": json.dumps(fields)})
-            if active:
+            if not finished:
                 p.sadd(self.keys.active, batch_id)
-                if deadline is not None:
-                    p.zadd(self.keys.deadlines, {batch_id: deadline})
+            if deadline is not None:
+                p.zadd(self.keys.deadlines, {batch_id: deadline})
             else:
-                p.srem(self.keys.active, batch_id)
                 p.zrem(self.keys.deadlines, batch_id)
             if restore is not None:
                 self._restore(p, batch_id, restore)
@@ -257,6 +257,13 @@ class Store:
         p.hsetnx(key, "project", restore.project)
         p.zadd(self.keys.batches(restore.project), {batch_id: restore.listed_at}, nx=True)
 
+    async def done_with(self, batch_id: str) -> None:
+        """The batch is finished and its webhooks recorded: nothing more to resume."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.srem(self.keys.active, batch_id)
+            p.delete(self.keys.done(batch_id))
+            await p.execute()
+
     async def active_batches(self) -> list[str]:
         return sorted(str(b) for b in await self.r.smembers(self.keys.active))
 
@@ -279,9 +286,6 @@ class Store:
         raw = await self.r.execute_command(  # type: ignore[no-untyped-call]
             "GET", self.keys.done(batch_id), NEVER_DECODE=True)
         return DoneLines(bytes(raw or b""))
-
-    async def forget_done(self, batch_id: str) -> None:
-        await self.r.delete(self.keys.done(batch_id))
 
     # --- webhook endpoints (per project) ---------------------------------------------------
     async def put_endpoint(self, project: str, endpoint: WebhookEndpoint) -> None:

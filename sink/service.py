@@ -113,7 +113,7 @@ class Sink:
             await self.producer.send(self.topics.batch_events, ready.batch_id, ready.dumps())
         for event in finished:
             await self.webhooks.enqueue(event)
-            await self.store.forget_done(event.batch_id)
+            await self.store.done_with(event.batch_id)
             self.assembler.forget(event.batch_id)
 
     def learn(self, events: list[BatchEvent]) -> tuple[list[BatchFinished],

@@ -34,15 +34,14 @@ from millrace.records import (
     BatchExpireDue,
     BatchFinished,
     BatchTransition,
-    WebhookTarget,
     parse_event,
 )
 from millrace.settings import Settings
 from millrace.store import Store
 from millrace.topics import Topics
 from millrace.up.readiness import mark_ready
-from millrace.webhooks import EVENT_TYPES
 from streams.state import BatchState, Emitted
+from streams.targets import with_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -143,29 +142,16 @@ class Aggregator:
         """
         for event in emitted:
             if isinstance(event, BatchFinished):
-                event = await self._with_endpoints(event)
+                event = await with_endpoints(self.store, event)
             await self.producer.send(self.topics.batch_events, state.batch_id, event.dumps())
             if isinstance(event, BatchTransition):
                 log.info("%s: %s → %s", state.batch_id, event.from_status, event.to_status)
         state.updated_at = time.time()
         agg = state.model_dump_json()
         await self.store.save_aggregate(
-            state.batch_id, agg, state.batch_fields(), active=not state.finished,
+            state.batch_id, agg, state.batch_fields(), finished=state.finished,
             deadline=state.deadline, restore=state.restorable())
         return self.producer.produce(self.topics.batch_state, state.batch_id, agg.encode())
-
-    async def _with_endpoints(self, event: BatchFinished) -> BatchFinished:
-        """The project's webhook endpoints that want this event, besides the batch's own."""
-        event_type = EVENT_TYPES.get(event.status)
-        targets = list(event.webhooks)
-        urls = {t.url for t in targets}
-        for endpoint in await self.store.endpoints(event.project):
-            wanted = endpoint.events is None or event_type in endpoint.events
-            if wanted and endpoint.url not in urls:
-                targets.append(WebhookTarget(url=endpoint.url, source="endpoint",
-                                             endpoint_id=endpoint.id))
-                urls.add(endpoint.url)
-        return event.model_copy(update={"webhooks": targets})
 
     # --- expiry ------------------------------------------------------------------------
     async def _expire_loop(self) -> None:
@@ -193,3 +179,4 @@ class Aggregator:
 
 def run_aggregator(settings: Settings) -> None:
     asyncio.run(Aggregator(settings).run())
+

@@ -13,7 +13,9 @@ every active batch, the events that make the services carry on from there:
   it holds them all);
 - a cancelled or expired batch: `fill_requested` (its lines without a result get error
   lines); a running one: `redrive_requested` (they are enqueued again). Both make a sink
-  that had already written the files announce them again.
+  that had already written the files announce them again;
+- a batch already final whose `finished` the sink had not taken: `finished` again (its
+  webhooks; a batch stays active until the sink has recorded them).
 
 Every event is idempotent for its consumers, so resuming twice, or while the services run,
 changes nothing that was right. With `reseed` (after a Kafka disaster in production), the
@@ -35,6 +37,7 @@ from millrace.records import (
     BatchCreated,
     BatchExpireDue,
     BatchFillRequested,
+    BatchFinished,
     BatchRedriveRequested,
     BatchValidated,
     EndpointEntry,
@@ -46,6 +49,7 @@ from millrace.status import BatchStatus
 from millrace.store import Store
 from millrace.topics import Topics
 from streams.state import FILL_CODES, BatchState
+from streams.targets import with_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +64,12 @@ class Resumed:
 
 
 def resume_events(state: BatchState) -> list[Record]:
-    """What to publish so that an unfinished batch carries on (pure: tested directly)."""
-    if state.doc is None or state.finished:
+    """What to publish so that an active batch carries on (pure: tested directly); a batch
+    already final whose `finished` the sink never took gets it again (its webhooks)."""
+    if state.doc is None:
         return []
+    if state.finished:
+        return [state.finished_event()]
     events: list[Record] = [BatchCreated(
         batch_id=state.batch_id, project=state.project, batch=state.doc,
         output_expires_after_s=state.output_expires_after_s, webhook=state.webhook,
@@ -109,6 +116,8 @@ def sweep_events(state: BatchState, now: float, stuck_after_s: float
         return "fill", events
     if BatchRedriveRequested in kinds:
         return "redrive", events
+    if BatchFinished in kinds:
+        return "finish", events
     if state.status is BatchStatus.VALIDATING and events:
         return "explode", events
     return None, []
@@ -124,8 +133,7 @@ async def sweep(store: Store, producer: AsyncProducer, topics: Topics, *, now: f
             continue
         action, events = sweep_events(state, now, stuck_after_s)
         if not dry_run:
-            for event in events:
-                await producer.send(topics.batch_events, batch_id, event.dumps())
+            await _publish(store, producer, topics, batch_id, events)
         created = int((state.doc or {}).get("created_at") or now)
         found.append(Swept(batch_id, state.project, state.status.value, int(now - created),
                            int(now - state.updated_at) if state.updated_at else None,
@@ -150,8 +158,7 @@ async def resume(settings: Settings, *, reseed: bool = False) -> Resumed:
                 await producer.send(topics.batch_state, batch_id,
                                     state.model_dump_json().encode())
             events = resume_events(state)
-            for event in events:
-                await producer.send(topics.batch_events, batch_id, event.dumps())
+            await _publish(store, producer, topics, batch_id, events)
             if events:
                 resumed.batches += 1
                 kinds = {type(e) for e in events}
@@ -163,6 +170,14 @@ async def resume(settings: Settings, *, reseed: bool = False) -> Resumed:
         await store.close()
     log.info("resumed: %s", resumed)
     return resumed
+
+
+async def _publish(store: Store, producer: AsyncProducer, topics: Topics, batch_id: str,
+                   events: list[Record]) -> None:
+    for event in events:
+        if isinstance(event, BatchFinished):
+            event = await with_endpoints(store, event)
+        await producer.send(topics.batch_events, batch_id, event.dumps())
 
 
 async def _state(store: Store, batch_id: str) -> BatchState | None:

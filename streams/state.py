@@ -205,18 +205,21 @@ class BatchState(BaseModel):
                                    input_file_id=self.input_file_id)]
 
     def _finish(self) -> list[Emitted]:
-        """`finished`, once: the final Batch object, with the batch's own webhook target
-        (the aggregator adds the project's endpoints)."""
+        """`finished`, once."""
         if self.finished or not self.status.terminal:
             return []
         self.finished = True
+        return [self.finished_event()]
+
+    def finished_event(self, at: int | None = None) -> BatchFinished:
+        """The final Batch object, with the batch's own webhook target (the aggregator adds
+        the project's endpoints)."""
         own = [WebhookTarget(url=str(self.webhook["url"]), source="batch")] if (
             self.webhook and self.webhook.get("url")) else []
         batch = self.batch()
-        return [BatchFinished(batch_id=self.batch_id, project=self.project,
-                              status=self.status,
-                              batch=batch.model_dump(mode="json") if batch else {},
-                              webhooks=own)]
+        return BatchFinished(batch_id=self.batch_id, project=self.project, status=self.status,
+                             batch=batch.model_dump(mode="json") if batch else {},
+                             webhooks=own, at=at or now())
 
     # --- the read model -------------------------------------------------------------------
     def batch(self) -> Batch | None:

@@ -71,6 +71,28 @@ def wait_for_port(port: int, timeout: float, alive: Callable[[], bool] = lambda:
     raise ComponentError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def wait_for_redis(port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Until Redis answers: its port opens before it has loaded its append-only file."""
+    import redis
+
+    client = redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=5)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if not alive():
+                raise ComponentError(f"redis on port {port} exited before it was ready")
+            try:
+                client.ping()
+                return
+            except (redis.exceptions.BusyLoadingError, redis.exceptions.ConnectionError) as exc:
+                if time.monotonic() > deadline:
+                    raise ComponentError(
+                        f"redis on port {port} not ready after {timeout}s") from exc
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
 def broker_argv(port: int, *, advertised: str | None = None,
                 cluster_id: str | None = None) -> list[str]:
     """argv[0] `millrace` makes the broker show in `ps` as `millrace broker …`; clients are

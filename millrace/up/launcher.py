@@ -118,7 +118,7 @@ class Launcher:
             self._add(Child("redis", lambda: embedded.spawn(
                 embedded.redis_binary(), embedded.redis_argv(redis_port, redis_dir),
                 self.logs / "redis.log")))
-            embedded.wait_for_port(redis_port, 30, lambda: self.children[-1].alive)
+            embedded.wait_for_redis(redis_port, 120, lambda: self.children[-1].alive)
             self._mark("redis")
             self.settings = self.settings.model_copy(
                 update={"redis_url": f"redis://127.0.0.1:{redis_port}/0"})
@@ -322,8 +322,8 @@ class Launcher:
             child.launch()
             log.info("restarted %s (pid %s)", child.name, child.proc.pid if child.proc else "?")
             if child.name == "redis":
-                embedded.wait_for_port(int(str(self.settings.redis_url).rsplit(":", 1)[1]
-                                           .split("/")[0]), 30)
+                port = int(str(self.settings.redis_url).rsplit(":", 1)[1].split("/")[0])
+                embedded.wait_for_redis(port, 120)
                 self._mark("redis")
             if child.name == "broker" and self._broker_port is not None:
                 embedded.wait_for_port(self._broker_port, 30)

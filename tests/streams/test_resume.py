@@ -74,13 +74,20 @@ def test_an_open_stream_batch_is_redriven_from_its_persisted_lines() -> None:
     assert events[-1].input_file_id == "stream"
 
 
-def test_finished_batches_need_nothing() -> None:
-    from millrace.records import BatchFilesReady
+def test_a_final_batch_still_active_gets_its_finished_event_again() -> None:
+    """Active after `finished` means the sink never took it (the broker lost it): its
+    webhooks would never be sent. It is published again, the same final Batch."""
+    from millrace.records import BatchFilesReady, BatchFinished
 
     done = state(BatchValidated(batch_id="b", total=1),
                  BatchFilesReady(batch_id="b", output_file_id="o", error_file_id=None, lines=1,
                                  completed=1))
-    assert done.status is BatchStatus.COMPLETED and resume_events(done) == []
+    assert done.status is BatchStatus.COMPLETED and done.finished
+    events = resume_events(done)
+    assert kinds(events) == ["BatchFinished"]
+    again = events[0]
+    assert isinstance(again, BatchFinished) and again.status is BatchStatus.COMPLETED
+    assert again.batch["output_file_id"] == "o" and again.batch["request_counts"]["total"] == 1
 
 
 def test_the_sweep_expires_overdue_batches_and_moves_idle_ones_only() -> None:
