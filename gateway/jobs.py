@@ -3,7 +3,9 @@
 - `created` (a file batch): **explode** — validate every line, then enqueue each line not
   yet enqueued or finished, recording how far it got (`explode:<batch>`: lines acknowledged,
   with the broker's cluster id) every `CHECKPOINT_LINES`; publish `validated` (or
-  `validation_failed`).
+  `validation_failed`). An explode that completed on this broker is not done again; on a
+  new broker (its data lost: `created` comes again from `resume`) it enqueues every line
+  that has no result yet.
 - `fill_requested`: **fill** — an error line (`batch_cancelled` / `batch_expired`) for every
   line that has no result yet, then `filled`; a stream batch is closed first.
 - `redrive_requested`: **re-drive** — enqueue again every line that has no result yet.
@@ -57,7 +59,6 @@ from millrace.records import (
     parse_event,
 )
 from millrace.settings import Settings
-from millrace.status import BatchStatus
 from millrace.store import DoneLines, Store
 from millrace.topics import Topics
 
@@ -126,9 +127,10 @@ class Jobs:
     # --- explode ---------------------------------------------------------------------------
     async def explode(self, event: BatchCreated) -> None:
         batch_id, project = event.batch_id, event.project
-        batch = await self.store.get_batch(batch_id, project)
-        if batch is not None and batch.status is not BatchStatus.VALIDATING:
-            return  # `created` again (resume): its lines were enqueued; a re-drive follows
+        epoch = await asyncio.to_thread(self.producer.cluster_id)
+        checkpoint = await self.store.r.hgetall(self.store.keys.explode(batch_id))
+        if checkpoint.get("epoch") == epoch and checkpoint.get("complete") == "1":
+            return  # done on this broker: a replayed `created`
         source = await self.store.get_file(str(event.batch.get("input_file_id")), project)
         if source is None:
             await self._failed(batch_id, "the input file is gone")
@@ -144,8 +146,6 @@ class Jobs:
             failed = BatchValidationFailed(batch_id=batch_id, errors=report.errors)
             await self.producer.send(self.topics.batch_events, batch_id, failed.dumps())
             return
-        epoch = await asyncio.to_thread(self.producer.cluster_id)
-        checkpoint = await self.store.r.hgetall(self.store.keys.explode(batch_id))
         after = int(checkpoint.get("lines", 0)) if checkpoint.get("epoch") == epoch else 0
         done = await self.store.done_lines(batch_id)
         records = (r for r in file_requests(self.files, source.path, line_rules, batch_id,
@@ -158,6 +158,8 @@ class Jobs:
                                     mapping={"epoch": epoch, "lines": chunk[-1].line})
         validated = BatchValidated(batch_id=batch_id, total=report.total, model=report.model)
         await self.producer.send(self.topics.batch_events, batch_id, validated.dumps())
+        await self.store.r.hset(self.store.keys.explode(batch_id),
+                                mapping={"epoch": epoch, "complete": "1"})
 
     async def _failed(self, batch_id: str, why: str) -> None:
         failed = BatchValidationFailed(batch_id=batch_id, errors=[

@@ -10,8 +10,9 @@ written, registered and announced (`files_ready`); `finished` events become webh
 deliveries. Only then are the offsets committed, so a crash redelivers only what the spool
 may not have, and everything above is idempotent.
 
-A fill or re-drive request for a batch whose files are already written means its
-`files_ready` may have been lost (a broker that lost its data): it is announced again.
+A batch's total stated again (`validated`), or a fill or re-drive request, for a batch
+whose files are already written means its `files_ready` may have been lost (a broker that
+lost its data): it is announced again.
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ class Sink:
                                      output_expires_after_s=event.output_expires_after_s)
             elif isinstance(event, BatchValidated):
                 self.assembler.learn(event.batch_id, total=event.total)
+                ready = self.assembler.spool(event.batch_id).files_ready()
+                if ready is not None:
+                    announce.append(ready)
             elif isinstance(event, BatchFilled):
                 spool = self.assembler.spool(event.batch_id)
                 if spool.meta.total is None:

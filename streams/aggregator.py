@@ -79,6 +79,9 @@ class Aggregator:
             self.producer.close()
             await self.store.close()
 
+    def stop(self) -> None:
+        self._stopping.set()
+
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         mark_ready(self.settings, "aggregator")
 

@@ -7,13 +7,14 @@ input in the file store (stream batches: the lines the ingest stage persisted), 
 result line the sink has in its spool (`done:<batch>` marks them). Resuming publishes, for
 every active batch, the events that make the services carry on from there:
 
-- `created` again (the sink learns the project and output expiry; a file batch that was
-  still validating is exploded again — lines with a result are skipped);
-- `validated` with the batch's number of lines, when known (the sink writes the files once
-  it holds them all);
+- `created` again: the sink learns the project and output expiry, and a file batch is
+  exploded again on the new broker — every line without a result is enqueued (an explode
+  that was interrupted by the broker's death included);
+- `validated` with the batch's number of lines, when known: the sink writes the files once
+  it holds them all, or announces them again if it had written them;
 - a cancelled or expired batch: `fill_requested` (its lines without a result get error
-  lines); a running one: `redrive_requested` (they are enqueued again). Both make a sink
-  that had already written the files announce them again;
+  lines); a running stream batch: `redrive_requested` (its persisted lines without a result
+  are enqueued again);
 - a batch already final whose `finished` the sink had not taken: `finished` again (its
   webhooks; a batch stays active until the sink has recorded them).
 
@@ -48,7 +49,7 @@ from millrace.settings import Settings
 from millrace.status import BatchStatus
 from millrace.store import Store
 from millrace.topics import Topics
-from streams.state import FILL_CODES, BatchState
+from streams.state import FILL_CODES, STREAM_INPUT, BatchState
 from streams.targets import with_endpoints
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,11 @@ def resume_events(state: BatchState) -> list[Record]:
         events.append(BatchValidated(batch_id=state.batch_id, total=state.total,
                                      model=state.model))
     code = state.fill or FILL_CODES.get(state.status)
-    if code is not None and (state.total is not None or state.input_file_id == "stream"):
+    stream = state.input_file_id == STREAM_INPUT
+    if code is not None and (state.total is not None or stream):
         events.append(BatchFillRequested(batch_id=state.batch_id, project=state.project,
                                          code=code, input_file_id=state.input_file_id))
-    elif state.status in (BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING):
+    elif stream and state.status in (BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING):
         events.append(BatchRedriveRequested(batch_id=state.batch_id, project=state.project,
                                             input_file_id=state.input_file_id))
     return events
@@ -104,22 +106,26 @@ class Swept:
 def sweep_events(state: BatchState, now: float, stuck_after_s: float
                  ) -> tuple[str | None, list[Record]]:
     """What gets an active batch moving again (pure): past its window, it expires; idle
-    for `stuck_after_s`, what `resume` would publish for it."""
+    for `stuck_after_s`, a final batch gets `finished` again, a cancelled or expired one a
+    fill, a running or finalizing one a re-drive (the sink also announces written files
+    again), a validating one its explode again."""
     if state.due(now):
         return "expire", [BatchExpireDue(batch_id=state.batch_id, at=int(now))]
     changed = state.updated_at or float((state.doc or {}).get("created_at") or now)
-    if now - changed < stuck_after_s:
+    if now - changed < stuck_after_s or state.doc is None:
         return None, []
-    events = resume_events(state)
-    kinds = {type(e) for e in events}
-    if BatchFillRequested in kinds:
-        return "fill", events
-    if BatchRedriveRequested in kinds:
-        return "redrive", events
-    if BatchFinished in kinds:
-        return "finish", events
-    if state.status is BatchStatus.VALIDATING and events:
-        return "explode", events
+    if state.finished:
+        return "finish", [state.finished_event()]
+    code = state.fill or FILL_CODES.get(state.status)
+    if code is not None and (state.total is not None or state.input_file_id == STREAM_INPUT):
+        return "fill", [BatchFillRequested(batch_id=state.batch_id, project=state.project,
+                                           code=code, input_file_id=state.input_file_id)]
+    if state.status in (BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING):
+        return "redrive", [BatchRedriveRequested(batch_id=state.batch_id,
+                                                 project=state.project,
+                                                 input_file_id=state.input_file_id)]
+    if state.status is BatchStatus.VALIDATING and state.input_file_id != STREAM_INPUT:
+        return "explode", resume_events(state)[:1]  # its `created`
     return None, []
 
 
