@@ -23,20 +23,20 @@ import httpx
 from millrace.deliveries import Deliveries, Delivery, DeliveryAttempt, delivery_id
 from millrace.errors import OUTAGES
 from millrace.filestore import FileStore
+from millrace.outbound import Resolver, UnsafeTarget, resolve
 from millrace.records import BatchFinished
 from millrace.results import KINDS, final_key
 from millrace.settings import Settings
 from millrace.store import Store
 from millrace.webhooks import (
     EVENT_TYPES,
-    UnsafeTarget,
     WebhookEvent,
-    check_target,
     event_id,
     project_secret,
     retry_delay,
     signed_headers,
     signing_key,
+    webhook_guard,
 )
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,11 @@ IDLE_S = 0.2  # how often an idle dispatcher looks for due deliveries
 
 class Dispatcher:
     def __init__(self, settings: Settings, store: Store, files: FileStore,
-                 client: httpx.AsyncClient | None = None) -> None:
+                 client: httpx.AsyncClient | None = None, resolver: Resolver = resolve) -> None:
         self.settings = settings
         self.files = files
         self.deliveries = Deliveries(store)
+        self.guard = webhook_guard(settings, resolver)
         # no redirects: a 3xx to an internal address would walk around the target check
         self.client = client or httpx.AsyncClient(timeout=settings.webhook_timeout_s,
                                                   follow_redirects=False)
@@ -104,11 +105,11 @@ class Dispatcher:
         error: str | None = None
         retry = True
         try:
-            await check_target(delivery.url, self.settings)
+            # resolved and checked once; the request goes to the address that was checked
+            target = await self.guard.check(delivery.url)
             secret = project_secret(signing_key(self.settings), delivery.project)
             headers = signed_headers(secret, delivery.event_id, int(time.time()), body)
-            response = await self.client.post(delivery.url, content=body, headers=headers)
-            status_code = response.status_code
+            status_code = await self.guard.post(self.client, target, body, headers)
             if not 200 <= status_code < 300:
                 error = f"HTTP {status_code}"
         except UnsafeTarget as exc:
