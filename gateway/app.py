@@ -10,8 +10,9 @@ from typing import Protocol
 
 from fastapi import FastAPI
 
-from gateway import errors
+from gateway import errors, openapi
 from gateway.context import API_DELIVERY_TIMEOUT_MS, Context
+from gateway.http_limits import BodyLimits
 from gateway.ingest_topic import StreamIngest
 from gateway.jobs import Jobs
 from gateway.routes import admin, batches, health, models, results, webhooks
@@ -88,7 +89,11 @@ def create_app(settings: Settings) -> FastAPI:
             await store.close()
 
     app = FastAPI(title="millrace", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimits, json_max_bytes=settings.json_max_bytes,
+                       upload_max_bytes=max(settings.file_max_bytes, settings.batch_max_bytes),
+                       batch_max_bytes=settings.batch_max_bytes)
     errors.install(app)
+    app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]
     for module in (files_routes, batches, results, webhooks, models, admin, health):
         app.include_router(module.router)
     return app

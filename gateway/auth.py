@@ -2,28 +2,47 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.context import Context, context
 from gateway.ratelimit import take_request
 from millrace.errors import AuthenticationError, PermissionDeniedError, RateLimitError
 from millrace.store import Principal
 
+# Declared for the OpenAPI document (both are accepted); the checking is ours.
+bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer sk-...`")
+api_key_header = APIKeyHeader(name="x-api-key", auto_error=False,
+                              description="an API key, as PromptLoop clients send it")
 
-async def principal(request: Request, ctx: Annotated[Context, Depends(context)]) -> Principal:
-    key = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
+
+def api_key_of(headers: Mapping[str, str]) -> str | None:
+    """The API key of a request: `x-api-key`, else `Authorization: Bearer`."""
+    key = headers.get("x-api-key")
+    auth = headers.get("authorization", "")
     if not key and auth.lower().startswith("bearer "):
         key = auth[7:].strip()
-    if not key:
-        raise AuthenticationError(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
-        )
-    found = await ctx.store.principal(key)
+    return key or None
+
+
+async def principal(
+    request: Request, ctx: Annotated[Context, Depends(context)],
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
+    _key: Annotated[str | None, Security(api_key_header)] = None,
+) -> Principal:
+    # the body-limits middleware authenticated the caller before the body was read
+    found: Principal | None = getattr(request.state, "principal", None)
     if found is None:
-        raise AuthenticationError("Incorrect API key provided.")
+        key = api_key_of(request.headers)
+        if not key:
+            raise AuthenticationError(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+        found = await ctx.store.principal(key)
+        if found is None:
+            raise AuthenticationError("Incorrect API key provided.")
     limit = found.rpm or ctx.settings.rate_limit_rpm
     if limit:
         used, reset_s = await take_request(ctx.store, found)

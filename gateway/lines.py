@@ -30,7 +30,7 @@ Produce = tuple[str, str, int | None, bytes]
 
 def rules(settings: Settings, endpoint: str) -> Rules:
     return Rules(endpoint=endpoint, models=settings.served_models(),
-                 max_lines=settings.batch_max_lines)
+                 max_lines=settings.batch_max_lines, max_line_bytes=settings.batch_line_max_bytes)
 
 
 def request(settings: Settings, topics: Topics, record: RequestRecord) -> Produce:

@@ -32,6 +32,8 @@ class Rules:
     endpoint: str
     models: Collection[str]
     max_lines: int = 50_000
+    # a request line travels as one Kafka record: it must fit the broker's message size
+    max_line_bytes: int = 900_000
 
 
 def parse_lines(raw_lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
@@ -42,6 +44,10 @@ def parse_lines(raw_lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
 
 
 def check_line(number: int, raw: bytes, rules: Rules, report: Report) -> RequestLine | None:
+    if len(raw) > rules.max_line_bytes:
+        report.add("line_too_long", f"This line is {len(raw)} bytes; a request line may be at "
+                   f"most {rules.max_line_bytes} bytes.", number)
+        return None
     line: RequestLine | None
     try:
         line = RequestLine.model_validate_json(raw)  # fast path: pydantic-core's parser
@@ -53,8 +59,12 @@ def check_line(number: int, raw: bytes, rules: Rules, report: Report) -> Request
 def _parse_slowly(number: int, raw: bytes, report: Report) -> RequestLine | None:
     try:
         obj: Any = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        report.add("invalid_json_line", "This line is not parseable as valid JSON.", number)
+    except (ValueError, RecursionError) as exc:
+        # ValueError: bad JSON or UTF-8, and also a number too long to convert (4300+ digits)
+        why = "" if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError) else (
+            f" ({str(exc).split(':')[0]})")
+        report.add("invalid_json_line", f"This line is not parseable as valid JSON{why}.",
+                   number)
         return None
     if not isinstance(obj, dict):
         report.add("invalid_json_line", "Each line must be a JSON object.", number)

@@ -143,9 +143,11 @@ def _gateway(settings: Settings, args: argparse.Namespace) -> None:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.http_limits import LimitedHttpProtocol
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False)
+                log_level=settings.log_level.lower(), access_log=False,
+                http=LimitedHttpProtocol)
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> None:

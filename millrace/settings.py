@@ -156,6 +156,10 @@ class Settings(BaseSettings):
     # Limits (OpenAI's): batch input size and lines; any other upload.
     batch_max_bytes: int = 200 * 1024 * 1024
     batch_max_lines: int = 50_000
+    # One request line is one Kafka record: fit the broker's message size (1 MB by default).
+    batch_line_max_bytes: int = Field(default=900_000, ge=1024)
+    # JSON request bodies (create a batch, an endpoint, a key); larger ones get a 413.
+    json_max_bytes: int = Field(default=1 << 20, ge=1024)
     file_max_bytes: int = 512 * 1024 * 1024
 
     # Topic layout; responses and batch-events must share a partition count

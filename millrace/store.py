@@ -79,11 +79,14 @@ class Store:
         self.keys = Keyspace(namespace)
 
     @classmethod
-    def connect(cls, url: str, namespace: str) -> Store:
-        client = aioredis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT_S,
+    def connect(cls, url: str, namespace: str, max_connections: int = 64) -> Store:
+        """A pool of at most `max_connections`; a caller waits (up to the connect timeout)
+        for a free one instead of failing at once, and then gets a RedisError (503)."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, max_connections=max_connections,
+            timeout=CONNECT_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=COMMAND_TIMEOUT_S)
-        return cls(client, namespace)
+        return cls(aioredis.Redis(connection_pool=pool), namespace)
 
     async def close(self) -> None:
         await self.r.aclose()

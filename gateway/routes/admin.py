@@ -18,9 +18,12 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 
 
 class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     project: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     admin: bool = False
-    rpm: int = Field(default=0, ge=0, description="requests per minute; 0 = the default")
+    rpm: int = Field(default=0, ge=0, le=10_000_000,
+                     description="requests per minute; 0 = the default")
 
 
 class MintedKey(BaseModel):

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 
 from gateway.auth import Caller
@@ -37,7 +37,7 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 STREAM_INPUT = "stream"  # input_file_id of a stream batch (the SDK types it as a string)
 ENDPOINTS = SUPPORTED_ENDPOINTS
 # OpenAI accepts only "24h"; shorter windows are a millrace extension (1s .. 24h).
-_WINDOW = re.compile(r"^([1-9][0-9]*)([smh])$")
+_WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}
 MAX_WINDOW_S = 24 * 3600
 
@@ -54,6 +54,8 @@ def window_seconds(window: str) -> int:
 
 
 class CreateBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     input_file_id: str | None = None
     # millrace extension: "stream" opens a batch fed from the ingest topic, sealed later
     input: Literal["file", "stream"] = "file"
@@ -173,6 +175,8 @@ async def open_stream(ctx: Ctx, project: str, params: CreateBatch, window: int) 
 
 
 class ValidateBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     input_file_id: str
     endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] = Field(
         default="/v1/chat/completions")
@@ -234,6 +238,8 @@ async def cancel(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
 
 
 class SealBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     total: int | None = Field(default=None, ge=0)
 
 

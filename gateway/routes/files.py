@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import unicodedata
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile
@@ -21,6 +22,15 @@ from millrace.protocol import ExpiresAfter, FileObject, ListPage
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 UPLOAD_PURPOSES = {"batch", "assistants", "fine-tune", "vision", "user_data", "evals"}
+
+
+MAX_FILENAME = 255
+
+
+def clean_filename(name: str | None) -> str:
+    """The name as given (OpenAI keeps it), without control characters, at most 255."""
+    kept = "".join(c for c in (name or "") if unicodedata.category(c)[0] != "C")
+    return kept.strip()[:MAX_FILENAME] or "upload.jsonl"
 
 
 def new_file_id() -> str:
@@ -68,7 +78,7 @@ async def upload(
     created = int(time.time())
     obj = FileObject(
         id=file_id, bytes=size, created_at=created,
-        filename=file.filename or "upload.jsonl", purpose=purpose,
+        filename=clean_filename(file.filename), purpose=purpose,
         expires_at=created + expiry.seconds if expiry else None,
     )
     await ctx.registry.put_file(obj, who.project, key)

@@ -44,7 +44,7 @@ PARQUET_SCHEMA = pa.schema([
 @router.get("/{batch_id}/output")
 async def output(
     ctx: Ctx, who: Caller, batch_id: str,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=2**31)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     format: Literal["jsonl", "json", "parquet"] = "jsonl",
     file: Literal["output", "errors"] = "output",

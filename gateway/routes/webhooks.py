@@ -13,7 +13,7 @@ import time
 from typing import Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.auth import Caller
 from gateway.context import Context, Ctx
@@ -42,6 +42,8 @@ async def secret(ctx: Ctx, who: Caller) -> WebhookSecret:
 
 
 class NewEndpoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     url: str = Field(max_length=2048)
     events: list[str] | None = None
 

@@ -102,10 +102,21 @@ def test_malformed_jsonl_never_produces_a_5xx(client: OpenAI, http: httpx.Client
     assert created.status_code == 200
 
 
-def test_a_huge_line_is_a_line_error(client: OpenAI, tmp_path: Path) -> None:
+def test_validate_and_create_agree_on_a_line_too_large_for_the_broker(
+        client: OpenAI, http: httpx.Client, model: str, tmp_path: Path) -> None:
+    """A valid 5 MB line cannot travel as one Kafka record: the dry run and the batch both
+    say so, at its line (the dry run used to pass it and the batch then failed)."""
     path = tmp_path / "huge.jsonl"
-    path.write_bytes(b'{"custom_id": "' + b"x" * 5_000_000 + b"\n")
+    path.write_text(chat_line("ok", model, "hi") + "\n" + json.dumps({
+        "custom_id": "huge", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": "x" * 5_000_000}]},
+    }) + "\n")
+    dry = http.post("/v1/batches/validate", files={"file": ("huge.jsonl", path.read_bytes())},
+                    data={"endpoint": "/v1/chat/completions"},
+                    headers={"Authorization": f"Bearer {client.api_key}"}).json()
+    assert not dry["valid"] and [(e["line"], e["code"]) for e in dry["errors"]] == [
+        (2, "line_too_long")]
     batch, _ = run_batch(client, path, timeout=60)
     assert batch.status == "failed"
     assert batch.errors is not None and batch.errors.data is not None
-    assert [(e.line, e.code) for e in batch.errors.data] == [(1, "invalid_json_line")]
+    assert [(e.line, e.code) for e in batch.errors.data] == [(2, "line_too_long")]
