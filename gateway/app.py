@@ -72,7 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
                 settings.api_key.get_secret_value(), Principal("default", admin=True)
             )
         app.state.ctx = ctx
-        mark_ready(settings, "gateway")
+        mark_ready(settings, settings.gateway_name)
         stopping = asyncio.Event()
         stages = [
             asyncio.create_task(keep_running(

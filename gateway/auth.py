@@ -5,18 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Request
 
 from gateway.context import Context, context
 from gateway.ratelimit import take_request
 from millrace.errors import AuthenticationError, PermissionDeniedError, RateLimitError
 from millrace.store import Principal
-
-# Declared for the OpenAPI document (both are accepted); the checking is ours.
-bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer sk-...`")
-api_key_header = APIKeyHeader(name="x-api-key", auto_error=False,
-                              description="an API key, as PromptLoop clients send it")
 
 
 def api_key_of(headers: Mapping[str, str]) -> str | None:
@@ -28,11 +22,8 @@ def api_key_of(headers: Mapping[str, str]) -> str | None:
     return key or None
 
 
-async def principal(
-    request: Request, ctx: Annotated[Context, Depends(context)],
-    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
-    _key: Annotated[str | None, Security(api_key_header)] = None,
-) -> Principal:
+async def principal(request: Request, ctx: Annotated[Context, Depends(context)]) -> Principal:
+    """The caller (both key headers are declared in the OpenAPI document: gateway/openapi.py)."""
     # the body-limits middleware authenticated the caller before the body was read
     found: Principal | None = getattr(request.state, "principal", None)
     if found is None:

@@ -41,7 +41,8 @@ class Context:
                 "shortly.") from exc
 
 
-def context(request: Request) -> Context:
+async def context(request: Request) -> Context:
+    """(async: FastAPI runs a plain function dependency in a thread pool, per request)"""
     ctx: Context = request.app.state.ctx
     return ctx
 

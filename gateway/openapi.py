@@ -1,5 +1,6 @@
 """The OpenAPI document as the service behaves: errors are OpenAI's envelope with the statuses
-millrace answers (400, not FastAPI's 422), and both ways to send an API key."""
+millrace answers (400, not FastAPI's 422), and both ways to send an API key (declared here,
+not as FastAPI security dependencies: those would run on every request for nothing)."""
 
 from __future__ import annotations
 
@@ -35,11 +36,18 @@ def document(app: FastAPI) -> dict[str, Any]:
     schemas["ErrorEnvelope"] = envelope
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+    schema["components"]["securitySchemes"] = {
+        "HTTPBearer": {"type": "http", "scheme": "bearer",
+                       "description": "an API key: `Authorization: Bearer sk-...`"},
+        "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                         "description": "an API key, as PromptLoop clients send it"},
+    }
     ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}
     for path, operations in schema.get("paths", {}).items():
         if path == "/health":
             continue
         for operation in operations.values():
+            operation["security"] = [{"HTTPBearer": []}, {"APIKeyHeader": []}]
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
             errors = {**ERRORS, **(ADMIN_ERRORS if path.startswith("/admin") else {})}

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="instead: produce→response latency of single streamed requests "
                             "against the running deployment in --data-dir")
     bench.add_argument("--requests", type=int, default=30, help="--streaming: requests")
+    bench.add_argument("--api", action="store_true",
+                       help="instead: GET /v1/batches/{id} under wrk load, 1 vs MILLRACE_GATEWAYS "
+                            "gateway processes (starts its own deployments; needs wrk)")
+    bench.add_argument("--connections", type=int, default=200, help="--api: open connections")
+    bench.add_argument("--seconds", type=int, default=30, help="--api: length of each run")
     bench.add_argument("--lines", type=int, default=64, help="chat lines of the compared file")
     bench.add_argument("--max-tokens", type=int, default=32)
     bench.add_argument("--ingest-lines", type=int, default=50_000,
@@ -145,9 +151,17 @@ def _gateway(settings: Settings, args: argparse.Namespace) -> None:
     from gateway.app import create_app
     from gateway.http_limits import LimitedHttpProtocol
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False,
-                http=LimitedHttpProtocol)
+    # Several gateways may serve one port: each binds it with SO_REUSEPORT and the kernel
+    # spreads the connections over them.
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(2048)
+    uvicorn.run(create_app(settings), fd=sock.fileno(), log_level=settings.log_level.lower(),
+                access_log=False, http=LimitedHttpProtocol, backlog=2048,
+                proxy_headers=False, server_header=False)
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
@@ -187,6 +201,13 @@ def _redis(settings: Settings, args: argparse.Namespace) -> None:
 def _bench(settings: Settings, args: argparse.Namespace) -> None:
     from millrace.bench import streaming as bench
 
+    if args.api:
+        from millrace.bench import api
+
+        measured = api.run(settings.gateways, args.connections, args.seconds)
+        print(api.table(measured))
+        print(f"saved {api.save(measured, args.results)}")
+        return
     if not args.streaming:
         from millrace.bench import batch as batch_bench
 

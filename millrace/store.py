@@ -26,6 +26,8 @@ from millrace.protocol import Batch, FileObject, WebhookEndpoint
 # A dead Redis must give the API a quick 503, not a hang.
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
+PRINCIPAL_TTL_S = 2.0
+PRINCIPALS_KEPT = 10_000
 
 
 def hash_key(api_key: str) -> str:
@@ -77,6 +79,8 @@ class Store:
         self.r = client
         self.ns = namespace
         self.keys = Keyspace(namespace)
+        # API keys found, for a moment: every API call looks its key up first
+        self._principals: dict[str, tuple[float, Principal]] = {}
 
     @classmethod
     def connect(cls, url: str, namespace: str, max_connections: int = 64) -> Store:
@@ -105,12 +109,22 @@ class Store:
         )
 
     async def principal(self, api_key: str) -> Principal | None:
+        """The key's principal. A key found is remembered for PRINCIPAL_TTL_S (keys are
+        never changed in place); one not found is looked up every time (a new key works
+        at once)."""
         key_hash = hash_key(api_key)
+        cached = self._principals.get(key_hash)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
         row = await self.r.hgetall(self.keys.api_key(key_hash))
         if not row:
             return None
-        return Principal(project=str(row["project"]), admin=row.get("admin") == "1",
-                         rpm=int(row.get("rpm") or 0), key_hash=key_hash)
+        found = Principal(project=str(row["project"]), admin=row.get("admin") == "1",
+                          rpm=int(row.get("rpm") or 0), key_hash=key_hash)
+        if len(self._principals) > PRINCIPALS_KEPT:
+            self._principals.clear()
+        self._principals[key_hash] = (time.monotonic() + PRINCIPAL_TTL_S, found)
+        return found
 
     # --- files ------------------------------------------------------------------------
     async def put_file(self, obj: FileObject, project: str, path: str,
@@ -200,11 +214,12 @@ class Store:
             await p.execute()
 
     async def get_batch(self, batch_id: str, project: str) -> Batch | None:
-        row = await self.r.hgetall(self.keys.batch(batch_id))
-        if not row or row.get("project") != project or "doc" not in row:
+        # not the aggregator's own state (`agg`, kilobytes): only what the Batch is made of
+        doc, state, owner = await self.r.hmget(self.keys.batch(batch_id),
+                                               ["doc", "state", "project"])
+        if doc is None or owner != project:
             return None
-        state = json.loads(row.get("state") or "{}")
-        return Batch.model_validate({**json.loads(row["doc"]), **state})
+        return Batch.model_validate({**json.loads(doc), **json.loads(state or "{}")})
 
     async def list_batches(
         self, project: str, *, after: str | None = None, limit: int = 20

@@ -207,7 +207,10 @@ class Launcher:
                 share = cpus[i * len(cpus) // count:(i + 1) * len(cpus) // count]
                 env["MILLRACE_CPU_SET"] = ",".join(map(str, share))
             plan.append((name, "worker", env))
-        return plan + [(name, name, {}) for name in SERVICES if name != "worker"]
+        for i in range(max(self.settings.gateways, 1)):
+            name = "gateway" if i == 0 else f"gateway-{i + 1}"
+            plan.append((name, "gateway", {"MILLRACE_GATEWAY_NAME": name}))
+        return plan + [(name, name, {}) for name in SERVICES if name not in ("worker", "gateway")]
 
     def _service_starter(
         self, name: str, command: str, extra_env: dict[str, str]
@@ -227,13 +230,15 @@ class Launcher:
         return start
 
     def _ready(self, name: str) -> bool:
-        if name == "gateway":
-            try:
-                url = f"http://{self.settings.host}:{self.settings.port}/health"
-                return httpx.get(url, timeout=1.0).status_code == 200
-            except httpx.HTTPError:
-                return False
-        return readiness.read(self.settings, name) is not None
+        if readiness.read(self.settings, name) is None:
+            return False
+        if not name.startswith("gateway"):
+            return True
+        try:  # a gateway marks itself ready when it starts up; then it must answer
+            url = f"http://{self.settings.host}:{self.settings.port}/health"
+            return httpx.get(url, timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.settings.ready_timeout_s
