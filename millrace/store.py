@@ -94,6 +94,7 @@ class Store:
 
     async def close(self) -> None:
         await self.r.aclose()
+        await self.r.connection_pool.disconnect()  # a pool passed in is not closed by aclose
 
     # --- API keys -------------------------------------------------------------------
     async def put_key_hash(self, key_hash: str, principal: Principal,

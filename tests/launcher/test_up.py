@@ -28,6 +28,7 @@ def test_children_show_as_millrace_services(deployment: Deployment) -> None:
         titles.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
     for service in ("broker", "redis", "worker", "aggregator", "sink", "gateway"):
         assert any(t.startswith(f"millrace {service}") for t in titles), (service, titles)
+    assert sum(t.startswith("millrace gateway") for t in titles) == 2  # MILLRACE_GATEWAYS
 
 
 def test_a_killed_service_is_restarted_and_the_pipeline_recovers(
@@ -69,7 +70,7 @@ def test_two_deployments_run_side_by_side_and_stop_cleanly(
                   for x in read_lines(client, batch.output_file_id) if x.response}
         assert echoed == {"e0": "echo 0", "e1": "echo 1", "e2": "echo 2"}
         children = second.child_pids()
-        assert len(children) == 6
+        assert len(children) == 7  # broker, redis, worker, aggregator, sink, two gateways
     finally:
         code = second.stop(signal.SIGINT)
     assert code == 0
