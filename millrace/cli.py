@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -159,9 +160,24 @@ def _gateway(settings: Settings, args: argparse.Namespace) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((settings.host, settings.port))
     sock.listen(2048)
-    uvicorn.run(create_app(settings), fd=sock.fileno(), log_level=settings.log_level.lower(),
-                access_log=False, http=LimitedHttpProtocol, backlog=2048,
-                proxy_headers=False, server_header=False)
+    # The socket object itself, not its fd: uvicorn wraps a bare fd as AF_UNIX, and the event
+    # loop then leaves Nagle on — headers and body go out as two segments and the second waits
+    # for the client's delayed ACK (p50 56 ms at 200 connections with the CPU half idle).
+    # asyncio's own loop, not uvloop: under 200 busy connections uvloop served 3-5 % of the
+    # requests 0.3-1.5 s late (p99 650-770 ms on one gateway, the loop never stalled over
+    # 45 ms); asyncio's p99 was 76 ms at 6 % fewer requests/s. The collector: everything
+    # imported is frozen out of it and the young generation collected every 100,000
+    # allocations instead of 2,000 (p99 116 -> 68 ms with two gateways).
+    config = uvicorn.Config(create_app(settings), loop="asyncio",
+                            log_level=settings.log_level.lower(), access_log=False,
+                            http=LimitedHttpProtocol, backlog=2048, proxy_headers=False,
+                            server_header=False)
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: the app did not start
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
