@@ -15,7 +15,7 @@ from gateway.context import API_DELIVERY_TIMEOUT_MS, Context
 from gateway.http_limits import BodyLimits
 from gateway.ingest_topic import StreamIngest
 from gateway.jobs import Jobs
-from gateway.routes import admin, batches, health, models, results, webhooks
+from gateway.routes import admin, batches, health, models, plai, promptloop, results, webhooks
 from gateway.routes import files as files_routes
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
@@ -91,9 +91,13 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="millrace", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimits, json_max_bytes=settings.json_max_bytes,
                        upload_max_bytes=max(settings.file_max_bytes, settings.batch_max_bytes),
-                       batch_max_bytes=settings.batch_max_bytes)
+                       batch_max_bytes=settings.batch_max_bytes,
+                       rows_max_bytes=settings.rows_max_bytes)
     errors.install(app)
+    promptloop.install(app)
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]
-    for module in (files_routes, batches, results, webhooks, models, admin, health):
+    for module in (files_routes, batches, results, webhooks, models, admin, health, promptloop,
+                   plai):
         app.include_router(module.router)
+    app.include_router(files_routes.signed_router)
     return app

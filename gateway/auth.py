@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from gateway.context import Context, context
-from gateway.ratelimit import take_request
-from millrace.errors import AuthenticationError, PermissionDeniedError, RateLimitError
+from gateway.ratelimit import enforce
+from millrace.errors import AuthenticationError, PermissionDeniedError
 from millrace.store import Principal
 
 
@@ -34,18 +34,7 @@ async def principal(request: Request, ctx: Annotated[Context, Depends(context)])
         found = await ctx.store.principal(key)
         if found is None:
             raise AuthenticationError("Incorrect API key provided.")
-    limit = found.rpm or ctx.settings.rate_limit_rpm
-    if limit:
-        used, reset_s = await take_request(ctx.store, found)
-        if used > limit:
-            raise RateLimitError(
-                f"Rate limit reached: {limit} requests per minute for this key. "
-                f"Try again in {reset_s}s.",
-                headers={"retry-after": str(reset_s),
-                         "x-ratelimit-limit-requests": str(limit),
-                         "x-ratelimit-remaining-requests": "0",
-                         "x-ratelimit-reset-requests": f"{reset_s}s"},
-            )
+    await enforce(request, ctx.settings, ctx.store, found)
     return found
 
 

@@ -42,11 +42,13 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
-    message = f"{first.get('msg', 'invalid request')}" + (f": '{param}'" if param else "")
-    return JSONResponse(
-        InvalidRequestError(message, param=param, code="invalid_request").envelope().model_dump(),
-        status_code=400,
-    )
+    if first.get("type") == "extra_forbidden":  # as OpenAI answers a field it does not know
+        error = InvalidRequestError(f"Unrecognized request argument supplied: {param}",
+                                    param=param, code="unknown_parameter")
+    else:
+        message = f"{first.get('msg', 'invalid request')}" + (f": '{param}'" if param else "")
+        error = InvalidRequestError(message, param=param, code="invalid_request")
+    return JSONResponse(error.envelope().model_dump(), status_code=400)
 
 
 async def outage(request: Request, exc: Exception) -> JSONResponse:

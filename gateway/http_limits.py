@@ -22,6 +22,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.ratelimit import budget_headers
 from millrace.errors import (
     OUTAGES,
     APIError,
@@ -135,6 +136,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
 # --- bodies ---------------------------------------------------------------------------
 PUBLIC = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+PUBLIC_PREFIXES = ("/signed/",)  # pre-signed downloads: the signature is the credential
+ROWS_PATHS = {"/v0/launch-job", "/v0/batches", "/v0/batches/validate-data"}
 
 
 class Overloaded(ServiceUnavailableError):
@@ -150,8 +153,9 @@ class BodyLimits:
     """ASGI middleware: authenticate before reading a body; bound every body."""
 
     def __init__(self, app: Any, *, json_max_bytes: int, upload_max_bytes: int,
-                 batch_max_bytes: int, max_in_flight: int = 1024) -> None:
+                 batch_max_bytes: int, rows_max_bytes: int, max_in_flight: int = 1024) -> None:
         self.app = app
+        self.rows_max_bytes = rows_max_bytes
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.json_max_bytes = json_max_bytes
@@ -159,6 +163,8 @@ class BodyLimits:
         self.batch_max_bytes = batch_max_bytes
 
     def limit(self, path: str, content_type: str) -> int:
+        if path in ROWS_PATHS:  # PromptLoop's JSONL data rows, as a body or a multipart file
+            return self.rows_max_bytes + 64 * 1024
         if not content_type.startswith("multipart/form-data"):
             return self.json_max_bytes
         most = self.batch_max_bytes if path == "/v1/batches/validate" else self.upload_max_bytes
@@ -179,24 +185,9 @@ class BodyLimits:
 
     async def _limited(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        if scope["path"] not in PUBLIC:
-            ctx = scope["app"].state.ctx
-            from gateway.auth import api_key_of  # the app's own rule for finding the key
-
-            key = api_key_of(headers)
-            try:
-                principal = await ctx.store.principal(key) if key else None
-            except OUTAGES:
-                await self._answer(send, ServiceUnavailableError(
-                    "millrace cannot reach the read model (Redis) right now; try again "
-                    "shortly."))
-                return
-            if principal is None:
-                await self._answer(send, AuthenticationError(
-                    "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
-                    if not key else "Incorrect API key provided."))
-                return
-            scope.setdefault("state", {})["principal"] = principal
+        public = scope["path"] in PUBLIC or scope["path"].startswith(PUBLIC_PREFIXES)
+        if not public and not await self._authenticated(scope, headers, send):
+            return
         limit = self.limit(scope["path"], headers.get("content-type", ""))
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -224,10 +215,36 @@ class BodyLimits:
             nonlocal started
             if answered:
                 return  # the 413 went out already
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                budget = scope.get("state", {}).get("ratelimit")
+                if budget is not None:  # set by the route's rate limit (gateway/ratelimit.py)
+                    message = {**message, "headers": [*message.get("headers", []), *(
+                        (k.encode(), v.encode()) for k, v in budget_headers(*budget).items())]}
             await send(message)
 
         await self.app(scope, bounded_receive, tracking_send)
+
+    async def _authenticated(self, scope: dict[str, Any], headers: dict[str, str],
+                             send: Any) -> bool:
+        """The caller's principal into the scope, or its 401 / 503 answered."""
+        ctx = scope["app"].state.ctx
+        from gateway.auth import api_key_of  # the app's own rule for finding the key
+
+        key = api_key_of(headers)
+        try:
+            principal = await ctx.store.principal(key) if key else None
+        except OUTAGES:
+            await self._answer(send, ServiceUnavailableError(
+                "millrace cannot reach the read model (Redis) right now; try again shortly."))
+            return False
+        if principal is None:
+            await self._answer(send, AuthenticationError(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+                if not key else "Incorrect API key provided."))
+            return False
+        scope.setdefault("state", {})["principal"] = principal
+        return True
 
     async def _answer(self, send: Any, error: APIError) -> None:
         body = json.dumps(error.envelope().model_dump()).encode()

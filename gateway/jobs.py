@@ -1,8 +1,11 @@
 """Batch jobs that gateways take from `<prefix>.batch-events` (group `<prefix>.gateway-jobs`):
 
-- `created` (a file batch): **explode** — validate every line, then enqueue each line not
-  yet enqueued or finished, recording how far it got (`explode:<batch>`: lines acknowledged,
-  with the broker's cluster id) every `CHECKPOINT_LINES`; publish `validated` (or
+- `created` (a file batch): **explode** — fetch the input file first if the batch named it
+  by URL (`input_url`), validate every line, then enqueue each line not yet enqueued or
+  finished (a line with link inputs once their pages are fetched — each URL once per
+  batch, kept in `links/<batch>.json` for a re-drive — or as its `fetch_failed` error
+  line), recording how far it got (`explode:<batch>`: lines acknowledged, with the
+  broker's cluster id) every `CHECKPOINT_LINES`; publish `validated` (or
   `validation_failed`). An explode that completed on this broker is not done again; on a
   new broker (its data lost: `created` comes again from `resume`) it enqueues every line
   that has no result yet.
@@ -23,6 +26,8 @@ that cannot be done (a missing input file) fails the batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from itertools import islice
@@ -31,20 +36,24 @@ from confluent_kafka import Consumer, Message
 from pydantic import ValidationError
 
 from gateway.lines import (
+    Fetched,
     Produce,
     file_requests,
+    link_urls,
     not_run,
     request,
     rules,
     stream_dir,
     stream_lines,
+    with_links,
 )
 from gateway.stream_ledger import StreamLedger
 from gateway.validation import validate
 from millrace.errors import OUTAGES
+from millrace.fetch import Fetcher, FetchFailed
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
-from millrace.protocol import BatchError
+from millrace.protocol import BatchError, FileObject
 from millrace.records import (
     BatchCreated,
     BatchEvent,
@@ -58,6 +67,7 @@ from millrace.records import (
     ResponseRecord,
     parse_event,
 )
+from millrace.registry import Registry
 from millrace.settings import Settings
 from millrace.store import DoneLines, Store
 from millrace.topics import Topics
@@ -66,6 +76,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_LINES = 5000
 RETRY_S = 1.0
+FETCHES_AT_ONCE = 8
 STREAM_INPUT = "stream"
 
 
@@ -83,6 +94,8 @@ class Jobs:
         self.consumer = Consumer(kafka.consumer(self.topics.jobs_group()))
         self.producer = AsyncProducer(kafka.producer())
         self.ledger = StreamLedger(store)
+        self.registry = Registry(store, self.producer, self.topics)
+        self.fetcher = Fetcher(settings)
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -93,6 +106,7 @@ class Jobs:
             log.info("stopping with a job undone: the next owner of its partition does it")
         finally:
             await asyncio.to_thread(self.consumer.close)
+            await self.fetcher.aclose()
             self.producer.close()
 
     def stop(self) -> None:
@@ -131,7 +145,16 @@ class Jobs:
         checkpoint = await self.store.r.hgetall(self.store.keys.explode(batch_id))
         if checkpoint.get("epoch") == epoch and checkpoint.get("complete") == "1":
             return  # done on this broker: a replayed `created`
-        source = await self.store.get_file(str(event.batch.get("input_file_id")), project)
+        input_file_id = str(event.batch.get("input_file_id"))
+        source = await self.store.get_file(input_file_id, project)
+        if source is None and event.input_url is not None:
+            try:
+                await self.fetch_input(event, input_file_id)
+            except FetchFailed as exc:
+                await self._failed(batch_id, f"{event.input_url}: {exc.reason}",
+                                   code="fetch_failed", param="input_file_url")
+                return
+            source = await self.store.get_file(input_file_id, project)
         if source is None:
             await self._failed(batch_id, "the input file is gone")
             return
@@ -151,9 +174,10 @@ class Jobs:
         records = (r for r in file_requests(self.files, source.path, line_rules, batch_id,
                                             project)
                    if r.line > after and r.line not in done)
+        fetched = await self.fetched(batch_id)
         while chunk := await asyncio.to_thread(lambda: list(islice(records, CHECKPOINT_LINES))):
             await asyncio.to_thread(self.producer.send_all,
-                                    [request(self.settings, self.topics, r) for r in chunk])
+                                    await self.linked(batch_id, chunk, fetched))
             await self.store.r.hset(self.store.keys.explode(batch_id),
                                     mapping={"epoch": epoch, "lines": chunk[-1].line})
         validated = BatchValidated(batch_id=batch_id, total=report.total, model=report.model)
@@ -161,13 +185,65 @@ class Jobs:
         await self.store.r.hset(self.store.keys.explode(batch_id),
                                 mapping={"epoch": epoch, "complete": "1"})
 
-    async def _failed(self, batch_id: str, why: str) -> None:
+    async def _failed(self, batch_id: str, why: str, code: str = "server_error",
+                      param: str | None = None) -> None:
         failed = BatchValidationFailed(batch_id=batch_id, errors=[
-            BatchError(code="server_error", message=f"could not read the batch: {why}")])
+            BatchError(code=code, message=f"could not read the batch: {why}", param=param)])
         await self.producer.send(self.topics.batch_events, batch_id, failed.dumps())
+
+    async def fetch_input(self, event: BatchCreated, file_id: str) -> None:
+        """The input file named by URL, into the file store and registered as a batch file
+        of the project (a crash before the registration fetches it again)."""
+        assert event.input_url is not None
+        key = f"files/{file_id}"
+        size = await self.fetcher.to_store(event.input_url, self.files, key,
+                                           self.settings.batch_max_bytes)
+        name = event.input_url.rsplit("/", 1)[-1].split("?")[0][:255] or "input.jsonl"
+        await self.registry.put_file(FileObject(
+            id=file_id, bytes=size, created_at=int(event.at), filename=name, purpose="batch"),
+            event.project, key)
+
+    # --- link inputs ----------------------------------------------------------------------
+    def _links_key(self, batch_id: str) -> str:
+        return f"links/{batch_id}.json"
+
+    async def fetched(self, batch_id: str) -> Fetched:
+        """The pages this batch's explode fetched already (a re-drive uses them again)."""
+        key = self._links_key(batch_id)
+        if not await asyncio.to_thread(self.files.exists, key):
+            return {}
+        raw = await asyncio.to_thread(self.files.read_bytes, key)
+        return {url: (text, reason) for url, (text, reason) in json.loads(raw).items()}
+
+    async def linked(self, batch_id: str, chunk: list[RequestRecord], fetched: Fetched
+                     ) -> list[Produce]:
+        """The chunk's records to produce, their link inputs fetched (each URL once per
+        batch, a few at a time, off the event loop's back) and put in place."""
+        wanted = sorted({u for r in chunk for u in link_urls(r)} - set(fetched))
+        if wanted:
+            gate = asyncio.Semaphore(FETCHES_AT_ONCE)
+
+            async def one(url: str) -> None:
+                async with gate:
+                    try:
+                        fetched[url] = (await self.fetcher.text(url), "")
+                    except FetchFailed as exc:
+                        fetched[url] = (None, exc.reason)
+
+            await asyncio.gather(*(one(u) for u in wanted))
+            data = json.dumps({u: list(v) for u, v in fetched.items()}).encode()
+            await asyncio.to_thread(self.files.write_bytes, self._links_key(batch_id), data)
+        out: list[Produce] = []
+        for record in chunk:
+            done = with_links(record, fetched) if link_urls(record) else record
+            out.append(request(self.settings, self.topics, done)
+                       if isinstance(done, RequestRecord) else self._error(done))
+        return out
 
     async def forget(self, event: BatchFinished) -> None:
         await self.store.r.delete(self.store.keys.explode(event.batch_id))
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(self.files.delete, self._links_key(event.batch_id))
         if event.batch.get("input_file_id") == STREAM_INPUT:
             await self.ledger.forget(event.batch_id)
             await asyncio.to_thread(self.files.delete_tree, stream_dir(event.batch_id))
@@ -178,7 +254,7 @@ class Jobs:
             await self.ledger.close(event.batch_id)  # no line joins a batch being filled
         lines, errors = await self._missing(event.batch_id, event.project,
                                             event.input_file_id, fill=event.code)
-        await self._send(errors)
+        await self._send([e for e in errors if not isinstance(e, RequestRecord)])
         filled = BatchFilled(batch_id=event.batch_id, total=lines)
         await self.producer.send(self.topics.batch_events, event.batch_id, filled.dumps())
         log.info("%s: %d of %d lines filled with %s", event.batch_id, len(errors), lines,
@@ -186,7 +262,12 @@ class Jobs:
 
     async def redrive(self, event: BatchRedriveRequested) -> None:
         _, again = await self._missing(event.batch_id, event.project, event.input_file_id)
-        await self._send(again)
+        linked = [r for r in again if isinstance(r, RequestRecord)]
+        ready = [r for r in again if not isinstance(r, RequestRecord)]
+        if linked:  # lines with link inputs: their pages as the explode fetched them
+            ready += await self.linked(event.batch_id, linked,
+                                       await self.fetched(event.batch_id))
+        await self._send(ready)
         log.info("%s: %d lines enqueued again", event.batch_id, len(again))
 
     async def _send(self, items: list[Produce]) -> None:
@@ -194,9 +275,10 @@ class Jobs:
             await asyncio.to_thread(self.producer.send_all, chunk)
 
     async def _missing(self, batch_id: str, project: str, input_file_id: str | None,
-                       fill: str | None = None) -> tuple[int, list[Produce]]:
+                       fill: str | None = None) -> tuple[int, list[Produce | RequestRecord]]:
         """(lines of the batch, what to enqueue for each line without a result): its
-        request again, or with `fill`, its error line."""
+        request again (a request with link inputs as its record, to be fetched first), or
+        with `fill`, its error line."""
         done = await self.store.done_lines(batch_id)
         if input_file_id == STREAM_INPUT:
             return await asyncio.to_thread(self._stream_missing, batch_id, done, fill)
@@ -209,22 +291,23 @@ class Jobs:
         return await asyncio.to_thread(self._file_missing, records, done, fill)
 
     def _file_missing(self, records: Iterator[RequestRecord], done: DoneLines,
-                      fill: str | None) -> tuple[int, list[Produce]]:
+                      fill: str | None) -> tuple[int, list[Produce | RequestRecord]]:
         lines, missing = 0, []
         for record in records:
             lines += 1
             if record.line in done:
                 continue
             if fill is None:
-                missing.append(request(self.settings, self.topics, record))
+                missing.append(record if link_urls(record) else
+                               request(self.settings, self.topics, record))
             else:
                 missing.append(self._error(not_run(record.batch_id, record.project,
                                                    record.custom_id, record.line, fill)))
         return lines, missing
 
     def _stream_missing(self, batch_id: str, done: DoneLines, fill: str | None
-                        ) -> tuple[int, list[Produce]]:
-        lines, missing = 0, []
+                        ) -> tuple[int, list[Produce | RequestRecord]]:
+        lines, missing = 0, list[Produce | RequestRecord]()
         for line in stream_lines(self.files, batch_id):
             lines += 1
             if line.line in done:

@@ -94,3 +94,44 @@ def stream_lines(files: FileStore, batch_id: str) -> Iterator[StreamLine]:
                 if line.line not in seen:
                     seen.add(line.line)
                     yield line
+
+
+# --- link inputs --------------------------------------------------------------------------
+def link_urls(record: RequestRecord) -> list[str]:
+    """The URLs of a request's `{"type": "link", "url": …}` content parts (PromptLoop's link
+    inputs): fetched by the explode and replaced by their text before the line is enqueued."""
+    urls = []
+    for message in record.body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            urls += [str(p["url"]) for p in content
+                     if isinstance(p, dict) and p.get("type") == "link" and p.get("url")]
+    return urls
+
+
+# url → the page's text, or None with the reason it could not be fetched
+Fetched = dict[str, tuple[str | None, str]]
+
+
+def with_links(record: RequestRecord, fetched: Fetched) -> RequestRecord | ResponseRecord:
+    """The request with each link part replaced by the fetched text, or — if a link could
+    not be fetched — the line's `fetch_failed` error."""
+    for url in link_urls(record):
+        text, reason = fetched[url]
+        if text is None:
+            return ResponseRecord(
+                batch_id=record.batch_id, project=record.project, custom_id=record.custom_id,
+                line=record.line, id=f"batch_req_{uuid.uuid4().hex}", request_id=None,
+                status_code=None, body=None,
+                error=LineError(code="fetch_failed", message=f"{url}: {reason}"))
+    messages = []
+    for message in record.body["messages"]:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [{"type": "text", "text": f"{p.get('name') or 'link'}: "
+                        f"{fetched[str(p['url'])][0]}"}
+                       if isinstance(p, dict) and p.get("type") == "link" else p
+                       for p in content]
+            message = {**message, "content": content}
+        messages.append(message)
+    return record.model_copy(update={"body": {**record.body, "messages": messages}})

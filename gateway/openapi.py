@@ -23,6 +23,8 @@ ERRORS = {
     "503": "The broker or Redis is away, or the gateway is at capacity (see Retry-After)",
 }
 ADMIN_ERRORS = {"403": "The key is not an admin key"}
+ADMIN_PATHS = ("/admin", "/plai/batches/check-status")
+SIGNED_ERRORS = {"403": "The signature is not valid for this file, or has expired"}
 
 
 def document(app: FastAPI) -> dict[str, Any]:
@@ -46,11 +48,15 @@ def document(app: FastAPI) -> dict[str, Any]:
     for path, operations in schema.get("paths", {}).items():
         if path == "/health":
             continue
+        signed = path.startswith("/signed/")  # the signature is the credential
         for operation in operations.values():
-            operation["security"] = [{"HTTPBearer": []}, {"APIKeyHeader": []}]
+            if not signed:
+                operation["security"] = [{"HTTPBearer": []}, {"APIKeyHeader": []}]
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
-            errors = {**ERRORS, **(ADMIN_ERRORS if path.startswith("/admin") else {})}
+            extra = ADMIN_ERRORS if path.startswith(ADMIN_PATHS) else (
+                SIGNED_ERRORS if signed else {})
+            errors = {**ERRORS, **extra}
             for code, description in errors.items():
                 responses.setdefault(code, {"description": description, "content": ref})
     app.openapi_schema = schema

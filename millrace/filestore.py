@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import IO
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -26,9 +27,31 @@ class TooLarge(MillraceError):
 class FileStore:
     def __init__(self, url: str) -> None:
         fs, root = pafs.FileSystem.from_uri(url)
+        self.url = url
         self.fs: pafs.FileSystem = fs
         self.root = root.rstrip("/")
         self.fs.create_dir(self.root, recursive=True)
+
+    def presign(self, key: str, ttl_s: int) -> str | None:
+        """An S3 pre-signed GET URL of `key` (SigV4, from the same URI's endpoint, region
+        and credentials); None for a local store (the gateway signs those itself)."""
+        if not isinstance(self.fs, pafs.S3FileSystem):
+            return None
+        import boto3  # only an s3:// store needs it
+
+        parts = urlsplit(self.url)
+        query = dict(parse_qsl(parts.query))
+        endpoint = query.get("endpoint_override")
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name=query.get("region"),
+            aws_access_key_id=unquote(parts.username) if parts.username else None,
+            aws_secret_access_key=unquote(parts.password) if parts.password else None)
+        bucket, _, prefix = self.path(key).partition("/")
+        url: str = client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": prefix}, ExpiresIn=ttl_s)
+        return url
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -71,6 +94,9 @@ class FileStore:
 
     def delete(self, key: str) -> None:
         self.fs.delete_file(self.path(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        return b"".join(self.iter_chunks(key))
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._output(key) as out:

@@ -23,6 +23,10 @@
 | `whd-batch:<batch>` | zset | sink | a batch's deliveries |
 | `expiry-tick` | string | aggregator | lease: one aggregator a second looks for due batches |
 | `janitor` | string | sink | lease: one sink at a time deletes expired files |
+| `task:<id>` | hash | gateway | a PromptLoop task: project, latest version, `v<n>` each version |
+| `tasks:<project>` | zset | gateway | a project's tasks by creation |
+| `rate:<sha256>:<route>:<min>` | string | gateway | requests of a key to a route in a minute |
+| `ext:<batch>` | string | gateway | a PromptLoop or PLai batch's own fields (name, task, URLs) |
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ class Keyspace:
 
     def rate(self, key_hash: str, minute: int) -> str:
         return self._k("rate", key_hash, str(minute))
+
+    def route_rate(self, key_hash: str, route: str, minute: int) -> str:
+        return self._k("rate", key_hash, route, str(minute))
+
+    def task(self, task_id: str) -> str:
+        return self._k("task", task_id)
+
+    def tasks(self, project: str) -> str:
+        return self._k("tasks", project)
+
+    def ext(self, batch_id: str) -> str:
+        return self._k("ext", batch_id)
 
     def file(self, file_id: str) -> str:
         return self._k("file", file_id)

@@ -10,7 +10,9 @@ outbound fetch goes through it too), against server-side request forgery.
 - The connection goes to the address that was checked — the request is sent to it, with the
   original `Host` header and TLS server name — so a name that answers differently the second
   time (DNS rebinding) cannot move the connection inside.
-- Redirects are not followed; the response body is not read; every call has a timeout.
+- Webhooks: redirects are not followed, the response body is not read. Fetches (`get`):
+  each redirect is checked as a new URL, at most `MAX_HOPS`; the caller bounds the bytes.
+  Every call has a timeout.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 
 from millrace.errors import InvalidRequestError
 
 ADDRESS_CLASSES = ("loopback", "private", "link-local")
+MAX_HOPS = 5
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 # IPv6 prefixes whose last 32 bits are an IPv4 address (RFC 6052 and RFC 8215 NAT64)
@@ -166,3 +169,21 @@ class Guard:
         response = await client.send(request, stream=True, follow_redirects=False)
         await response.aclose()
         return response.status_code
+
+    async def get(self, client: httpx.AsyncClient, url: str, param: str,
+                  code: str = "invalid_url") -> httpx.Response:
+        """GET `url` at its checked address, following redirects only after checking each
+        new URL the same way; the caller reads (and bounds) the streamed body, then closes
+        it. A refused hop raises UnsafeTarget."""
+        for _ in range(MAX_HOPS + 1):
+            target = await self.check(url, param, code)
+            request = client.build_request(
+                "GET", target.request_url(), headers={"host": target.host_header},
+                extensions={"sni_hostname": target.host} if target.scheme == "https" else None)
+            response = await client.send(request, stream=True, follow_redirects=False)
+            location = response.headers.get("location")
+            if not (response.is_redirect and location):
+                return response
+            await response.aclose()
+            url = urljoin(url, location)
+        raise UnsafeTarget(f"more than {MAX_HOPS} redirects", param, code)

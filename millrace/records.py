@@ -99,6 +99,9 @@ class BatchCreated(_Event):
     webhook: dict[str, Any] | None = None
     # its place in the project's batch list (the list index score)
     listed_at: float | None = None
+    # the input file is fetched from here by the explode (`input_file_url`): its file
+    # object, `input_file_id`, is registered once it is in the file store
+    input_url: str | None = None
 
 
 class BatchOpened(_Event):
@@ -208,6 +211,8 @@ class WebhookTarget(BaseModel):
     # "batch": the batch's own webhook_url; "endpoint": a project's configured endpoint
     source: Literal["batch", "endpoint"]
     endpoint_id: str | None = None
+    # the body's shape: OpenAI's event, or PromptLoop's `{job_id, status, data: [rows]}`
+    format: Literal["openai", "promptloop"] = "openai"
 
 
 class BatchFinished(_Event):
@@ -284,6 +289,7 @@ class ApiKeyEntry(Record):
     project: str
     admin: bool = False
     rpm: int = 0
+    routes: dict[str, int] = Field(default_factory=dict)
     created_at: int = Field(default_factory=now)
 
     @property

@@ -46,8 +46,13 @@ class Registry:
         await self.store.delete_file(file_id, project)
 
     async def put_api_key(self, api_key: str, principal: Principal) -> None:
-        entry = ApiKeyEntry(key_hash=hash_key(api_key), project=principal.project,
-                            admin=principal.admin, rpm=principal.rpm)
+        await self.put_key_hash(hash_key(api_key), principal)
+
+    async def put_key_hash(self, key_hash: str, principal: Principal) -> None:
+        """A key's principal, new or changed (its budgets raised after minting)."""
+        entry = ApiKeyEntry(key_hash=key_hash, project=principal.project,
+                            admin=principal.admin, rpm=principal.rpm,
+                            routes=dict(principal.routes))
         await self.producer.send(self.topic, entry.key, entry.dumps())
         await self.store.put_key_hash(entry.key_hash, principal, entry.created_at)
 
@@ -109,8 +114,9 @@ async def restore_registry(store: Store, entries: list[FileEntry | ApiKeyEntry |
             await store.put_file(entry.file, entry.project, entry.path, entry.listed_at)
             restored.files += 1
         elif isinstance(entry, ApiKeyEntry):
-            await store.put_key_hash(entry.key_hash, Principal(entry.project, entry.admin,
-                                                               entry.rpm), entry.created_at)
+            await store.put_key_hash(entry.key_hash, Principal(
+                entry.project, entry.admin, entry.rpm, routes=tuple(entry.routes.items())),
+                entry.created_at)
             restored.api_keys += 1
         else:
             await store.put_endpoint(entry.project, entry.endpoint)

@@ -35,6 +35,14 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
+# PromptLoop's default rate limits, transactions per minute (seed 000).
+PROMPTLOOP_LIMITS = {
+    "GET /v0/tasks": 20, "GET /v0/tasks/{id}": 10, "POST /v0/tasks/{id}": 5,
+    "GET /v0/batches": 10, "POST /v0/batches": 4, "POST /v0/batches/validate-data": 20,
+    "GET /v0/batches/{id}": 20, "PUT /v0/batches/{id}": 4, "GET /v0/batches/{id}/results": 10,
+}
+
+
 class KafkaSettings(BaseModel):
     """How every millrace client reaches Kafka (`MILLRACE_KAFKA__*`).
 
@@ -159,6 +167,20 @@ class Settings(BaseSettings):
 
     # Requests per minute per API key when the key sets none; 0 = unlimited.
     rate_limit_rpm: int = 0
+    # Requests per minute per API key to one route ("METHOD /path/{id}"), as JSON; a key's
+    # own `routes` override these. Default: PromptLoop's published table.
+    route_limits: dict[str, int] = Field(default_factory=lambda: dict(PROMPTLOOP_LIMITS))
+
+    # Inputs millrace fetches itself (PLai's and `/v1`'s `input_file_url`, PromptLoop's
+    # link inputs) pass the webhook guard (`webhook_allow`, `webhook_https_only`).
+    fetch_timeout_s: float = Field(default=30.0, gt=0)
+    link_max_bytes: int = Field(default=5 << 20, ge=1024)
+    # characters of a fetched page's text that go into the prompt
+    link_max_chars: int = Field(default=4000, ge=100)
+    # PromptLoop: bytes of one JSONL upload of data rows
+    rows_max_bytes: int = Field(default=100 << 20, ge=1024)
+    # How long a pre-signed download URL works.
+    signed_url_ttl_s: int = Field(default=900, ge=1, le=7 * 86400)
 
     # Limits (OpenAI's): batch input size and lines; any other upload.
     batch_max_bytes: int = 200 * 1024 * 1024

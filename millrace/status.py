@@ -46,3 +46,12 @@ TIMESTAMP_FIELD: dict[BatchStatus, str] = {
 
 def can_transition(current: BatchStatus, new: BatchStatus) -> bool:
     return new in TRANSITIONS[current]
+
+
+def job_status(status: BatchStatus) -> str:
+    """PromptLoop's three job statuses: a batch still moving is `in_progress`, a completed
+    one `completed`, and one that failed, expired or was cancelled `failed` (its rows that
+    ran are still in its results)."""
+    if not status.terminal:
+        return "in_progress"
+    return "completed" if status is BatchStatus.COMPLETED else "failed"

@@ -40,13 +40,15 @@ def new_api_key() -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the project a key belongs to, whether it may administer, and its
-    request budget per minute (0 = unlimited)."""
+    """Who is calling: the project a key belongs to, whether it may administer, its
+    request budget per minute (0 = unlimited) and its own per-route budgets
+    (`"GET /v0/tasks"` → requests per minute), which override the deployment's."""
 
     project: str
     admin: bool = False
     rpm: int = 0
     key_hash: str = ""
+    routes: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class Store:
                 "project": principal.project,
                 "admin": int(principal.admin),
                 "rpm": principal.rpm,
+                "routes": json.dumps(dict(principal.routes)),
                 "created_at": created_at or int(time.time()),
             },
         )
@@ -119,15 +122,21 @@ class Store:
         cached = self._principals.get(key_hash)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        row = await self.r.hgetall(self.keys.api_key(key_hash))
-        if not row:
+        found = await self.principal_of_hash(key_hash)
+        if found is None:
             return None
-        found = Principal(project=str(row["project"]), admin=row.get("admin") == "1",
-                          rpm=int(row.get("rpm") or 0), key_hash=key_hash)
         if len(self._principals) > PRINCIPALS_KEPT:
             self._principals.clear()
         self._principals[key_hash] = (time.monotonic() + PRINCIPAL_TTL_S, found)
         return found
+
+    async def principal_of_hash(self, key_hash: str) -> Principal | None:
+        row = await self.r.hgetall(self.keys.api_key(key_hash))
+        if not row:
+            return None
+        return Principal(project=str(row["project"]), admin=row.get("admin") == "1",
+                         rpm=int(row.get("rpm") or 0), key_hash=key_hash,
+                         routes=tuple(json.loads(row.get("routes") or "{}").items()))
 
     # --- files ------------------------------------------------------------------------
     async def put_file(self, obj: FileObject, project: str, path: str,
@@ -141,8 +150,13 @@ class Store:
             await p.execute()
 
     async def get_file(self, file_id: str, project: str) -> StoredFile | None:
+        found = await self.get_file_any(file_id)
+        return found if found is not None and found.project == project else None
+
+    async def get_file_any(self, file_id: str) -> StoredFile | None:
+        """A file whatever its project (a pre-signed URL's signature names the file)."""
         row = await self.r.hgetall(self.keys.file(file_id))
-        if not row or row["project"] != project:
+        if not row:
             return None
         return StoredFile(
             FileObject.model_validate_json(row["obj"]), str(row["project"]), str(row["path"])
@@ -210,11 +224,26 @@ class Store:
     async def forget_batch(self, batch_id: str, project: str) -> None:
         """Undo `create_batch` (its `created` event could not be published)."""
         async with self.r.pipeline(transaction=True) as p:
-            p.delete(self.keys.batch(batch_id))
+            p.delete(self.keys.batch(batch_id), self.keys.ext(batch_id))
             p.zrem(self.keys.batches(project), batch_id)
             p.srem(self.keys.active, batch_id)
             p.zrem(self.keys.deadlines, batch_id)
             await p.execute()
+
+    async def put_ext(self, batch_id: str, ext: Mapping[str, Any]) -> None:
+        """What a PromptLoop or PLai client gave for a batch beyond the OpenAI fields."""
+        await self.r.set(self.keys.ext(batch_id), json.dumps(ext))
+
+    async def get_ext(self, batch_id: str) -> dict[str, Any]:
+        raw = await self.r.get(self.keys.ext(batch_id))
+        return dict(json.loads(raw)) if raw else {}
+
+    async def batch_ids_at(self, project: str, skip: int, take: int, newest_first: bool
+                           ) -> list[str]:
+        """A page of a project's batch ids by position (PLai's skip/take)."""
+        key = self.keys.batches(project)
+        page = (self.r.zrevrange if newest_first else self.r.zrange)
+        return [str(i) for i in await page(key, skip, skip + take - 1)]
 
     async def get_batch(self, batch_id: str, project: str) -> Batch | None:
         # not the aggregator's own state (`agg`, kilobytes): only what the Batch is made of

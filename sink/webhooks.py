@@ -27,7 +27,9 @@ from millrace.outbound import Resolver, UnsafeTarget, resolve
 from millrace.records import BatchFinished
 from millrace.results import KINDS, final_key
 from millrace.settings import Settings
+from millrace.status import job_status
 from millrace.store import Store
+from millrace.tasks import result_row
 from millrace.webhooks import (
     EVENT_TYPES,
     WebhookEvent,
@@ -66,14 +68,19 @@ class Dispatcher:
         if event_type is None or not self.enabled or not finished.webhooks:
             return 0
         evt = event_id(finished.batch_id, event_type)
-        body = await self.payload(finished, evt, event_type)
+        bodies: dict[str, str] = {}
         added = 0
         for target in finished.webhooks:
+            if target.format not in bodies:
+                bodies[target.format] = await (
+                    self.promptloop_payload(finished) if target.format == "promptloop"
+                    else self.payload(finished, evt, event_type))
             added += await self.deliveries.add(Delivery(
                 id=delivery_id(evt, target.url), batch_id=finished.batch_id,
                 project=finished.project, event_id=evt, event_type=event_type,
                 event_created_at=finished.at, url=target.url, source=target.source,
-                endpoint_id=target.endpoint_id, next_attempt_at=time.time()), body)
+                endpoint_id=target.endpoint_id, next_attempt_at=time.time()),
+                bodies[target.format])
         return added
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -138,6 +145,18 @@ class Dispatcher:
             data["results"] = await asyncio.to_thread(self.results, finished.batch_id)
         event = WebhookEvent(id=evt, type=event_type, created_at=finished.at, data=data)
         return event.model_dump_json()
+
+    async def promptloop_payload(self, finished: BatchFinished) -> str:
+        """PromptLoop's webhook: `{"job_id", "status", "data": [result rows]}` — every row,
+        whatever the job's size (`webhook_results_max_lines` does not cut it: PromptLoop
+        clients take their results from it), built once and kept with the delivery."""
+        rows = await asyncio.to_thread(self.result_rows, finished.batch_id)
+        return json.dumps({"job_id": finished.batch_id,
+                           "status": job_status(finished.status), "data": rows})
+
+    def result_rows(self, batch_id: str) -> list[dict[str, Any]]:
+        return [result_row(line) for kind in KINDS if self.files.exists(final_key(batch_id, kind))
+                for line in self.files.iter_lines(final_key(batch_id, kind)) if line.strip()]
 
     def results(self, batch_id: str) -> list[Any]:
         """A small batch's output and error lines (PromptLoop sends results with the hook)."""

@@ -214,7 +214,8 @@ class BatchState(BaseModel):
     def finished_event(self, at: int | None = None) -> BatchFinished:
         """The final Batch object, with the batch's own webhook target (the aggregator adds
         the project's endpoints)."""
-        own = [WebhookTarget(url=str(self.webhook["url"]), source="batch")] if (
+        own = [WebhookTarget(url=str(self.webhook["url"]), source="batch",
+                             format=self.webhook.get("format") or "openai")] if (
             self.webhook and self.webhook.get("url")) else []
         batch = self.batch()
         return BatchFinished(batch_id=self.batch_id, project=self.project, status=self.status,

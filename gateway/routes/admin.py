@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
-from typing import Any, Literal
+from dataclasses import asdict, replace
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from gateway.auth import Admin
 from gateway.context import Ctx
-from millrace.store import Principal, new_api_key
+from millrace.errors import NotFoundError
+from millrace.store import Principal, hash_key, new_api_key
 from streams.resume import sweep
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -27,6 +28,7 @@ class NewKey(BaseModel):
 
 
 class MintedKey(BaseModel):
+    id: str = Field(description="the key's SHA-256: how it is named from now on")
     key: str
     project: str
     admin: bool
@@ -37,7 +39,42 @@ class MintedKey(BaseModel):
 async def mint(ctx: Ctx, who: Admin, params: NewKey) -> MintedKey:
     key = new_api_key()
     await ctx.registry.put_api_key(key, Principal(params.project, params.admin, params.rpm))
-    return MintedKey(key=key, project=params.project, admin=params.admin, rpm=params.rpm)
+    return MintedKey(id=hash_key(key), key=key, project=params.project, admin=params.admin,
+                     rpm=params.rpm)
+
+
+Route = Annotated[str, StringConstraints(pattern=r"^(GET|POST|PUT|PATCH|DELETE) /\S{0,200}$")]
+
+
+class KeyLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(default=None, ge=0, le=10_000_000)
+    # "POST /v0/tasks/{id}" → requests per minute for this key (0: no limit on the route)
+    routes: dict[Route, Annotated[int, Field(ge=0, le=10_000_000)]] | None = Field(
+        default=None, max_length=100)
+
+
+class KeyInfo(BaseModel):
+    id: str
+    project: str
+    admin: bool
+    rpm: int
+    routes: dict[str, int]
+
+
+@router.patch("/api-keys/{key_id}", response_model=KeyInfo)
+async def set_limits(ctx: Ctx, who: Admin, key_id: str, params: KeyLimits) -> KeyInfo:
+    """Change a key's budgets after minting (each process sees it within 2 s)."""
+    found = await ctx.store.principal_of_hash(key_id) if len(key_id) == 64 else None
+    if found is None:
+        raise NotFoundError(f"No such API key: {key_id}", param="key_id")
+    routes = dict(found.routes) | (params.routes or {})
+    changed = replace(found, rpm=found.rpm if params.rpm is None else params.rpm,
+                      routes=tuple(sorted(routes.items())))
+    await ctx.registry.put_key_hash(key_id, changed)
+    return KeyInfo(id=key_id, project=changed.project, admin=changed.admin, rpm=changed.rpm,
+                   routes=dict(changed.routes))
 
 
 class Sweep(BaseModel):

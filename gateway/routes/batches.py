@@ -6,8 +6,8 @@ import asyncio
 import re
 import secrets
 import time
-from collections.abc import Iterable
-from typing import Annotated, Literal
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +19,7 @@ from gateway.context import Ctx
 from gateway.deps import owned_batch
 from gateway.ingest_topic import close_if_complete
 from gateway.lines import rules
+from gateway.routes.files import new_file_id
 from gateway.stream_ledger import StreamLedger
 from gateway.validation import validate
 from millrace.errors import (
@@ -30,7 +31,7 @@ from millrace.errors import (
 from millrace.protocol import SUPPORTED_ENDPOINTS, Batch, BatchError, ExpiresAfter, ListPage
 from millrace.records import CONTROL_HEADER, BatchCancelRequested, BatchCreated, BatchOpened
 from millrace.status import BatchStatus
-from millrace.webhooks import check_target, signing_key
+from millrace.webhooks import check_target, signing_key, webhook_guard
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -57,6 +58,9 @@ class CreateBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str | None = None
+    # millrace extension (as vLLM's run-batch takes a URL): the input file is fetched from
+    # here, through the outbound guard, into the file store
+    input_file_url: str | None = Field(default=None, max_length=2048)
     # millrace extension: "stream" opens a batch fed from the ingest topic, sealed later
     input: Literal["file", "stream"] = "file"
     endpoint: str
@@ -100,6 +104,11 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
     await check_webhook(ctx, params)
     if params.input == "stream":
         return await open_stream(ctx, who.project, params, window)
+    if params.input_file_url is not None:
+        if params.input_file_id is not None:
+            raise InvalidRequestError("Give input_file_id or input_file_url, not both.",
+                                      param="input_file_url", code="invalid_value")
+        return await from_url(ctx, who.project, params, window, params.input_file_url)
     if params.input_file_id is None:
         raise InvalidRequestError("input_file_id is required (or \"input\": \"stream\")",
                                   param="input_file_id", code="missing_required_parameter")
@@ -126,12 +135,24 @@ async def check_webhook(ctx: Ctx, params: CreateBatch) -> None:
     await check_target(url, ctx.settings, param)
 
 
+async def from_url(ctx: Ctx, project: str, params: CreateBatch, window: int, url: str,
+                   ext: Mapping[str, Any] | None = None) -> Batch:
+    """A batch whose input file a gateway's explode fetches from `url` first (the URL is
+    checked now, so a refused one is a 400 at once)."""
+    await webhook_guard(ctx.settings).check(url, "input_file_url", "invalid_url")
+    return await register(ctx, project, params, window, new_file_id(),
+                          BatchStatus.VALIDATING, input_url=url, ext=ext)
+
+
 async def register(ctx: Ctx, project: str, params: CreateBatch, window: int,
-                   input_file_id: str, status: BatchStatus) -> Batch:
+                   input_file_id: str, status: BatchStatus, *, input_url: str | None = None,
+                   ext: Mapping[str, Any] | None = None, webhook_format: str = "openai"
+                   ) -> Batch:
     """Store a new Batch object and publish `created` (file and stream batches alike).
 
     Only a batch whose `created` the broker acknowledged is answered with a 2xx; if it
-    cannot be published, the batch is taken back and the caller gets a 503.
+    cannot be published, the batch is taken back and the caller gets a 503. `ext` holds
+    what a PromptLoop or PLai client gave beyond the OpenAI fields.
     """
     listed_at = time.time()
     now = int(listed_at)
@@ -146,13 +167,15 @@ async def register(ctx: Ctx, project: str, params: CreateBatch, window: int,
         expires_at=now + window,
         metadata=params.metadata,
     )
-    webhook = {"url": params.webhook[0]} if params.webhook else None
+    webhook = {"url": params.webhook[0], "format": webhook_format} if params.webhook else None
+    if ext:
+        await ctx.store.put_ext(batch.id, ext)
     await ctx.store.create_batch(batch, project, listed_at=listed_at)
     created = BatchCreated(
         batch_id=batch.id, project=project, batch=batch.model_dump(mode="json"),
         output_expires_after_s=(
             params.output_expires_after.seconds if params.output_expires_after else None),
-        webhook=webhook, listed_at=listed_at,
+        webhook=webhook, listed_at=listed_at, input_url=input_url,
     )
     try:
         await ctx.send(batch.id, created)

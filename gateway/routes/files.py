@@ -8,14 +8,15 @@ import time
 import unicodedata
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gateway.auth import Caller
-from gateway.context import Ctx
+from gateway.context import Context, Ctx
 from gateway.deps import owned_file
-from millrace.errors import InvalidRequestError, PayloadTooLargeError
+from millrace import signed
+from millrace.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from millrace.filestore import TooLarge
 from millrace.protocol import ExpiresAfter, FileObject, ListPage
 
@@ -118,6 +119,46 @@ async def content(ctx: Ctx, who: Caller, file_id: str) -> StreamingResponse:
     media = "application/jsonl" if found.obj.filename.endswith(".jsonl") else (
         "application/octet-stream")
     return StreamingResponse(ctx.files.iter_chunks(found.path), media_type=media)
+
+
+class FileUrl(BaseModel):
+    object: Literal["file.url"] = "file.url"
+    id: str
+    url: str
+    expires_at: int
+
+
+def download_url(ctx: Context, request: Request, file_id: str, path: str) -> FileUrl:
+    """A pre-signed URL of a file: S3's own on an s3:// store, else signed by the gateway."""
+    ttl = ctx.settings.signed_url_ttl_s
+    url = ctx.files.presign(path, ttl)
+    if url is not None:
+        return FileUrl(id=file_id, url=url, expires_at=int(time.time()) + ttl)
+    url, expires = signed.sign(ctx.settings, str(request.base_url), file_id)
+    return FileUrl(id=file_id, url=url, expires_at=expires)
+
+
+@router.get("/{file_id}/url", response_model=FileUrl)
+async def presigned(ctx: Ctx, who: Caller, request: Request, file_id: str) -> FileUrl:
+    """A pre-signed download URL (a millrace extension; PLai's downloads use it)."""
+    found = await owned_file(ctx, who, file_id)
+    return await asyncio.to_thread(download_url, ctx, request, file_id, found.path)
+
+
+signed_router = APIRouter(prefix="/signed/files", tags=["files"])
+
+
+@signed_router.get("/{file_id}")
+async def signed_content(ctx: Ctx, file_id: str,
+                         expires: Annotated[int, Query(ge=0, le=2**40)],
+                         signature: Annotated[str, Query(max_length=128)]) -> StreamingResponse:
+    """A file's content for whoever holds its gateway-signed URL, until it expires."""
+    signed.check(ctx.settings, file_id, expires, signature)
+    found = await ctx.store.get_file_any(file_id)
+    if found is None:
+        raise NotFoundError(f"No such File object: {file_id}", param="file_id")
+    return StreamingResponse(ctx.files.iter_chunks(found.path),
+                             media_type="application/jsonl")
 
 
 @router.delete("/{file_id}")
