@@ -38,6 +38,7 @@ class FileStore:
         if not isinstance(self.fs, pafs.S3FileSystem):
             return None
         import boto3  # only an s3:// store needs it
+        from botocore.config import Config
 
         parts = urlsplit(self.url)
         query = dict(parse_qsl(parts.query))
@@ -47,7 +48,8 @@ class FileStore:
         client = boto3.client(
             "s3", endpoint_url=endpoint, region_name=query.get("region"),
             aws_access_key_id=unquote(parts.username) if parts.username else None,
-            aws_secret_access_key=unquote(parts.password) if parts.password else None)
+            aws_secret_access_key=unquote(parts.password) if parts.password else None,
+            config=Config(signature_version="s3v4"))
         bucket, _, prefix = self.path(key).partition("/")
         url: str = client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": prefix}, ExpiresIn=ttl_s)

@@ -1,0 +1,54 @@
+"""A 50,000-row PromptLoop job on the echo engine (the pipeline, not inference): launched as
+one JSONL upload, finished, and its results streamed back row by row."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.deployment import Deployment, start, wait_until
+
+ROWS = 50_000
+
+
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    dep = start(tmp_path_factory.mktemp("promptloop-scale"), engine="echo", timeout=180)
+    yield dep
+    assert dep.stop() == 0, "".join(dep.stderr_lines[-50:])
+
+
+def test_fifty_thousand_rows_stream_back_as_jsonl(echo: Deployment, tmp_path: Path) -> None:
+    headers = {"x-api-key": echo.api_key}
+    with httpx.Client(base_url=echo.base_url.removesuffix("/v1"), timeout=120) as http:
+        task = http.post("/v0/tasks", headers=headers, json={
+            "name": "echo", "instructions": "Repeat.", "inputs": [{"name": "text"}],
+            "outputs": [{"name": "text"}]}).json()
+        rows = b"".join(json.dumps({"data_uuid": f"r{i}", "inputs": [f"row {i}"]}).encode()
+                        + b"\n" for i in range(ROWS))
+        launched = http.post(f"/v0/launch-job?task_id={task['id']}", headers=headers,
+                             content=rows)
+        assert launched.status_code == 200, launched.text
+        job_id = launched.json()["job_id"]
+        job = wait_until(lambda: (j := http.get(f"/v0/job-status/{job_id}", headers=headers)
+                                  .json())["status"] != "in_progress" and j, 300, "the job",
+                         every=0.5)
+        assert job["progress"]["total"] == ROWS
+
+        seen: set[str] = set()
+        with http.stream("GET", f"/v0/batch/{job_id}/results?output_type=stream",
+                         headers=headers) as response:
+            assert response.status_code == 200
+            assert "content-length" not in response.headers  # written as it is read
+            for line in response.iter_lines():
+                row = json.loads(line)
+                assert row["data_uuid"] not in seen
+                seen.add(row["data_uuid"])
+                # the echo engine answers the prompt, not the fields' JSON: each row is
+                # that row's own error, never lost
+                assert row["error"]["code"] == "invalid_output"
+        assert len(seen) == ROWS
