@@ -12,6 +12,7 @@ allowed, timed out), which becomes the batch's or the row's `fetch_failed` error
 from __future__ import annotations
 
 import asyncio
+import io
 import tempfile
 from typing import IO
 
@@ -81,10 +82,9 @@ class Fetcher:
 
     async def text(self, url: str) -> str:
         """The readable text of a page (or a plain-text document)."""
-        with tempfile.SpooledTemporaryFile(max_size=1 << 20) as spool:
-            kind = await self._stream(url, spool, self.settings.link_max_bytes)
-            spool.seek(0)
-            raw = spool.read()
+        page = io.BytesIO()  # at most link_max_bytes
+        kind = await self._stream(url, page, self.settings.link_max_bytes)
+        raw = page.getvalue()
         if kind in ("text/html", "application/xhtml+xml", ""):
             soup = BeautifulSoup(raw, "html.parser")
             for tag in soup(["script", "style", "noscript", "template"]):

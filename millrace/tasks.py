@@ -25,7 +25,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from millrace.filestore import FileStore
 from millrace.protocol import OutputLine
+from millrace.results import KINDS, final_key
 from millrace.store import Store
 
 CHAT = "/v1/chat/completions"
@@ -252,6 +254,18 @@ def result_row(raw: bytes, usage: bool = False) -> dict[str, Any]:
     if usage:
         row["usage"] = body.get("usage")
     return row
+
+
+def result_rows(files: FileStore, batch_id: str, usage: bool = False
+                ) -> Iterator[dict[str, Any]]:
+    """A finished task batch's rows, read from its output then its error file, one at a
+    time (memory stays one row whatever the job's size)."""
+    for kind in KINDS:
+        key = final_key(batch_id, kind)
+        if files.exists(key):
+            for raw in files.iter_lines(key):
+                if raw.strip():
+                    yield result_row(raw, usage)
 
 
 # --- where tasks live ------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from millrace.results import KINDS, final_key
 from millrace.settings import Settings
 from millrace.status import job_status
 from millrace.store import Store
-from millrace.tasks import result_row
+from millrace.tasks import result_rows
 from millrace.webhooks import (
     EVENT_TYPES,
     WebhookEvent,
@@ -150,13 +150,9 @@ class Dispatcher:
         """PromptLoop's webhook: `{"job_id", "status", "data": [result rows]}` — every row,
         whatever the job's size (`webhook_results_max_lines` does not cut it: PromptLoop
         clients take their results from it), built once and kept with the delivery."""
-        rows = await asyncio.to_thread(self.result_rows, finished.batch_id)
+        rows = await asyncio.to_thread(lambda: list(result_rows(self.files, finished.batch_id)))
         return json.dumps({"job_id": finished.batch_id,
                            "status": job_status(finished.status), "data": rows})
-
-    def result_rows(self, batch_id: str) -> list[dict[str, Any]]:
-        return [result_row(line) for kind in KINDS if self.files.exists(final_key(batch_id, kind))
-                for line in self.files.iter_lines(final_key(batch_id, kind)) if line.strip()]
 
     def results(self, batch_id: str) -> list[Any]:
         """A small batch's output and error lines (PromptLoop sends results with the hook)."""

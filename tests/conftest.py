@@ -32,6 +32,15 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     assert not [line for line in dep.stderr_lines if "killing" in line], "unclean stop"
 
 
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """A deployment of the module's own on the echo engine (the pipeline without inference),
+    for tests that would disturb the session's deployment or need many lines."""
+    dep = start(tmp_path_factory.mktemp("echo"), engine="echo", timeout=180)
+    yield dep
+    assert dep.stop() == 0, "".join(dep.stderr_lines[-50:])
+
+
 @pytest.fixture(scope="session")
 def s3_url() -> Iterator[str]:
     """A real S3 HTTP endpoint (moto's server) with a bucket-creating pyarrow URI."""

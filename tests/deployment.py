@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from millrace.up.chaos import reap
 from millrace.up.embedded import die_with_parent, free_port
 
 T = TypeVar("T")
@@ -62,13 +63,7 @@ class Deployment:
             os.killpg(self.proc.pid, sig)
         else:
             self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
-        for pump in self.pumps:
-            pump.join(10)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-        return code
+        return reap(self.proc, self.pumps, timeout)
 
 
 def start(data_dir: Path, *, engine: str = "vllm", timeout: float = 600,

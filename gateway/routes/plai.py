@@ -27,6 +27,7 @@ from gateway.routes.batches import CreateBatch, check_webhook, from_url, window_
 from gateway.routes.files import download_url
 from millrace.errors import ConflictError
 from millrace.protocol import Batch
+from millrace.results import final_key
 
 router = APIRouter(prefix="/plai/batches", tags=["plai"])
 
@@ -112,7 +113,7 @@ def processing_errors(ctx: Context, batch: Batch) -> dict[str, Any]:
     codes: Counter[str] = Counter()
     examples: list[dict[str, Any]] = []
     if batch.error_file_id is not None:
-        key = f"outputs/{batch.id}/errors.jsonl"
+        key = final_key(batch.id, "errors")
         for raw in ctx.files.iter_lines(key) if ctx.files.exists(key) else []:
             if not raw.strip():
                 continue
@@ -155,10 +156,13 @@ async def download(ctx: Ctx, who: Caller, request: Request, batch_id: str) -> Do
         raise ConflictError(f"Batch {batch_id} is still {batch.status.value}: its files come "
                             "when it has finished.", param="batch_id", code="batch_not_finished")
     urls: dict[str, str | None] = {}
+    expires_at = int(time.time()) + ctx.settings.signed_url_ttl_s  # with no file at all
     for name, file_id in (("output_file_url", batch.output_file_id),
                           ("errors_file_url", batch.error_file_id)):
         stored = await ctx.store.get_file(file_id, who.project) if file_id else None
-        urls[name] = (await asyncio.to_thread(download_url, ctx, request, stored.obj.id,
-                                              stored.path)).url if stored else None
-    return Download(**urls, expires_at=int(time.time()) + ctx.settings.signed_url_ttl_s)
+        signed = await asyncio.to_thread(download_url, ctx, request, stored.obj.id,
+                                         stored.path) if stored else None
+        urls[name] = signed.url if signed else None
+        expires_at = min(expires_at, signed.expires_at) if signed else expires_at
+    return Download(**urls, expires_at=expires_at)
 

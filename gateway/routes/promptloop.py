@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.auth import Caller
 from gateway.context import Context, Ctx
 from gateway.deps import owned_batch
-from gateway.routes.batches import CreateBatch, register
+from gateway.routes.batches import CreateBatch, check_webhook, register
 from gateway.routes.files import new_file_id
 from millrace.errors import (
     ConflictError,
@@ -32,7 +32,6 @@ from millrace.errors import (
     PayloadTooLargeError,
 )
 from millrace.protocol import Batch, FileObject
-from millrace.results import KINDS, final_key
 from millrace.status import BatchStatus, job_status
 from millrace.store import Principal
 from millrace.tasks import (
@@ -42,10 +41,9 @@ from millrace.tasks import (
     Tasks,
     TaskSpec,
     request_lines,
-    result_row,
+    result_rows,
     validate_rows,
 )
-from millrace.webhooks import check_target, signing_key
 
 router = APIRouter(prefix="/v0", tags=["promptloop"])
 
@@ -130,12 +128,13 @@ async def run_row(ctx: Ctx, who: Caller, task_id: str, row: RunRow) -> dict[str,
     with tempfile.TemporaryFile() as rows:
         rows.write(data + b"\n")
         rows.seek(0)
-        batch = await launch(ctx, who, task, rows, name="run", webhook_url=None, single=True)
+        batch, _ = await launch(ctx, who, task, rows, name="run", webhook_url=None,
+                                single=True)
     deadline = time.monotonic() + ONE_ROW_TIMEOUT_S
     while not batch.settled and time.monotonic() < deadline:
         await asyncio.sleep(ONE_ROW_POLL_S)
         batch = await owned_batch(ctx, who, batch.id)
-    found = await asyncio.to_thread(lambda: list(result_rows(ctx, batch.id, usage=True)))
+    found = await asyncio.to_thread(lambda: list(result_rows(ctx.files, batch.id, usage=True)))
     if not found:
         raise ConflictError(f"The row did not finish (job {batch.id} is {batch.status}).",
                             param="task_id", code="row_not_finished")
@@ -223,16 +222,14 @@ async def validate_data(ctx: Ctx, who: Caller, request: Request,
 
 
 async def launch(ctx: Context, who: Principal, task: Task, spool: IO[bytes], *, name: str | None,
-                 webhook_url: str | None, single: bool = False) -> Batch:
+                 webhook_url: str | None, single: bool = False) -> tuple[Batch, int]:
     """Validate the rows, store them as request lines, create the batch (nothing is
-    enqueued if any row is bad)."""
+    enqueued if any row is bad): the batch and its rows."""
     report = await asyncio.to_thread(check_rows, ctx, task, spool)
     if report.errors:
         raise InvalidData(report)
     params = CreateBatch(endpoint=CHAT, completion_window="24h", webhook_url=webhook_url)
-    if webhook_url is not None:
-        signing_key(ctx.settings, "webhook_url")
-        await check_target(webhook_url, ctx.settings, "webhook_url")
+    await check_webhook(ctx, params)
     file_id = new_file_id()
     key = f"files/{file_id}"
 
@@ -251,8 +248,9 @@ async def launch(ctx: Context, who: Principal, task: Task, spool: IO[bytes], *, 
     ext = {"surface": "promptloop", "name": name, "task_id": task.id,
            "task_version": task.version, "rows": report.rows, "webhook_url": webhook_url,
            "single": single}
-    return await register(ctx, who.project, params, 24 * 3600, file_id, BatchStatus.VALIDATING,
-                          ext=ext, webhook_format="promptloop")
+    batch = await register(ctx, who.project, params, 24 * 3600, file_id,
+                           BatchStatus.VALIDATING, ext=ext, webhook_format="promptloop")
+    return batch, report.rows
 
 
 class Launched(BaseModel):
@@ -265,10 +263,8 @@ async def _launch_job(ctx: Context, who: Principal, request: Request, task_id: s
                       webhook_url: str | None, name: str | None) -> Launched:
     task = await owned_task(ctx, who, task_id)
     with await spooled_rows(ctx, request) as spool:
-        batch = await launch(ctx, who, task, spool, name=name, webhook_url=webhook_url)
-    ext = await ctx.store.get_ext(batch.id)
-    return Launched(job_id=batch.id, rows=int(ext.get("rows") or 0),
-                    status=job_status(batch.status))
+        batch, rows = await launch(ctx, who, task, spool, name=name, webhook_url=webhook_url)
+    return Launched(job_id=batch.id, rows=rows, status=job_status(batch.status))
 
 
 _TaskId = Annotated[str, Query(max_length=64)]
@@ -311,11 +307,21 @@ class Job(BaseModel):
     usage: dict[str, Any] | None = None
 
 
-async def job_of(ctx: Context, who: Principal, batch_id: str) -> Job:
+async def owned_job(ctx: Context, who: Principal, batch_id: str
+                    ) -> tuple[Batch, dict[str, Any]]:
+    """The caller's PromptLoop job: its batch and what launching it recorded."""
     batch = await owned_batch(ctx, who, batch_id)
     ext = await ctx.store.get_ext(batch.id)
     if ext.get("surface") != "promptloop":
         raise NotFoundError(f"No such job: {batch_id}", param="id")
+    return batch, ext
+
+
+async def job_of(ctx: Context, who: Principal, batch_id: str) -> Job:
+    return job_object(*await owned_job(ctx, who, batch_id))
+
+
+def job_object(batch: Batch, ext: dict[str, Any]) -> Job:
     counts = batch.request_counts
     ended = batch.completed_at or batch.failed_at or batch.expired_at or batch.cancelled_at
     return Job(id=batch.id, status=job_status(batch.status),
@@ -369,27 +375,17 @@ class JobUpdate(BaseModel):
 @router.put("/batches/{job_id}", response_model=Job)
 async def update_job(ctx: Ctx, who: Caller, job_id: str, update: JobUpdate) -> Job:
     """Rename a job or replace its metadata (16 pairs, as a batch's)."""
-    job = await job_of(ctx, who, job_id)
-    ext = await ctx.store.get_ext(job.id)
+    batch, ext = await owned_job(ctx, who, job_id)
     if update.name is not None:
         ext["name"] = update.name
     if update.metadata is not None:  # bounded as a batch's metadata
         ext["metadata"] = CreateBatch(endpoint=CHAT, completion_window="24h",
                                       metadata=update.metadata).metadata
-    await ctx.store.put_ext(job.id, ext)
-    return await job_of(ctx, who, job_id)
+    await ctx.store.put_ext(batch.id, ext)
+    return job_object(batch, ext)
 
 
 # --- results ------------------------------------------------------------------------------
-def result_rows(ctx: Context, batch_id: str, usage: bool = False) -> Iterator[dict[str, Any]]:
-    for kind in KINDS:
-        key = final_key(batch_id, kind)
-        if ctx.files.exists(key):
-            for raw in ctx.files.iter_lines(key):
-                if raw.strip():
-                    yield result_row(raw, usage)
-
-
 def _json_array(rows: Iterator[dict[str, Any]]) -> Iterator[bytes]:
     """A JSON array written row by row: memory stays one row, whatever the job's size."""
     yield b"["
@@ -400,12 +396,11 @@ def _json_array(rows: Iterator[dict[str, Any]]) -> Iterator[bytes]:
 
 async def results_response(ctx: Context, who: Principal, job_id: str, output_type: str
                            ) -> Response:
-    job = await job_of(ctx, who, job_id)
-    batch = await owned_batch(ctx, who, job.id)
+    batch, _ = await owned_job(ctx, who, job_id)
     if not batch.settled:
-        raise ConflictError(f"Job {job.id} is still {batch.status.value}; its results come "
+        raise ConflictError(f"Job {batch.id} is still {batch.status.value}; its results come "
                             "when it has finished.", param="id", code="job_not_finished")
-    rows = result_rows(ctx, job.id)
+    rows = result_rows(ctx.files, batch.id)
     if output_type == "stream":
         return StreamingResponse((json.dumps(r).encode() + b"\n" for r in rows),
                                  media_type="application/jsonl")

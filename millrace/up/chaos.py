@@ -104,13 +104,18 @@ class Up:
             _kill_leftovers(self.data_dir)
         else:
             self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
-        for pump in self.pumps:
-            pump.join(10)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-        return code
+        return reap(self.proc, self.pumps, timeout)
+
+
+def reap(proc: subprocess.Popen[str], pumps: list[threading.Thread], timeout: float) -> int:
+    """Wait for a stopped `millrace up`, its output read to the end and closed: its exit code."""
+    code = proc.wait(timeout)
+    for pump in pumps:
+        pump.join(10)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    return code
 
 
 def _kill_leftovers(data_dir: Path) -> None:

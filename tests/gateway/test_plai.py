@@ -6,11 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -20,31 +16,9 @@ from standardwebhooks import Webhook
 from tests.conftest import chat_line
 from tests.deployment import Deployment, wait_until
 from tests.receiver import receiving
+from tests.website import serving
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
-
-
-@contextmanager
-def serving(files: dict[str, bytes]) -> Iterator[str]:
-    """A local HTTP server with the given files (anything else: 404)."""
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = files.get(self.path)
-            self.send_response(200 if body is not None else 404)
-            self.send_header("content-length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +40,8 @@ def test_a_plai_batch_runs_from_a_url_and_calls_back_signed(
     a = keys["plai-a"]
     lines = [chat_line(f"r{i}", model, f"Say {i}.", max_tokens=5) for i in range(3)]
     lines.append(chat_line("bad", model, "x", max_tokens=5, n=0))  # a processing error
-    with serving({"/in.jsonl": "\n".join(lines).encode()}) as site, receiving() as receiver:
+    with serving({"/in.jsonl": "\n".join(lines).encode()}) as web, receiving() as receiver:
+        site = web.url
         created = http.post("/plai/batches", headers=a, json={
             "name": "nightly", "description": "three questions", "type": "COMPLETIONS",
             "input_file_url": f"{site}/in.jsonl", "callback_url": receiver.url})
@@ -132,7 +107,8 @@ def test_input_file_url_on_v1_and_what_a_bad_url_gets(
     http: httpx.Client, keys: dict[str, dict[str, str]], model: str
 ) -> None:
     a = keys["plai-a"]
-    with serving({"/ok.jsonl": chat_line("x", model, "Hi.", max_tokens=3).encode()}) as site:
+    with serving({"/ok.jsonl": chat_line("x", model, "Hi.", max_tokens=3).encode()}) as web:
+        site = web.url
         made = http.post("/v1/batches", headers=a, json={
             "input_file_url": f"{site}/ok.jsonl", "endpoint": "/v1/chat/completions",
             "completion_window": "24h"}).json()

@@ -5,10 +5,6 @@ the webhook with the rows."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -16,6 +12,7 @@ from standardwebhooks import Webhook
 
 from tests.deployment import Deployment, wait_until
 from tests.receiver import receiving
+from tests.website import serving
 
 TERMINAL = {"completed", "failed"}
 
@@ -148,35 +145,9 @@ def test_bad_rows_get_a_400_listing_each_and_nothing_is_launched(
                      content=bad).status_code == 404
 
 
-@contextmanager
-def pages() -> Iterator[tuple[str, dict[str, int]]]:
-    """A local web site: /a and /b are pages, anything else is a 404; hits counted."""
-    hits: dict[str, int] = {}
-    html = {"/a": b"<html><head><script>var x=1;</script></head><body><h1>Blue kettle</h1>"
-                  b"<p>Holds two litres.</p></body></html>",
-            "/b": b"<html><body><p>A red teapot for four cups.</p></body></html>"}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            hits[self.path] = hits.get(self.path, 0) + 1
-            page = html.get(self.path)
-            self.send_response(200 if page else 404)
-            self.send_header("content-type", "text/html")
-            self.send_header("content-length", str(len(page or b"")))
-            self.end_headers()
-            self.wfile.write(page or b"")
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
+PAGES = {"/a": b"<html><head><script>var x=1;</script></head><body><h1>Blue kettle</h1>"
+               b"<p>Holds two litres.</p></body></html>",
+         "/b": b"<html><body><p>A red teapot for four cups.</p></body></html>"}
 
 
 def test_link_inputs_are_fetched_once_per_job_and_a_missing_page_fails_its_row(
@@ -190,7 +161,8 @@ def test_link_inputs_are_fetched_once_per_job_and_a_missing_page_fails_its_row(
                            content=jsonl([{"data_uuid": "x", "inputs": ["kettle"]}]))
     assert not_a_link.json()["errors"][0]["message"].startswith("Incorrect input type")
 
-    with pages() as (site, hits), receiving() as receiver:
+    with serving(PAGES) as web, receiving() as receiver:
+        site = web.url
         rows = [{"data_uuid": "a1", "inputs": [f"{site}/a"]},
                 {"data_uuid": "a2", "inputs": [f"{site}/a"]},
                 {"data_uuid": "b", "inputs": [f"{site}/b"]},
@@ -199,7 +171,7 @@ def test_link_inputs_are_fetched_once_per_job_and_a_missing_page_fails_its_row(
                              headers=team, content=jsonl(rows)).json()
         job = finished_job(http, team, launched["job_id"])
         hook = receiver.wait_for(1, 120)[0]
-    assert hits == {"/a": 1, "/b": 1, "/gone": 1}  # one fetch per URL per job
+    assert web.hits == {"/a": 1, "/b": 1, "/gone": 1}  # one fetch per URL per job
     results = {r["data_uuid"]: r for r in http.get(
         f"/v0/batch/{job['id']}/results", headers=team).json()}
     assert results["gone"]["error"]["code"] == "fetch_failed"

@@ -4,25 +4,15 @@ one JSONL upload, finished, and its results streamed back row by row."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.deployment import Deployment, start, wait_until
+from tests.deployment import Deployment, wait_until
 
 ROWS = 50_000
 
 
-@pytest.fixture(scope="module")
-def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    dep = start(tmp_path_factory.mktemp("promptloop-scale"), engine="echo", timeout=180)
-    yield dep
-    assert dep.stop() == 0, "".join(dep.stderr_lines[-50:])
-
-
-def test_fifty_thousand_rows_stream_back_as_jsonl(echo: Deployment, tmp_path: Path) -> None:
+def test_fifty_thousand_rows_stream_back_as_jsonl(echo: Deployment) -> None:
     headers = {"x-api-key": echo.api_key}
     with httpx.Client(base_url=echo.base_url.removesuffix("/v1"), timeout=120) as http:
         task = http.post("/v0/tasks", headers=headers, json={

@@ -12,28 +12,19 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
-import pytest
 import redis
 from openai import OpenAI
 
 from tests.batch_flow import read_lines, run_batch, wait_done
 from tests.conftest import chat_line, write_jsonl
-from tests.deployment import Deployment, start, wait_until
+from tests.deployment import Deployment, wait_until
 
 LINES = 20_000
-
-
-@pytest.fixture(scope="module")
-def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    dep = start(tmp_path_factory.mktemp("rebuild"), engine="echo", timeout=180)
-    yield dep
-    assert dep.stop() == 0, "".join(dep.stderr_lines[-50:])
 
 
 Objects = list[dict[str, Any]]
