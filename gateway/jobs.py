@@ -147,12 +147,14 @@ class Jobs:
             return  # done on this broker: a replayed `created`
         input_file_id = str(event.batch.get("input_file_id"))
         source = await self.store.get_file(input_file_id, project)
-        if source is None and event.input_url is not None:
+        # (a `created` rebuilt from the Batch document alone has no URL: Redis keeps it too)
+        url = event.input_url or (await self.store.get_ext(batch_id)).get("input_file_url")
+        if source is None and url is not None:
             try:
-                await self.fetch_input(event, input_file_id)
+                await self.fetch_input(event.project, input_file_id, url, int(event.at))
             except FetchFailed as exc:
-                await self._failed(batch_id, f"{event.input_url}: {exc.reason}",
-                                   code="fetch_failed", param="input_file_url")
+                await self._failed(batch_id, f"{url}: {exc.reason}", code="fetch_failed",
+                                   param="input_file_url")
                 return
             source = await self.store.get_file(input_file_id, project)
         if source is None:
@@ -191,17 +193,15 @@ class Jobs:
             BatchError(code=code, message=f"could not read the batch: {why}", param=param)])
         await self.producer.send(self.topics.batch_events, batch_id, failed.dumps())
 
-    async def fetch_input(self, event: BatchCreated, file_id: str) -> None:
+    async def fetch_input(self, project: str, file_id: str, url: str, at: int) -> None:
         """The input file named by URL, into the file store and registered as a batch file
         of the project (a crash before the registration fetches it again)."""
-        assert event.input_url is not None
         key = f"files/{file_id}"
-        size = await self.fetcher.to_store(event.input_url, self.files, key,
-                                           self.settings.batch_max_bytes)
-        name = event.input_url.rsplit("/", 1)[-1].split("?")[0][:255] or "input.jsonl"
+        size = await self.fetcher.to_store(url, self.files, key, self.settings.batch_max_bytes)
+        name = url.rsplit("/", 1)[-1].split("?")[0][:255] or "input.jsonl"
         await self.registry.put_file(FileObject(
-            id=file_id, bytes=size, created_at=int(event.at), filename=name, purpose="batch"),
-            event.project, key)
+            id=file_id, bytes=size, created_at=at, filename=name, purpose="batch"),
+            project, key)
 
     # --- link inputs ----------------------------------------------------------------------
     def _links_key(self, batch_id: str) -> str:

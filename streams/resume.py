@@ -74,7 +74,7 @@ def resume_events(state: BatchState) -> list[Record]:
     events: list[Record] = [BatchCreated(
         batch_id=state.batch_id, project=state.project, batch=state.doc,
         output_expires_after_s=state.output_expires_after_s, webhook=state.webhook,
-        listed_at=state.listed_at)]
+        listed_at=state.listed_at, input_url=state.input_url)]
     if state.total is not None:
         events.append(BatchValidated(batch_id=state.batch_id, total=state.total,
                                      model=state.model))

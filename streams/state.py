@@ -76,6 +76,7 @@ class BatchState(BaseModel):
     doc: dict[str, Any] | None = None
     webhook: dict[str, Any] | None = None
     listed_at: float | None = None
+    input_url: str | None = None  # where the explode fetches the input file from
 
     @classmethod
     def from_doc(cls, batch_id: str, doc: dict[str, Any], project: str) -> BatchState:
@@ -108,6 +109,7 @@ class BatchState(BaseModel):
     def _on_created(self, event: BatchCreated) -> list[Emitted]:
         self._created(event.project, event.batch, event.webhook, event.output_expires_after_s,
                       event.listed_at if event.listed_at is not None else event.at)
+        self.input_url = event.input_url
         return []
 
     def _on_opened(self, event: BatchOpened) -> list[Emitted]:

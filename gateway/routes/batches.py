@@ -141,7 +141,8 @@ async def from_url(ctx: Ctx, project: str, params: CreateBatch, window: int, url
     checked now, so a refused one is a 400 at once)."""
     await webhook_guard(ctx.settings).check(url, "input_file_url", "invalid_url")
     return await register(ctx, project, params, window, new_file_id(),
-                          BatchStatus.VALIDATING, input_url=url, ext=ext)
+                          BatchStatus.VALIDATING, input_url=url,
+                          ext={**(ext or {}), "input_file_url": url})
 
 
 async def register(ctx: Ctx, project: str, params: CreateBatch, window: int,

@@ -9,6 +9,7 @@ The two whole-stack cases also run on the real engine (`test_real_engine.py`).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -18,8 +19,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from millrace.up.chaos import FAULTS, Api, Receiver, Up, deployment, run_round
+from millrace.up.chaos import FAULTS, Api, Receiver, Up, batch_file, deployment, run_round
 from tests.deployment import wait_until
+from tests.website import serving
 
 LINES = 5000
 
@@ -117,3 +119,59 @@ def test_an_outage_gets_503s_not_hangs_and_loses_nothing(up: Up, receiver: Recei
     after = api.create(100, f"after-{part}", receiver.url)
     assert wait_until(lambda: (b := api.batch(after)) and b["status"] == "completed", 120,
                       "a batch created after the outage to complete")
+
+
+def test_promptloop_and_plai_batches_finish_exactly_through_a_whole_stack_sigkill(
+        up: Up, receiver: Receiver) -> None:
+    """The fetches of issue 13 happen inside the explode: a PLai input file and a PromptLoop
+    job's link pages are in flight when the whole `millrace up` is SIGKILLed and started
+    again. Both batches still finish with every line exactly once."""
+    rows = 3000
+    plai_lines = batch_file(500, "plai")
+    pages = {"/a": b"<p>A kettle.</p>", "/held": b"<p>A teapot.</p>", "/plai.jsonl": plai_lines}
+    with serving(pages, held=frozenset({"/held", "/plai.jsonl"})) as site:
+        http = httpx.Client(base_url=up.base_url.removesuffix("/v1"), timeout=30,
+                            headers={"x-api-key": up.api_key})
+        task = http.post("/v0/tasks", json={
+            "name": "links", "instructions": "Summarise.", "inputs": [{"name": "page",
+                                                                       "type": "link"}],
+            "outputs": [{"name": "summary"}]}).json()
+        urls = [f"{site.url}/a", f"{site.url}/held", f"{site.url}/gone"]
+        data = b"".join(json.dumps({"data_uuid": f"u{i}", "inputs": [urls[i % 3]]}).encode()
+                        + b"\n" for i in range(rows))
+        job_id = http.post(f"/v0/launch-job?task_id={task['id']}", content=data).json()[
+            "job_id"]
+        plai = http.post("/plai/batches", json={
+            "name": "p", "type": "COMPLETIONS", "input_file_url": f"{site.url}/plai.jsonl",
+            "callback_url": receiver.url}).json()
+        assert site.held_hit.wait(120), "no fetch reached the site"
+
+        up.stop(signal.SIGKILL)  # with fetches in flight
+        up.start()
+        site.release.set()
+        http.close()
+        http = httpx.Client(base_url=up.base_url.removesuffix("/v1"), timeout=30,
+                            headers={"x-api-key": up.api_key})
+
+        job = wait_until(lambda: (j := http.get(f"/v0/job-status/{job_id}").json())[
+            "status"] != "in_progress" and j, 300, "the PromptLoop job", every=0.5)
+        done = wait_until(lambda: (b := http.get(f"/plai/batches/{plai['id']}").json())[
+            "status"] in ("completed", "failed") and b, 300, "the PLai batch", every=0.5)
+
+    # the batch's own counts: a fetched row's request completed, a 404 row failed
+    assert job["progress"] == {"total": rows, "completed": 2000, "failed": 1000}
+    results = http.get(f"/v0/batch/{job_id}/results").json()
+    uuids = [r["data_uuid"] for r in results]
+    assert len(uuids) == len(set(uuids)) == rows
+    codes = {r["data_uuid"]: r["error"]["code"] for r in results}
+    assert {codes[f"u{i}"] for i in range(2, rows, 3)} == {"fetch_failed"}  # the 404 page
+    fetched = [f"u{i}" for i in range(rows) if i % 3 != 2]  # /a, and /held after the restart
+    assert {codes[u] for u in fetched} == {"invalid_output"}  # echo answers no JSON
+
+    assert done["status"] == "completed", done["error_details"]
+    assert done["request_counts"]["total"] == 500
+    urls_of = http.get(f"/plai/batches/{plai['id']}/download").json()
+    http.close()
+    ids = [json.loads(x)["custom_id"] for x in httpx.get(
+        urls_of["output_file_url"]).text.splitlines()]
+    assert sorted(ids) == sorted(f"plai-{i}" for i in range(500))
