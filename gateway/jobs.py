@@ -147,8 +147,9 @@ class Jobs:
             return  # done on this broker: a replayed `created`
         input_file_id = str(event.batch.get("input_file_id"))
         source = await self.store.get_file(input_file_id, project)
+        ext = await self.store.get_ext(batch_id)
         # (a `created` rebuilt from the Batch document alone has no URL: Redis keeps it too)
-        url = event.input_url or (await self.store.get_ext(batch_id)).get("input_file_url")
+        url = event.input_url or ext.get("input_file_url")
         if source is None and url is not None:
             try:
                 await self.fetch_input(event.project, input_file_id, url, int(event.at))
@@ -174,7 +175,7 @@ class Jobs:
         after = int(checkpoint.get("lines", 0)) if checkpoint.get("epoch") == epoch else 0
         done = await self.store.done_lines(batch_id)
         records = (r for r in file_requests(self.files, source.path, line_rules, batch_id,
-                                            project)
+                                            project, reply=bool(ext.get("single")))
                    if r.line > after and r.line not in done)
         fetched = await self.fetched(batch_id)
         while chunk := await asyncio.to_thread(lambda: list(islice(records, CHECKPOINT_LINES))):
@@ -286,8 +287,9 @@ class Jobs:
         batch = await self.store.get_batch(batch_id, project)
         if source is None or batch is None:
             return 0, []
+        reply = bool((await self.store.get_ext(batch_id)).get("single"))
         records = file_requests(self.files, source.path, rules(self.settings, batch.endpoint),
-                                batch_id, project)
+                                batch_id, project, reply)
         return await asyncio.to_thread(self._file_missing, records, done, fill)
 
     def _file_missing(self, records: Iterator[RequestRecord], done: DoneLines,

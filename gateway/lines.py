@@ -41,14 +41,14 @@ def request(settings: Settings, topics: Topics, record: RequestRecord) -> Produc
 
 
 def file_requests(files: FileStore, key: str, line_rules: Rules, batch_id: str,
-                  project: str) -> Iterator[RequestRecord]:
+                  project: str, reply: bool = False) -> Iterator[RequestRecord]:
     """One request record per line of a validated input file."""
     unused = Report()
     for number, raw in parse_lines(files.iter_lines(key)):
         line = check_line(number, raw, line_rules, unused)
         assert line is not None, "validated lines cannot fail on a second pass"
         yield RequestRecord(batch_id=batch_id, project=project, custom_id=line.custom_id,
-                            line=number, url=line.url, body=line.body)
+                            line=number, url=line.url, body=line.body, reply=reply)
 
 
 def not_run(batch_id: str, project: str, custom_id: str, line: int, code: str
@@ -122,7 +122,7 @@ def with_links(record: RequestRecord, fetched: Fetched) -> RequestRecord | Respo
             return ResponseRecord(
                 batch_id=record.batch_id, project=record.project, custom_id=record.custom_id,
                 line=record.line, id=f"batch_req_{uuid.uuid4().hex}", request_id=None,
-                status_code=None, body=None,
+                status_code=None, body=None, reply=record.reply,
                 error=LineError(code="fetch_failed", message=f"{url}: {reason}"))
     messages = []
     for message in record.body["messages"]:

@@ -232,6 +232,7 @@ class Worker:
             worker=self.name,
             engine_ms=engine_ms,
             queue_ms=queue_ms,
+            reply=record.reply,
         )
         produce(self.producer, self.topics.responses, response.dumps(), key=record.batch_id,
                 headers={"batch_id": record.batch_id, "custom_id": record.custom_id},

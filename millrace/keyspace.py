@@ -26,6 +26,7 @@
 | `task:<id>` | hash | gateway | a PromptLoop task: project, latest version, `v<n>` each version |
 | `tasks:<project>` | zset | gateway | a project's tasks by creation |
 | `rate:<sha256>:<route>:<min>` | string | gateway | requests of a key to a route in a minute |
+| `reply:<batch>` | list | sink | output lines of a batch someone waits on (10 min) |
 | `ext:<batch>` | string | gateway | a PromptLoop or PLai batch's own fields (name, task, URLs) |
 """
 
@@ -55,6 +56,9 @@ class Keyspace:
 
     def tasks(self, project: str) -> str:
         return self._k("tasks", project)
+
+    def reply(self, batch_id: str) -> str:
+        return self._k("reply", batch_id)
 
     def ext(self, batch_id: str) -> str:
         return self._k("ext", batch_id)

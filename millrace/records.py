@@ -38,6 +38,9 @@ class RequestRecord(Record):
     url: str
     body: dict[str, Any]
     enqueued_at: float = Field(default_factory=time.time)
+    # someone waits for this line's answer (PromptLoop's run-one-row): the sink also hands
+    # its output line to Redis (`reply:<batch>`) the moment it is spooled
+    reply: bool = False
 
 
 class Usage(BaseModel):
@@ -81,6 +84,7 @@ class ResponseRecord(ResponseOutcome):
     # time it waited before the engine admitted it (gateway enqueue → admitted)
     queue_ms: float | None = None
     finished_at: float = Field(default_factory=time.time)
+    reply: bool = False  # the request's: see RequestRecord.reply
 
 
 class _Event(Record):

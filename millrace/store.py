@@ -26,6 +26,7 @@ from millrace.protocol import Batch, FileObject, WebhookEndpoint
 # A dead Redis must give the API a quick 503, not a hang.
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
+REPLY_KEPT_S = 600
 PRINCIPAL_TTL_S = 2.0
 PRINCIPALS_KEPT = 10_000
 
@@ -331,6 +332,21 @@ class Store:
                 for n in numbers:
                     p.setbit(self.keys.done(batch_id), n, 1)
             await p.execute()
+
+    async def put_replies(self, lines: Iterable[tuple[str, str]]) -> None:
+        """(batch, output line) for lines someone waits on (`wait_reply`)."""
+        async with self.r.pipeline(transaction=False) as p:
+            for batch_id, line in lines:
+                p.rpush(self.keys.reply(batch_id), line)
+                p.expire(self.keys.reply(batch_id), REPLY_KEPT_S)
+            await p.execute()
+
+    async def wait_reply(self, batch_id: str, timeout_s: float) -> str | None:
+        """The first output line of the batch, as soon as the sink has it (None after
+        `timeout_s`, at most a command timeout)."""
+        found = await self.r.blpop([self.keys.reply(batch_id)],
+                                   timeout=min(timeout_s, COMMAND_TIMEOUT_S - 1))
+        return str(found[1]) if found else None
 
     async def done_lines(self, batch_id: str) -> DoneLines:
         raw = await self.r.execute_command(  # type: ignore[no-untyped-call]

@@ -46,7 +46,7 @@ from millrace.settings import Settings
 from millrace.store import Store
 from millrace.topics import Topics
 from millrace.up.readiness import mark_ready
-from sink.assembler import Assembler
+from sink.assembler import Assembler, output_line
 from sink.janitor import EVERY_S as JANITOR_EVERY_S
 from sink.janitor import Janitor
 from sink.webhooks import Dispatcher
@@ -103,6 +103,9 @@ class Sink:
                           msg.topic(), msg.partition(), msg.offset())
         finished, announce = self.learn(events)
         added = await asyncio.to_thread(self.assembler.add, responses)
+        replies = [(r.batch_id, output_line(r).model_dump_json()) for r in responses if r.reply]
+        if replies:  # spooled: whoever waits on these lines may have them now
+            await self.store.put_replies(replies)
         if added:
             await self.store.mark_done(added)
             progress = [self.producer.produce(self.topics.batch_events, batch_id,

@@ -41,6 +41,7 @@ from millrace.tasks import (
     Tasks,
     TaskSpec,
     request_lines,
+    result_row,
     result_rows,
     validate_rows,
 )
@@ -49,7 +50,6 @@ router = APIRouter(prefix="/v0", tags=["promptloop"])
 
 ROWS_CONTENT_TYPES = ("application/jsonl", "application/x-ndjson", "application/json",
                       "text/plain", "application/octet-stream", "")
-ONE_ROW_POLL_S = 0.02  # how often a one-row run looks at its batch
 ONE_ROW_TIMEOUT_S = 600.0
 
 
@@ -122,7 +122,9 @@ class RunRow(BaseModel):
 
 @router.post("/tasks/{task_id}")
 async def run_row(ctx: Ctx, who: Caller, task_id: str, row: RunRow) -> dict[str, Any]:
-    """One row now: a one-line batch through Kafka like any other, answered when it is done."""
+    """One row now: a one-line batch through Kafka like any other. Its line is marked as
+    waited on, so the sink hands its output line to Redis the moment it is spooled and the
+    answer does not wait for the batch's files and final status (they follow)."""
     task = await owned_task(ctx, who, task_id)
     data = json.dumps({"data_uuid": row.data_uuid or "row", "inputs": row.inputs}).encode()
     with tempfile.TemporaryFile() as rows:
@@ -130,21 +132,31 @@ async def run_row(ctx: Ctx, who: Caller, task_id: str, row: RunRow) -> dict[str,
         rows.seek(0)
         batch, _ = await launch(ctx, who, task, rows, name="run", webhook_url=None,
                                 single=True)
-    deadline = time.monotonic() + ONE_ROW_TIMEOUT_S
-    while not batch.settled and time.monotonic() < deadline:
-        await asyncio.sleep(ONE_ROW_POLL_S)
-        batch = await owned_batch(ctx, who, batch.id)
-    found = await asyncio.to_thread(lambda: list(result_rows(ctx.files, batch.id, usage=True)))
-    if not found:
-        raise ConflictError(f"The row did not finish (job {batch.id} is {batch.status}).",
-                            param="task_id", code="row_not_finished")
-    result = found[0]
+    result = await answer(ctx, who, batch)
+    if result is None:
+        raise ConflictError(f"The row did not finish (job {batch.id}).", param="task_id",
+                            code="row_not_finished")
     if "error" in result:
         error = result["error"]
         raise InvalidRequestError(error["message"], param="inputs", code=error["code"])
     if row.data_uuid is None:
         result.pop("data_uuid")
     return result
+
+
+async def answer(ctx: Context, who: Principal, batch: Batch) -> dict[str, Any] | None:
+    """The one row's result: from the sink's reply, or — for a line re-driven after a crash,
+    which nobody marked as waited on — from the files once the batch has them."""
+    deadline = time.monotonic() + ONE_ROW_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = await ctx.store.wait_reply(batch.id, deadline - time.monotonic())
+        if line is not None:
+            return result_row(line.encode(), usage=True)
+        if (await owned_batch(ctx, who, batch.id)).settled:
+            found = await asyncio.to_thread(
+                lambda: next(result_rows(ctx.files, batch.id, usage=True), None))
+            return found
+    return None
 
 
 # --- data rows --------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""A 50,000-row PromptLoop job on the echo engine (the pipeline, not inference): launched as
-one JSONL upload, finished, and its results streamed back row by row."""
+"""PromptLoop on the echo engine (the pipeline, not inference): a 50,000-row job launched as
+one JSONL upload and its results streamed back row by row; one row answered at once."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import httpx
 
@@ -42,3 +44,27 @@ def test_fifty_thousand_rows_stream_back_as_jsonl(echo: Deployment) -> None:
                 # that row's own error, never lost
                 assert row["error"]["code"] == "invalid_output"
         assert len(seen) == ROWS
+
+
+def test_one_row_is_answered_without_waiting_for_the_batch_to_be_final(
+        echo: Deployment) -> None:
+    """The sink hands a waited-on line to the gateway as soon as it is spooled: with the
+    aggregator (which makes batches final) stopped, a row is still answered."""
+    headers = {"x-api-key": echo.api_key}
+    aggregator = int(str((echo.ready_info("aggregator") or {})["pid"]))
+    with httpx.Client(base_url=echo.base_url.removesuffix("/v1"), timeout=60) as http:
+        task = http.post("/v0/tasks", headers=headers, json={
+            "name": "echo", "instructions": "Repeat.", "inputs": [{"name": "text"}],
+            "outputs": [{"name": "text"}]}).json()
+        os.kill(aggregator, signal.SIGSTOP)
+        try:
+            answered = http.post(f"/v0/tasks/{task['id']}", headers=headers,
+                                 json={"inputs": ["hello"], "data_uuid": "h"})
+            jobs = http.get("/v0/batches", headers=headers).json()
+        finally:
+            os.kill(aggregator, signal.SIGCONT)
+    # the echo engine's answer is the prompt, not JSON: the row's own error, answered
+    assert answered.status_code == 400, answered.text
+    assert answered.json()["error"]["code"] == "invalid_output"
+    one = next(j for j in jobs if j["name"] == "run")
+    assert one["millrace_status"] != "completed"  # the batch was not final when answered
