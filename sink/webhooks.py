@@ -147,12 +147,19 @@ class Dispatcher:
         return event.model_dump_json()
 
     async def promptloop_payload(self, finished: BatchFinished) -> str:
-        """PromptLoop's webhook: `{"job_id", "status", "data": [result rows]}` — every row,
-        whatever the job's size (`webhook_results_max_lines` does not cut it: PromptLoop
-        clients take their results from it), built once and kept with the delivery."""
-        rows = await asyncio.to_thread(lambda: list(result_rows(self.files, finished.batch_id)))
-        return json.dumps({"job_id": finished.batch_id,
-                           "status": job_status(finished.status), "data": rows})
+        """PromptLoop's webhook: `{"job_id", "status", "data": [result rows]}`, built once and
+        kept with the delivery. Past `promptloop_webhook_max_rows` rows, `data` is null and
+        `results_url` says where to stream them from (with the project's key)."""
+        counts = (finished.batch or {}).get("request_counts") or {}
+        body: dict[str, Any] = {"job_id": finished.batch_id,
+                                "status": job_status(finished.status)}
+        if int(counts.get("total") or 0) > self.settings.promptloop_webhook_max_rows:
+            body.update(data=None, rows=int(counts["total"]),
+                        results_url=f"/v0/batch/{finished.batch_id}/results?output_type=stream")
+        else:
+            body["data"] = await asyncio.to_thread(
+                lambda: list(result_rows(self.files, finished.batch_id)))
+        return json.dumps(body)
 
     def results(self, batch_id: str) -> list[Any]:
         """A small batch's output and error lines (PromptLoop sends results with the hook)."""

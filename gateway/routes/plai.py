@@ -132,11 +132,17 @@ async def retrieve(ctx: Ctx, who: Caller, batch_id: str) -> dict[str, Any]:
     """The batch with its error details: why validation failed, and the processing errors
     by code with the first few lines."""
     batch = await owned_batch(ctx, who, batch_id)
-    found = plai_object(batch, await ctx.store.get_ext(batch_id))
+    ext = await ctx.store.get_ext(batch_id)
+    summary = ext.get("processing_errors")
+    if summary is None:
+        summary = await asyncio.to_thread(processing_errors, ctx, batch)
+        if batch.settled:  # its error file will not change: read it once, not per poll
+            await ctx.store.put_ext(batch_id, {**ext, "processing_errors": summary})
+    found = plai_object(batch, ext)
     found["error_details"] = {
         "validation_errors": [e.model_dump() for e in batch.errors.data] if batch.errors
         else [],
-        "processing_errors": await asyncio.to_thread(processing_errors, ctx, batch),
+        "processing_errors": summary,
     }
     return found
 

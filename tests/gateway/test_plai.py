@@ -58,6 +58,8 @@ def test_a_plai_batch_runs_from_a_url_and_calls_back_signed(
     assert done["output_available"] and done["errors_available"]
     details = done["error_details"]["processing_errors"]
     assert details["total"] == 1 and details["examples"][0]["custom_id"] == "bad"
+    again = http.get(f"/plai/batches/{batch['id']}", headers=a).json()  # kept, not re-read
+    assert again["error_details"] == done["error_details"]
 
     secret = http.get("/v1/webhook_secret", headers=a).json()["secret"]
     event = Webhook(secret).verify(hook.body, hook.headers)

@@ -10,6 +10,7 @@ import signal
 import httpx
 
 from tests.deployment import Deployment, wait_until
+from tests.receiver import receiving
 
 ROWS = 50_000
 
@@ -22,14 +23,19 @@ def test_fifty_thousand_rows_stream_back_as_jsonl(echo: Deployment) -> None:
             "outputs": [{"name": "text"}]}).json()
         rows = b"".join(json.dumps({"data_uuid": f"r{i}", "inputs": [f"row {i}"]}).encode()
                         + b"\n" for i in range(ROWS))
-        launched = http.post(f"/v0/launch-job?task_id={task['id']}", headers=headers,
-                             content=rows)
+        with receiving() as receiver:
+            launched = http.post(f"/v0/launch-job?task_id={task['id']}&webhook_url="
+                                 f"{receiver.url}", headers=headers, content=rows)
+            hook = json.loads(receiver.wait_for(1, 300)[0].body)
         assert launched.status_code == 200, launched.text
         job_id = launched.json()["job_id"]
         job = wait_until(lambda: (j := http.get(f"/v0/job-status/{job_id}", headers=headers)
                                   .json())["status"] != "in_progress" and j, 300, "the job",
                          every=0.5)
         assert job["progress"]["total"] == ROWS
+        # past promptloop_webhook_max_rows the webhook says where the rows are instead
+        assert (hook["job_id"], hook["data"], hook["rows"]) == (job_id, None, ROWS)
+        assert hook["results_url"] == f"/v0/batch/{job_id}/results?output_type=stream"
 
         seen: set[str] = set()
         with http.stream("GET", f"/v0/batch/{job_id}/results?output_type=stream",
