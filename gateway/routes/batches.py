@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from gateway.auth import Caller
@@ -54,6 +54,23 @@ def window_seconds(window: str) -> int:
     return seconds
 
 
+def _metadata_bounds(value: dict[str, str] | None) -> dict[str, str] | None:
+    """OpenAI's bounds: 16 pairs, keys of 64 and values of 512 characters."""
+    if value is None:
+        return None
+    if len(value) > 16:
+        raise ValueError("metadata may hold at most 16 pairs")
+    for key, item in value.items():
+        if len(key) > 64:
+            raise ValueError(f"metadata key '{key[:20]}…' is longer than 64 characters")
+        if len(item) > 512:
+            raise ValueError(f"metadata value of '{key}' is longer than 512 characters")
+    return value
+
+
+Metadata = Annotated[dict[str, str] | None, AfterValidator(_metadata_bounds)]
+
+
 class CreateBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,7 +82,7 @@ class CreateBatch(BaseModel):
     input: Literal["file", "stream"] = "file"
     endpoint: str
     completion_window: str
-    metadata: dict[str, str] | None = None
+    metadata: Metadata = None
     output_expires_after: ExpiresAfter | None = None
     # Inference Cloud's field (seed 003); `metadata.webhook_url` works the same way
     webhook_url: str | None = Field(default=None, max_length=2048)
@@ -77,20 +94,6 @@ class CreateBatch(BaseModel):
             return self.webhook_url, "webhook_url"
         url = (self.metadata or {}).get("webhook_url")
         return (url, "metadata.webhook_url") if url is not None else None
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_bounds(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        if len(value) > 16:
-            raise ValueError("metadata may hold at most 16 pairs")
-        for key, item in value.items():
-            if len(key) > 64:
-                raise ValueError(f"metadata key '{key[:20]}…' is longer than 64 characters")
-            if len(item) > 512:
-                raise ValueError(f"metadata value of '{key}' is longer than 512 characters")
-        return value
 
 
 @router.post("", response_model=Batch)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.auth import Caller
 from gateway.context import Context, Ctx
 from gateway.deps import owned_batch
-from gateway.routes.batches import CreateBatch, check_webhook, register
+from gateway.routes.batches import CreateBatch, Metadata, check_webhook, register
 from gateway.routes.files import new_file_id
 from millrace.errors import (
     ConflictError,
@@ -381,7 +381,7 @@ class JobUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=256)
-    metadata: dict[str, str] | None = None
+    metadata: Metadata = None  # bounded as a batch's
 
 
 @router.put("/batches/{job_id}", response_model=Job)
@@ -390,9 +390,8 @@ async def update_job(ctx: Ctx, who: Caller, job_id: str, update: JobUpdate) -> J
     batch, ext = await owned_job(ctx, who, job_id)
     if update.name is not None:
         ext["name"] = update.name
-    if update.metadata is not None:  # bounded as a batch's metadata
-        ext["metadata"] = CreateBatch(endpoint=CHAT, completion_window="24h",
-                                      metadata=update.metadata).metadata
+    if update.metadata is not None:
+        ext["metadata"] = update.metadata
     await ctx.store.put_ext(batch.id, ext)
     return job_object(batch, ext)
 

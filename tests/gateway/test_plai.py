@@ -79,6 +79,27 @@ def test_a_plai_batch_runs_from_a_url_and_calls_back_signed(
     assert http.get("/plai/batches?take=101", headers=a).status_code == 400
 
 
+def test_an_embeddings_batch_from_a_url(
+    http: httpx.Client, keys: dict[str, dict[str, str]], embedding_model: str
+) -> None:
+    a = keys["plai-a"]
+    lines = [json.dumps({"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+                         "body": {"model": embedding_model, "input": f"text {i}"}})
+             for i in range(3)]
+    with serving({"/emb.jsonl": "\n".join(lines).encode()}) as web:
+        created = http.post("/plai/batches", headers=a, json={
+            "name": "vectors", "type": "EMBEDDINGS", "input_file_url": f"{web.url}/emb.jsonl",
+            "callback_url": "http://127.0.0.1:9/hook"}).json()
+        done = finished(http, a, created["id"])
+    assert (done["status"], done["type"], done["endpoint"]) == (
+        "completed", "EMBEDDINGS", "/v1/embeddings")
+    urls = http.get(f"/plai/batches/{created['id']}/download", headers=a).json()
+    vectors = [json.loads(x)["response"]["body"]["data"][0]["embedding"]
+               for x in httpx.get(urls["output_file_url"]).text.splitlines()]
+    assert len(vectors) == 3 and all(len(v) == 384 for v in vectors)
+    assert urls["errors_file_url"] is None
+
+
 def test_download_urls_expire_and_open_no_other_file(
     deployment: Deployment, http: httpx.Client, keys: dict[str, dict[str, str]], model: str
 ) -> None:

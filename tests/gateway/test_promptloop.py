@@ -106,6 +106,14 @@ def test_one_row_runs_now_and_a_new_version_is_kept_apart(
                          content=jsonl([{"data_uuid": "a", "inputs": ["kettle"]}])).json()
     job = finished_job(http, team, launched["job_id"])
     assert job["task_version"] == 2
+    renamed = http.put(f"/v0/batches/{job['id']}", headers=team,
+                       json={"name": "kettles", "metadata": {"team": "kitchen"}})
+    assert renamed.status_code == 200, renamed.text
+    assert (renamed.json()["name"], renamed.json()["metadata"]) == ("kettles", {"team": "kitchen"})
+    assert http.get(f"/v0/batches/{job['id']}", headers=team).json()["name"] == "kettles"
+    too_many = {f"k{i}": "v" for i in range(17)}
+    assert http.put(f"/v0/batches/{job['id']}", headers=team,
+                    json={"metadata": too_many}).status_code == 400
     http.put(f"/v0/tasks/{task['id']}", headers=team, json={  # back as it was for the others
         k: task[k] for k in ("name", "instructions", "inputs", "outputs", "max_tokens")})
 
