@@ -13,12 +13,25 @@ from fastapi import FastAPI
 from gateway import errors, openapi
 from gateway.context import API_DELIVERY_TIMEOUT_MS, Context
 from gateway.http_limits import BodyLimits
+from gateway.http_metrics import HttpMetrics
 from gateway.ingest_topic import StreamIngest
 from gateway.jobs import Jobs
-from gateway.routes import admin, batches, health, models, plai, promptloop, results, webhooks
+from gateway.routes import (
+    admin,
+    batches,
+    health,
+    metrics,
+    models,
+    plai,
+    promptloop,
+    results,
+    retry,
+    webhooks,
+)
 from gateway.routes import files as files_routes
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
+from millrace.metrics import gateway_registry
 from millrace.registry import Registry
 from millrace.settings import Settings
 from millrace.store import Principal, Store
@@ -93,11 +106,13 @@ def create_app(settings: Settings) -> FastAPI:
                        upload_max_bytes=max(settings.file_max_bytes, settings.batch_max_bytes),
                        batch_max_bytes=settings.batch_max_bytes,
                        rows_max_bytes=settings.rows_max_bytes)
+    app.add_middleware(HttpMetrics)  # outermost: limits' own answers are counted too
+    app.state.metrics_registry = gateway_registry(settings)
     errors.install(app)
     promptloop.install(app)
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]
-    for module in (files_routes, batches, results, webhooks, models, admin, health, promptloop,
-                   plai):
+    for module in (files_routes, batches, retry, results, webhooks, models, admin, health,
+                   metrics, promptloop, plai):
         app.include_router(module.router)
     app.include_router(files_routes.signed_router)
     return app
