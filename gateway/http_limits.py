@@ -135,7 +135,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
 
 # --- bodies ---------------------------------------------------------------------------
-PUBLIC = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+PUBLIC = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 PUBLIC_PREFIXES = ("/signed/",)  # pre-signed downloads: the signature is the credential
 ROWS_PATHS = {"/v0/launch-job", "/v0/batches", "/v0/batches/validate-data"}
 

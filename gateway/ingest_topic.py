@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, Message
 from gateway.lines import StreamLine, persist_stream_lines, request, rules
 from gateway.stream_ledger import StreamLedger
 from gateway.validation import Report, Rules, check_line
+from millrace import metrics
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
 from millrace.protocol import ErrorDetail, ErrorEnvelope
@@ -111,6 +112,7 @@ class StreamIngest:
         pending += [self.producer.produce(topic, key, value, partition=partition)
                     for topic, key, partition, value in self._produce]
         await asyncio.gather(*pending)
+        metrics.LINES_INGESTED.labels("stream").inc(len(self._produce))
 
     async def handle(self, msg: Message) -> list[asyncio.Future[Message]]:
         """Route one message; returns the rejects and control deliveries to await."""

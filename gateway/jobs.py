@@ -49,6 +49,7 @@ from gateway.lines import (
 )
 from gateway.stream_ledger import StreamLedger
 from gateway.validation import validate
+from millrace import metrics
 from millrace.errors import OUTAGES
 from millrace.fetch import Fetcher, FetchFailed
 from millrace.filestore import FileStore
@@ -181,6 +182,7 @@ class Jobs:
         while chunk := await asyncio.to_thread(lambda: list(islice(records, CHECKPOINT_LINES))):
             await asyncio.to_thread(self.producer.send_all,
                                     await self.linked(batch_id, chunk, fetched))
+            metrics.LINES_INGESTED.labels("file").inc(len(chunk))
             await self.store.r.hset(self.store.keys.explode(batch_id),
                                     mapping={"epoch": epoch, "lines": chunk[-1].line})
         validated = BatchValidated(batch_id=batch_id, total=report.total, model=report.model)

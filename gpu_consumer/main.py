@@ -10,6 +10,9 @@ from millrace.up import readiness
 def run_worker(settings: Settings) -> None:
     from gpu_consumer.engine import EchoEngine, Engine
     from gpu_consumer.worker import Worker
+    from millrace import metrics
+
+    metrics.serve(settings)
 
     served = settings.served_models()
     engine: Engine

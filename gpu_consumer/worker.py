@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from gpu_consumer.admission import Backlog, Budget, PartitionOffsets, Pending, token_cost
 from gpu_consumer.engine import Engine, EngineRequest, EngineResult
 from gpu_consumer.stops import StoppedBatches
+from millrace import metrics
 from millrace.errors import DeliveryError
 from millrace.kafka import KafkaConfig, produce, take, usable
 from millrace.protocol import BATCH_LINE_ERRORS, LineError
@@ -71,6 +72,7 @@ class Worker:
         }
         self.offsets: dict[tuple[str, int], PartitionOffsets] = {}
         self.running: dict[int, Running] = {}
+        self.lag = metrics.LagProbe(self.consumer, self.topics.worker_group())
         self._tickets = itertools.count()
         self._paused = False
         self._alive = True
@@ -107,10 +109,25 @@ class Worker:
     def _cycle(self) -> None:
         self._fetch()
         self._admit()
-        self._finish(self.engine.step())
+        started = time.perf_counter()
+        finished = self.engine.step()
+        if self.engine.busy or finished:
+            metrics.STEP_SECONDS.observe(time.perf_counter() - started)
+        self._finish(finished)
         self.producer.poll(0)
-        if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
+        now = time.monotonic()
+        if now - self._last_commit >= COMMIT_EVERY_S:
             self._commit(sync=False)
+            self._gauges()
+        self.lag.maybe(now)
+
+    def _gauges(self) -> None:
+        running = dict.fromkeys(self.backlogs, 0)
+        for run in self.running.values():
+            running[run.model] += 1
+        for model, backlog in self.backlogs.items():
+            metrics.IN_FLIGHT.labels(model).set(running[model])
+            metrics.WAITING.labels(model).set(len(backlog))
 
     def _waiting(self) -> int:
         return sum(len(b) for b in self.backlogs.values())
@@ -161,6 +178,7 @@ class Worker:
                 budget.take(ticket, item.cost)
                 self.running[ticket] = Running(item, model, time.time())
                 self.engine.submit(ticket, EngineRequest(item.record.url, item.record.body))
+                metrics.ADMITTED.labels(model).inc()
 
     def _stop_lines(self, backlog: Backlog) -> None:
         """Lines of cancelled or expired batches that have not started never run."""
@@ -237,6 +255,18 @@ class Worker:
         produce(self.producer, self.topics.responses, response.dumps(), key=record.batch_id,
                 headers={"batch_id": record.batch_id, "custom_id": record.custom_id},
                 on_delivery=partial(self._delivered, item))
+        self._count(self.model_of_topic.get(item.topic, ""), result, error)
+
+    @staticmethod
+    def _count(model: str, result: EngineResult | None, error: LineError | None) -> None:
+        if result is not None and result.status_code == 200:
+            metrics.FINISHED.labels(model).inc()
+            metrics.PROMPT_TOKENS.labels(model).inc(result.usage.prompt_tokens)
+            metrics.GENERATION_TOKENS.labels(model).inc(result.usage.completion_tokens)
+        else:
+            code = error.code if error is not None else str(result.status_code if result
+                                                              else "error")
+            metrics.FAILED.labels(model, code).inc()
 
     def _delivered(self, item: Pending, err: KafkaError | None, msg: Message) -> None:
         if err is None:

@@ -147,6 +147,10 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _gateway(settings: Settings, args: argparse.Namespace) -> None:
+    if settings.gateway_metrics_dir is not None:
+        # prometheus-client picks its multiprocess mode from this variable when first
+        # imported: set it before anything imports it
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.gateway_metrics_dir)
     import uvicorn
 
     from gateway.app import create_app

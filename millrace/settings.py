@@ -264,6 +264,14 @@ class Settings(BaseSettings):
     # streams (Faust)
     faust_session_timeout_s: float = 6.0
 
+    # Prometheus `/metrics` of a worker, aggregator or sink on this port (`up` gives each
+    # its own and lists them in endpoints.json); unset: none. The gateway answers
+    # `/metrics` on its own port.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # Gateway processes sharing a port write their samples here (prometheus-client's
+    # multiprocess mode), so `/metrics` on the port sums them all; `up` sets it.
+    gateway_metrics_dir: Path | None = None
+
     log_level: str = "INFO"
     ready_timeout_s: float = 600.0
 

@@ -318,6 +318,18 @@ class Store:
     async def active_batches(self) -> list[str]:
         return sorted(str(b) for b in await self.r.smembers(self.keys.active))
 
+    async def active_by_status(self) -> dict[str, int]:
+        """How many unfinished batches are in each status."""
+        pipe = self.r.pipeline(transaction=False)
+        for batch_id in await self.active_batches():
+            pipe.hmget(self.keys.batch(batch_id), ["doc", "state"])
+        counts: dict[str, int] = {}
+        for doc, state in await pipe.execute():
+            if doc is not None:
+                status = str({**json.loads(doc), **json.loads(state or "{}")}.get("status"))
+                counts[status] = counts.get(status, 0) + 1
+        return counts
+
     async def due_batches(self, now: float, most: int = 1000) -> list[str]:
         """Active batches whose completion window has passed."""
         due = await self.r.zrangebyscore(self.keys.deadlines, "-inf", now, start=0, num=most)

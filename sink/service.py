@@ -25,6 +25,7 @@ import time
 from confluent_kafka import Consumer, Message
 from pydantic import ValidationError
 
+from millrace import metrics
 from millrace.errors import OUTAGES
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
@@ -69,11 +70,13 @@ class Sink:
         self.janitor = Janitor(self.store, self.registry, files, self.assembler)
         self._stopping = asyncio.Event()
         self._janitor_at = 0.0
+        self.lag = metrics.LagProbe(self.consumer, self.topics.sink_group())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        metrics.serve(self.settings)
         self.consumer.subscribe([self.topics.responses, self.topics.batch_events])
         webhooks = asyncio.create_task(self.webhooks.run(self._stopping))
         mark_ready(self.settings, "sink")
@@ -119,6 +122,7 @@ class Sink:
             await self.webhooks.enqueue(event)
             await self.store.done_with(event.batch_id)
             self.assembler.forget(event.batch_id)
+            count_finished(event)
 
     def learn(self, events: list[BatchEvent]) -> tuple[list[BatchFinished],
                                                         list[BatchFilesReady]]:
@@ -171,9 +175,12 @@ class Sink:
         )
         await self.producer.send(self.topics.batch_events, batch_id, ready.dumps())
         await asyncio.to_thread(self.assembler.mark_written, batch_id, ready)
+        metrics.LINES_WRITTEN.labels("output").inc(ready.completed)
+        metrics.LINES_WRITTEN.labels("errors").inc(ready.failed)
         log.info("wrote the files of %s: %d lines", batch_id, written.lines)
 
     async def between_polls(self) -> None:
+        self.lag.maybe(time.monotonic())
         for batch_id in self.assembler.publish_due(self.settings.sink_partial_every_s):
             await asyncio.to_thread(self.assembler.publish, batch_id)
         if time.monotonic() - self._janitor_at >= JANITOR_EVERY_S:
@@ -182,3 +189,10 @@ class Sink:
                 await self.janitor.clean_up(time.time())
             except OUTAGES as exc:
                 log.warning("clean-up put off: %s", exc)
+
+
+def count_finished(event: BatchFinished) -> None:
+    metrics.BATCHES_FINISHED.labels(event.status.value).inc()
+    created = (event.batch or {}).get("created_at")
+    if isinstance(created, int | float):
+        metrics.BATCH_SECONDS.observe(max(event.at - created, 0))

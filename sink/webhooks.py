@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from millrace import metrics
 from millrace.deliveries import Deliveries, Delivery, DeliveryAttempt, delivery_id
 from millrace.errors import OUTAGES
 from millrace.filestore import FileStore
@@ -127,6 +128,8 @@ class Dispatcher:
                                  error=error, duration_ms=(time.monotonic() - started) * 1000)
         next_at = self.next_attempt(delivery, number) if error and retry else None
         await self.deliveries.record(delivery, record, next_at, delivered=error is None)
+        outcome = "delivered" if error is None else "retried" if next_at else "given_up"
+        metrics.WEBHOOK_ATTEMPTS.labels(outcome).inc()
         log.info("webhook %s %s → %s (attempt %d%s)", delivery.event_type, delivery.url,
                  status_code or error, number,
                  f", next in {next_at - time.time():.1f}s" if next_at else "")

@@ -28,6 +28,7 @@ import time
 from confluent_kafka import Consumer, Message, TopicPartition
 from pydantic import ValidationError
 
+from millrace import metrics
 from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
 from millrace.records import (
     BatchEvent,
@@ -37,6 +38,7 @@ from millrace.records import (
     parse_event,
 )
 from millrace.settings import Settings
+from millrace.status import BatchStatus
 from millrace.store import Store
 from millrace.topics import Topics
 from millrace.up.readiness import mark_ready
@@ -62,6 +64,7 @@ class Aggregator:
         # states of batches on our partitions; Redis holds the truth
         self.states: dict[str, BatchState] = {}
         self._stopping = asyncio.Event()
+        self.lag = metrics.LagProbe(self.consumer, self.topics.aggregator_group())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -70,8 +73,10 @@ class Aggregator:
         self.consumer.subscribe([self.topics.batch_events], on_assign=self._assigned,
                                 on_revoke=self._revoked, on_lost=self._revoked)
         expiry = asyncio.create_task(self._expire_loop())
+        metrics.serve(self.settings)
         try:
-            await consume_loop(self.consumer, self.handle, self._stopping, most=1000)
+            await consume_loop(self.consumer, self.handle, self._stopping, most=1000,
+                               every=self._between_polls)
         finally:
             self._stopping.set()
             await expiry
@@ -81,6 +86,9 @@ class Aggregator:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _between_polls(self) -> None:
+        self.lag.maybe(time.monotonic())
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         mark_ready(self.settings, "aggregator")
@@ -165,8 +173,16 @@ class Aggregator:
                 return
             try:
                 await self.expire_due()
+                await self.count_batches()
             except Exception:  # Redis or the broker away: try again next second
                 log.exception("looking for expired batches failed")
+
+    async def count_batches(self) -> None:
+        """The unfinished batches by status (every aggregator reports the same figures)."""
+        counts = await self.store.active_by_status()
+        for status in BatchStatus:
+            if not status.terminal:
+                metrics.BATCHES.labels(status.value).set(counts.get(status.value, 0))
 
     async def expire_due(self) -> int:
         """Publish `expire_due` for each active batch past its window (one aggregator a

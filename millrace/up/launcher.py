@@ -31,6 +31,7 @@ from pydantic import SecretStr
 
 from millrace.errors import ComponentError
 from millrace.kafka import KafkaConfig, ensure_topics
+from millrace.metrics import prepare_gateway_dir
 from millrace.registry import register_key
 from millrace.settings import Settings
 from millrace.store import Principal, new_api_key
@@ -72,6 +73,7 @@ class Launcher:
         self._broker_port: int | None = None
         self._resume_pending = False
         self._last_check = 0.0
+        self.metrics_ports: dict[str, int] = {}  # per service, kept across its restarts
 
     # --- lifecycle ---------------------------------------------------------------------
     def run(self, announce: Callable[[str], None]) -> int:
@@ -207,10 +209,18 @@ class Launcher:
                 share = cpus[i * len(cpus) // count:(i + 1) * len(cpus) // count]
                 env["MILLRACE_CPU_SET"] = ",".join(map(str, share))
             plan.append((name, "worker", env))
+        metrics_dir = self.settings.run_dir / "metrics-gateway"
+        prepare_gateway_dir(metrics_dir)
         for i in range(max(self.settings.gateways, 1)):
             name = "gateway" if i == 0 else f"gateway-{i + 1}"
-            plan.append((name, "gateway", {"MILLRACE_GATEWAY_NAME": name}))
-        return plan + [(name, name, {}) for name in SERVICES if name not in ("worker", "gateway")]
+            plan.append((name, "gateway", {"MILLRACE_GATEWAY_NAME": name,
+                                           "MILLRACE_GATEWAY_METRICS_DIR": str(metrics_dir)}))
+        plan += [(name, name, {}) for name in SERVICES if name not in ("worker", "gateway")]
+        for name, command, env in plan:
+            if command != "gateway":
+                self.metrics_ports[name] = embedded.free_port()
+                env["MILLRACE_METRICS_PORT"] = str(self.metrics_ports[name])
+        return plan
 
     def _service_starter(
         self, name: str, command: str, extra_env: dict[str, str]
@@ -259,6 +269,11 @@ class Launcher:
             "redis_url": self.settings.redis_url,
             "topic_prefix": self.settings.topic_prefix,
             "models": worker.get("models", {}),
+            "metrics": {
+                "gateway": base_url.removesuffix("/v1") + "/metrics",
+                **{name: f"http://{self.settings.host}:{port}/metrics"
+                   for name, port in self.metrics_ports.items()},
+            },
         }
         path = self.settings.data_dir / "endpoints.json"
         path.write_text(json.dumps(endpoints, indent=2) + "\n")
