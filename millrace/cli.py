@@ -77,6 +77,38 @@ def _parser() -> argparse.ArgumentParser:
     chaos.add_argument("--lines", type=int, default=5000, help="lines per round's batch")
     chaos.add_argument("--seed", type=int, help="for the same faults at the same moments")
     sub.add_parser("schemas", help="print the JSON schema of every record on the public topics")
+
+    def client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        common(p)
+        p.add_argument("--base-url", help="the gateway, e.g. http://host:8000/v1 "
+                                          "(MILLRACE_BASE_URL, OPENAI_BASE_URL)")
+        p.add_argument("--api-key", help="MILLRACE_API_KEY, OPENAI_API_KEY")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return p
+
+    submit = client(sub.add_parser("submit", help="upload a JSONL file and create a batch"))
+    submit.add_argument("file", type=Path)
+    submit.add_argument("--endpoint", help="default: the lines' own url")
+    submit.add_argument("--model", help="set every line's body.model")
+    submit.add_argument("--window", default="24h", help="completion window")
+    submit.add_argument("--wait", action="store_true",
+                        help="show progress until it ends, then download its files")
+    submit.add_argument("--out", type=Path, default=Path("."), help="where --wait downloads")
+    batches = sub.add_parser("batches", help="list, show, watch, cancel, retry, download")
+    batches_sub = batches.add_subparsers(dest="batches_command", required=True)
+    listed = client(batches_sub.add_parser("ls", help="the newest batches"))
+    listed.add_argument("--limit", type=int, default=20)
+    for name, what in (("show", "one batch"), ("watch", "a progress bar until it ends"),
+                       ("cancel", "cancel a batch"),
+                       ("retry", "a new batch of a finished batch's failed lines"),
+                       ("download", "its output and error files")):
+        one = client(batches_sub.add_parser(name, help=what))
+        one.add_argument("batch_id")
+        if name in ("watch", "download"):
+            one.add_argument("--out", type=Path, default=Path("."))
+        if name == "retry":
+            one.add_argument("--custom-id", action="append", dest="custom_ids",
+                             help="only this failed line (repeatable)")
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = common(keys_sub.add_parser("create", help="mint a key for a project"))
@@ -123,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handler = {
         "up": _up, "gateway": _gateway, "worker": _worker, "aggregator": _aggregator,
         "sink": _sink, "redis": _redis, "keys": _keys, "bench": _bench, "rebuild": _rebuild,
-        "resume": _resume, "chaos": _chaos,
+        "resume": _resume, "chaos": _chaos, "submit": _submit, "batches": _batches,
     }[args.command]
     try:
         sys.exit(handler(settings, args) or 0)
@@ -131,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _refuse(exc)
     except MillraceError as exc:
         logging.getLogger("millrace").error("%s", exc)
-        sys.exit(1)
+        sys.exit(getattr(exc, "exit_code", 1))
 
 
 def _refuse(exc: SettingsError) -> NoReturn:
@@ -278,6 +310,80 @@ def _chaos(settings: Settings, args: argparse.Namespace) -> int:
     print(table(rounds))
     print(f"deployment data dir: {data_dir}")
     return 0 if all(r.ok for r in rounds) else 1
+
+
+def _submit(settings: Settings, args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from millrace import terminal
+
+    api = terminal.Api.of(settings, args.base_url, args.api_key)
+    interrupts = terminal.Interrupts() if args.wait else None
+    batch = terminal.submit(api, args.file, args.endpoint, args.model, args.window)
+    console = Console()
+    if interrupts is None:
+        _show(console, args.json, batch, f"created {batch['id']} ({batch['status']})")
+        return 0
+    console.print(f"created {batch['id']}", highlight=False)
+    return _finish(api, console, batch["id"], args.out, args.json, interrupts)
+
+
+def _finish(api: Any, console: Any, batch_id: str, out: Path, as_json: bool,
+            interrupts: Any) -> int:
+    """Watch a batch to its end, download its files, say where: the exit code."""
+    from millrace import terminal
+
+    try:
+        final = terminal.watch(api, batch_id, console, interrupts,
+                               terminal.ask_to_cancel(console))
+    except terminal.LeftRunning:
+        console.print(f"{batch_id} left running: `millrace batches watch {batch_id}`",
+                      highlight=False)
+        return 130
+    files = terminal.download(api, final, out)
+    counts = final.get("request_counts") or {}
+    _show(console, as_json, {**final, "downloaded": [str(f) for f in files]},
+          f"{final['id']} {final['status']}: {counts.get('completed', 0)} completed, "
+          f"{counts.get('failed', 0)} failed" + "".join(f"\n  {f}" for f in files))
+    return terminal.exit_code(final)
+
+
+def _show(console: Any, as_json: bool, data: Any, text: Any) -> None:
+    if as_json:
+        print(json.dumps(data))
+    else:
+        console.print(text, highlight=False)
+
+
+def _batches(settings: Settings, args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from millrace import terminal
+
+    api = terminal.Api.of(settings, args.base_url, args.api_key)
+    console = Console()
+    command = args.batches_command
+    if command == "ls":
+        page = api.call("GET", f"/batches?limit={args.limit}")
+        _show(console, args.json, page["data"], terminal.batches_table(page["data"]))
+        return 0
+    if command == "watch":
+        return _finish(api, console, args.batch_id, args.out, args.json, terminal.Interrupts())
+    path = f"/batches/{args.batch_id}"
+    if command == "download":
+        batch = api.call("GET", path)
+        files = terminal.download(api, batch, args.out)
+        _show(console, args.json, [str(f) for f in files], "\n".join(map(str, files)))
+        return 0
+    if command == "cancel":
+        batch = api.call("POST", path + "/cancel")
+    elif command == "retry":
+        body = {"custom_ids": args.custom_ids} if args.custom_ids else None
+        batch = api.call("POST", path + "/retry", json=body)
+    else:
+        batch = api.call("GET", path)
+    _show(console, args.json, batch, json.dumps(batch, indent=2))
+    return 0
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> None:

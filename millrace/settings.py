@@ -264,6 +264,13 @@ class Settings(BaseSettings):
     # streams (Faust)
     faust_session_timeout_s: float = 6.0
 
+    # The CLI's batch commands (`millrace submit`, `millrace batches …`): the gateway's
+    # base URL and key; else the OpenAI SDK's variables; else the local `up` (endpoints.json
+    # and the generated key in the data dir).
+    base_url: str | None = None
+    openai_base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
+
     # Prometheus `/metrics` of a worker, aggregator or sink on this port (`up` gives each
     # its own and lists them in endpoints.json); unset: none. The gateway answers
     # `/metrics` on its own port.
@@ -342,7 +349,7 @@ class Settings(BaseSettings):
         for field in type(self).model_fields:
             value = getattr(self, field)
             name = f"{ENV_PREFIX}{field.upper()}"
-            if field == "api_key":
+            if field in ("api_key", "openai_base_url", "openai_api_key"):
                 continue
             if isinstance(value, BaseModel):
                 for sub in type(value).model_fields:
