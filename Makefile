@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml Makefile
 	# The registry's torchvision/torchaudio are CUDA builds that break `import transformers`.
 	if [ "$(PROFILE)" = cpu ]; then \
 		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton; fi
+	# The dashboard's browser tests drive Debian's chromium with its matching chromedriver.
+	if ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+		else echo "make: the browser tests need: apt-get install chromium chromium-driver"; fi; fi
 	touch $(STAMP)
 
 up: $(STAMP)

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from gateway import errors, openapi
 from gateway.context import API_DELIVERY_TIMEOUT_MS, Context
@@ -19,6 +20,7 @@ from gateway.jobs import Jobs
 from gateway.routes import (
     admin,
     batches,
+    dashboard,
     health,
     metrics,
     models,
@@ -29,6 +31,7 @@ from gateway.routes import (
     webhooks,
 )
 from gateway.routes import files as files_routes
+from gateway.worker_board import WorkerFollower
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
 from millrace.metrics import gateway_registry
@@ -92,6 +95,8 @@ def create_app(settings: Settings) -> FastAPI:
                 "ingest", lambda: StreamIngest(settings, store, files), stopping)),
             asyncio.create_task(keep_running(
                 "jobs", lambda: Jobs(settings, store, files), stopping)),
+            asyncio.create_task(keep_running(
+                "workers", lambda: WorkerFollower(settings, ctx.board), stopping)),
         ]
         try:
             yield
@@ -115,4 +120,6 @@ def create_app(settings: Settings) -> FastAPI:
                    metrics, promptloop, plai):
         app.include_router(module.router)
     app.include_router(files_routes.signed_router)
+    app.include_router(dashboard.router)
+    app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC), name="dashboard")
     return app

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from confluent_kafka import KafkaException
 from fastapi import Depends, Request
 
+from gateway.worker_board import WorkerBoard
 from millrace.errors import ServiceUnavailableError
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer
@@ -30,6 +31,7 @@ class Context:
     producer: AsyncProducer  # `message.timeout.ms` = API_DELIVERY_TIMEOUT_MS
     topics: Topics
     registry: Registry
+    board: WorkerBoard = field(default_factory=WorkerBoard)  # the workers' latest load
 
     async def send(self, batch_id: str, event: Record) -> None:
         """Publish a batch event, acknowledged, or raise a 503 that nothing happened."""

@@ -135,8 +135,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
 
 # --- bodies ---------------------------------------------------------------------------
-PUBLIC = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-PUBLIC_PREFIXES = ("/signed/",)  # pre-signed downloads: the signature is the credential
+PUBLIC = {"/health", "/metrics", "/dashboard", "/openapi.json", "/docs",
+          "/docs/oauth2-redirect", "/redoc"}
+# pre-signed downloads (the signature is the credential); the dashboard's scripts
+PUBLIC_PREFIXES = ("/signed/", "/dashboard/static/")
 ROWS_PATHS = {"/v0/launch-job", "/v0/batches", "/v0/batches/validate-data"}
 
 

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from gpu_consumer.admission import Backlog, Budget, PartitionOffsets, Pending, token_cost
 from gpu_consumer.engine import Engine, EngineRequest, EngineResult
+from gpu_consumer.load import Load
 from gpu_consumer.stops import StoppedBatches
 from millrace import metrics
 from millrace.errors import DeliveryError
@@ -73,6 +74,7 @@ class Worker:
         self.offsets: dict[tuple[str, int], PartitionOffsets] = {}
         self.running: dict[int, Running] = {}
         self.lag = metrics.LagProbe(self.consumer, self.topics.worker_group())
+        self.load = Load(f"{settings.worker_name}@{self.name}", list(engine.models))
         self._tickets = itertools.count()
         self._paused = False
         self._alive = True
@@ -98,6 +100,7 @@ class Worker:
                 self._cycle()
             self._drain()
         finally:
+            self._publish_load(stopped=True)
             self.producer.flush(30)
             self._commit(sync=True)
             self.consumer.close()  # leaves the group: partitions move on at once
@@ -120,14 +123,27 @@ class Worker:
             self._commit(sync=False)
             self._gauges()
         self.lag.maybe(now)
+        if self.load.due(now):
+            self._publish_load()
 
-    def _gauges(self) -> None:
+    def _running(self) -> dict[str, int]:
         running = dict.fromkeys(self.backlogs, 0)
         for run in self.running.values():
             running[run.model] += 1
+        return running
+
+    def _gauges(self) -> None:
+        running = self._running()
         for model, backlog in self.backlogs.items():
             metrics.IN_FLIGHT.labels(model).set(running[model])
             metrics.WAITING.labels(model).set(len(backlog))
+
+    def _publish_load(self, stopped: bool = False) -> None:
+        lag = {self.model_of_topic[t]: n for t, n in self.lag.by_topic().items()
+               if t in self.model_of_topic}
+        status = self.load.status(self._running(), {m: len(b) for m, b in self.backlogs.items()},
+                                  lag, stopped=stopped)
+        produce(self.producer, self.topics.workers, status.dumps(), key=self.load.worker)
 
     def _waiting(self) -> int:
         return sum(len(b) for b in self.backlogs.values())
@@ -257,9 +273,11 @@ class Worker:
                 on_delivery=partial(self._delivered, item))
         self._count(self.model_of_topic.get(item.topic, ""), result, error)
 
-    @staticmethod
-    def _count(model: str, result: EngineResult | None, error: LineError | None) -> None:
+    def _count(self, model: str, result: EngineResult | None, error: LineError | None) -> None:
+        ours = model in self.load.totals
         if result is not None and result.status_code == 200:
+            if ours:
+                self.load.answered(model, result.usage)
             metrics.FINISHED.labels(model).inc()
             metrics.PROMPT_TOKENS.labels(model).inc(result.usage.prompt_tokens)
             metrics.GENERATION_TOKENS.labels(model).inc(result.usage.completion_tokens)
@@ -267,6 +285,8 @@ class Worker:
             code = error.code if error is not None else str(result.status_code if result
                                                               else "error")
             metrics.FAILED.labels(model, code).inc()
+            if ours:
+                self.load.failed(model)
 
     def _delivered(self, item: Pending, err: KafkaError | None, msg: Message) -> None:
         if err is None:

@@ -110,6 +110,7 @@ class LagProbe:
         self.group = group
         self.every_s = every_s
         self._next = 0.0
+        self.last: dict[tuple[str, int], int] = {}  # (topic, partition) → lag
 
     def maybe(self, now: float) -> None:
         if now < self._next:
@@ -130,4 +131,13 @@ class LagProbe:
                 continue
             if high < 0 or tp.offset < 0:
                 continue  # nothing fetched yet
-            LAG.labels(self.group, tp.topic, str(tp.partition)).set(max(high - tp.offset, 0))
+            lag = max(high - tp.offset, 0)
+            self.last[(tp.topic, tp.partition)] = lag
+            LAG.labels(self.group, tp.topic, str(tp.partition)).set(lag)
+
+    def by_topic(self) -> dict[str, int]:
+        """The lag last measured, summed per topic."""
+        summed: dict[str, int] = {}
+        for (topic, _), lag in self.last.items():
+            summed[topic] = summed.get(topic, 0) + lag
+        return summed

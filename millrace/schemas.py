@@ -16,6 +16,7 @@ from millrace.records import (
     RegistryEntry,
     RequestRecord,
     ResponseRecord,
+    WorkerStatus,
 )
 from millrace.webhooks import WebhookEvent
 
@@ -27,6 +28,7 @@ CONTRACT: dict[str, Any] = {
     "ingest": RequestLine,
     "ingest-rejects": IngestReject,
     "registry": RegistryEntry,
+    "workers": WorkerStatus,
     "webhook": WebhookEvent,
 }
 

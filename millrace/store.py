@@ -254,6 +254,27 @@ class Store:
             return None
         return Batch.model_validate({**json.loads(doc), **json.loads(state or "{}")})
 
+    async def batch_project(self, batch_id: str) -> str | None:
+        project = await self.r.hget(self.keys.batch(batch_id), "project")
+        return str(project) if project else None
+
+    async def newest_batch_ids(self, project: str | None, most: int) -> list[tuple[str, str]]:
+        """(batch id, project) of the `most` newest batches of a project, or of every
+        project (the dashboard's admin view: each project's index, merged)."""
+        if project is not None:
+            projects = [project]
+        else:
+            start = len(self.keys.batches(""))
+            projects = [str(k)[start:] async for k in self.r.scan_iter(
+                match=self.keys.batches("*"), count=1000)]
+        found: list[tuple[float, str, str]] = []
+        for one in projects:
+            ranked = await self.r.zrevrange(self.keys.batches(one), 0, most - 1,
+                                            withscores=True)
+            found += [(float(pair[1]), str(pair[0]), one) for pair in ranked]
+        found.sort(reverse=True)
+        return [(batch_id, one) for _, batch_id, one in found[:most]]
+
     async def list_batches(
         self, project: str, *, after: str | None = None, limit: int = 20
     ) -> list[Batch]:

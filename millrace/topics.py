@@ -44,6 +44,11 @@ class Topics:
         """Compacted: the aggregator's latest state of each batch, for `millrace rebuild`."""
         return f"{self.prefix}.batch-state"
 
+    @property
+    def workers(self) -> str:
+        """Workers' load every few seconds (`WorkerStatus`), for the dashboard."""
+        return f"{self.prefix}.workers"
+
     def ingest_group(self) -> str:
         return f"{self.prefix}.ingest"
 
@@ -71,13 +76,14 @@ class Topics:
             self.ingest_rejects: 1,
             self.registry: 1,
             self.batch_state: settings.partitions,
+            self.workers: 1,
         }
 
     def configs(self) -> dict[str, dict[str, str]]:
         """Topic configs beyond the broker's defaults: the registry and the batch states
         keep the latest record per key for good."""
         compact = {"cleanup.policy": "compact"}
-        return {self.registry: compact, self.batch_state: compact}
+        return {self.registry: compact, self.batch_state: compact, self.workers: compact}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:

@@ -1,0 +1,69 @@
+"""A worker's load, published to `<prefix>.workers` every few seconds for the dashboard:
+per served model what runs, what waits, what is not read yet, and what was answered —
+plus a short history from which the dashboard draws throughput over the last minutes.
+
+Invariants: totals only grow; the history holds at most `HISTORY_LEN` samples, one per
+`HISTORY_EVERY_S`, oldest first. No I/O here: the worker produces what `status` returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from millrace.records import ModelLoad, Usage, WorkerStatus
+
+STATUS_EVERY_S = 2.0
+HISTORY_EVERY_S = 10.0
+HISTORY_LEN = 60  # ten minutes
+
+
+@dataclass
+class Totals:
+    finished: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+class Load:
+    def __init__(self, worker: str, models: list[str], now: float | None = None) -> None:
+        self.worker = worker
+        self.started_at = time.time() if now is None else now
+        self.totals = {m: Totals() for m in models}
+        self.history: deque[tuple[float, int, int]] = deque(maxlen=HISTORY_LEN)
+        self._next_status = 0.0
+        self._next_sample = 0.0
+
+    def answered(self, model: str, usage: Usage) -> None:
+        totals = self.totals[model]
+        totals.finished += 1
+        totals.prompt_tokens += usage.prompt_tokens
+        totals.generation_tokens += usage.completion_tokens
+
+    def failed(self, model: str) -> None:
+        self.totals[model].failed += 1
+
+    def due(self, now: float) -> bool:
+        """Whether a status is due (monotonic `now`); takes a history sample when one is."""
+        if now < self._next_status:
+            return False
+        self._next_status = now + STATUS_EVERY_S
+        if now >= self._next_sample:
+            self._next_sample = now + HISTORY_EVERY_S
+            self.history.append((round(time.time(), 1),
+                                 sum(t.finished for t in self.totals.values()),
+                                 sum(t.generation_tokens for t in self.totals.values())))
+        return True
+
+    def status(self, running: dict[str, int], waiting: dict[str, int], lag: dict[str, int],
+               stopped: bool = False) -> WorkerStatus:
+        return WorkerStatus(
+            worker=self.worker, started_at=self.started_at, stopped=stopped,
+            history=list(self.history),
+            models={m: ModelLoad(running=running.get(m, 0), waiting=waiting.get(m, 0),
+                                 lag=lag.get(m, 0), finished=t.finished, failed=t.failed,
+                                 prompt_tokens=t.prompt_tokens,
+                                 generation_tokens=t.generation_tokens)
+                    for m, t in self.totals.items()})
