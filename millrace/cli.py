@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
+from millrace import logs
 from millrace.errors import MillraceError, SettingsError
 from millrace.settings import Settings
 
@@ -126,16 +127,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(**overrides)
 
 
-def _logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    for chatty in ("httpx", "httpx2"):  # the launcher's health polls, the bench's SDK calls
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     setproctitle(" ".join(["millrace", *(argv if argv is not None else sys.argv[1:])]))
@@ -151,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = _settings(args)
     except SettingsError as exc:
         _refuse(exc)
-    _logging(settings)
+    logs.configure(settings)
     handler = {
         "up": _up, "gateway": _gateway, "worker": _worker, "aggregator": _aggregator,
         "sink": _sink, "redis": _redis, "keys": _keys, "bench": _bench, "rebuild": _rebuild,
@@ -207,7 +198,10 @@ def _gateway(settings: Settings, args: argparse.Namespace) -> None:
     config = uvicorn.Config(create_app(settings), loop="asyncio",
                             log_level=settings.log_level.lower(), access_log=False,
                             http=LimitedHttpProtocol, backlog=2048, proxy_headers=False,
-                            server_header=False)
+                            server_header=False,
+                            # JSON lines: uvicorn's loggers go through ours, not its own
+                            log_config=None if settings.log_format == "json" else
+                            uvicorn.config.LOGGING_CONFIG)
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
     server = uvicorn.Server(config)

@@ -280,6 +280,8 @@ class Settings(BaseSettings):
     gateway_metrics_dir: Path | None = None
 
     log_level: str = "INFO"
+    # "json": one JSON object per log line (time, pid, logger, level, message, batch_id)
+    log_format: Literal["text", "json"] = "text"
     ready_timeout_s: float = 600.0
 
     @field_validator("api_key", "webhook_signing_key", mode="before")
