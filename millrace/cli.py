@@ -88,7 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     submit = client(sub.add_parser("submit", help="upload a JSONL file and create a batch"))
-    submit.add_argument("file", type=Path)
+    submit.add_argument("file", type=Path, nargs="?", help="a JSONL file of OpenAI batch lines")
+    submit.add_argument("--task", help="instead: run this PromptLoop task over --csv rows")
+    submit.add_argument("--csv", type=Path, help="with --task: one data row per CSV row, "
+                                                 "inputs from the columns named like its slots")
+    submit.add_argument("--uuid-column", default="data_uuid",
+                        help="with --task: the CSV column that names each row")
     submit.add_argument("--endpoint", help="default: the lines' own url")
     submit.add_argument("--model", help="set every line's body.model")
     submit.add_argument("--window", default="24h", help="completion window")
@@ -312,8 +317,13 @@ def _submit(settings: Settings, args: argparse.Namespace) -> int:
     from millrace import terminal
 
     api = terminal.Api.of(settings, args.base_url, args.api_key)
+    if (args.task is None) == (args.file is None) or (args.task is None) != (args.csv is None):
+        raise terminal.ClientError("give a JSONL FILE, or --task with --csv")
     interrupts = terminal.Interrupts() if args.wait else None
-    batch = terminal.submit(api, args.file, args.endpoint, args.model, args.window)
+    if args.task is not None:
+        batch = terminal.submit_task(api, args.task, args.csv, args.uuid_column)
+    else:
+        batch = terminal.submit(api, args.file, args.endpoint, args.model, args.window)
     console = Console()
     if interrupts is None:
         _show(console, args.json, batch, f"created {batch['id']} ({batch['status']})")

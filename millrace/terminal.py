@@ -11,6 +11,7 @@ failed, 1 the batch failed, expired or was cancelled, 2 a usage or API error.
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import tempfile
@@ -72,11 +73,11 @@ class Api:
                               "in this data dir")
         return cls(str(url).rstrip("/"), key)
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def call(self, method: str, path: str, headers: dict[str, str] | None = None,
+             **kwargs: Any) -> Any:
         try:
-            answer = httpx.request(method, self.base_url + path, timeout=60,
-                                   headers={"Authorization": f"Bearer {self.api_key}"},
-                                   **kwargs)
+            answer = httpx.request(method, self.base_url + path, timeout=60, headers={
+                "Authorization": f"Bearer {self.api_key}", **(headers or {})}, **kwargs)
         except httpx.HTTPError as exc:
             raise ClientError(f"{self.base_url}: {exc}") from exc
         if answer.status_code >= 400:
@@ -121,6 +122,34 @@ def submit(api: Api, path: Path, endpoint: str | None, model: str | None,
     batch: dict[str, Any] = api.call("POST", "/batches", json={
         "input_file_id": uploaded["id"], "endpoint": endpoint or named or "/v1/chat/completions",
         "completion_window": window})
+    return batch
+
+
+def task_rows(task: dict[str, Any], csv_path: Path, uuid_column: str) -> bytes:
+    """A CSV file's rows as PromptLoop data rows of the task: `data_uuid` from
+    `uuid_column`, the inputs from the columns named like the task's input slots."""
+    slots = [str(slot["name"]) for slot in task["inputs"]]
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in (uuid_column, *slots) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ClientError(f"{csv_path} has no column {', '.join(missing)} (the task's "
+                              f"inputs are {', '.join(slots)})")
+        rows = [json.dumps({"data_uuid": row[uuid_column],
+                            "inputs": [row[slot] for slot in slots]}) for row in reader]
+    if not rows:
+        raise ClientError(f"{csv_path} holds no rows")
+    return ("\n".join(rows) + "\n").encode()
+
+
+def submit_task(api: Api, task_id: str, csv_path: Path, uuid_column: str) -> dict[str, Any]:
+    """Run a task over a CSV file's rows (a PromptLoop job): the batch it became."""
+    root = Api(api.base_url.removesuffix("/v1"), api.api_key)
+    task = root.call("GET", f"/v0/tasks/{task_id}")
+    launched = root.call("POST", f"/v0/launch-job?task_id={task_id}",
+                         content=task_rows(task, csv_path, uuid_column),
+                         headers={"Content-Type": "application/jsonl"})
+    batch: dict[str, Any] = api.call("GET", f"/batches/{launched['job_id']}")
     return batch
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 from openai import OpenAI
 
 from tests.batch_flow import wait_done
@@ -108,3 +109,37 @@ def test_ctrl_c_offers_to_cancel(deployment: Deployment, client: OpenAI, model: 
     assert proc.returncode == 1, (out, err)  # cancelled
     assert wait_done(client, batch_id).status == "cancelled"
     assert "Cancel the batch?" in out
+
+
+def test_csv_rows_through_a_promptloop_task(deployment: Deployment, tmp_path: Path) -> None:
+    root = deployment.base_url.removesuffix("/v1")
+    admin = {"Authorization": f"Bearer {deployment.api_key}"}
+    key = httpx.post(f"{root}/admin/api-keys", json={"project": "csv-rows"}, headers=admin,
+                     timeout=30).json()["key"]  # its own per-route budgets
+    task = httpx.post(f"{root}/v0/tasks", headers={"x-api-key": key}, timeout=30, json={
+        "name": "colour", "instructions": "Name the usual colour of the thing.",
+        "inputs": [{"name": "thing", "type": "string"}, {"name": "place", "type": "string"}],
+        "outputs": [{"name": "colour", "type": "string", "max_length": 20}],
+        "max_tokens": 32}).json()
+    csv_path = tmp_path / "rows.csv"
+    csv_path.write_text("id,place,thing,unused\nr1,garden,grass,x\nr2,sky,cloud,y\n"
+                        "r3,sea,water,z\n")
+    env = environment(tmp_path, MILLRACE_BASE_URL=deployment.base_url, MILLRACE_API_KEY=key)
+    code, _, stderr = run("submit", "--task", task["id"], "--csv", str(csv_path),
+                          "--uuid-column", "nope", env=env)
+    assert code == 2 and "no column nope" in stderr
+
+    code, stdout, stderr = run("submit", "--task", task["id"], "--csv", str(csv_path),
+                               "--uuid-column", "id", "--wait", "--out", str(tmp_path),
+                               "--json", env=env)
+    final = json.loads(stdout.strip().splitlines()[-1])
+    counts = final["request_counts"]
+    assert final["status"] == "completed" and counts["total"] == 3
+    assert code == (3 if counts["failed"] else 0), stderr
+    rows = httpx.get(f"{root}/v0/batch/{final['id']}/results", headers={"x-api-key": key},
+                     timeout=30).json()
+    assert sorted(r["data_uuid"] for r in rows) == ["r1", "r2", "r3"]
+    # each row's inputs in the task's slot order, whatever the CSV's column order
+    sent = httpx.get(f"{deployment.base_url}/files/{final['input_file_id']}/content",
+                     headers={"x-api-key": key}, timeout=30).text
+    assert sent.index("thing: grass") < sent.index("place: garden")
