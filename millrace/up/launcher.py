@@ -44,6 +44,13 @@ SERVICES = ("worker", "aggregator", "sink", "gateway")
 STOP_GRACE_S = 40.0  # a worker finishes its running requests (worker_drain_s) first
 CHECK_EVERY_S = 5.0  # broker memory and log sizes
 LOG_MAX_BYTES = 64 << 20  # a child's log is rotated (copied to .1, emptied) beyond this
+SAY_WAITING_EVERY_S = 3.0
+WAITING_FOR = {
+    "worker": "loading its models, then joining the workers' group",
+    "gateway": "topics, then answering /health",
+    "aggregator": "joining its group",
+    "sink": "its spool and the broker",
+}
 
 
 @dataclass
@@ -251,15 +258,23 @@ class Launcher:
             return False
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.settings.ready_timeout_s
+        started = time.monotonic()
+        deadline = started + self.settings.ready_timeout_s
         waiting = set(self.services)
+        said = started
         while waiting and not self._stop:
             if time.monotonic() > deadline:
                 raise ComponentError(f"not ready after {self.settings.ready_timeout_s}s: "
                                      f"{', '.join(sorted(waiting))} (see {self.logs})")
             self._restart_dead()
             waiting = {name for name in waiting if not self._ready(name)}
+            if waiting and time.monotonic() - said >= SAY_WAITING_EVERY_S:
+                said = time.monotonic()
+                log.info("%.0f s: waiting for %s", said - started,
+                         ", ".join(f"{n} ({WAITING_FOR[n.split('-')[0]]})"
+                                   for n in sorted(waiting)))
             time.sleep(0.2)
+        log.info("every service ready in %.1f s", time.monotonic() - started)
 
     def _write_endpoints(self, base_url: str) -> None:
         worker = readiness.read(self.settings, "worker") or {}
