@@ -100,10 +100,13 @@ def prepare(path: Path, model: str | None, out: BinaryIO) -> tuple[str, int]:
             if not raw.strip():
                 continue
             count += 1
-            if model is not None or not endpoint:
+            try:
                 line = json.loads(raw)
+            except ValueError:
+                line = None  # sent as it is: the gateway names the bad line
+            if isinstance(line, dict):
                 endpoint = endpoint or str(line.get("url") or "")
-                if model is not None:
+                if model is not None and isinstance(line.get("body", {}), dict):
                     line.setdefault("body", {})["model"] = model
                     raw = json.dumps(line).encode() + b"\n"
             out.write(raw if raw.endswith(b"\n") else raw + b"\n")
@@ -112,6 +115,8 @@ def prepare(path: Path, model: str | None, out: BinaryIO) -> tuple[str, int]:
 
 def submit(api: Api, path: Path, endpoint: str | None, model: str | None,
            window: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ClientError(f"{path}: no such file")
     with tempfile.TemporaryFile() as prepared:
         named, count = prepare(path, model, prepared)
         if count == 0:

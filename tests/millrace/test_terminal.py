@@ -3,6 +3,7 @@ them: a subprocess that finds the gateway from the environment."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
+from millrace.terminal import prepare
 from tests.batch_flow import wait_done
 from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, wait_until
@@ -143,3 +145,14 @@ def test_csv_rows_through_a_promptloop_task(deployment: Deployment, tmp_path: Pa
     sent = httpx.get(f"{deployment.base_url}/files/{final['input_file_id']}/content",
                      headers={"x-api-key": key}, timeout=30).text
     assert sent.index("thing: grass") < sent.index("place: garden")
+
+
+def test_the_model_is_set_and_bad_lines_are_left_to_the_gateway(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", '
+                    '"body": {"input": "x"}}\n\nnot json\n[1]\n')
+    out = io.BytesIO()
+    assert prepare(path, "m", out) == ("/v1/embeddings", 3)
+    first, *rest = out.getvalue().decode().splitlines()
+    assert json.loads(first)["body"] == {"input": "x", "model": "m"}
+    assert rest == ["not json", "[1]"]
