@@ -14,7 +14,6 @@ from fastapi.staticfiles import StaticFiles
 from gateway import errors, openapi
 from gateway.context import API_DELIVERY_TIMEOUT_MS, Context
 from gateway.http_limits import BodyLimits
-from gateway.http_metrics import HttpMetrics
 from gateway.ingest_topic import StreamIngest
 from gateway.jobs import Jobs
 from gateway.routes import (
@@ -111,7 +110,6 @@ def create_app(settings: Settings) -> FastAPI:
                        upload_max_bytes=max(settings.file_max_bytes, settings.batch_max_bytes),
                        batch_max_bytes=settings.batch_max_bytes,
                        rows_max_bytes=settings.rows_max_bytes)
-    app.add_middleware(HttpMetrics)  # outermost: limits' own answers are counted too
     app.state.metrics_registry = gateway_registry(settings)
     errors.install(app)
     promptloop.install(app)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.http_metrics import STATUS, record
 from gateway.ratelimit import budget_headers
 from millrace.errors import (
     OUTAGES,
@@ -176,14 +178,17 @@ class BodyLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         if self.in_flight >= self.max_in_flight:
-            await self._answer(send, Overloaded())
+            await self._answer(scope, send, Overloaded())
+            record(scope, started)
             return
         self.in_flight += 1
         try:
             await self._limited(scope, receive, send)
         finally:
             self.in_flight -= 1
+            record(scope, started)
 
     async def _limited(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -193,7 +198,7 @@ class BodyLimits:
         limit = self.limit(scope["path"], headers.get("content-type", ""))
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            await self._answer(send, _too_large(limit))
+            await self._answer(scope, send, _too_large(limit))
             return
         seen = 0
         started = answered = False
@@ -209,7 +214,7 @@ class BodyLimits:
                 if seen > limit:
                     answered = True
                     if not started:
-                        await self._answer(send, _too_large(limit))
+                        await self._answer(scope, send, _too_large(limit))
                     return {"type": "http.disconnect"}
             return message
 
@@ -219,6 +224,7 @@ class BodyLimits:
                 return  # the 413 went out already
             if message["type"] == "http.response.start":
                 started = True
+                scope[STATUS] = message["status"]
                 budget = scope.get("state", {}).get("ratelimit")
                 if budget is not None:  # set by the route's rate limit (gateway/ratelimit.py)
                     message = {**message, "headers": [*message.get("headers", []), *(
@@ -237,18 +243,19 @@ class BodyLimits:
         try:
             principal = await ctx.store.principal(key) if key else None
         except OUTAGES:
-            await self._answer(send, ServiceUnavailableError(
+            await self._answer(scope, send, ServiceUnavailableError(
                 "millrace cannot reach the read model (Redis) right now; try again shortly."))
             return False
         if principal is None:
-            await self._answer(send, AuthenticationError(
+            await self._answer(scope, send, AuthenticationError(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
                 if not key else "Incorrect API key provided."))
             return False
         scope.setdefault("state", {})["principal"] = principal
         return True
 
-    async def _answer(self, send: Any, error: APIError) -> None:
+    async def _answer(self, scope: dict[str, Any], send: Any, error: APIError) -> None:
+        scope[STATUS] = error.status_code
         body = json.dumps(error.envelope().model_dump()).encode()
         await send({"type": "http.response.start", "status": error.status_code,
                     "headers": [(b"content-type", b"application/json"),
