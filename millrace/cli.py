@@ -312,8 +312,6 @@ def _chaos(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _submit(settings: Settings, args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from millrace import terminal
 
     api = terminal.Api.of(settings, args.base_url, args.api_key)
@@ -324,7 +322,7 @@ def _submit(settings: Settings, args: argparse.Namespace) -> int:
         batch = terminal.submit_task(api, args.task, args.csv, args.uuid_column)
     else:
         batch = terminal.submit(api, args.file, args.endpoint, args.model, args.window)
-    console = Console()
+    console = terminal.console()
     if interrupts is None:
         _show(console, args.json, batch, f"created {batch['id']} ({batch['status']})")
         return 0
@@ -360,12 +358,10 @@ def _show(console: Any, as_json: bool, data: Any, text: Any) -> None:
 
 
 def _batches(settings: Settings, args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from millrace import terminal
 
     api = terminal.Api.of(settings, args.base_url, args.api_key)
-    console = Console()
+    console = terminal.console()
     command = args.batches_command
     if command == "ls":
         page = api.call("GET", f"/batches?limit={args.limit}")

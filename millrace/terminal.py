@@ -236,17 +236,24 @@ def download(api: Api, batch: dict[str, Any], out: Path) -> list[Path]:
 
 def batches_table(batches: list[dict[str, Any]]) -> Table:
     table = Table()
-    table.add_column("id", no_wrap=True)  # whole, so it can be copied
-    for name in ("status", "endpoint", "completed", "failed", "total", "created"):
+    table.add_column("id", no_wrap=True, min_width=30)  # whole, so it can be copied
+    for name in ("status", "completed", "failed", "total", "created", "endpoint"):
         table.add_column(name)
     for b in batches:
         counts = b.get("request_counts") or {}
-        table.add_row(b["id"], b["status"], b["endpoint"], str(counts.get("completed", 0)),
+        table.add_row(b["id"], b["status"], str(counts.get("completed", 0)),
                       str(counts.get("failed", 0)), str(counts.get("total", 0)),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["created_at"])))
+                      time.strftime("%m-%d %H:%M", time.localtime(b["created_at"])),
+                      b["endpoint"])
     return table
 
 
 def ask_to_cancel(console: Console) -> Callable[[], bool]:
     return lambda: Confirm.ask("Cancel the batch? (no: leave it running)", console=console,
                                default=False)
+
+
+def console() -> Console:
+    """A console for people; piped, wide enough that a table row stays one line."""
+    found = Console()
+    return found if found.is_terminal else Console(width=160)
