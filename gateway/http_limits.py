@@ -137,7 +137,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
 
 # --- bodies ---------------------------------------------------------------------------
-PUBLIC = {"/health", "/metrics", "/dashboard", "/openapi.json", "/docs",
+PUBLIC = {"/health", "/metrics", "/dashboard", "/dashboard/", "/openapi.json", "/docs",
           "/docs/oauth2-redirect", "/redoc"}
 # pre-signed downloads (the signature is the credential); the dashboard's scripts
 PUBLIC_PREFIXES = ("/signed/", "/dashboard/static/")
