@@ -54,11 +54,13 @@ def _scope(who: Principal) -> str | None:
 
 
 def progress(batch: Batch, now: float) -> dict[str, Any]:
-    """The batch as the list shows it: counts, rate (lines/s since it started) and ETA."""
+    """The batch as the list shows it: counts, rate (lines/s while it ran) and ETA."""
     counts = batch.request_counts
     done = counts.completed + counts.failed
     started = batch.in_progress_at
-    rate = done / max(now - started, 1e-3) if started and done else 0.0
+    ended = (batch.finalizing_at or batch.cancelled_at or batch.expired_at or batch.failed_at
+             or now)
+    rate = done / max(ended - started, 1e-3) if started and done else 0.0
     running = batch.status in (BatchStatus.IN_PROGRESS, BatchStatus.VALIDATING)
     eta = (counts.total - done) / rate if running and rate and counts.total else None
     return {"rate": round(rate, 2), "eta_s": round(eta, 1) if eta is not None else None,
