@@ -72,6 +72,10 @@ class Engine(Protocol):
         """True while some admitted request has not been returned by `step`."""
         ...
 
+    def close(self) -> None:
+        """The worker stopped using the engine."""
+        ...
+
 
 class InvalidRequest(ValueError):
     """A request the engine cannot run as asked (bad parameter, prompt too long)."""
@@ -120,6 +124,9 @@ class EchoEngine:
     @property
     def busy(self) -> bool:
         return bool(self._done)
+
+    def close(self) -> None:
+        return None
 
     def _one(self, request: EngineRequest) -> EngineResult:
         model = request.body.get("model")

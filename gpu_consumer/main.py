@@ -27,5 +27,8 @@ def run_worker(settings: Settings) -> None:
         engine = VllmEngine(settings, resolved)
         folders = {name: str(path) for name, path in resolved.items()}
     worker = Worker(settings, engine)
-    worker.run(on_ready=lambda: readiness.mark_ready(
-        settings, settings.worker_name, models=folders))
+    try:
+        worker.run(on_ready=lambda: readiness.mark_ready(
+            settings, settings.worker_name, models=folders))
+    finally:
+        engine.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import threading
 import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +22,21 @@ from gpu_consumer.engine import (
     unknown_model,
 )
 from gpu_consumer.sampling import check_fields, sampling_kwargs
+from millrace.errors import ComponentError
 from millrace.records import Usage
 from millrace.settings import Settings
 
 log = logging.getLogger(__name__)
 
+WATCH_EVERY_S = 0.5
+ENGINE_DIED_EXIT = 3
 CHAT_URL = "/v1/chat/completions"
 EMBED_URL = "/v1/embeddings"
+
+
+def _engine_dead(llm: Any) -> bool:
+    resources = getattr(getattr(llm.llm_engine, "engine_core", None), "resources", None)
+    return bool(getattr(resources, "engine_dead", False))
 
 
 def engine_process(settings: Settings) -> bool:
@@ -84,8 +93,14 @@ class _Embedding:
 
 
 def _failure(exc: Exception) -> EngineResult:
-    """An exception vLLM raised for one request → its error result (never a crash)."""
+    """An exception vLLM raised for one request → its error result (never a crash) — unless
+    the engine itself is gone: then no request can run here, and the worker stops (its
+    unfinished lines are not committed, so they run again after the restart)."""
     from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(exc, EngineDeadError):
+        raise ComponentError(f"the vLLM engine died: {exc}") from exc
 
     if isinstance(exc, (VLLMClientError, ValueError, TypeError)):
         # e.g. a prompt longer than the context, a content part the model cannot take
@@ -134,6 +149,29 @@ class VllmEngine:
                 if llm.llm_engine.vllm_config.model_config.runner_type == "pooling":
                     self._pooling.add(name)
                     self._embeds[name] = []
+        self._watching = threading.Event()
+        if engine_process(settings):
+            self._watching.set()
+            threading.Thread(target=self._watch, name="engine-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        """An engine-core process that dies leaves vLLM's client blocked for good on its
+        output queue (vLLM 0.32 shuts the client down without waking it): the worker would
+        hang with its lines unanswered. When vLLM marks an engine dead, this process ends at
+        once; `up` starts it again and the lines it had not finished run on a new engine (an
+        acknowledged response is the only thing ever committed)."""
+        while self._watching.wait(WATCH_EVERY_S):
+            time.sleep(WATCH_EVERY_S)
+            dead = [name for name, llm in self._llms.items() if _engine_dead(llm)]
+            if dead and self._watching.is_set():
+                log.critical("the vLLM engine of %s died: stopping this worker now",
+                             ", ".join(dead))
+                logging.shutdown()
+                os._exit(ENGINE_DIED_EXIT)
+
+    def close(self) -> None:
+        """The worker is done: engines shutting down from here on are not a failure."""
+        self._watching.clear()
 
     @property
     def models(self) -> Sequence[str]:
