@@ -74,7 +74,8 @@ class Api:
         return cls(str(url).rstrip("/"), key)
 
     def call(self, method: str, path: str, headers: dict[str, str] | None = None,
-             **kwargs: Any) -> Any:
+             raw: bool = False, **kwargs: Any) -> Any:
+        """The answer's JSON (its bytes with `raw`), or a ClientError."""
         try:
             answer = httpx.request(method, self.base_url + path, timeout=60, headers={
                 "Authorization": f"Bearer {self.api_key}", **(headers or {})}, **kwargs)
@@ -86,8 +87,7 @@ class Api:
             except (ValueError, KeyError, TypeError):
                 message = answer.text[:200]
             raise ClientError(f"{method} {path}: {answer.status_code} {message}")
-        return answer.json() if path.split("?")[0].split("/")[-1] != "content" else (
-            answer.content)
+        return answer.content if raw else answer.json()
 
 
 # --- submit ---------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def download(api: Api, batch: dict[str, Any], out: Path) -> list[Path]:
         file_id = batch.get(f"{kind}_file_id")
         if file_id:
             target = out / f"{batch['id']}_{kind}.jsonl"
-            target.write_bytes(api.call("GET", f"/files/{file_id}/content"))
+            target.write_bytes(api.call("GET", f"/files/{file_id}/content", raw=True))
             written.append(target)
     return written
 

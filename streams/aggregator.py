@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # Events this service publishes itself, or that are requests to the gateway's jobs.
 NOT_OURS = {"transition", "fill_requested", "redrive_requested", "finished"}
 EXPIRY_EVERY_S = 1.0
+COUNT_EVERY_S = 5.0  # the batches-by-status gauge reads every active batch
 CACHE_MOST = 10_000  # batch states kept in memory between polls
 
 
@@ -65,6 +66,7 @@ class Aggregator:
         self.states: dict[str, BatchState] = {}
         self._stopping = asyncio.Event()
         self.lag = metrics.LagProbe(self.consumer, self.topics.aggregator_group())
+        self._count_at = 0.0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -173,7 +175,9 @@ class Aggregator:
                 return
             try:
                 await self.expire_due()
-                await self.count_batches()
+                if time.monotonic() >= self._count_at:
+                    self._count_at = time.monotonic() + COUNT_EVERY_S
+                    await self.count_batches()
             except Exception:  # Redis or the broker away: try again next second
                 log.exception("looking for expired batches failed")
 
