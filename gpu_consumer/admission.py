@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from millrace.records import RequestRecord
+from millrace.records import QueuedRequest
 
 
 class PartitionOffsets:
@@ -45,7 +45,7 @@ class PartitionOffsets:
 class Pending:
     """One request line between Kafka and the engine."""
 
-    record: RequestRecord
+    record: QueuedRequest
     topic: str
     partition: int
     offset: int

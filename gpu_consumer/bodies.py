@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 import struct
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from millrace import ids
 from millrace.records import Usage
 
 
@@ -30,7 +30,7 @@ def usage_body(usage: Usage) -> dict[str, int]:
 
 def chat_completion(model: str, choices: Sequence[Choice], usage: Usage) -> dict[str, Any]:
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "id": f"chatcmpl-{ids.token()}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
@@ -49,7 +49,7 @@ def chat_completion(model: str, choices: Sequence[Choice], usage: Usage) -> dict
 
 def text_completion(model: str, choices: Sequence[Choice], usage: Usage) -> dict[str, Any]:
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
+        "id": f"cmpl-{ids.token()}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,

@@ -18,24 +18,23 @@ import os
 import signal
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
 
+import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from pydantic import ValidationError
 
 from gpu_consumer.admission import Backlog, Budget, PartitionOffsets, Pending, token_cost
 from gpu_consumer.engine import Engine, EngineRequest, EngineResult
 from gpu_consumer.load import Load
 from gpu_consumer.stops import StoppedBatches
-from millrace import metrics
+from millrace import ids, metrics
 from millrace.errors import DeliveryError
 from millrace.kafka import KafkaConfig, produce, take, usable
 from millrace.protocol import BATCH_LINE_ERRORS, LineError
-from millrace.records import RequestRecord, ResponseRecord, Usage
+from millrace.records import Usage, read_request, response_value
 from millrace.settings import Settings
 from millrace.topics import Topics
 
@@ -44,6 +43,7 @@ log = logging.getLogger(__name__)
 FETCH_CHUNK = 500
 COMMIT_EVERY_S = 0.2
 IDLE_WAIT_S = 0.2
+NO_USAGE = Usage()
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class Worker:
         self._failed_deliveries = 0
         self._stops_seen = 0
         self._last_commit = 0.0
+        self._submitting = 0.0  # seconds in engine.submit since the last step
         self._on_ready: Callable[[], None] | None = None
 
     def stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
@@ -114,8 +115,11 @@ class Worker:
         self._admit()
         started = time.perf_counter()
         finished = self.engine.step()
+        spent = time.perf_counter() - started
         if self.engine.busy or finished:
-            metrics.STEP_SECONDS.observe(time.perf_counter() - started)
+            metrics.STEP_SECONDS.observe(spent)
+        metrics.ENGINE_SECONDS.inc(spent + self._submitting)
+        self._submitting = 0.0
         self._finish(finished)
         self.producer.poll(0)
         now = time.monotonic()
@@ -172,8 +176,8 @@ class Worker:
         offsets = self.offsets.setdefault((topic, partition), PartitionOffsets())
         offsets.received(offset)
         try:
-            record = RequestRecord.model_validate_json(msg.value() or b"")
-        except ValidationError:
+            record = read_request(msg.value() or b"")
+        except msgspec.DecodeError:
             # Not a millrace request record: nothing to answer, log and move on.
             log.error("skipping malformed request record at %s[%d]@%d", topic, partition,
                       offset)
@@ -193,8 +197,10 @@ class Worker:
                 ticket = next(self._tickets)
                 budget.take(ticket, item.cost)
                 self.running[ticket] = Running(item, model, time.time())
+                started = time.perf_counter()
                 self.engine.submit(ticket, EngineRequest(item.record.url, item.record.body))
-                metrics.ADMITTED.labels(model).inc()
+                self._submitting += time.perf_counter() - started
+                metrics.child(metrics.ADMITTED, model).inc()
 
     def _stop_lines(self, backlog: Backlog) -> None:
         """Lines of cancelled or expired batches that have not started never run."""
@@ -252,23 +258,19 @@ class Worker:
     ) -> None:
         """One response: the engine's result, or a batch-level error for a line not run."""
         record = item.record
-        response = ResponseRecord(
-            batch_id=record.batch_id,
-            project=record.project,
-            custom_id=record.custom_id,
-            line=record.line,
-            id=f"batch_req_{uuid.uuid4().hex}",
-            request_id=f"req_{uuid.uuid4().hex}" if result else None,
+        value = response_value(
+            record,
+            id=f"batch_req_{ids.token()}",
+            request_id=f"req_{ids.token()}" if result else None,
             status_code=result.status_code if result else None,
             body=result.body if result else None,
+            usage=result.usage if result else NO_USAGE,
             error=error,
-            usage=result.usage if result else Usage(),
             worker=self.name,
             engine_ms=engine_ms,
             queue_ms=queue_ms,
-            reply=record.reply,
         )
-        produce(self.producer, self.topics.responses, response.dumps(), key=record.batch_id,
+        produce(self.producer, self.topics.responses, value, key=record.batch_id,
                 headers={"batch_id": record.batch_id, "custom_id": record.custom_id},
                 on_delivery=partial(self._delivered, item))
         self._count(self.model_of_topic.get(item.topic, ""), result, error)
@@ -278,13 +280,13 @@ class Worker:
         if result is not None and result.status_code == 200:
             if ours:
                 self.load.answered(model, result.usage)
-            metrics.FINISHED.labels(model).inc()
-            metrics.PROMPT_TOKENS.labels(model).inc(result.usage.prompt_tokens)
-            metrics.GENERATION_TOKENS.labels(model).inc(result.usage.completion_tokens)
+            metrics.child(metrics.FINISHED, model).inc()
+            metrics.child(metrics.PROMPT_TOKENS, model).inc(result.usage.prompt_tokens)
+            metrics.child(metrics.GENERATION_TOKENS, model).inc(result.usage.completion_tokens)
         else:
             code = error.code if error is not None else str(result.status_code if result
                                                               else "error")
-            metrics.FAILED.labels(model, code).inc()
+            metrics.child(metrics.FAILED, model, code).inc()
             if ours:
                 self.load.failed(model)
 

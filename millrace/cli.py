@@ -18,7 +18,7 @@ from setproctitle import setproctitle
 
 from millrace import logs
 from millrace.errors import MillraceError, SettingsError
-from millrace.settings import Settings
+from millrace.settings import BUNDLED_CHAT_MODEL, Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,17 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--streaming", action="store_true",
                        help="instead: produce→response latency of single streamed requests "
                             "against the running deployment in --data-dir")
-    bench.add_argument("--requests", type=int, default=30, help="--streaming: requests")
+    bench.add_argument("--requests", type=int, default=30,
+                       help="single requests of the streaming measurement")
     bench.add_argument("--api", action="store_true",
                        help="instead: GET /v1/batches/{id} under wrk load, 1 vs MILLRACE_GATEWAYS "
                             "gateway processes (starts its own deployments; needs wrk)")
     bench.add_argument("--connections", type=int, default=200, help="--api: open connections")
     bench.add_argument("--seconds", type=int, default=30, help="--api: length of each run")
-    bench.add_argument("--lines", type=int, default=64, help="chat lines of the compared file")
-    bench.add_argument("--max-tokens", type=int, default=32)
-    bench.add_argument("--ingest-lines", type=int, default=50_000,
-                       help="lines of the echo-engine file (ingest rate, orchestration ceiling)")
+    bench.add_argument("--lines", type=int,
+                       help="chat lines of the compared file (64; --gpu: 2000)")
+    bench.add_argument("--max-tokens", type=int, help="32; --gpu: 128")
+    bench.add_argument("--ingest-lines", type=int,
+                       help="lines of the echo-engine file (ingest rate, orchestration ceiling, "
+                            "CPU per request; 50000)")
     bench.add_argument("--no-direct", action="store_true", help="skip `vllm run-batch`")
+    bench.add_argument("--gpu", action="store_true",
+                       help="a GPU host: --model name=folder (a local HF folder), dtype auto, "
+                            "bigger defaults, one worker")
+    bench.add_argument("--model", help="served name, or name=folder (default: the bundled "
+                                       "chat model)")
     bench.add_argument("--work", type=Path, default=Path("bench/work"),
                        help="inputs, outputs and the deployments' data dirs")
     bench.add_argument("--results", type=Path, default=Path("bench/results"))
@@ -262,9 +270,14 @@ def _bench(settings: Settings, args: argparse.Namespace) -> None:
     if not args.streaming:
         from millrace.bench import batch as batch_bench
 
+        given = {"lines": args.lines, "max_tokens": args.max_tokens,
+                 "ingest_lines": args.ingest_lines}
+        changes = {k: v for k, v in given.items() if v is not None}
+        changes.update(direct=not args.no_direct, streaming_requests=args.requests)
+        plan = (batch_bench.Plan.gpu(**changes) if args.gpu
+                else batch_bench.Plan(**changes))
         compared = batch_bench.run(
-            settings, args.work, lines=args.lines, max_tokens=args.max_tokens,
-            ingest_lines=args.ingest_lines, direct=not args.no_direct,
+            settings, args.work, plan, model=args.model or BUNDLED_CHAT_MODEL,
             say=lambda text: print(text, file=sys.stderr, flush=True))
         print(batch_bench.table(compared))
         print(f"saved {batch_bench.save(compared, args.results)}")

@@ -12,6 +12,7 @@
 | `active` | set | gateway, aggregator, sink | batches whose `finished` the sink has not taken yet |
 | `deadlines` | zset | gateway, aggregator | active batch → `expires_at` |
 | `done:<batch>` | bitmap | sink | input lines that have a result line in the sink's spool |
+| `done-new:<token>` | bitmap | sink | a poll's new lines of a batch, OR-ed into `done:<batch>` |
 | `explode:<batch>` | hash | gateway | how far an explode got (lines acknowledged, broker id) |
 | `stream:<batch>` | hash | gateway | an open stream batch: endpoint, project, expected, total |
 | `stream-ids:<batch>` | hash | gateway | custom_id → message that claimed it |
@@ -89,6 +90,9 @@ class Keyspace:
 
     def done(self, batch_id: str) -> str:
         return self._k("done", batch_id)
+
+    def done_new(self, token: str) -> str:
+        return self._k("done-new", token)
 
     def explode(self, batch_id: str) -> str:
         return self._k("explode", batch_id)

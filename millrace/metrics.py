@@ -11,9 +11,11 @@ Names follow Prometheus' conventions: `_total` counters, `_seconds` histograms, 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import (
@@ -28,6 +30,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from millrace.settings import Settings
 
 log = logging.getLogger(__name__)
+
+@functools.cache
+def child(metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once: per-line paths (a worker counts every
+    response) would otherwise pay prometheus-client's label lookup and lock every time."""
+    return metric.labels(*labels)
+
 
 # --- gateway ------------------------------------------------------------------------------
 HTTP_REQUESTS = Counter("millrace_http_requests", "HTTP requests answered by the gateway",
@@ -54,6 +63,10 @@ WAITING = Gauge("millrace_worker_requests_waiting",
                 "Lines read from Kafka waiting for room in the engine", ["model"])
 STEP_SECONDS = Histogram("millrace_engine_step_seconds", "Time of one engine step",
                          buckets=(.0005, .001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+# what the worker's loop spends outside the pipeline: `millrace bench` takes it from the
+# worker's CPU time to report the pipeline's own cost per request
+ENGINE_SECONDS = Counter("millrace_engine_call_seconds",
+                         "Time the worker's loop spent in engine calls (submit, step)")
 
 # --- every consumer -----------------------------------------------------------------------
 LAG = Gauge("millrace_consumer_lag_messages",

@@ -71,6 +71,11 @@ class KafkaSettings(BaseModel):
     # to a hop (it stops answering at once when a record arrives).
     fetch_wait_ms: int = Field(default=100, ge=1, le=10_000)
     session_timeout_ms: int = Field(default=6000, ge=1000)
+    # What producers compress record batches with. lz4, measured on a 50,000-line echo batch:
+    # the embedded broker used 1.1 s of CPU instead of 1.5 s and 50 MB instead of 110 MB.
+    # A subscriber's Kafka client must read lz4 (librdkafka and Java do; kafka-python
+    # needs the `lz4` package).
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     # any other librdkafka option, as JSON: {"socket.keepalive.enable": "true"}; applied last
     extra: dict[str, str] = Field(default_factory=dict)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from millrace import ids
 from millrace.keyspace import Keyspace
 from millrace.protocol import Batch, FileObject, WebhookEndpoint
 
@@ -82,6 +83,7 @@ class Store:
         self.r = client
         self.ns = namespace
         self.keys = Keyspace(namespace)
+        self._token = ids.token()  # this process's scratch keys
         # API keys found, for a moment: every API call looks its key up first
         self._principals: dict[str, tuple[float, Principal]] = {}
 
@@ -359,11 +361,17 @@ class Store:
 
     # --- lines that have a result -------------------------------------------------------
     async def mark_done(self, lines: Mapping[str, Iterable[int]]) -> None:
-        """Set the bits of input lines (per batch) whose result line is in the spool."""
-        async with self.r.pipeline(transaction=False) as p:
+        """Set the bits of input lines (per batch) whose result line is in the spool: one
+        bitmap per batch built here and OR-ed in (a SETBIT per line was a third of the
+        sink's CPU, spent packing commands). MULTI keeps the scratch key ours."""
+        scratch = self.keys.done_new(self._token)
+        async with self.r.pipeline(transaction=True) as p:
             for batch_id, numbers in lines.items():
-                for n in numbers:
-                    p.setbit(self.keys.done(batch_id), n, 1)
+                bits = bitmap(numbers)
+                if bits:
+                    p.set(scratch, bits)
+                    p.bitop("OR", self.keys.done(batch_id), self.keys.done(batch_id), scratch)
+            p.delete(scratch)
             await p.execute()
 
     async def put_replies(self, lines: Iterable[tuple[str, str]]) -> None:
@@ -398,6 +406,17 @@ class Store:
 
     async def delete_endpoint(self, project: str, endpoint_id: str) -> bool:
         return bool(await self.r.hdel(self.keys.webhook_endpoints(project), endpoint_id))
+
+
+def bitmap(lines: Iterable[int]) -> bytes:
+    """A Redis bitmap with the bits of `lines` set (the layout of `DoneLines`)."""
+    numbers = list(lines)
+    if not numbers:
+        return b""
+    bits = bytearray(max(numbers) // 8 + 1)
+    for n in numbers:
+        bits[n >> 3] |= 0x80 >> (n & 7)
+    return bytes(bits)
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from millrace.filestore import FileStore
-from millrace.protocol import FileObject, LineResponse, OutputLine
-from millrace.records import BatchFilesReady, BatchProgress, ResponseRecord
+from millrace.protocol import FileObject
+from millrace.records import BatchFilesReady, BatchProgress, SpooledResponse, usage_of
 from millrace.results import (
     KINDS,
     final_file_id,
@@ -47,24 +47,6 @@ class BatchMeta(BaseModel):
     project: str = ""
     total: int | None = None  # lines of the batch, once known
     output_expires_after_s: int | None = None
-
-
-def output_line(record: ResponseRecord) -> OutputLine:
-    response = None
-    if record.status_code is not None and record.body is not None:
-        response = LineResponse(
-            status_code=record.status_code, request_id=record.request_id or "", body=record.body
-        )
-    return OutputLine(id=record.id, custom_id=record.custom_id, response=response,
-                      error=record.error)
-
-
-def usage_of(body: object) -> tuple[int, int]:
-    """(prompt, completion) tokens of a result line, from its response body's `usage`."""
-    usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
-        return 0, 0
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
 @dataclass
@@ -121,15 +103,14 @@ class Spool:
                     self.published_bytes[kind] = offset
                 line = json.loads(raw)
                 self.custom_ids.add(line["custom_id"])
-                self._count(kind, (line.get("response") or {}).get("body"))
+                self._count(kind, *usage_of((line.get("response") or {}).get("body")))
                 offset += len(raw)
             if self.counts[kind] == done:
                 self.published_bytes[kind] = offset
             self.published[kind] = done
 
-    def _count(self, kind: str, body: object) -> None:
+    def _count(self, kind: str, prompt: int, completion: int) -> None:
         self.counts[kind] += 1
-        prompt, completion = usage_of(body)
         self.tokens[0] += prompt
         self.tokens[1] += completion
 
@@ -143,7 +124,7 @@ class Spool:
         path.with_suffix(".tmp").write_text(meta.model_dump_json())
         path.with_suffix(".tmp").replace(path)
 
-    def append(self, records: Iterable[ResponseRecord]) -> list[int]:
+    def append(self, records: Iterable[SpooledResponse]) -> list[int]:
         """Write each record whose custom_id has no line yet: one write per file. Returns
         the input line numbers of the new lines (those known)."""
         if self.written:
@@ -155,8 +136,8 @@ class Spool:
                 continue
             self.custom_ids.add(record.custom_id)
             kind = "output" if record.ok else "errors"
-            parts[kind].append(output_line(record).model_dump_json().encode() + b"\n")
-            self._count(kind, record.body if record.status_code is not None else None)
+            parts[kind].append(record.output_line() + b"\n")
+            self._count(kind, *record.tokens())
             if record.line is not None:
                 lines.append(record.line)
         for kind, new in parts.items():
@@ -229,9 +210,9 @@ class Assembler:
             self._spools[batch_id] = spool
         return spool
 
-    def add(self, records: Iterable[ResponseRecord]) -> dict[str, list[int]]:
+    def add(self, records: Iterable[SpooledResponse]) -> dict[str, list[int]]:
         """Spool each response once; per batch with new lines, their input line numbers."""
-        by_batch: dict[str, list[ResponseRecord]] = {}
+        by_batch: dict[str, list[SpooledResponse]] = {}
         for record in records:
             by_batch.setdefault(record.batch_id, []).append(record)
         added: dict[str, list[int]] = {}

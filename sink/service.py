@@ -22,6 +22,7 @@ import logging
 import signal
 import time
 
+import msgspec
 from confluent_kafka import Consumer, Message
 from pydantic import ValidationError
 
@@ -38,8 +39,9 @@ from millrace.records import (
     BatchFinished,
     BatchRedriveRequested,
     BatchValidated,
-    ResponseRecord,
+    SpooledResponse,
     parse_event,
+    read_response,
 )
 from millrace.registry import Registry
 from millrace.results import final_key
@@ -47,7 +49,7 @@ from millrace.settings import Settings
 from millrace.store import Store
 from millrace.topics import Topics
 from millrace.up.readiness import mark_ready
-from sink.assembler import Assembler, output_line
+from sink.assembler import Assembler
 from sink.janitor import EVERY_S as JANITOR_EVERY_S
 from sink.janitor import Janitor
 from sink.webhooks import Dispatcher
@@ -93,20 +95,20 @@ class Sink:
             await self.store.close()
 
     async def handle(self, messages: list[Message]) -> None:
-        responses: list[ResponseRecord] = []
+        responses: list[SpooledResponse] = []
         events: list[BatchEvent] = []
         for msg in messages:
             try:
                 if msg.topic() == self.topics.responses:
-                    responses.append(ResponseRecord.model_validate_json(msg.value() or b""))
+                    responses.append(read_response(msg.value() or b""))
                 else:
                     events.append(parse_event(msg.value() or b""))
-            except ValidationError:
+            except (ValidationError, msgspec.DecodeError):
                 log.error("skipping malformed record at %s[%d]@%d",
                           msg.topic(), msg.partition(), msg.offset())
         finished, announce = self.learn(events)
         added = await asyncio.to_thread(self.assembler.add, responses)
-        replies = [(r.batch_id, output_line(r).model_dump_json()) for r in responses if r.reply]
+        replies = [(r.batch_id, r.output_line().decode()) for r in responses if r.reply]
         if replies:  # spooled: whoever waits on these lines may have them now
             await self.store.put_replies(replies)
         if added:

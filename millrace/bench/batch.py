@@ -7,12 +7,20 @@ In one run, on this machine, with the same model and the same file:
    has its engine loaded before a batch arrives;
 2. the file through a fresh `millrace up` deployment (upload → `completed`) with 1 worker,
    then with 2 workers (on CPU each gets half the cores);
-3. a `--ingest-lines` file through a deployment with the zero-cost echo engine: the
-   orchestration ceiling (requests/s end to end) and the ingest rate;
+3. single requests through an open stream batch of the 1-worker deployment: the
+   pipeline's latency overhead (millrace.bench.streaming);
+4. a `--ingest-lines` file (~400 bytes a line) through a deployment with the zero-cost echo
+   engine, after a small warm-up batch: the orchestration ceiling (requests/s end to end),
+   the ingest rate, and what each service process spent on it — CPU time per request (read
+   from /proc before and after; the worker's engine calls, timed by the worker itself, are
+   taken off) and peak RSS;
 
 and per-stage latency of each pipeline run, read back from the topics: gateway ingest
 (create → every line acknowledged in Kafka), queue wait and engine time per line (from the
 response records), sink (last response → files written) and finalize (files → completed).
+
+`--gpu`: the same on a GPU host with a real model (`--model name=folder`), bigger files and
+vLLM's own dtype; one worker (one GPU).
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from confluent_kafka import Consumer, TopicPartition
 from openai import OpenAI
 
 from gpu_consumer import models
-from millrace.bench.streaming import Percentiles, machine
+from millrace.bench.costs import Meter, Spent, service
+from millrace.bench.streaming import Percentiles, StreamingResult, machine, streaming
 from millrace.errors import ComponentError
 from millrace.kafka import KafkaConfig
 from millrace.records import (
@@ -86,6 +95,16 @@ class Stages:
 
 
 @dataclass
+class ServiceCost:
+    """What one service's processes spent on a batch."""
+
+    processes: int
+    cpu_s: float
+    ms_per_request: float
+    peak_rss_mb: float  # the largest of its processes (VmHWM: since the process started)
+
+
+@dataclass
 class BenchResult:
     model: str
     lines: int
@@ -94,16 +113,28 @@ class BenchResult:
     runs: list[Run] = field(default_factory=list)
     stages: dict[str, Stages] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
+    # echo run: per service (gateway, worker, aggregator, sink; broker and redis apart)
+    costs: dict[str, ServiceCost] = field(default_factory=dict)
+    engine_call_s: float = 0.0  # of the echo worker, taken off its CPU time
+    ingest_mb: float = 0.0
+    streaming: StreamingResult | None = None
 
 
-def chat_lines(count: int, model: str, max_tokens: int) -> list[str]:
+SYSTEM = ("You are a concise assistant. Answer in plain sentences, without lists, headings or "
+          "markup, and keep to the facts you are sure of.")
+
+
+def chat_lines(count: int, model: str, max_tokens: int, system: bool = False) -> list[str]:
+    """Chat request lines; with `system`, each has a system message too (~400 bytes a
+    line: a 50,000-line file is ~20 MB)."""
     topics = ["rivers", "bread", "comets", "chess", "owls", "glass", "tides", "maps"]
+    first = [{"role": "system", "content": SYSTEM}] if system else []
     return [json.dumps({
         "custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
         "body": {"model": model, "max_tokens": max_tokens, "temperature": 0,
-                 "messages": [{"role": "user", "content":
-                               f"Write two sentences about {topics[i % len(topics)]} "
-                               f"and the number {i}."}]},
+                 "messages": [*first, {"role": "user", "content":
+                                       f"Write two sentences about {topics[i % len(topics)]} "
+                                       f"and the number {i}."}]},
     }) for i in range(count)]
 
 
@@ -154,6 +185,7 @@ def _usage(lines: list[str]) -> tuple[int, int]:
 class Deployment:
     client: OpenAI
     endpoints: dict[str, Any]
+    data_dir: Path | None = None
 
 
 @contextmanager
@@ -179,7 +211,7 @@ def deployment(work: Path, engine: str, model: str, workers: int,
         endpoints = json.loads((data_dir / "endpoints.json").read_text())
         client = OpenAI(base_url=base_url, api_key=key.removeprefix("api_key="),
                         max_retries=0, timeout=600)
-        yield Deployment(client, endpoints)
+        yield Deployment(client, endpoints, data_dir)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
@@ -255,46 +287,120 @@ def _records(bootstrap: str, topic: str, key: str) -> list[tuple[float, bytes]]:
 
 
 # --- the whole benchmark ------------------------------------------------------------------
-def run(settings: Settings, work: Path, lines: int = 64, max_tokens: int = 32,
-        ingest_lines: int = 50_000, direct: bool = True,
+@dataclass(frozen=True)
+class Plan:
+    """What one `millrace bench` runs."""
+
+    lines: int = 64
+    max_tokens: int = 32
+    ingest_lines: int = 50_000
+    direct: bool = True
+    workers: tuple[int, ...] = (1, 2)
+    streaming_requests: int = 30
+    # environment of the deployments and of `vllm run-batch` (e.g. MILLRACE_DTYPE)
+    env: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def gpu(cls, **changes: Any) -> Plan:
+        """A GPU host: a bigger file and longer answers, the model's own dtype, one worker
+        per GPU (one here)."""
+        return cls(**{"lines": 2000, "max_tokens": 128, "workers": (1,),
+                      "env": (("MILLRACE_DTYPE", "auto"),), **changes})
+
+
+WARM_UP_LINES = 200
+
+
+def run(settings: Settings, work: Path, plan: Plan = Plan(),
         model: str = BUNDLED_CHAT_MODEL, say: Any = None) -> BenchResult:
+    """`model`: a served name, or `name=folder` (a local HF folder, as MILLRACE_MODEL)."""
     def note(text: str) -> None:
         if say is not None:
             say(text)
 
+    name = model.partition("=")[0]
+    env = dict(plan.env)
+    if "=" in model:
+        env["MILLRACE_MODEL"] = model
+    settings = settings.model_copy(update={"model": model, **(
+        {"dtype": env["MILLRACE_DTYPE"]} if "MILLRACE_DTYPE" in env else {})})
     work.mkdir(parents=True, exist_ok=True)
-    source = write_jsonl(work / "input.jsonl", chat_lines(lines, model, max_tokens))
-    result = BenchResult(model, lines, max_tokens, machine())
-    if direct:
-        note(f"vllm run-batch on {lines} lines …")
-        result.runs.append(direct_vllm(settings, source, work, model))
-    for workers in (1, 2):
-        note(f"millrace, {workers} worker(s), {lines} lines …")
-        with deployment(work, "vllm", model, workers) as dep:
+    source = write_jsonl(work / "input.jsonl", chat_lines(plan.lines, name, plan.max_tokens))
+    result = BenchResult(name, plan.lines, plan.max_tokens, machine())
+    if plan.direct:
+        note(f"vllm run-batch on {plan.lines} lines …")
+        result.runs.append(direct_vllm(settings, source, work, name))
+    for workers in plan.workers:
+        note(f"millrace, {workers} worker(s), {plan.lines} lines …")
+        with deployment(work, "vllm", model, workers, env) as dep:
             run_, stages = pipeline(dep, f"millrace, {workers} worker(s)", source)
+            if workers == 1 and plan.streaming_requests:
+                note(f"streaming, {plan.streaming_requests} single requests …")
+                result.streaming = streaming(dep.data_dir or work, dep.client.api_key,
+                                             requests=plan.streaming_requests, model=name)
         result.runs.append(run_)
         result.stages[run_.name] = stages
-    note(f"millrace, echo engine, {ingest_lines} lines …")
-    big = write_jsonl(work / "ingest.jsonl", chat_lines(ingest_lines, model, max_tokens))
-    with deployment(work, "echo", model, 1) as dep:
+    note(f"millrace, echo engine, {plan.ingest_lines} lines …")
+    big = write_jsonl(work / "ingest.jsonl",
+                      chat_lines(plan.ingest_lines, name, plan.max_tokens, system=True))
+    result.ingest_mb = big.stat().st_size / 1e6
+    with deployment(work, "echo", model, 1, env) as dep:
+        warm = write_jsonl(work / "warm.jsonl", chat_lines(WARM_UP_LINES, name, 8))
+        pipeline(dep, "warm-up", warm)  # first batch of a fresh deployment: groups settle
+        meter = Meter(dep.data_dir or work, dep.endpoints.get("metrics", {}))
+        meter.start()
         echo, stages = pipeline(dep, "millrace, echo engine", big)
+        spent = meter.stop()
     result.runs.append(echo)
     result.stages[echo.name] = stages
+    result.engine_call_s = meter.engine_s
+    result.costs = _costs(spent, echo.lines, meter.engine_s)
     result.ratios = _ratios(result)
     return result
+
+
+PIPELINE = ("gateway", "worker", "aggregator", "sink")
+
+
+def _costs(spent: list[Spent], requests: int, engine_s: float) -> dict[str, ServiceCost]:
+    """Per service; the worker's engine calls taken off its CPU time (the echo engine's
+    work is not the pipeline's)."""
+    costs: dict[str, ServiceCost] = {}
+    for one in spent:
+        name = service(one.process)
+        was = costs.get(name, ServiceCost(0, 0.0, 0.0, 0.0))
+        costs[name] = ServiceCost(was.processes + 1, was.cpu_s + one.cpu_s, 0.0,
+                                  max(was.peak_rss_mb, one.peak_rss_mb))
+    if "worker" in costs:
+        worker = costs["worker"]
+        costs["worker"] = ServiceCost(worker.processes, max(worker.cpu_s - engine_s, 0.0),
+                                      0.0, worker.peak_rss_mb)
+    for name, cost in costs.items():
+        costs[name] = ServiceCost(cost.processes, cost.cpu_s,
+                                  cost.cpu_s * 1000 / requests if requests else 0.0,
+                                  cost.peak_rss_mb)
+    return costs
 
 
 def _ratios(result: BenchResult) -> dict[str, float]:
     by_name = {r.name: r for r in result.runs}
     ratios: dict[str, float] = {}
-    one, two = by_name["millrace, 1 worker(s)"], by_name["millrace, 2 worker(s)"]
-    if "vllm run-batch" in by_name:
+    one = by_name.get("millrace, 1 worker(s)")
+    two = by_name.get("millrace, 2 worker(s)")
+    if one is not None and "vllm run-batch" in by_name:
         ratios["pipeline / vllm direct (tokens/s)"] = (
             one.tokens_per_s / by_name["vllm run-batch"].tokens_per_s)
-    ratios["2 workers / 1 worker (tokens/s)"] = two.tokens_per_s / one.tokens_per_s
+    if one is not None and two is not None:
+        ratios["2 workers / 1 worker (tokens/s)"] = two.tokens_per_s / one.tokens_per_s
     echo = result.stages["millrace, echo engine"]
     ratios["ingest lines/s (echo file)"] = by_name["millrace, echo engine"].lines / echo.ingest_s
     ratios["orchestration ceiling requests/s"] = by_name["millrace, echo engine"].requests_per_s
+    if result.costs:
+        ratios["pipeline CPU ms per request"] = sum(
+            result.costs[s].ms_per_request for s in PIPELINE if s in result.costs)
+        aggregator = result.costs.get("aggregator")
+        if aggregator is not None and aggregator.ms_per_request:
+            ratios["aggregator responses/s per core"] = 1000 / aggregator.ms_per_request
     return ratios
 
 
@@ -313,8 +419,55 @@ def table(result: BenchResult) -> str:
         out.append(f"{name:28} {s.ingest_s:9.2f} {s.queue_ms.p50:8.0f}/{s.queue_ms.p99:<9.0f} "
                    f"{s.engine_ms.p50:8.0f}/{s.engine_ms.p99:<9.0f} {s.sink_s:7.2f} "
                    f"{s.finalize_s:7.2f} {s.last_response_to_completed_ms:12.0f}")
-    out += [""] + [f"{name:40} {value:10.2f}" for name, value in result.ratios.items()]
+    if result.costs:
+        out += ["", f"echo batch, per service{'':5} {'procs':>6} {'CPU s':>7} "
+                    f"{'CPU ms/req':>11} {'peak RSS MB':>12}"]
+        for name, c in sorted(result.costs.items(), key=lambda kv: _order(kv[0])):
+            label = name + (" (engine calls off)" if name == "worker" else "")
+            out.append(f"{label:28} {c.processes:6d} {c.cpu_s:7.2f} {c.ms_per_request:11.3f} "
+                       f"{c.peak_rss_mb:12.0f}")
+    out += ["", "summary"] + [f"  {name:42} {value:>12}" for name, value in summary(result)]
     return "\n".join(out)
+
+
+def _order(name: str) -> int:
+    return (PIPELINE.index(name) if name in PIPELINE else len(PIPELINE) + 1)
+
+
+def summary(result: BenchResult) -> list[tuple[str, str]]:
+    """The figures issue 15 names, in one table."""
+    by_name = {r.name: r for r in result.runs}
+    echo = by_name.get("millrace, echo engine")
+    stages = result.stages.get("millrace, echo engine")
+    rows: list[tuple[str, str]] = []
+    if echo is not None and stages is not None:
+        rows += [
+            (f"ingest, {echo.lines:,} lines / {result.ingest_mb:.1f} MB (s)",
+             f"{stages.ingest_s:.2f}"),
+            ("ingest lines/s", f"{echo.lines / stages.ingest_s:,.0f}"),
+            ("echo upload → completed (s)", f"{echo.wall_s:.2f}"),
+            ("echo requests/s end to end", f"{echo.requests_per_s:,.0f}"),
+            ("echo last response → completed (ms)",
+             f"{stages.last_response_to_completed_ms:.0f}"),
+        ]
+    if result.costs:
+        rows.append(("pipeline CPU ms/request (services, no engine)",
+                     f"{result.ratios.get('pipeline CPU ms per request', 0):.3f}"))
+        rows += [(f"  {name}", f"{result.costs[name].ms_per_request:.3f}")
+                 for name in PIPELINE if name in result.costs]
+        if "aggregator responses/s per core" in result.ratios:
+            rows.append(("aggregator responses/s per core (its CPU)",
+                         f"{result.ratios['aggregator responses/s per core']:,.0f}"))
+        rows.append(("peak RSS MB " + "/".join(PIPELINE),
+                     "/".join(f"{result.costs[n].peak_rss_mb:.0f}" for n in PIPELINE
+                              if n in result.costs)))
+    if "pipeline / vllm direct (tokens/s)" in result.ratios:
+        rows.append(("pipeline / vLLM direct (tokens/s)",
+                     f"{result.ratios['pipeline / vllm direct (tokens/s)']:.3f}"))
+    if result.streaming is not None:
+        o = result.streaming.overhead_ms
+        rows.append(("streaming overhead p50 / p99 (ms)", f"{o.p50:.1f} / {o.p99:.1f}"))
+    return rows
 
 
 def save(result: BenchResult, results_dir: Path) -> Path:
@@ -326,5 +479,6 @@ def save(result: BenchResult, results_dir: Path) -> Path:
     for name, stages in result.stages.items():
         data["stages"][name]["last_response_to_completed_ms"] = (
             stages.last_response_to_completed_ms)
+    data["summary"] = dict(summary(result))
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path

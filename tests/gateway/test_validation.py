@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.lines import file_lines, link_urls
 from gateway.validation import Rules, validate
+from millrace.filestore import FileStore
+from millrace.records import RequestRecord
 
 URL = "/v1/chat/completions"
 RULES = Rules(endpoint=URL, models={"m", "n"}, max_lines=5)
@@ -73,3 +78,61 @@ def test_any_bytes_validate_without_raising(raw_lines: list[bytes]) -> None:
     report = validate(raw_lines, RULES)
     assert report.total == len([r for r in raw_lines if r.strip()])
     assert all(e.code for e in report.errors)
+
+
+bodies = st.dictionaries(
+    st.text(max_size=6).filter(lambda k: k not in ("model", "stream")),
+    st.recursive(st.none() | st.booleans() | st.integers()
+                 | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10),
+                 lambda inner: st.lists(inner, max_size=3)
+                 | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=10),
+    max_size=4)
+
+
+@settings(max_examples=200)
+@given(custom_id=st.text(min_size=1, max_size=12), body=bodies,
+       ascii_only=st.booleans(), indent=st.sampled_from([None, 1]), reply=st.booleans())
+def test_a_valid_line_is_enqueued_as_the_request_record_it_says(
+        tmp_path_factory: pytest.TempPathFactory, custom_id: str, body: dict[str, object],
+        ascii_only: bool, indent: int | None, reply: bool) -> None:
+    """The explode copies the body's bytes into the record instead of parsing and dumping
+    it: a worker reads the same request either way, and a line that may name a link is
+    flagged for the link check (escaped or not)."""
+    obj = {"custom_id": custom_id, "method": "POST", "url": URL,
+           "body": {"model": "m", **body}}
+    raw = json.dumps(obj, ensure_ascii=ascii_only, indent=indent).replace("\n", " ")
+    files = FileStore(str(tmp_path_factory.mktemp("files")))
+    files.write_bytes("in.jsonl", raw.encode() + b"\n")
+    assert validate(files.iter_lines("in.jsonl"), RULES).errors == []
+    [line_] = list(file_lines(files, "in.jsonl", RULES, "batch_1", "p", reply))
+    record = line_.record()
+    expected = RequestRecord(batch_id="batch_1", project="p", custom_id=custom_id, line=1,
+                             url=URL, body=obj["body"], reply=reply,
+                             enqueued_at=record.enqueued_at)
+    assert record == expected
+    assert (line_.line, line_.custom_id, line_.model) == (1, custom_id, "m")
+    assert set(json.loads(line_.value)) == set(expected.model_dump())
+    if link_urls(record):
+        assert line_.maybe_links
+
+
+def test_a_link_part_is_flagged_however_it_is_escaped(tmp_path: Path) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "link", "url": "http://x.example/"}]}]}
+    plain = json.dumps({"custom_id": "a", "method": "POST", "url": URL, "body": body})
+    escaped = plain.replace('"link"', '"\\u006cink"')
+    files = FileStore(str(tmp_path))
+    files.write_bytes("in.jsonl", f"{plain}\n{escaped}\n".encode())
+    lines = list(file_lines(files, "in.jsonl", RULES, "batch_1", "p"))
+    assert [line_.maybe_links for line_ in lines] == [True, True]
+    assert [link_urls(line_.record()) for line_ in lines] == [["http://x.example/"]] * 2
+
+
+def test_a_line_only_the_lenient_parser_reads_is_enqueued_the_long_way(tmp_path: Path) -> None:
+    raw = (b'{"custom_id": "a", "method": "POST", "url": "' + URL.encode()
+           + b'", "body": {"model": "m", "temperature": NaN}}')
+    files = FileStore(str(tmp_path))
+    files.write_bytes("in.jsonl", raw + b"\n")
+    assert validate(files.iter_lines("in.jsonl"), RULES).errors == []
+    [line_] = list(file_lines(files, "in.jsonl", RULES, "batch_1", "p"))
+    assert line_.record().body == {"model": "m", "temperature": None}

@@ -4,14 +4,15 @@ offset may be committed when lines finish out of order."""
 from __future__ import annotations
 
 from gpu_consumer.admission import Backlog, Budget, PartitionOffsets, Pending, token_cost
-from millrace.records import RequestRecord
+from millrace.records import RequestRecord, read_request
 from millrace.topics import request_route
 
 
 def pending(batch_id: str, line: int, offsets: PartitionOffsets | None = None,
             partition: int = 0) -> Pending:
-    record = RequestRecord(batch_id=batch_id, project="p", custom_id=f"{batch_id}-{line}",
-                           line=line, url="/v1/chat/completions", body={"model": "m"})
+    record = read_request(RequestRecord(
+        batch_id=batch_id, project="p", custom_id=f"{batch_id}-{line}", line=line,
+        url="/v1/chat/completions", body={"model": "m"}).dumps())
     return Pending(record, "t", partition, line, offsets or PartitionOffsets(), 1)
 
 

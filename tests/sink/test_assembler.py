@@ -7,17 +7,20 @@ from pathlib import Path
 
 from millrace.filestore import FileStore
 from millrace.protocol import OutputLine
-from millrace.records import BatchFilesReady, ResponseRecord
+from millrace.records import BatchFilesReady, ResponseRecord, SpooledResponse, read_response
 from millrace.results import Page, final_file_id, read_page, segments
 from sink.assembler import Assembler
 
 
-def record(custom_id: str, status: int = 200, line: int | None = None) -> ResponseRecord:
+def record(custom_id: str, status: int = 200, line: int | None = None,
+           batch_id: str = "batch_1") -> SpooledResponse:
+    """A response record as a worker produces it, read as the sink reads it."""
     body: dict[str, object] = {"n": custom_id}
     if status == 200:
         body["usage"] = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
-    return ResponseRecord(batch_id="batch_1", project="p", custom_id=custom_id, line=line,
-                          id=f"id-{custom_id}", request_id="r", status_code=status, body=body)
+    return read_response(ResponseRecord(
+        batch_id=batch_id, project="p", custom_id=custom_id, line=line, id=f"id-{custom_id}",
+        request_id="r", status_code=status, body=body).dumps())
 
 
 def ready(lines: int) -> BatchFilesReady:
@@ -27,7 +30,7 @@ def ready(lines: int) -> BatchFilesReady:
 
 def test_one_poll_s_records_of_several_batches_are_spooled_once(tmp_path: Path) -> None:
     assembler = Assembler(tmp_path / "spool", FileStore(str(tmp_path / "files")))
-    other = record("z", line=9).model_copy(update={"batch_id": "batch_2"})
+    other = record("z", line=9, batch_id="batch_2")
     added = assembler.add([record("a", line=1), record("a", line=1), other,
                            record("b", 400, line=2)])
     assert added == {"batch_1": [1, 2], "batch_2": [9]}
