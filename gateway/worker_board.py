@@ -46,7 +46,7 @@ class WorkerFollower:
         self.topic = Topics.from_settings(settings).workers
         # no offsets are ever committed: the group only names this reader
         kafka = KafkaConfig.of(settings, "gateway-board")
-        self.consumer = Consumer(kafka.consumer(f"millrace-board-{uuid.uuid4().hex}"))
+        self.consumer = Consumer(kafka.follower(f"millrace-board-{uuid.uuid4().hex}"))
         self.board = board
         self._closing = threading.Event()
 

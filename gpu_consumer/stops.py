@@ -33,7 +33,7 @@ class StoppedBatches:
         self.version = 0
         self._lock = threading.Lock()
         self._closing = threading.Event()
-        self._consumer = Consumer(kafka.consumer(f"millrace-stops-{uuid.uuid4().hex}"))
+        self._consumer = Consumer(kafka.follower(f"millrace-stops-{uuid.uuid4().hex}"))
         partitions = self._consumer.list_topics(topic, timeout=30).topics[topic].partitions
         self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         self._thread = threading.Thread(target=self._follow, name="stops", daemon=True)

@@ -141,8 +141,8 @@ class SpooledResponse(msgspec.Struct, frozen=True, kw_only=True):
 
     def output_line(self) -> bytes:
         """The line of the output or error file (`protocol.OutputLine`, compact JSON)."""
-        response = (_LineResponse(self.status_code, self.request_id or "", self.body)
-                    if self.status_code is not None and self.body != NULL else None)
+        response = (_LineResponse(self.status_code or 0, self.request_id or "", self.body)
+                    if self.has_response else None)
         return _encode(_OutputLine(self.id, self.custom_id, response, self.error))
 
     def tokens(self) -> tuple[int, int]:
@@ -152,7 +152,7 @@ class SpooledResponse(msgspec.Struct, frozen=True, kw_only=True):
         try:
             usage = _decode_body(self.body).usage
         except msgspec.ValidationError:  # not the usual shape: read it the lenient way
-            return usage_of(json.loads(self.body))
+            return usage_of(json.loads(bytes(self.body)))
         if usage is None:
             return 0, 0
         return usage.prompt_tokens or 0, usage.completion_tokens or 0

@@ -181,3 +181,10 @@ def test_a_worker_s_response_value_is_the_response_record(
         finished_at=seen.finished_at)
     assert value == expected.dumps()
     assert seen == expected
+
+
+def test_usage_in_an_unusual_shape_is_still_counted() -> None:
+    record = ResponseRecord(batch_id="b", project="p", custom_id="c", id="i", request_id="r",
+                            status_code=200, body={"usage": {"prompt_tokens": 2.0,
+                                                             "completion_tokens": "3"}})
+    assert read_response(record.dumps()).tokens() == (2, 3)
