@@ -195,7 +195,7 @@ class Jobs:
         after = int(checkpoint.get("lines", 0)) if checkpoint.get("epoch") == epoch else 0
         done = await self.store.done_lines(batch_id)
         lines = (line for line in file_lines(self.files, source.path, line_rules, batch_id,
-                                             project, reply=bool(ext.get("single")))
+                                             project, bool(ext.get("single")), report.model)
                  if line.line > after and line.line not in done)
         fetched = await self.fetched(batch_id)
         while chunk := await asyncio.to_thread(lambda: list(islice(lines, CHECKPOINT_LINES))):

@@ -91,16 +91,17 @@ class FileLine:
 
 
 def file_lines(files: FileStore, key: str, line_rules: Rules, batch_id: str, project: str,
-               reply: bool = False) -> Iterator[FileLine]:
+               reply: bool = False, model: str | None = None) -> Iterator[FileLine]:
     """The request record of every line of a validated input file. The body is copied as
     bytes, not parsed and serialised again: building and dumping a `RequestRecord` per line
-    was two thirds of the explode's CPU (cProfile, 50,000 lines)."""
+    was two thirds of the explode's CPU (cProfile, 50,000 lines). `model`: the batch's one
+    model, if known (validation found it); else each line's is read."""
     for number, raw in parse_lines(files.iter_lines(key)):
         # a link part has the string "link" in it, written plainly or with \u escapes
         maybe_links = b'"link"' in raw or b"\\u" in raw
         try:
             parts = _parts(raw)
-            model = _model(parts.body).model
+            line_model = model or _model(parts.body).model
             custom_id = parts.custom_id
             value = _encode(_RequestWire(
                 batch_id=batch_id, project=project, custom_id=custom_id, line=number,
@@ -108,11 +109,11 @@ def file_lines(files: FileStore, key: str, line_rules: Rules, batch_id: str, pro
         except msgspec.DecodeError:  # valid, yet not in the usual shape: the long way
             line = check_line(number, raw, line_rules, Report())
             assert line is not None, "validated lines cannot fail on a second pass"
-            custom_id, model = line.custom_id, str(line.body["model"])
+            custom_id, line_model = line.custom_id, str(line.body["model"])
             value = RequestRecord(batch_id=batch_id, project=project, custom_id=custom_id,
                                   line=number, url=line.url, body=line.body,
                                   reply=reply).dumps()
-        yield FileLine(number, custom_id, model, value, maybe_links)
+        yield FileLine(number, custom_id, line_model, value, maybe_links)
 
 
 def enqueue(settings: Settings, topics: Topics, line: FileLine, batch_id: str) -> Produce:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ class Topics:
 
     def requests_for(self, model: str) -> str:
         """Each served model has its own requests topic; a worker reads its models' topics."""
-        return f"{self.prefix}.requests.{_TOPIC_UNSAFE.sub('_', model)}"
+        return f"{self.prefix}.requests.{_topic_safe(model)}"
 
     @property
     def responses(self) -> str:
@@ -93,9 +94,20 @@ class Topics:
 _TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
+# both are asked once per line by the explode: each answer is kept
+@functools.lru_cache(maxsize=1024)
+def _topic_safe(model: str) -> str:
+    return _TOPIC_UNSAFE.sub("_", model)
+
+
+@functools.lru_cache(maxsize=1024)
+def _batch_hash(batch_id: str) -> int:
+    return zlib.crc32(batch_id.encode())
+
+
 def request_route(batch_id: str, line: int, shards: int, partitions: int) -> tuple[str, int]:
     """(key, partition) of a batch's line: lines go round-robin over `shards` shards, shard s
     on partition (first + s) mod partitions, so a batch spreads evenly over the workers."""
     shard = line % shards
-    first = zlib.crc32(batch_id.encode()) % partitions
+    first = _batch_hash(batch_id) % partitions
     return f"{batch_id}:{shard}", (first + shard) % partitions

@@ -8,10 +8,20 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from gateway.lines import file_lines, link_urls
-from gateway.validation import Rules, validate
+from gateway.validation import (
+    Line,
+    Report,
+    Rules,
+    _check_fields,
+    _parse_slowly,
+    check_line,
+    validate,
+)
 from millrace.filestore import FileStore
+from millrace.protocol import RequestLine
 from millrace.records import RequestRecord
 
 URL = "/v1/chat/completions"
@@ -136,3 +146,40 @@ def test_a_line_only_the_lenient_parser_reads_is_enqueued_the_long_way(tmp_path:
     assert validate(files.iter_lines("in.jsonl"), RULES).errors == []
     [line_] = list(file_lines(files, "in.jsonl", RULES, "batch_1", "p"))
     assert line_.record().body == {"model": "m", "temperature": None}
+
+
+def pydantic_only(raw: bytes) -> tuple[object, list[tuple[str, str | None]]]:
+    """What validation said before msgspec read lines first: pydantic alone."""
+    report = Report()
+    try:
+        line: Line | None = RequestLine.model_validate_json(raw)
+    except ValidationError:
+        line = _parse_slowly(1, raw, report)
+    if line is not None:
+        line = _check_fields(1, line, RULES, report)
+    return parts(line), [(e.code, e.param) for e in report.errors]
+
+
+def parts(line: Line | None) -> object:
+    return (line.custom_id, line.url, line.body) if line is not None else None
+
+
+scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+           | st.text(max_size=5))
+anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=400)
+@given(fields=st.fixed_dictionaries({}, optional={
+    "custom_id": st.text(max_size=4) | anything,
+    "method": st.sampled_from(["POST", "GET"]) | anything,
+    "url": st.just(URL) | anything,
+    "body": st.fixed_dictionaries({"model": st.sampled_from(["m", "x"]) | anything},
+                                  optional={"stream": anything, "k": anything}) | anything,
+    "extra": anything}))
+def test_the_fast_reader_accepts_and_refuses_as_pydantic_does(fields: dict[str, object]) -> None:
+    raw = json.dumps(fields).encode()
+    report = Report()
+    line = check_line(1, raw, RULES, report)
+    assert (parts(line), [(e.code, e.param) for e in report.errors]) == pydantic_only(raw)
