@@ -18,13 +18,16 @@ ENGINE_METRIC = "millrace_engine_call_seconds_total"
 
 
 def processes(data_dir: Path) -> dict[str, int]:
-    """Process name (gateway, gateway-2, worker, …, broker, redis) → pid."""
+    """Process name (gateway, gateway-2, worker, …, broker, redis) → pid, of the markers
+    whose process runs (a marker can outlive a process that was killed)."""
     found = {}
     for marker in (data_dir / "run").glob("*.ready"):
         try:
-            found[marker.stem] = int(json.loads(marker.read_text())["pid"])
+            pid = int(json.loads(marker.read_text())["pid"])
         except (OSError, ValueError, KeyError):
             continue
+        if Path(f"/proc/{pid}").exists():
+            found[marker.stem] = pid
     return found
 
 
