@@ -7,12 +7,13 @@
 | `file:<id>` | hash | gateway, sink | FileObject, project, store path |
 | `files:<project>` | zset | gateway, sink | a project's files by creation |
 | `file-expiry` | zset | gateway, sink | file id → its `expires_at` (deleted after it) |
-| `batch:<id>` | hash | gateway (`doc`, `project`), aggregator (`state`, `agg`) | a Batch |
+| `batch:<id>` | hash | gateway (`doc`, `project`, `created`), aggregator (`agg`, `state`) | Batch |
 | `batches:<project>` | zset | gateway | a project's batches by creation |
 | `active` | set | gateway, aggregator, sink | batches whose `finished` the sink has not taken yet |
 | `deadlines` | zset | gateway, aggregator | active batch → `expires_at` |
 | `done:<batch>` | bitmap | sink | input lines that have a result line in the sink's spool |
 | `done-new:<token>` | bitmap | sink | a poll's new lines of a batch, OR-ed into `done:<batch>` |
+| `sink-from:<topic>:<p>` | zset | sink | unfinished batch → its first offset on partition p |
 | `explode:<batch>` | hash | gateway | how far an explode got (lines acknowledged, broker id) |
 | `stream:<batch>` | hash | gateway | an open stream batch: endpoint, project, expected, total |
 | `stream-ids:<batch>` | hash | gateway | custom_id → message that claimed it |
@@ -93,6 +94,9 @@ class Keyspace:
 
     def done_new(self, token: str) -> str:
         return self._k("done-new", token)
+
+    def sink_from(self, topic: str, partition: int) -> str:
+        return self._k("sink-from", topic, str(partition))
 
     def explode(self, batch_id: str) -> str:
         return self._k("explode", batch_id)

@@ -71,11 +71,13 @@ class StoredFile:
 
 @dataclass(frozen=True)
 class StoredBatch:
-    """What the aggregator resumes a batch from: its own state, else the created doc."""
+    """What the aggregator resumes a batch from: its own state, else the `created` event the
+    gateway kept with the batch, else the Batch document."""
 
     agg: str | None
     doc: dict[str, Any] | None
     project: str | None
+    created: str | None = None
 
 
 class Store:
@@ -212,13 +214,18 @@ class Store:
         return bool(await self.r.set(key, "1", nx=True, px=int(seconds * 1000)))
 
     # --- batches ----------------------------------------------------------------------
-    async def create_batch(self, batch: Batch, project: str, *, listed_at: float) -> None:
+    async def create_batch(self, batch: Batch, project: str, *, listed_at: float,
+                           created: str | None = None) -> None:
         """The gateway's half, and the batch among the active ones with its deadline (so a
-        batch is swept or expired even if nothing else ever hears of it)."""
+        batch is swept or expired even if nothing else ever hears of it). `created`: the
+        event about to be published, kept so that its webhook target and output expiry
+        survive the event being lost (a broker that dies right after)."""
         doc = batch.model_dump(mode="json")
         async with self.r.pipeline(transaction=True) as p:
             p.hset(self.keys.batch(batch.id),
                    mapping={"doc": json.dumps(doc), "state": "{}", "project": project})
+            if created is not None:
+                p.hset(self.keys.batch(batch.id), "created", created)
             p.zadd(self.keys.batches(project), {batch.id: listed_at})
             p.sadd(self.keys.active, batch.id)
             p.zadd(self.keys.deadlines, {batch.id: batch.expires_at or 0})
@@ -287,10 +294,11 @@ class Store:
 
     # --- the aggregator's state ---------------------------------------------------------
     async def load_aggregate(self, batch_id: str) -> StoredBatch:
-        agg, doc, project = await self.r.hmget(self.keys.batch(batch_id),
-                                               ["agg", "doc", "project"])
+        agg, doc, project, created = await self.r.hmget(self.keys.batch(batch_id),
+                                                        ["agg", "doc", "project", "created"])
         return StoredBatch(str(agg) if agg else None, json.loads(doc) if doc else None,
-                           str(project) if project else None)
+                           str(project) if project else None,
+                           str(created) if created else None)
 
     async def save_aggregate(self, batch_id: str, agg: str, fields: dict[str, Any], *,
                              finished: bool, deadline: int | None,
@@ -336,6 +344,31 @@ class Store:
         async with self.r.pipeline(transaction=True) as p:
             p.srem(self.keys.active, batch_id)
             p.delete(self.keys.done(batch_id))
+            await p.execute()
+
+    # --- where a sink that takes a partition over starts reading ----------------------
+    async def note_first_offsets(self, firsts: Mapping[tuple[str, int], Mapping[str, int]]
+                                 ) -> None:
+        """(topic, partition) → {batch: offset of a record of it}: each active batch keeps
+        the lowest offset seen (ZADD LT), so its records can all be read again."""
+        wanted = {batch for seen in firsts.values() for batch in seen}
+        if not wanted:
+            return
+        ordered = sorted(wanted)
+        flags = await self.r.smismember(self.keys.active, ordered)
+        active = {batch for batch, flag in zip(ordered, flags, strict=True) if flag}
+        async with self.r.pipeline(transaction=False) as p:
+            for (topic, partition), seen in firsts.items():
+                mine = {batch: offset for batch, offset in seen.items() if batch in active}
+                if mine:
+                    p.zadd(self.keys.sink_from(topic, partition), mine, lt=True)
+            await p.execute()
+
+    async def forget_first_offsets(self, batch_id: str, where: Iterable[tuple[str, int]]
+                                   ) -> None:
+        async with self.r.pipeline(transaction=False) as p:
+            for topic, partition in where:
+                p.zrem(self.keys.sink_from(topic, partition), batch_id)
             await p.execute()
 
     async def active_batches(self) -> list[str]:

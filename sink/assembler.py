@@ -108,6 +108,14 @@ class Spool:
             if self.counts[kind] == done:
                 self.published_bytes[kind] = offset
             self.published[kind] = done
+        for kind in KINDS:
+            # segments published by another sink (which had this batch's partition) cover
+            # lines not spooled here yet: they come again from Kafka in the same order, and
+            # only what follows them is published from here
+            ahead = (published or {}).get(kind, 0)
+            if ahead > self.counts[kind]:
+                self.published[kind] = ahead
+                self.published_bytes[kind] = -1
 
     def _count(self, kind: str, prompt: int, completion: int) -> None:
         self.counts[kind] += 1
@@ -167,10 +175,21 @@ class Spool:
         """(kind, first line, end line, bytes) of what is spooled but not yet published."""
         for kind in KINDS:
             if self.counts[kind] > self.published[kind]:
+                if self.published_bytes[kind] < 0:
+                    self.published_bytes[kind] = self._offset_of_line(kind,
+                                                                      self.published[kind])
                 with self.path(kind).open("rb") as f:
                     f.seek(self.published_bytes[kind])
                     data = f.read(self.sizes[kind] - self.published_bytes[kind])
                 yield kind, self.published[kind], self.counts[kind], data
+
+    def _offset_of_line(self, kind: str, line: int) -> int:
+        """Bytes before the spool file's line `line` (0-based)."""
+        offset = 0
+        with self.path(kind).open("rb") as f:
+            for _ in range(line):
+                offset += len(f.readline())
+        return offset
 
     def mark_published(self, kind: str, end: int, size: int) -> None:
         self.published[kind] = end

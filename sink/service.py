@@ -21,10 +21,13 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable, Iterable
 
 import msgspec
-from confluent_kafka import Consumer, Message
+import redis
+from confluent_kafka import Consumer, Message, TopicPartition
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from millrace import metrics
 from millrace.errors import OUTAGES
@@ -46,7 +49,7 @@ from millrace.records import (
 from millrace.registry import Registry
 from millrace.results import final_key
 from millrace.settings import Settings
-from millrace.store import Store
+from millrace.store import COMMAND_TIMEOUT_S, Store
 from millrace.topics import Topics
 from millrace.up.readiness import mark_ready
 from sink.assembler import Assembler
@@ -73,13 +76,20 @@ class Sink:
         self._stopping = asyncio.Event()
         self._janitor_at = 0.0
         self.lag = metrics.LagProbe(self.consumer, self.topics.sink_group())
+        self._replay = Replay()
+        self._noted: dict[tuple[str, int], dict[str, int]] = {}  # first offsets recorded
+        self._redis = redis.Redis.from_url(settings.require_redis(), decode_responses=True,
+                                           socket_timeout=COMMAND_TIMEOUT_S,
+                                           socket_connect_timeout=COMMAND_TIMEOUT_S)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         metrics.serve(self.settings)
-        self.consumer.subscribe([self.topics.responses, self.topics.batch_events])
+        self.consumer.subscribe([self.topics.responses, self.topics.batch_events],
+                                on_assign=self._assigned, on_revoke=self._revoked,
+                                on_lost=self._revoked)
         webhooks = asyncio.create_task(self.webhooks.run(self._stopping))
         mark_ready(self.settings, "sink")
         try:
@@ -93,19 +103,33 @@ class Sink:
             await asyncio.to_thread(self.consumer.close)
             self.producer.close()
             await self.store.close()
+            self._redis.close()
 
     async def handle(self, messages: list[Message]) -> None:
         responses: list[SpooledResponse] = []
         events: list[BatchEvent] = []
+        firsts: dict[tuple[str, int], dict[bytes, int]] = {}
+        replaying = self._replay.active
         for msg in messages:
+            topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+            key = msg.key() or b""
+            if replaying and not self._replay.wanted(topic, partition, offset,
+                                                     key.decode(errors="replace")):
+                continue
+            seen = firsts.setdefault((topic, partition), {})
+            if key not in seen:  # a poll's records of a partition come in offset order
+                seen[key] = offset
             try:
-                if msg.topic() == self.topics.responses:
+                if topic == self.topics.responses:
                     responses.append(read_response(msg.value() or b""))
                 else:
                     events.append(parse_event(msg.value() or b""))
             except (ValidationError, msgspec.DecodeError):
-                log.error("skipping malformed record at %s[%d]@%d",
-                          msg.topic(), msg.partition(), msg.offset())
+                log.error("skipping malformed record at %s[%d]@%d", topic, partition, offset)
+        await self._note_first_offsets({tp: {k.decode(errors="replace"): o for k, o in seen.items()}
+                                        for tp, seen in firsts.items()})
+        partition_of = {k.decode(errors="replace"): p for (_, p), seen in firsts.items()
+                        for k in seen}
         finished, announce = self.learn(events)
         added = await asyncio.to_thread(self.assembler.add, responses)
         replies = [(r.batch_id, r.output_line().decode()) for r in responses if r.reply]
@@ -124,7 +148,59 @@ class Sink:
             await self.webhooks.enqueue(event)
             await self.store.done_with(event.batch_id)
             self.assembler.forget(event.batch_id)
+            # nothing of the batch is needed again: a new owner of its partitions need not
+            # read back to it (the two topics have the same partitions, keyed by batch)
+            partition = partition_of[event.batch_id]
+            await self.store.forget_first_offsets(event.batch_id, [
+                (self.topics.responses, partition), (self.topics.batch_events, partition)])
             count_finished(event)
+
+    # --- partitions that move ------------------------------------------------------------
+    async def _note_first_offsets(self, firsts: dict[tuple[str, int], dict[str, int]]) -> None:
+        """Record where each batch begins on each partition, once per batch while we own the
+        partition (later records of it only come at higher offsets)."""
+        new = {tp: {b: o for b, o in seen.items() if o < self._noted.get(tp, {}).get(b, o + 1)}
+               for tp, seen in firsts.items()}
+        new = {tp: seen for tp, seen in new.items() if seen}
+        if new:
+            await self.store.note_first_offsets(new)
+            for tp, seen in new.items():
+                self._noted.setdefault(tp, {}).update(seen)
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """A partition we take over is read again from the first record of its oldest
+        unfinished batch (`sink-from` in Redis), not from the committed offset: the lines the
+        previous owner spooled are on its disk, not ours. Up to the committed offset only
+        those batches' records are handled (`Replay`); the spool drops repeats."""
+        starts = self._replay.plan(consumer, partitions, self._first_offsets)
+        self._noted.clear()
+        for tp in partitions:
+            start = starts.get((tp.topic, tp.partition))
+            if start is not None:
+                tp.offset = start
+        consumer.assign(partitions)
+        if starts:
+            log.info("reading back from the oldest unfinished batch: %s",
+                     ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(starts.items())))
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._replay.drop((tp.topic, tp.partition) for tp in partitions)
+        for tp in partitions:
+            self._noted.pop((tp.topic, tp.partition), None)
+
+    def _first_offsets(self, topic: str, partition: int) -> dict[str, int]:
+        """Blocking (the consumer's thread, in a rebalance): batch → first offset; waits
+        for Redis, since reading from the committed offset could lose lines."""
+        key = self.store.keys.sink_from(topic, partition)
+        while True:
+            try:
+                found: list[tuple[str, float]] = self._redis.zrange(  # type: ignore[assignment]
+                    key, 0, -1, withscores=True)
+                return {str(batch): int(offset) for batch, offset in found}
+            except RedisError as exc:
+                log.warning("waiting for Redis to know where to read %s[%d]: %s", topic,
+                            partition, exc)
+                time.sleep(1)
 
     def learn(self, events: list[BatchEvent]) -> tuple[list[BatchFinished],
                                                         list[BatchFilesReady]]:
@@ -191,6 +267,51 @@ class Sink:
                 await self.janitor.clean_up(time.time())
             except OUTAGES as exc:
                 log.warning("clean-up put off: %s", exc)
+
+
+class Replay:
+    """Partitions read again from an older offset after we took them over: below the offset
+    committed when we got them, only the records of the batches unfinished then are ours
+    to handle (the others finished, their files are written)."""
+
+    def __init__(self) -> None:
+        self._until: dict[tuple[str, int], tuple[int, set[str]]] = {}
+
+    def plan(self, consumer: Consumer, partitions: list[TopicPartition],
+             first_offsets: Callable[[str, int], dict[str, int]]) -> dict[tuple[str, int], int]:
+        """Where to start each partition that has unfinished batches behind its committed
+        offset (none: from the committed offset, as usual)."""
+        starts: dict[tuple[str, int], int] = {}
+        if not partitions:
+            return starts
+        committed = consumer.committed(partitions, timeout=30)
+        for tp in committed:
+            if tp.offset < 0:  # nothing committed: read from the start anyway
+                continue
+            firsts = first_offsets(tp.topic, tp.partition)
+            start = min(firsts.values(), default=tp.offset)
+            if start < tp.offset:
+                starts[(tp.topic, tp.partition)] = start
+                self._until[(tp.topic, tp.partition)] = (tp.offset, set(firsts))
+        return starts
+
+    @property
+    def active(self) -> bool:
+        return bool(self._until)
+
+    def wanted(self, topic: str, partition: int, offset: int, batch_id: str) -> bool:
+        replaying = self._until.get((topic, partition))
+        if replaying is None:
+            return True
+        until, batches = replaying
+        if offset >= until:
+            del self._until[(topic, partition)]
+            return True
+        return batch_id in batches
+
+    def drop(self, keys: Iterable[tuple[str, int]]) -> None:
+        for key in keys:
+            self._until.pop(key, None)
 
 
 def count_finished(event: BatchFinished) -> None:

@@ -137,12 +137,8 @@ class Aggregator:
         state = self.states.get(batch_id)
         if state is None:
             stored = await self.store.load_aggregate(batch_id)
-            if stored.agg:
-                state = BatchState.model_validate_json(stored.agg)
-            elif stored.doc is not None and stored.project is not None:
-                state = BatchState.from_doc(batch_id, stored.doc, stored.project)
-            else:
-                state = BatchState(batch_id=batch_id)
+            state = (BatchState.restored(batch_id, stored)
+                     or BatchState(batch_id=batch_id))
             self.states[batch_id] = state
         return state
 

@@ -187,12 +187,7 @@ async def _publish(store: Store, producer: AsyncProducer, topics: Topics, batch_
 
 
 async def _state(store: Store, batch_id: str) -> BatchState | None:
-    stored = await store.load_aggregate(batch_id)
-    if stored.agg:
-        return BatchState.model_validate_json(stored.agg)
-    if stored.doc is not None and stored.project is not None:
-        return BatchState.from_doc(batch_id, stored.doc, stored.project)
-    return None
+    return BatchState.restored(batch_id, await store.load_aggregate(batch_id))
 
 
 async def _all_batches(store: Store) -> list[str]:

@@ -36,9 +36,10 @@ from millrace.records import (
     BatchValidationFailed,
     WebhookTarget,
     now,
+    parse_event,
 )
 from millrace.status import TIMESTAMP_FIELD, BatchStatus, can_transition
-from millrace.store import RestoredBatch
+from millrace.store import RestoredBatch, StoredBatch
 
 S = BatchStatus
 Emitted = BatchTransition | BatchFillRequested | BatchFinished
@@ -77,6 +78,23 @@ class BatchState(BaseModel):
     webhook: dict[str, Any] | None = None
     listed_at: float | None = None
     input_url: str | None = None  # where the explode fetches the input file from
+
+    @classmethod
+    def restored(cls, batch_id: str, stored: StoredBatch) -> BatchState | None:
+        """A batch's state as Redis keeps it: the aggregator's own; else, if its `created`
+        never reached the aggregator (lost with a broker), that event as the gateway kept
+        it — webhook target and output expiry included; else its Batch document."""
+        if stored.agg:
+            return cls.model_validate_json(stored.agg)
+        if stored.created is not None:
+            event = parse_event(stored.created)
+            if isinstance(event, BatchCreated):
+                state = cls(batch_id=batch_id)
+                state.apply(event)
+                return state
+        if stored.doc is not None and stored.project is not None:
+            return cls.from_doc(batch_id, stored.doc, stored.project)
+        return None
 
     @classmethod
     def from_doc(cls, batch_id: str, doc: dict[str, Any], project: str) -> BatchState:

@@ -172,15 +172,16 @@ async def register(ctx: Ctx, project: str, params: CreateBatch, window: int,
         metadata=params.metadata,
     )
     webhook = {"url": params.webhook[0], "format": webhook_format} if params.webhook else None
-    if ext:
-        await ctx.store.put_ext(batch.id, ext)
-    await ctx.store.create_batch(batch, project, listed_at=listed_at)
     created = BatchCreated(
         batch_id=batch.id, project=project, batch=batch.model_dump(mode="json"),
         output_expires_after_s=(
             params.output_expires_after.seconds if params.output_expires_after else None),
         webhook=webhook, listed_at=listed_at, input_url=input_url,
     )
+    if ext:
+        await ctx.store.put_ext(batch.id, ext)
+    await ctx.store.create_batch(batch, project, listed_at=listed_at,
+                                 created=created.dumps().decode())
     try:
         await ctx.send(batch.id, created)
     except ServiceUnavailableError:

@@ -23,6 +23,7 @@ from millrace.records import (
     BatchValidationFailed,
 )
 from millrace.status import BatchStatus
+from millrace.store import StoredBatch
 from streams.state import BatchState, Emitted
 
 S = BatchStatus
@@ -229,3 +230,22 @@ def test_the_created_document_is_kept_for_restoring_the_read_model() -> None:
     restored = state.restorable()
     assert restored is not None
     assert (restored.project, restored.doc, restored.listed_at) == ("p", DOC, 1000.5)
+
+
+def test_a_created_event_lost_with_the_broker_is_rebuilt_as_the_gateway_kept_it() -> None:
+    """Everything died right after a create: the aggregator never saw `created`. The state
+    comes from the event the gateway kept with the batch, so the batch's own webhook and
+    output expiry are not lost (from the document alone they would be)."""
+    kept = created(webhook="https://hooks.example.com/x")  # output expiry 3600 s
+    stored = StoredBatch(agg=None, doc=DOC, project="p", created=kept.dumps().decode())
+    state = BatchState.restored("b", stored)
+    assert state is not None and state.output_expires_after_s == 3600
+    run(state, BatchValidated(batch_id="b", total=1))
+    finished = state.apply(files(1))[-1]
+    assert isinstance(finished, BatchFinished)
+    assert [t.url for t in finished.webhooks] == ["https://hooks.example.com/x"]
+    alone = BatchState.restored("b", StoredBatch(agg=None, doc=DOC, project="p"))
+    assert alone is not None and alone.webhook is None
+    saved = BatchState.restored("b", StoredBatch(agg=state.model_dump_json(), doc=DOC,
+                                                 project="p", created=None))
+    assert saved == state

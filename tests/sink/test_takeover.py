@@ -1,0 +1,175 @@
+"""A sink that takes a partition over from another host (its own data dir) finishes the
+batches the other sink had begun: it reads the partition again from the first record of its
+oldest unfinished batch, handles only the batches that were unfinished, and writes every
+line once, in the order the first sink published them."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from millrace.filestore import FileStore
+from millrace.kafka import KafkaConfig, ensure_topics
+from millrace.records import (
+    BatchCreated,
+    BatchFilesReady,
+    BatchFinished,
+    BatchValidated,
+    ResponseRecord,
+    parse_event,
+)
+from millrace.results import final_key, partial_dir, segments
+from millrace.settings import KafkaSettings, Settings
+from millrace.status import BatchStatus
+from millrace.store import Store
+from millrace.topics import Topics
+from sink.service import Sink
+from tests.deployment import Deployment
+
+LINES, FIRST_HOST = 100, 60
+
+
+def response(batch_id: str, line: int) -> bytes:
+    return ResponseRecord(
+        batch_id=batch_id, project="p", custom_id=f"c{line}", line=line, id=f"batch_req_{line}",
+        request_id=f"req_{line}", status_code=200,
+        body={"n": line, "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).dumps()
+
+
+def test_a_sink_on_another_host_finishes_what_the_first_one_began(
+        echo: Deployment, tmp_path: Path) -> None:
+    prefix = f"takeover{uuid.uuid4().hex[:8]}"
+    shared_files = str(tmp_path / "shared-store")  # what s3:// is between hosts
+
+    def settings(host: str) -> Settings:
+        return Settings(data_dir=tmp_path / host, topic_prefix=prefix, partitions=1,
+                        kafka=KafkaSettings(bootstrap=str(echo.endpoints["kafka_bootstrap"])),
+                        redis_url=str(echo.endpoints["redis_url"]), file_store_url=shared_files,
+                        sink_partial_every_s=0.05)
+
+    base = settings("host-a")
+    topics = Topics(prefix)
+    kafka = KafkaConfig(base.kafka, "test")
+    ensure_topics(kafka, topics.layout(base), configs=topics.configs())
+    producer = Producer(kafka.producer())
+    files = FileStore(shared_files)
+    running, done = f"batch_{uuid.uuid4().hex[:12]}", f"batch_{uuid.uuid4().hex[:12]}"
+
+    def send(topic: str, key: str, value: bytes) -> None:
+        producer.produce(topic, value, key=key)
+        assert producer.flush(30) == 0
+
+    def event(record: Any) -> None:
+        send(topics.batch_events, record.batch_id, record.dumps())
+
+    async def scenario() -> dict[str, Any]:
+        store = Store.connect(base.require_redis(), prefix)
+        await store.r.sadd(store.keys.active, running, done)
+
+        async def until(what: Callable[[], Any], why: str, timeout: float = 60) -> None:
+            deadline = time.monotonic() + timeout
+            while not ((await seen) if inspect.isawaitable(seen := what()) else seen):
+                assert time.monotonic() < deadline, why
+                await asyncio.sleep(0.05)
+
+        async def exists(key: str) -> bool:
+            return await asyncio.to_thread(files.exists, key)
+
+        # host A: a running batch gets 60 of its 100 lines; another batch starts after it
+        # and finishes entirely
+        for batch_id, total in ((running, LINES), (done, 3)):
+            event(BatchCreated(batch_id=batch_id, project="p", batch={"id": batch_id}))
+            event(BatchValidated(batch_id=batch_id, total=total))
+        for line in range(1, FIRST_HOST + 1):
+            send(topics.responses, running, response(running, line))
+        for line in (1, 2, 3):
+            send(topics.responses, done, response(done, line))
+        first = Sink(settings("host-a"))
+        task = asyncio.create_task(first.run())
+        await until(lambda: exists(final_key(done, "output")), "host A writes the files")
+        event(BatchFinished(batch_id=done, project="p", status=BatchStatus.COMPLETED,
+                            batch={"id": done}))
+        await until(lambda: _not_active(store, done), "host A takes the finished event")
+        await until(lambda: _published(files, running) == FIRST_HOST,
+                    "host A publishes the running batch's lines as partial results")
+        published = b"".join(files.read_bytes(key) for _, _, key in
+                             segments(files, running, "output"))
+        first._stopping.set()
+        await task
+        shutil.rmtree(tmp_path / "host-a")  # that host is gone, and its disk with it
+        committed = _committed(kafka, topics.sink_group(), topics.responses)
+        done_file = files.read_bytes(final_key(done, "output"))
+
+        # the rest of the lines, and a worker's repeat of some of the first ones
+        for line in [*range(FIRST_HOST + 1, LINES + 1), 1, 2, 3]:
+            send(topics.responses, running, response(running, line))
+        second = Sink(settings("host-b"))
+        task = asyncio.create_task(second.run())
+        await until(lambda: exists(final_key(running, "output")),
+                    "host B writes the running batch's files")
+        second._stopping.set()
+        await task
+        sink_from = await store.r.zrange(store.keys.sink_from(topics.responses, 0), 0, -1)
+        await store.close()
+        return {"published": published, "committed": committed, "done_file": done_file,
+                "sink_from": sink_from}
+
+    seen = asyncio.run(scenario())
+    producer.flush(10)
+
+    assert seen["committed"] == FIRST_HOST + 3  # host A had committed past every line
+    output = files.read_bytes(final_key(running, "output")).splitlines(keepends=True)
+    ids = [json.loads(line)["custom_id"] for line in output]
+    assert sorted(ids) == sorted(f"c{n}" for n in range(1, LINES + 1))  # each line once
+    # in the order host A published them, so a reader's cursor stays right
+    assert b"".join(output[:FIRST_HOST]) == seen["published"]
+    # the batch that had finished was left alone: one announcement, its file untouched
+    ready = [e for e in _events(kafka, topics.batch_events)
+             if isinstance(e, BatchFilesReady) and e.batch_id == done]
+    assert len(ready) == 1
+    assert files.read_bytes(final_key(done, "output")) == seen["done_file"]
+    ready_running = [e for e in _events(kafka, topics.batch_events)
+                     if isinstance(e, BatchFilesReady) and e.batch_id == running]
+    assert [(e.completed, e.failed, e.output_tokens) for e in ready_running] == [
+        (LINES, 0, 2 * LINES)]
+    assert seen["sink_from"] == [running]  # the finished batch is no longer read back to
+    assert not files.names(partial_dir(running))
+
+
+async def _not_active(store: Store, batch_id: str) -> bool:
+    return not await store.r.sismember(store.keys.active, batch_id)
+
+
+def _published(files: FileStore, batch_id: str) -> int:
+    return max((end for _, end, _ in segments(files, batch_id, "output")), default=0)
+
+
+def _committed(kafka: KafkaConfig, group: str, topic: str) -> int:
+    consumer = Consumer(kafka.consumer(group))
+    [tp] = consumer.committed([TopicPartition(topic, 0)], timeout=30)
+    consumer.close()
+    return int(tp.offset)
+
+
+def _events(kafka: KafkaConfig, topic: str) -> list[Any]:
+    consumer = Consumer(kafka.consumer(f"read-{uuid.uuid4().hex}",
+                                       **{"enable.partition.eof": True}))
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    found = []
+    while True:
+        msg = consumer.poll(10)
+        assert msg is not None, "the topic's end was not reached"
+        if msg.error():
+            break
+        found.append(parse_event(msg.value() or b""))
+    consumer.close()
+    return found
