@@ -21,6 +21,7 @@ from millrace.records import (
     BatchTransition,
     BatchValidated,
     BatchValidationFailed,
+    QueuedRequest,
     RequestRecord,
     ResponseRecord,
     SpooledResponse,
@@ -188,3 +189,14 @@ def test_usage_in_an_unusual_shape_is_still_counted() -> None:
                             status_code=200, body={"usage": {"prompt_tokens": 2.0,
                                                              "completion_tokens": "3"}})
     assert read_response(record.dumps()).tokens() == (2, 3)
+
+
+def test_the_worker_s_view_of_a_request_is_the_request_record() -> None:
+    """`QueuedRequest` mirrors `RequestRecord` for msgspec: the same fields, the same
+    defaults, so a record read either way is the same request."""
+    assert set(QueuedRequest.__struct_fields__) == set(RequestRecord.model_fields) - {"v"}
+    record = RequestRecord(batch_id="b", project="p", custom_id="c", line=4, url="/v1/x",
+                           body={"model": "m", "n": [1, 2.5, None]}, reply=True)
+    seen = read_request(record.dumps())
+    assert {name: getattr(seen, name) for name in QueuedRequest.__struct_fields__} == (
+        record.model_dump(exclude={"v"}))
