@@ -23,14 +23,14 @@ import json
 import logging
 import uuid
 
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from gateway.lines import StreamLine, persist_stream_lines, request, rules
 from gateway.stream_ledger import StreamLedger
 from gateway.validation import Report, Rules, check_line
 from millrace import metrics
 from millrace.filestore import FileStore
-from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
+from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop, partition_names
 from millrace.protocol import ErrorDetail, ErrorEnvelope
 from millrace.records import (
     CONTROL_HEADER,
@@ -42,6 +42,7 @@ from millrace.records import (
 from millrace.settings import Settings
 from millrace.store import Store
 from millrace.topics import Topics
+from millrace.up.readiness import note_partitions
 
 log = logging.getLogger(__name__)
 MAX_REJECT_VALUE = 4096
@@ -91,7 +92,8 @@ class StreamIngest:
         self._produce: list[tuple[str, str, int | None, bytes]] = []
 
     async def run(self) -> None:
-        self.consumer.subscribe([self.topics.ingest])
+        self.consumer.subscribe([self.topics.ingest], on_assign=self._assigned,
+                                on_revoke=self._revoked, on_lost=self._revoked)
         try:
             await consume_loop(self.consumer, self.handle_all, self._stop, commit="sync")
         finally:
@@ -100,6 +102,15 @@ class StreamIngest:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("ingest: assigned %s", partition_names(partitions))
+        note_partitions(self.settings, self.settings.gateway_name, self.topics.ingest,
+                        [tp.partition for tp in partitions])
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("ingest: revoked %s", partition_names(partitions))
+        note_partitions(self.settings, self.settings.gateway_name, self.topics.ingest, [])
 
     async def handle_all(self, messages: list[Message]) -> None:
         """Route a poll's messages; persist its new lines, then enqueue them, and wait

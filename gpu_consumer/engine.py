@@ -8,6 +8,7 @@ batching: requests join and leave the running batch between steps.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -100,9 +101,10 @@ class EchoEngine:
     default: `MILLRACE_ENGINE=echo`.
     """
 
-    def __init__(self, models: Sequence[str]) -> None:
+    def __init__(self, models: Sequence[str], step_s: float = 0.0) -> None:
         self._models = list(models)
         self._done: Finished = []
+        self._step_s = step_s  # a model's step time (MILLRACE_ECHO_STEP_MS)
 
     @property
     def models(self) -> Sequence[str]:
@@ -115,6 +117,8 @@ class EchoEngine:
         self._done.append((ticket, self._one(request)))
 
     def step(self) -> Finished:
+        if self._done and self._step_s:
+            time.sleep(self._step_s)  # the engine computing, as a GPU step would
         done, self._done = self._done, []
         return done
 

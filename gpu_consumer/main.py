@@ -18,7 +18,7 @@ def run_worker(settings: Settings) -> None:
     engine: Engine
     folders: dict[str, str | None]
     if settings.engine == "echo":
-        engine = EchoEngine(list(served))
+        engine = EchoEngine(list(served), step_s=settings.echo_step_ms / 1000)
         folders = dict.fromkeys(served)
     else:
         from gpu_consumer.vllm_engine import VllmEngine

@@ -32,7 +32,7 @@ from gpu_consumer.load import Load
 from gpu_consumer.stops import StoppedBatches
 from millrace import ids, metrics
 from millrace.errors import DeliveryError
-from millrace.kafka import KafkaConfig, produce, take, usable
+from millrace.kafka import KafkaConfig, partition_names, produce, take, usable
 from millrace.protocol import BATCH_LINE_ERRORS, LineError
 from millrace.records import Usage, read_request, response_value
 from millrace.settings import Settings
@@ -322,7 +322,7 @@ class Worker:
         for tp in partitions:
             self.offsets[(tp.topic, tp.partition)] = PartitionOffsets()
         self._paused = False
-        log.info("assigned %s", _names(partitions))
+        log.info("assigned %s", partition_names(partitions))
         if self._on_ready is not None:
             self._on_ready()
             self._on_ready = None
@@ -331,11 +331,11 @@ class Worker:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self._commit(sync=True, only=keys)  # still ours until this returns
         self._forget(keys)
-        log.info("revoked %s", _names(partitions))
+        log.info("revoked %s", partition_names(partitions))
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._forget({(tp.topic, tp.partition) for tp in partitions})
-        log.warning("lost %s", _names(partitions))
+        log.warning("lost %s", partition_names(partitions))
 
     def _forget(self, keys: set[tuple[str, int]]) -> None:
         """Unstarted lines of partitions we no longer own are dropped (the new owner reads
@@ -346,5 +346,3 @@ class Worker:
             self.offsets.pop(key, None)
 
 
-def _names(partitions: list[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"

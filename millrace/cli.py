@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="gateway port (MILLRACE_PORT)")
     up.add_argument("--engine", choices=["vllm", "echo"], help="MILLRACE_ENGINE")
     up.add_argument("--model", help="served models (MILLRACE_MODEL)")
+    up.add_argument("--replicas", help="instances per service, each in its own data dir as on "
+                                       "separate hosts: gateway=2,worker=2,aggregator=2,sink=2 "
+                                       "(MILLRACE_REPLICAS)")
     gateway = common(sub.add_parser("gateway", help="the HTTP API"))
     gateway.add_argument("--host", help="MILLRACE_HOST")
     gateway.add_argument("--port", type=int, help="MILLRACE_PORT")
@@ -85,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     chaos.add_argument("--engine", choices=["vllm", "echo"], default="echo")
     chaos.add_argument("--lines", type=int, default=5000, help="lines per round's batch")
     chaos.add_argument("--seed", type=int, help="for the same faults at the same moments")
+    chaos.add_argument("--scale-out", action="store_true",
+                       help="instead: `up --replicas` with two of every service, a sink, an "
+                            "aggregator and a gateway lost mid-batch with their disks, a "
+                            "third sink added; checks every line and the webhooks, prints "
+                            "the rebalance pauses (file store: MILLRACE_FILE_STORE_URL)")
     sub.add_parser("schemas", help="print the JSON schema of every record on the public topics")
 
     def client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -133,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    for flag in ("data_dir", "log_level", "port", "host", "engine", "model"):
+    for flag in ("data_dir", "log_level", "port", "host", "engine", "model", "replicas"):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[flag] = value
@@ -317,6 +325,16 @@ def _chaos(settings: Settings, args: argparse.Namespace) -> int:
     from millrace.up.chaos import chaos, table
 
     data_dir = Path(tempfile.mkdtemp(prefix="millrace-chaos-"))
+    if args.scale_out:
+        from millrace.up import scale_out
+
+        env = {"MILLRACE_FILE_STORE_URL": settings.file_store_url} if settings.file_store_url \
+            else {}
+        result = scale_out.run(data_dir, env, lines=args.lines if args.lines != 5000 else 2000,
+                               say=lambda line: print(line, file=sys.stderr, flush=True))
+        print(scale_out.table(result))
+        print(f"deployment data dir: {data_dir}")
+        return 0 if result.ok else 1
     rounds = chaos(data_dir, args.rounds, engine=args.engine, lines=args.lines, seed=args.seed,
                    say=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(rounds))

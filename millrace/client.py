@@ -49,12 +49,15 @@ class StreamBatch:
         cls, base_url: str, api_key: str, *, kafka: KafkaSettings | str,
         endpoint: str = "/v1/chat/completions", completion_window: str = "24h",
         metadata: dict[str, str] | None = None, topic_prefix: str = "millrace",
+        webhook_url: str | None = None,
     ) -> StreamBatch:
         http = httpx.Client(base_url=base_url.rstrip("/"), timeout=30,
                             headers={"Authorization": f"Bearer {api_key}"})
-        response = http.post("/batches", json={
-            "input": "stream", "endpoint": endpoint, "completion_window": completion_window,
-            "metadata": metadata})
+        create: dict[str, Any] = {"input": "stream", "endpoint": endpoint,
+                                  "completion_window": completion_window, "metadata": metadata}
+        if webhook_url is not None:
+            create["webhook_url"] = webhook_url
+        response = http.post("/batches", json=create)
         response.raise_for_status()
         producer = Producer(_config(kafka, "stream").producer())
         return cls(response.json(), http, producer, Topics(topic_prefix))

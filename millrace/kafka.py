@@ -123,6 +123,11 @@ def take(consumer: Consumer, most: int, wait_first: float, fill_wait: float = 0.
     return [first, *consumer.consume(most - 1, fill_wait)] if most > 1 else [first]
 
 
+def partition_names(partitions: list[TopicPartition]) -> str:
+    """`topic[0], topic[1]` for a log line."""
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
+
+
 def usable(msg: Message) -> bool:
     """False for consumer errors (logged here) and partition-EOF markers."""
     err = msg.error()

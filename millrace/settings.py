@@ -140,6 +140,22 @@ class KafkaSettings(BaseModel):
         return {**config, **defaults, **self.extra}
 
 
+SERVICES = ("worker", "aggregator", "sink", "gateway")
+
+
+def replica_counts(text: str) -> dict[str, int]:
+    """`gateway=2,sink=3` → instances of each of the four services (1 where not named)."""
+    counts = dict.fromkeys(SERVICES, 1)
+    for item in text.split(","):
+        name, _, number = item.strip().partition("=")
+        if name not in SERVICES:
+            raise ValueError(f"unknown service {name!r} (one of {', '.join(SERVICES)})")
+        if not number.isdigit() or not 1 <= int(number) <= 64:
+            raise ValueError(f"{name}: instances must be a number from 1 to 64, not {number!r}")
+        counts[name] = int(number)
+    return counts
+
+
 class Settings(BaseSettings):
     """One settings object shared by all services; each reads only what it needs."""
 
@@ -166,6 +182,9 @@ class Settings(BaseSettings):
     # Served model names, comma separated; `name=/path/to/hf-dir` serves a local folder.
     model: str = f"{BUNDLED_CHAT_MODEL},{BUNDLED_EMBEDDING_MODEL}"
     engine: Literal["vllm", "echo"] = "vllm"
+    # The echo engine's step time, as a model's on a GPU: requests take at least this long,
+    # so pipeline tests can act while a batch runs. 0: at once.
+    echo_step_ms: float = Field(default=0.0, ge=0, le=60_000)
     # pyarrow.fs URI of the file store; default: <data_dir>/files on local disk.
     file_store_url: str | None = None
     # Where bundled models are converted once (shared across data dirs).
@@ -223,6 +242,11 @@ class Settings(BaseSettings):
     worker_drain_s: float = 30.0
     # Workers `millrace up` starts; with the vLLM engine on CPU they split the cores.
     workers: int = 1
+    # `up --replicas`: instances of each service, each in its own data dir
+    # (`<data_dir>/replicas/<name>`) as on separate hosts, sharing only Kafka, Redis and the
+    # file store, e.g. "gateway=2,worker=2,aggregator=2,sink=2" (a service left out: 1).
+    # Unset: `workers` workers and `gateways` gateways sharing this data dir.
+    replicas: str | None = None
     # This worker's name in readiness markers and logs (`up` names them worker, worker-2…).
     worker_name: str = "worker"
     # vLLM's engine core in its own process (vLLM's default): scheduling and the model run
@@ -243,6 +267,11 @@ class Settings(BaseSettings):
     # afresh while no batch runs (at twice this size at once), and unfinished batches are
     # resumed on the new one. 0 = never.
     broker_max_rss_mb: int = 1024
+
+    # This sink's and this aggregator's names in readiness markers and logs (`up
+    # --replicas` names them sink, sink-2…).
+    sink_name: str = "sink"
+    aggregator_name: str = "aggregator"
 
     # sink: consume() returns when this many records arrived or the wait ran out
     sink_max_batch: int = 500
@@ -298,6 +327,17 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """`VAR=` (as compose writes an unset `${VAR:-}`) means unset, not an empty secret."""
         return None if value == "" else value
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas_known(cls, value: str | None) -> str | None:
+        if value:
+            replica_counts(value)
+        return value
+
+    def replica_counts(self) -> dict[str, int] | None:
+        """Instances per service under `up --replicas`; None when unset."""
+        return replica_counts(self.replicas) if self.replicas else None
 
     @property
     def run_dir(self) -> Path:

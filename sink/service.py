@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from millrace import metrics
 from millrace.errors import OUTAGES
 from millrace.filestore import FileStore
-from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
+from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop, partition_names
 from millrace.records import (
     BatchCreated,
     BatchEvent,
@@ -51,7 +51,7 @@ from millrace.results import final_key
 from millrace.settings import Settings
 from millrace.store import COMMAND_TIMEOUT_S, Store
 from millrace.topics import Topics
-from millrace.up.readiness import mark_ready
+from millrace.up.readiness import mark_ready, note_partitions
 from sink.assembler import Assembler
 from sink.janitor import EVERY_S as JANITOR_EVERY_S
 from sink.janitor import Janitor
@@ -91,7 +91,7 @@ class Sink:
                                 on_assign=self._assigned, on_revoke=self._revoked,
                                 on_lost=self._revoked)
         webhooks = asyncio.create_task(self.webhooks.run(self._stopping))
-        mark_ready(self.settings, "sink")
+        mark_ready(self.settings, self.settings.sink_name)
         try:
             await self.write_complete()  # batches whose lines were all in before a restart
             await consume_loop(
@@ -179,11 +179,16 @@ class Sink:
             if start is not None:
                 tp.offset = start
         consumer.assign(partitions)
+        note_partitions(self.settings, self.settings.sink_name, self.topics.responses,
+                        [tp.partition for tp in partitions if tp.topic == self.topics.responses])
+        log.info("assigned %s", partition_names(partitions))
         if starts:
             log.info("reading back from the oldest unfinished batch: %s",
                      ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(starts.items())))
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %s", partition_names(partitions))
+        note_partitions(self.settings, self.settings.sink_name, self.topics.responses, [])
         self._replay.drop((tp.topic, tp.partition) for tp in partitions)
         for tp in partitions:
             self._noted.pop((tp.topic, tp.partition), None)

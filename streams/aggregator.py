@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from pydantic import ValidationError
 
 from millrace import metrics
-from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop
+from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop, partition_names
 from millrace.records import (
     BatchEvent,
     BatchExpireDue,
@@ -41,7 +41,7 @@ from millrace.settings import Settings
 from millrace.status import BatchStatus
 from millrace.store import Store
 from millrace.topics import Topics
-from millrace.up.readiness import mark_ready
+from millrace.up.readiness import mark_ready, note_partitions
 from streams.state import BatchState, Emitted
 from streams.targets import with_endpoints
 
@@ -93,9 +93,15 @@ class Aggregator:
         self.lag.maybe(time.monotonic())
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        mark_ready(self.settings, "aggregator")
+        mark_ready(self.settings, self.settings.aggregator_name)
+        note_partitions(self.settings, self.settings.aggregator_name, self.topics.batch_events,
+                        [tp.partition for tp in partitions])
+        log.info("assigned %s", partition_names(partitions))
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %s", partition_names(partitions))
+        note_partitions(self.settings, self.settings.aggregator_name, self.topics.batch_events,
+                        [])
         self.states.clear()  # batches may move: read them back from Redis
 
     # --- applying events ---------------------------------------------------------------

@@ -7,11 +7,12 @@ so this measures a `millrace up` deployment as it runs, from outside.
 
 from __future__ import annotations
 
-import json
 import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from millrace.up import readiness
 
 TICK = os.sysconf("SC_CLK_TCK")
 ENGINE_METRIC = "millrace_engine_call_seconds_total"
@@ -20,15 +21,8 @@ ENGINE_METRIC = "millrace_engine_call_seconds_total"
 def processes(data_dir: Path) -> dict[str, int]:
     """Process name (gateway, gateway-2, worker, …, broker, redis) → pid, of the markers
     whose process runs (a marker can outlive a process that was killed)."""
-    found = {}
-    for marker in (data_dir / "run").glob("*.ready"):
-        try:
-            pid = int(json.loads(marker.read_text())["pid"])
-        except (OSError, ValueError, KeyError):
-            continue
-        if Path(f"/proc/{pid}").exists():
-            found[marker.stem] = pid
-    return found
+    return {name: pid for name, pid in readiness.pids(data_dir).items()
+            if Path(f"/proc/{pid}").exists()}
 
 
 def service(process: str) -> str:

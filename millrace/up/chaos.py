@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 
 from millrace.settings import BUNDLED_CHAT_MODEL
+from millrace.up import readiness
 from millrace.up.embedded import die_with_parent, free_port
 
 PARTS = ("broker", "redis", "gateway", "worker", "aggregator", "sink")
@@ -91,10 +92,7 @@ class Up:
         self.stderr.extend(proc.stderr)
 
     def pid(self, part: str) -> int | None:
-        try:
-            return int(json.loads((self.data_dir / "run" / f"{part}.ready").read_text())["pid"])
-        except (FileNotFoundError, ValueError, KeyError):
-            return None
+        return readiness.pids(self.data_dir).get(part)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
         """SIGTERM to the launcher (it stops everything), or SIGKILL to the whole group."""
@@ -121,12 +119,9 @@ def reap(proc: subprocess.Popen[str], pumps: list[threading.Thread], timeout: fl
 def _kill_leftovers(data_dir: Path) -> None:
     """Every child leads its own process group (so Ctrl-C reaches only the launcher): a
     power loss takes them too."""
-    for marker in (data_dir / "run").glob("*.ready"):
-        try:
-            pid = int(json.loads(marker.read_text())["pid"])
+    for pid in readiness.pids(data_dir).values():
+        with suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-        except (ValueError, KeyError, ProcessLookupError, PermissionError, OSError):
-            continue
 
 
 # --- a webhook receiver -------------------------------------------------------------------

@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 import httpx
@@ -40,7 +41,6 @@ from millrace.up import embedded, readiness
 
 log = logging.getLogger("millrace.up")
 
-SERVICES = ("worker", "aggregator", "sink", "gateway")
 STOP_GRACE_S = 40.0  # a worker finishes its running requests (worker_drain_s) first
 CHECK_EVERY_S = 5.0  # broker memory and log sizes
 LOG_MAX_BYTES = 64 << 20  # a child's log is rotated (copied to .1, emptied) beyond this
@@ -81,6 +81,7 @@ class Launcher:
         self._resume_pending = False
         self._last_check = 0.0
         self.metrics_ports: dict[str, int] = {}  # per service, kept across its restarts
+        self.instance_dirs: dict[str, Path] = {}  # `--replicas`: each instance's data dir
 
     # --- lifecycle ---------------------------------------------------------------------
     def run(self, announce: Callable[[str], None]) -> int:
@@ -95,7 +96,7 @@ class Launcher:
             api_key = self._bootstrap_key()
             self._webhook_signing_key()
             for name, command, env in self._service_plan():
-                readiness.clear(self.settings, name)
+                readiness.clear(self._own(name), name)
                 self.services.append(name)
                 self._add(Child(name, self._service_starter(name, command, env)))
             self._wait_ready()
@@ -202,32 +203,49 @@ class Launcher:
 
     # --- services ----------------------------------------------------------------------
     def _service_plan(self) -> list[tuple[str, str, dict[str, str]]]:
-        """(name, command, extra env) of each service process: `workers` workers (on CPU
-        with vLLM each gets its own slice of the cores), then the other services."""
-        count = max(self.settings.workers, 1)
+        """(name, command, extra env) of each service process: the workers (on CPU with
+        vLLM each gets its own slice of the cores), the gateways, then the others.
+
+        Under `--replicas` every instance gets its own data dir, as on its own host, and
+        all share the file store (`file_store_url`, else this data dir's `files`)."""
+        counts = self.settings.replica_counts()
+        separate = counts is not None
+        if counts is None:
+            counts = {"worker": max(self.settings.workers, 1), "aggregator": 1, "sink": 1,
+                      "gateway": max(self.settings.gateways, 1)}
         cpus = self.settings.cpus() or sorted(os.sched_getaffinity(0))
-        split = (count > 1 and self.settings.engine == "vllm" and not self.settings.cpu_set
-                 and len(cpus) >= count)
-        plan = []
-        for i in range(count):
-            name = "worker" if i == 0 else f"worker-{i + 1}"
-            env = {"MILLRACE_WORKER_NAME": name}
-            if split:
-                share = cpus[i * len(cpus) // count:(i + 1) * len(cpus) // count]
-                env["MILLRACE_CPU_SET"] = ",".join(map(str, share))
-            plan.append((name, "worker", env))
+        workers = counts["worker"]
+        split = (workers > 1 and self.settings.engine == "vllm" and not self.settings.cpu_set
+                 and len(cpus) >= workers)
         metrics_dir = self.settings.run_dir / "metrics-gateway"
         prepare_gateway_dir(metrics_dir)
-        for i in range(max(self.settings.gateways, 1)):
-            name = "gateway" if i == 0 else f"gateway-{i + 1}"
-            plan.append((name, "gateway", {"MILLRACE_GATEWAY_NAME": name,
-                                           "MILLRACE_GATEWAY_METRICS_DIR": str(metrics_dir)}))
-        plan += [(name, name, {}) for name in SERVICES if name not in ("worker", "gateway")]
-        for name, command, env in plan:
-            if command != "gateway":
-                self.metrics_ports[name] = embedded.free_port()
-                env["MILLRACE_METRICS_PORT"] = str(self.metrics_ports[name])
+        plan = []
+        for command in ("worker", "gateway", "aggregator", "sink"):
+            for i in range(counts[command]):
+                name = command if i == 0 else f"{command}-{i + 1}"
+                env = {f"MILLRACE_{command.upper()}_NAME": name}
+                if command == "worker" and split:
+                    share = cpus[i * len(cpus) // workers:(i + 1) * len(cpus) // workers]
+                    env["MILLRACE_CPU_SET"] = ",".join(map(str, share))
+                if command == "gateway":  # all on one port; /metrics sums them
+                    env["MILLRACE_GATEWAY_METRICS_DIR"] = str(metrics_dir)
+                else:
+                    self.metrics_ports[name] = embedded.free_port()
+                    env["MILLRACE_METRICS_PORT"] = str(self.metrics_ports[name])
+                if separate:
+                    own = readiness.instance_dir(self.settings.data_dir, name)
+                    own.mkdir(parents=True, exist_ok=True)
+                    self.instance_dirs[name] = own
+                    env["MILLRACE_DATA_DIR"] = str(own)
+                    env["MILLRACE_FILE_STORE_URL"] = self.settings.files_url
+                plan.append((name, command, env))
         return plan
+
+    def _own(self, name: str) -> Settings:
+        """The settings a service instance runs with, as far as its data dir goes."""
+        own = self.instance_dirs.get(name)
+        return self.settings if own is None else self.settings.model_copy(
+            update={"data_dir": own})
 
     def _service_starter(
         self, name: str, command: str, extra_env: dict[str, str]
@@ -235,7 +253,8 @@ class Launcher:
         env = {**os.environ, **self.settings.as_env(), **extra_env}
 
         def start() -> subprocess.Popen[bytes]:
-            readiness.clear(self.settings, name)
+            readiness.clear(self._own(name), name)
+            self._own(name).data_dir.mkdir(parents=True, exist_ok=True)
             self.logs.mkdir(parents=True, exist_ok=True)
             with (self.logs / f"{name}.log").open("ab") as out:
                 return subprocess.Popen(
@@ -247,7 +266,7 @@ class Launcher:
         return start
 
     def _ready(self, name: str) -> bool:
-        if readiness.read(self.settings, name) is None:
+        if readiness.read(self._own(name), name) is None:
             return False
         if not name.startswith("gateway"):
             return True
@@ -277,7 +296,7 @@ class Launcher:
         log.info("every service ready in %.1f s", time.monotonic() - started)
 
     def _write_endpoints(self, base_url: str) -> None:
-        worker = readiness.read(self.settings, "worker") or {}
+        worker = readiness.read(self._own("worker"), "worker") or {}
         endpoints = {
             "base_url": base_url,
             "kafka_bootstrap": self.settings.kafka.bootstrap,
@@ -290,6 +309,8 @@ class Launcher:
                    for name, port in self.metrics_ports.items()},
             },
         }
+        if self.instance_dirs:
+            endpoints["data_dirs"] = {name: str(d) for name, d in self.instance_dirs.items()}
         path = self.settings.data_dir / "endpoints.json"
         path.write_text(json.dumps(endpoints, indent=2) + "\n")
 
@@ -383,7 +404,7 @@ class Launcher:
                     child.proc.wait()
                 _reap_group(child)
         for name in [*self.services, "broker", "redis"]:
-            readiness.clear(self.settings, name)
+            readiness.clear(self._own(name), name)
         log.info("stopped")
 
 

@@ -138,6 +138,10 @@ def test_a_service_without_kafka_says_which_variable() -> None:
     ({"MILLRACE_PORT": "eighty"}, "MILLRACE_PORT: Input should be a valid integer"),
     ({"MILLRACE_SINK_MAX_BATCH": "1", "MILLRACE_SNIK_MAX_BATCH": "1"},
      "unknown setting MILLRACE_SNIK_MAX_BATCH"),
+    ({"MILLRACE_REPLICAS": "sink=2,broker=3"}, "MILLRACE_REPLICAS: unknown "
+                                               "service 'broker' (one of worker, aggregator"),
+    ({"MILLRACE_REPLICAS": "sink=0"}, "MILLRACE_REPLICAS: sink: instances must "
+                                      "be a number from 1 to 64, not '0'"),
 ])
 def test_the_cli_prints_one_line_and_exits_2(env: dict[str, str], expected: str,
                                              tmp_path: Path) -> None:
@@ -148,3 +152,9 @@ def test_the_cli_prints_one_line_and_exits_2(env: dict[str, str], expected: str,
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"millrace: {expected}"), result.stderr
+
+
+def test_replicas_name_instances_of_each_service_and_default_to_one() -> None:
+    settings = Settings(replicas="gateway=2, sink=3")
+    assert settings.replica_counts() == {"worker": 1, "aggregator": 1, "sink": 3, "gateway": 2}
+    assert Settings().replica_counts() is None
