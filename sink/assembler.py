@@ -10,6 +10,11 @@ Each batch spools to `<data_dir>/sink/<batch_id>/` on local disk:
 - `written`: the `files_ready` record, left once the final files are registered; later
   records are ignored, and the record can be announced again.
 
+A spool is also published as partial-result segments in the shared file store (every
+`sink_partial_every_s`, and whenever the sink's partitions are revoked). A sink that takes a
+batch over copies the published lines its own disk lacks into its spool first, so no line
+depends on the disk of the sink that spooled it, nor on Kafka still holding its record.
+
 The counts and usage of a batch are those of its spool lines, so `request_counts` and
 `usage` always equal what the files hold.
 """
@@ -36,8 +41,8 @@ from millrace.results import (
     final_file_id,
     final_key,
     partial_dir,
-    published_lines,
     segment_key,
+    segments,
 )
 
 log = logging.getLogger(__name__)
@@ -116,6 +121,28 @@ class Spool:
             if ahead > self.counts[kind]:
                 self.published[kind] = ahead
                 self.published_bytes[kind] = -1
+
+    def seed(self, files: FileStore, found: dict[str, list[tuple[int, int, str]]]) -> bool:
+        """Append the lines of published segments (`found`: each kind's, in line order) that
+        this spool lacks: another sink spooled and published them while it had the batch's
+        partition, and Kafka may no longer hold their records (a broker that lost its
+        data). True if any line was added."""
+        added = False
+        for kind in KINDS:
+            new = []
+            for _, end, key in found.get(kind, []):
+                if end <= self.counts[kind]:  # this spool holds the published prefix
+                    continue
+                for raw in files.read_bytes(key).splitlines(keepends=True):
+                    custom_id = json.loads(raw)["custom_id"]
+                    if custom_id not in self.custom_ids:
+                        self.custom_ids.add(custom_id)
+                        new.append(raw)
+            if new:
+                with self.path(kind).open("ab") as f:
+                    f.write(b"".join(new))
+                added = True
+        return added
 
     def _count(self, kind: str, prompt: int, completion: int) -> None:
         self.counts[kind] += 1
@@ -222,12 +249,28 @@ class Assembler:
                 self.spool(meta.parent.name)
 
     def spool(self, batch_id: str) -> Spool:
+        """The batch's spool, from disk the first time; lines that another sink published
+        and this disk lacks are copied in from the file store first."""
         spool = self._spools.get(batch_id)
         if spool is None:
+            found = {k: segments(self.files, batch_id, k) for k in KINDS}
+            published = {k: max((end for _, end, _ in found[k]), default=0) for k in KINDS}
             spool = Spool(self.root / batch_id)
-            spool.rebuild({k: published_lines(self.files, batch_id, k) for k in KINDS})
+            spool.rebuild(published)
+            if not spool.written and spool.seed(self.files, found):
+                log.info("%s: spooled the lines another sink had published", batch_id)
+                spool = Spool(self.root / batch_id)
+                spool.rebuild(published)
             self._spools[batch_id] = spool
         return spool
+
+    def publish_all(self) -> None:
+        """Publish every spool's unpublished lines, then forget the spools: the batches'
+        partitions may go to another sink, which copies them in (`Spool.seed`); when one
+        comes back, its spool is read again with what the other sink added."""
+        for batch_id in self.publish_due(0):
+            self.publish(batch_id)
+        self._spools.clear()
 
     def add(self, records: Iterable[SpooledResponse]) -> dict[str, list[int]]:
         """Spool each response once; per batch with new lines, their input line numbers."""

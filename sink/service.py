@@ -187,8 +187,16 @@ class Sink:
                      ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(starts.items())))
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Before the partitions go to another sink: every spooled line into the shared
+        store, where that sink finds it even if Kafka lost the records (a broker that lost
+        its data; our disk is ours alone)."""
         log.info("revoked %s", partition_names(partitions))
         note_partitions(self.settings, self.settings.sink_name, self.topics.responses, [])
+        try:
+            self.assembler.publish_all()
+        except OSError:
+            log.exception("could not publish the spooled lines before the rebalance; "
+                          "another sink reads them from Kafka")
         self._replay.drop((tp.topic, tp.partition) for tp in partitions)
         for tp in partitions:
             self._noted.pop((tp.topic, tp.partition), None)

@@ -5,14 +5,15 @@ added mid-batch, every line checked.
 data dir; they share only Kafka, Redis and the file store (moto's S3 server in the test).
 Two batches run: an uploaded file, and a stream batch fed through `<prefix>.ingest` (half
 its lines before the faults, half after). The echo engine takes `step_ms` a step, so the
-batch lasts long enough to act while it runs.
+batch lasts long enough to act while it runs (`MILLRACE_ECHO_STEP_MS`).
 
-Mid-batch the sink and the aggregator that own the file batch's partition, and the gateway
-that owns the stream batch's ingest partition, are SIGKILLed and their data dirs deleted —
-their host is gone — before the launcher starts them again on empty disks. Later a third
-sink joins from a data dir of its own, as a new host does. Both batches must then end
-`completed` with every line exactly once, counts and usage exact, and one webhook per
-event.
+At 10 % of the file batch the sink and the aggregator that own its partition, and the
+gateway that owns the stream batch's ingest partition, are SIGKILLed and their data dirs
+deleted — their host is gone — before the launcher starts them again on empty disks. At
+50 % a new host joins: a third worker, gateway, aggregator and sink, each in a data dir of
+its own; at 80 % it leaves (SIGTERM: each leaves its group, as a scale-in does). Both
+batches must then end `completed` with every line exactly once, counts and usage exact,
+and one webhook per event.
 
 The file batch's progress is read from the API every 50 ms, as a user watches it: the
 longest wait for it to move after each step is the pause that step's rebalance costs.
@@ -100,12 +101,12 @@ class ScaleOut:
     file: Round
     stream: Round
     lost: list[str] = field(default_factory=list)  # instances whose host was lost
-    added: str = ""  # the instance started on a new host
-    added_partitions: list[int] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)  # the instances of the added host
+    added_partitions: list[int] = field(default_factory=list)  # of responses, its sink's
     webhooks: dict[str, list[str]] = field(default_factory=dict)  # batch → event types
     pauses: dict[str, float] = field(default_factory=dict)  # step → longest pause (s)
     lost_at_done: int = 0  # the file batch's finished lines when the hosts were lost
-    joined_s: float = 0.0  # the added sink: started → partitions assigned
+    joined_s: float = 0.0  # the added host: started → its sink has partitions
     before: float = 0.0  # the longest pause before any step (the baseline)
     batch_ids: list[str] = field(default_factory=list)
 
@@ -184,53 +185,67 @@ def _until(what: Callable[[], Any], timeout: float, waiting_for: str = "",
     raise TimeoutError(f"no {waiting_for} within {timeout}s {state()}")
 
 
+NEW_HOST = ("worker", "gateway", "aggregator", "sink")
+
+
 @contextmanager
-def new_host(up: Up, service: str, name: str, data_dir: Path) -> Iterator[Path]:
-    """`millrace <service>` alone in `data_dir`, pointed at the deployment's Kafka, Redis
-    and file store, as on a host of its own; stopped (SIGTERM) on leaving. Yields its
+def new_host(up: Up, data_dir: Path, number: int = 3,
+             services: tuple[str, ...] = NEW_HOST) -> Iterator[dict[str, Path]]:
+    """One of each of `services` (`<service>-<number>`), alone in its own data dir under
+    `data_dir`, pointed at the deployment's Kafka, Redis and file store, as on a host that
+    joins; all stopped (SIGTERM: they leave their groups) on leaving. Yields each one's
     readiness marker."""
     endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MILLRACE_")}
-    env.update({
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MILLRACE_")}
+    base.update({
         "MILLRACE_KAFKA__BOOTSTRAP": endpoints["kafka_bootstrap"],
         "MILLRACE_REDIS_URL": endpoints["redis_url"],
         "MILLRACE_TOPIC_PREFIX": endpoints["topic_prefix"],
         "MILLRACE_FILE_STORE_URL": up.env.get("MILLRACE_FILE_STORE_URL",
                                               str(up.data_dir / "files")),
         "MILLRACE_WEBHOOK_SIGNING_KEY": (up.data_dir / "webhook_signing_key").read_text(),
+        "MILLRACE_ENGINE": up.engine,
         **{k: v for k, v in up.env.items() if k != "MILLRACE_REPLICAS"},
-        "MILLRACE_DATA_DIR": str(data_dir),
-        f"MILLRACE_{service.upper()}_NAME": name,
     })
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with (data_dir / f"{name}.log").open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "millrace", service], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=die_with_parent)
+    procs: list[subprocess.Popen[bytes]] = []
+    markers = {}
     try:
-        yield data_dir / "run" / f"{name}.ready"
+        for service in services:
+            name = f"{service}-{number}"
+            own = data_dir / name
+            own.mkdir(parents=True, exist_ok=True)
+            env = {**base, "MILLRACE_DATA_DIR": str(own), f"MILLRACE_{service.upper()}_NAME": name}
+            if service == "gateway":
+                env["MILLRACE_PORT"] = str(free_port())
+            with (own / f"{name}.log").open("ab") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "millrace", service], env=env, stdout=log,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    preexec_fn=die_with_parent))
+            markers[name] = own / "run" / f"{name}.ready"
+        yield markers
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def scale_out(up: Up, receiver: Receiver, work: Path, *, lines: int = 2000,
               stream_lines: int = 400, lose_at: float = 0.1, add_at: float = 0.5,
               remove_at: float = 0.8, timeout: float = 600) -> ScaleOut:
-    """The scenario of the module docstring on a running `up --replicas` deployment; at
-    `remove_at` the added sink leaves again (SIGTERM: it leaves the group, as a scale-in
-    does)."""
+    """The scenario of the module docstring on a running `up --replicas` deployment."""
     api = Api(up)
     endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
     topics = Topics(endpoints["topic_prefix"])
     partitions = int(up.env.get("MILLRACE_PARTITIONS", "4"))
     client = redis.Redis.from_url(endpoints["redis_url"])
     stream_input = batch_file(stream_lines, "s").splitlines()
-    result = ScaleOut(Round(1, "lose sink+aggregator+gateway, add a sink", 0, lines),
+    result = ScaleOut(Round(1, "lose sink+aggregator+gateway, add and remove a host", 0, lines),
                       Round(2, "stream batch across the same", 0, stream_lines))
     file_id = api.create(lines, "f", receiver.url)
     progress = Progress(api, file_id)
@@ -272,16 +287,19 @@ def scale_out(up: Up, receiver: Receiver, work: Path, *, lines: int = 2000,
             stream.send_raw(value)
         _until(lambda: _seal(stream), PHASE_S, "seal", state)
         at(add_at)
-        result.added = "sink-3"
-        steps.append(("sink added", time.monotonic()))
-        with new_host(up, "sink", result.added, work / result.added) as marker:
-            joined = _until(lambda: (info := readiness.read_path(marker))
+        steps.append(("host added", time.monotonic()))
+        with new_host(up, work / "host-3") as markers:
+            result.added = sorted(markers)
+            _until(lambda: all(readiness.read_path(m) for m in markers.values()), PHASE_S,
+                   "the new host's services ready", state)
+            sink = markers["sink-3"]
+            joined = _until(lambda: (info := readiness.read_path(sink))
                             and info.get("partitions", {}).get(topics.responses) and info,
                             PHASE_S, "partitions for the new sink", state)
             result.added_partitions = joined["partitions"][topics.responses]
             result.joined_s = round(time.monotonic() - steps[-1][1], 2)
             at(remove_at)
-            steps.append(("sink removed (SIGTERM)", time.monotonic()))
+            steps.append(("host removed (SIGTERM)", time.monotonic()))
         finish(api, receiver, file_id, result.file, "f", timeout)
         finish(api, receiver, stream.id, result.stream, "s", timeout)
         watcher.join(timeout)
@@ -330,9 +348,9 @@ def table(result: ScaleOut) -> str:
              for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines.append(f"\nhosts lost at {result.lost_at_done}/{result.file.lines} lines: "
-                 f"{', '.join(result.lost)}; added: {result.added} "
-                 f"(partitions {result.added_partitions})")
-    lines.append(f"the added sink had its partitions {result.joined_s:.2f} s after it started")
+                 f"{', '.join(result.lost)}; host added: {', '.join(result.added)} "
+                 f"(sink-3: responses partitions {result.added_partitions}, "
+                 f"{result.joined_s:.2f} s after the host started)")
     lines.append(f"longest pause in progress: before the steps {result.before:.2f} s; " +
                  ", ".join(f"{step} {seconds:.2f} s" for step, seconds in result.pauses.items()))
     lines.append("ok" if result.ok else "NOT ok")

@@ -8,7 +8,7 @@ from pathlib import Path
 from millrace.filestore import FileStore
 from millrace.protocol import OutputLine
 from millrace.records import BatchFilesReady, ResponseRecord, SpooledResponse, read_response
-from millrace.results import Page, final_file_id, read_page, segments
+from millrace.results import Page, final_file_id, final_key, read_page, segments
 from sink.assembler import Assembler
 
 
@@ -179,3 +179,32 @@ def test_publishing_resumes_after_a_restart_with_nothing_new(tmp_path: Path) -> 
     restarted.spool("batch_1")
     assert restarted.publish_due(0.0) == []
     assert ids(read_page(files, "batch_1", "output", 0, 10)) == ["a"]
+
+
+def test_a_sink_that_takes_a_batch_over_copies_in_what_the_other_published(
+        tmp_path: Path) -> None:
+    """Two sinks, each its own disk, one file store: the first publishes everything it
+    spooled when it gives its partitions up; the second needs no Kafka record of those
+    lines to complete the batch, and the files come out in the first sink's order."""
+    files = FileStore(str(tmp_path / "files"))
+    first = Assembler(tmp_path / "host-1", files)
+    first.add([record("a"), record("b", 400), record("c")])
+    first.spool("batch_1")  # published on the partial cadence: nothing yet
+    first.publish_all()  # its partitions are revoked
+    assert [(a, b) for a, b, _ in segments(files, "batch_1", "output")] == [(0, 2)]
+    second = Assembler(tmp_path / "host-2", files)
+    assert second.add([record("c"), record("d")]) == {"batch_1": []}  # c was copied in
+    spool = second.spool("batch_1")
+    assert spool.counts == {"output": 3, "errors": 1}
+    assert spool.progress().input_tokens == 6
+    second.learn("batch_1", total=4)
+    assert second.complete() == ["batch_1"]
+    written = second.write_files("batch_1")
+    output = written.files["output"]
+    assert output is not None
+    lines = [OutputLine.model_validate_json(x).custom_id
+             for x in files.read_bytes(final_key("batch_1", "output")).splitlines()]
+    assert lines == ["a", "c", "d"]
+    # only what follows the copied lines is published from the second sink
+    second.publish("batch_1")
+    assert [(a, b) for a, b, _ in segments(files, "batch_1", "output")] == [(0, 2), (2, 3)]
