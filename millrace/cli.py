@@ -86,13 +86,15 @@ def _parser() -> argparse.ArgumentParser:
         "chaos", help="run a deployment through random kills and restarts, check every line"))
     chaos.add_argument("--rounds", type=int, default=30)
     chaos.add_argument("--engine", choices=["vllm", "echo"], default="echo")
-    chaos.add_argument("--lines", type=int, default=5000, help="lines per round's batch")
+    chaos.add_argument("--lines", type=int,
+                       help="lines per round's batch (5000; --scale-out: 2000)")
     chaos.add_argument("--seed", type=int, help="for the same faults at the same moments")
     chaos.add_argument("--scale-out", action="store_true",
-                       help="instead: `up --replicas` with two of every service, a sink, an "
-                            "aggregator and a gateway lost mid-batch with their disks, a "
-                            "third sink added; checks every line and the webhooks, prints "
-                            "the rebalance pauses (file store: MILLRACE_FILE_STORE_URL)")
+                       help="instead: `up --replicas` with two of every service; a sink, an "
+                            "aggregator and a gateway lost mid-batch with their disks, then a "
+                            "host with one more of each joins and leaves; checks every line "
+                            "and the webhooks, prints the rebalance pauses (file store: "
+                            "MILLRACE_FILE_STORE_URL)")
     sub.add_parser("schemas", help="print the JSON schema of every record on the public topics")
 
     def client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -330,12 +332,13 @@ def _chaos(settings: Settings, args: argparse.Namespace) -> int:
 
         env = {"MILLRACE_FILE_STORE_URL": settings.file_store_url} if settings.file_store_url \
             else {}
-        result = scale_out.run(data_dir, env, lines=args.lines if args.lines != 5000 else 2000,
+        result = scale_out.run(data_dir, env, lines=args.lines or 2000,
                                say=lambda line: print(line, file=sys.stderr, flush=True))
         print(scale_out.table(result))
         print(f"deployment data dir: {data_dir}")
         return 0 if result.ok else 1
-    rounds = chaos(data_dir, args.rounds, engine=args.engine, lines=args.lines, seed=args.seed,
+    rounds = chaos(data_dir, args.rounds, engine=args.engine, lines=args.lines or 5000,
+                   seed=args.seed,
                    say=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(rounds))
     print(f"deployment data dir: {data_dir}")

@@ -268,9 +268,11 @@ class Assembler:
         """Publish every spool's unpublished lines, then forget the spools: the batches'
         partitions may go to another sink, which copies them in (`Spool.seed`); when one
         comes back, its spool is read again with what the other sink added."""
-        for batch_id in self.publish_due(0):
-            self.publish(batch_id)
-        self._spools.clear()
+        try:
+            for batch_id in self.publish_due(0):
+                self.publish(batch_id)
+        finally:
+            self._spools.clear()
 
     def add(self, records: Iterable[SpooledResponse]) -> dict[str, list[int]]:
         """Spool each response once; per batch with new lines, their input line numbers."""

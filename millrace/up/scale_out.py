@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis
 
 from millrace.client import StreamBatch
@@ -332,7 +333,7 @@ def finish(api: Api, receiver: Receiver, batch_id: str, result: Round, tag: str,
 def _seal(stream: StreamBatch) -> bool:
     try:
         stream.seal()
-    except Exception:  # a 503 while the gateway that answers is the lost one: try again
+    except httpx.HTTPError:  # the gateway that answered was the lost one: try again
         return False
     return True
 
