@@ -252,9 +252,11 @@ class Launcher:
     ) -> Callable[[], subprocess.Popen[bytes]]:
         env = {**os.environ, **self.settings.as_env(), **extra_env}
 
+        own = self._own(name)
+
         def start() -> subprocess.Popen[bytes]:
-            readiness.clear(self._own(name), name)
-            self._own(name).data_dir.mkdir(parents=True, exist_ok=True)
+            readiness.clear(own, name)
+            own.data_dir.mkdir(parents=True, exist_ok=True)
             self.logs.mkdir(parents=True, exist_ok=True)
             with (self.logs / f"{name}.log").open("ab") as out:
                 return subprocess.Popen(

@@ -71,8 +71,7 @@ def pids(data_dir: Path) -> dict[str, int]:
     """Process name (gateway, sink-2, broker, …) → the pid its marker names."""
     found = {}
     for path in markers(data_dir):
-        try:
-            found[path.stem] = int(json.loads(path.read_text())["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+        pid = (read_path(path) or {}).get("pid")
+        if isinstance(pid, int):
+            found[path.stem] = pid
     return found

@@ -132,10 +132,7 @@ def owner(up: Up, service: str, topic: str, partition: int) -> str | None:
     for path in readiness.markers(up.data_dir):
         if path.stem.split("-")[0] != service:
             continue
-        try:
-            held = json.loads(path.read_text()).get("partitions", {}).get(topic, [])
-        except (OSError, ValueError):
-            continue
+        held = (readiness.read_path(path) or {}).get("partitions", {}).get(topic, [])
         if partition in held:
             return path.stem
     return None
