@@ -91,9 +91,9 @@ def create_app(settings: Settings) -> FastAPI:
         stopping = asyncio.Event()
         stages = [
             asyncio.create_task(keep_running(
-                "ingest", lambda: StreamIngest(settings, store, files), stopping)),
+                "ingest", lambda: StreamIngest(settings, store, files, ctx.board), stopping)),
             asyncio.create_task(keep_running(
-                "jobs", lambda: Jobs(settings, store, files), stopping)),
+                "jobs", lambda: Jobs(settings, store, files, ctx.board), stopping)),
             asyncio.create_task(keep_running(
                 "workers", lambda: WorkerFollower(settings, ctx.board), stopping)),
         ]

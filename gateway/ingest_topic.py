@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from gateway.lines import StreamLine, persist_stream_lines, request, rules
 from gateway.stream_ledger import StreamLedger
 from gateway.validation import Report, Rules, check_line
+from gateway.worker_board import WorkerBoard
 from millrace import metrics
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop, partition_names
@@ -76,8 +77,10 @@ async def close_if_complete(ledger: StreamLedger, producer: AsyncProducer, topic
 
 
 class StreamIngest:
-    def __init__(self, settings: Settings, store: Store, files: FileStore) -> None:
+    def __init__(self, settings: Settings, store: Store, files: FileStore,
+                 board: WorkerBoard | None = None) -> None:
         self.settings = settings
+        self.board = board  # the LoRA adapters workers serve are model names too
         self.ledger = StreamLedger(store)
         self.files = files
         self.topics = Topics.from_settings(settings)
@@ -191,9 +194,10 @@ class StreamIngest:
         self._produce.append(produce)
 
     def _rules(self, endpoint: str) -> Rules:
-        """Line rules per endpoint, built once (served models are parsed from settings)."""
+        """Line rules per endpoint, built once (served models are parsed from settings;
+        the adapters on the board are looked up as lines name them)."""
         if endpoint not in self._rules_by_endpoint:
-            self._rules_by_endpoint[endpoint] = rules(self.settings, endpoint)
+            self._rules_by_endpoint[endpoint] = rules(self.settings, endpoint, self.board)
         return self._rules_by_endpoint[endpoint]
 
     def _reject(self, msg: Message, batch_id: str | None, code: str,

@@ -52,6 +52,7 @@ from gateway.lines import (
 )
 from gateway.stream_ledger import StreamLedger
 from gateway.validation import validate
+from gateway.worker_board import WorkerBoard
 from millrace import metrics
 from millrace.errors import OUTAGES
 from millrace.fetch import Fetcher, FetchFailed
@@ -101,8 +102,10 @@ class Interrupted(Exception):
 
 
 class Jobs:
-    def __init__(self, settings: Settings, store: Store, files: FileStore) -> None:
+    def __init__(self, settings: Settings, store: Store, files: FileStore,
+                 board: WorkerBoard | None = None) -> None:
         self.settings = settings
+        self.board = board  # the LoRA adapters workers serve are model names too
         self.store = store
         self.files = files
         self.topics = Topics.from_settings(settings)
@@ -179,7 +182,7 @@ class Jobs:
         if source is None:
             await self._failed(batch_id, "the input file is gone")
             return
-        line_rules = rules(self.settings, str(event.batch.get("endpoint")))
+        line_rules = rules(self.settings, str(event.batch.get("endpoint")), self.board)
         started = time.monotonic()
         try:
             report = await asyncio.to_thread(validate, self.files.iter_lines(source.path),
@@ -328,8 +331,8 @@ class Jobs:
         if source is None or batch is None:
             return walk
         reply = bool((await self.store.get_ext(batch_id)).get("single"))
-        lines = file_lines(self.files, source.path, rules(self.settings, batch.endpoint),
-                           batch_id, project, reply)
+        line_rules = rules(self.settings, batch.endpoint, self.board)
+        lines = file_lines(self.files, source.path, line_rules, batch_id, project, reply)
         walk.items = self._file_missing(walk, batch_id, project, lines, done, fill)
         return walk
 

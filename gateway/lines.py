@@ -21,6 +21,7 @@ import msgspec
 from pydantic import BaseModel
 
 from gateway.validation import Report, Rules, check_line, parse_lines
+from gateway.worker_board import ServedNames, WorkerBoard
 from millrace.filestore import FileStore
 from millrace.protocol import BATCH_LINE_ERRORS, LineError
 from millrace.records import RequestRecord, ResponseRecord
@@ -31,8 +32,9 @@ from millrace.topics import Topics, request_route
 Produce = tuple[str, str, int | None, bytes]
 
 
-def rules(settings: Settings, endpoint: str) -> Rules:
-    return Rules(endpoint=endpoint, models=settings.served_models(),
+def rules(settings: Settings, endpoint: str, board: WorkerBoard | None = None) -> Rules:
+    """What a batch's lines must satisfy: `board` adds the LoRA adapters workers serve."""
+    return Rules(endpoint=endpoint, models=ServedNames(settings, board),
                  max_lines=settings.batch_max_lines, max_line_bytes=settings.batch_line_max_bytes)
 
 

@@ -1,6 +1,8 @@
 """The workers' latest load, followed from `<prefix>.workers` by each gateway process (from
 the end: a worker reports every `STATUS_EVERY_S`, so the board fills within seconds of a
-start), for the dashboard's workers page. Nothing here is durable or needs to be."""
+start), for the dashboard's workers page — and what the workers serve: the endpoints each
+model answers and the LoRA adapters served as model names, which batches are checked
+against. Nothing here is durable or needs to be."""
 
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ import asyncio
 import threading
 import time
 import uuid
+from collections.abc import Collection, Iterator
 
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 from pydantic import ValidationError
 
 from millrace.kafka import KafkaConfig, polled
+from millrace.protocol import SUPPORTED_ENDPOINTS
 from millrace.records import WorkerStatus
 from millrace.settings import Settings
 from millrace.topics import Topics
@@ -37,6 +41,51 @@ class WorkerBoard:
         with self._lock:
             return sorted((s for s in self._latest.values() if now - s.at < GONE_AFTER_S),
                           key=lambda s: s.worker)
+
+    def served(self, now: float | None = None) -> dict[str, set[str]]:
+        """Every model name the workers heard from lately serve (their models and LoRA
+        adapters) → the endpoints it answers."""
+        served: dict[str, set[str]] = {}
+        for status in self.live(now):
+            for model, load in status.models.items():
+                for name in (model, *load.adapters):
+                    served.setdefault(name, set()).update(load.endpoints)
+        return served
+
+    def endpoints(self) -> tuple[str, ...]:
+        """The endpoints batches may name: what the workers serve — or, while no worker has
+        reported (a fresh start, or every worker away), every endpoint millrace routes: the
+        workers judge each line then."""
+        served = set().union(*self.served().values())
+        return tuple(e for e in SUPPORTED_ENDPOINTS if e in served) or SUPPORTED_ENDPOINTS
+
+
+class ServedNames(Collection[str]):
+    """The model names a line may give: the configured models, and the LoRA adapters the
+    workers serve as model names (each on a requests topic of its own)."""
+
+    def __init__(self, settings: Settings, board: WorkerBoard | None) -> None:
+        self._models = settings.served_models()
+        self._board = board
+        self._adapters: set[object] = set()  # found on the board once (a batch's every line)
+
+    def _names(self) -> list[str]:
+        adapters = self._board.served() if self._board is not None else {}
+        return [*self._models, *(n for n in adapters if n not in self._models)]
+
+    def __contains__(self, name: object) -> bool:
+        if name in self._models or name in self._adapters:
+            return True
+        if name in self._names():
+            self._adapters.add(name)
+            return True
+        return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
 
 
 class WorkerFollower:

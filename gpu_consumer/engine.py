@@ -1,20 +1,21 @@
-"""The inference engine seam: a small protocol, the real vLLM engine, and a test engine.
+"""The inference engine seam: a small protocol the worker drives, and what passes through it.
 
 An engine is driven by the worker's loop, never blocking on a whole batch: `submit` admits
-one request (identified by the worker's ticket), `step` advances every running request by
-one engine iteration and returns those that finished. This is vLLM's own continuous
-batching: requests join and leave the running batch between steps.
+one request (identified by the worker's ticket), `step` returns those that finished since
+(waiting briefly for one). Requests join and leave the engine's running batch while others
+run (continuous batching). Engines: `vllm_engine.VllmEngine` (vLLM's own OpenAI serving
+layer over `AsyncLLM`) and `echo.EchoEngine` (no inference: pipeline tests and benchmarks).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from millrace.protocol import ErrorDetail, ErrorEnvelope
-from millrace.records import Usage
+import msgspec
+
+from millrace.records import Tokens
 
 
 @dataclass(frozen=True)
@@ -29,17 +30,25 @@ class EngineRequest:
 
 @dataclass(frozen=True)
 class EngineResult:
+    """A line's answer: the HTTP status and JSON body the engine's server would send."""
+
     status_code: int
-    body: dict[str, Any]
-    usage: Usage = field(default_factory=Usage)
+    body: bytes
+    tokens: Tokens = field(default_factory=Tokens)
 
     @classmethod
-    def error(
-        cls, status_code: int, message: str, *, type_: str = "invalid_request_error",
-        param: str | None = None, code: str | None = None,
-    ) -> EngineResult:
-        detail = ErrorDetail(message=message, type=type_, param=param, code=code)
-        return cls(status_code, ErrorEnvelope(error=detail).model_dump())
+    def of(cls, status_code: int, body: Mapping[str, Any], tokens: Tokens | None = None
+           ) -> EngineResult:
+        return cls(status_code, _encode(body), tokens or Tokens())
+
+
+@dataclass(frozen=True)
+class Served:
+    """A name `body.model` may give: the endpoints it answers, and the served model whose
+    requests topic and engine it runs on (itself, or a LoRA adapter's base model)."""
+
+    endpoints: tuple[str, ...]
+    base: str
 
 
 Finished = list[tuple[int, EngineResult]]
@@ -49,7 +58,14 @@ class Engine(Protocol):
     """Continuous batching: admit requests any time, step, collect the finished ones."""
 
     @property
-    def models(self) -> Sequence[str]: ...
+    def models(self) -> Sequence[str]:
+        """The served models (one requests topic each)."""
+        ...
+
+    @property
+    def catalog(self) -> Mapping[str, Served]:
+        """Every name a line's `body.model` may give (served models and their adapters)."""
+        ...
 
     def capacity(self, model: str) -> int:
         """How many requests of `model` the engine runs at once (vLLM's max_num_seqs)."""
@@ -60,7 +76,7 @@ class Engine(Protocol):
         ...
 
     def step(self) -> Finished:
-        """One engine iteration over everything admitted; returns what finished."""
+        """What finished since the last step (waiting a little for something to finish)."""
         ...
 
     def abort(self, tickets: Collection[int]) -> None:
@@ -78,80 +94,11 @@ class Engine(Protocol):
         ...
 
 
-class InvalidRequest(ValueError):
-    """A request the engine cannot run as asked (bad parameter, prompt too long)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 def unknown_model(model: object) -> EngineResult:
-    return EngineResult.error(
-        404, f"The model `{model}` does not exist or is not served here.",
-        param="model", code="model_not_found",
-    )
+    """A line naming a model this engine does not serve (vLLM's server answers so)."""
+    return EngineResult.of(404, {"error": {
+        "message": f"The model `{model}` does not exist.", "type": "NotFoundError",
+        "param": "model", "code": 404}})
 
 
-class EchoEngine:
-    """Deterministic zero-cost engine for pipeline tests and orchestration benchmarks.
-
-    It answers with the last user message (chat) or the prompt (completions), embeds a
-    text as [characters, words], and counts whitespace-separated words as tokens. Never the
-    default: `MILLRACE_ENGINE=echo`.
-    """
-
-    def __init__(self, models: Sequence[str], step_s: float = 0.0) -> None:
-        self._models = list(models)
-        self._done: Finished = []
-        self._step_s = step_s  # a model's step time (MILLRACE_ECHO_STEP_MS)
-
-    @property
-    def models(self) -> Sequence[str]:
-        return self._models
-
-    def capacity(self, model: str) -> int:
-        return 1024
-
-    def submit(self, ticket: int, request: EngineRequest) -> None:
-        self._done.append((ticket, self._one(request)))
-
-    def step(self) -> Finished:
-        if self._done and self._step_s:
-            time.sleep(self._step_s)  # the engine computing, as a GPU step would
-        done, self._done = self._done, []
-        return done
-
-    def abort(self, tickets: Collection[int]) -> None:
-        self._done = [(t, r) for t, r in self._done if t not in tickets]
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._done)
-
-    def close(self) -> None:
-        return None
-
-    def _one(self, request: EngineRequest) -> EngineResult:
-        model = request.body.get("model")
-        if model not in self._models:
-            return unknown_model(model)
-        from gpu_consumer import bodies
-
-        if request.url == "/v1/embeddings":
-            texts = request.body.get("input")
-            texts = [texts] if isinstance(texts, str) else list(texts or [])
-            vectors = [[float(len(str(t))), float(len(str(t).split()))] for t in texts]
-            words = sum(len(str(t).split()) for t in texts)
-            return EngineResult(200, bodies.embedding_list(str(model), vectors, words, "float"),
-                                Usage(prompt_tokens=words))
-        if request.url == "/v1/chat/completions":
-            messages = request.body.get("messages") or [{}]
-            prompt = str(messages[-1].get("content", ""))
-            build = bodies.chat_completion
-        else:
-            prompt = str(request.body.get("prompt", ""))
-            build = bodies.text_completion
-        words = len(prompt.split())
-        usage = Usage(prompt_tokens=words, completion_tokens=words)
-        return EngineResult(200, build(str(model), [bodies.Choice(prompt, "stop")], usage), usage)
+_encode = msgspec.json.Encoder().encode

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from millrace.records import ModelLoad, Usage, WorkerStatus
+from gpu_consumer.engine import Served
+from millrace.records import ModelLoad, Tokens, WorkerStatus
 
 STATUS_EVERY_S = 2.0
 HISTORY_EVERY_S = 10.0
@@ -28,19 +30,24 @@ class Totals:
 
 
 class Load:
-    def __init__(self, worker: str, models: list[str], now: float | None = None) -> None:
+    def __init__(self, worker: str, models: list[str], catalog: Mapping[str, Served],
+                 now: float | None = None) -> None:
         self.worker = worker
+        # what each served model answers (the gateway validates batches against it)
+        self.endpoints = {m: list(catalog[m].endpoints) if m in catalog else [] for m in models}
+        self.adapters = {m: sorted(n for n, s in catalog.items() if s.base == m and n != m)
+                         for m in models}
         self.started_at = time.time() if now is None else now
         self.totals = {m: Totals() for m in models}
         self.history: deque[tuple[float, int, int]] = deque(maxlen=HISTORY_LEN)
         self._next_status = 0.0
         self._next_sample = 0.0
 
-    def answered(self, model: str, usage: Usage) -> None:
+    def answered(self, model: str, tokens: Tokens) -> None:
         totals = self.totals[model]
         totals.finished += 1
-        totals.prompt_tokens += usage.prompt_tokens
-        totals.generation_tokens += usage.completion_tokens
+        totals.prompt_tokens += tokens.prompt
+        totals.generation_tokens += tokens.completion
 
     def failed(self, model: str) -> None:
         self.totals[model].failed += 1
@@ -65,5 +72,6 @@ class Load:
             models={m: ModelLoad(running=running.get(m, 0), waiting=waiting.get(m, 0),
                                  lag=lag.get(m, 0), finished=t.finished, failed=t.failed,
                                  prompt_tokens=t.prompt_tokens,
-                                 generation_tokens=t.generation_tokens)
+                                 generation_tokens=t.generation_tokens,
+                                 endpoints=self.endpoints[m], adapters=self.adapters[m])
                     for m, t in self.totals.items()})

@@ -8,7 +8,8 @@ from millrace.up import readiness
 
 
 def run_worker(settings: Settings) -> None:
-    from gpu_consumer.engine import EchoEngine, Engine
+    from gpu_consumer.echo import EchoEngine
+    from gpu_consumer.engine import Engine
     from gpu_consumer.worker import Worker
     from millrace import metrics
 

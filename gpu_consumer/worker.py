@@ -32,9 +32,9 @@ from gpu_consumer.load import Load
 from gpu_consumer.stops import StoppedBatches
 from millrace import ids, metrics
 from millrace.errors import DeliveryError
-from millrace.kafka import KafkaConfig, partition_names, produce, take, usable
+from millrace.kafka import KafkaConfig, ensure_topics, partition_names, produce, take, usable
 from millrace.protocol import BATCH_LINE_ERRORS, LineError
-from millrace.records import Usage, read_request, response_value
+from millrace.records import Tokens, read_request, response_value
 from millrace.settings import Settings
 from millrace.topics import Topics
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 FETCH_CHUNK = 500
 COMMIT_EVERY_S = 0.2
 IDLE_WAIT_S = 0.2
-NO_USAGE = Usage()
 
 
 @dataclass(frozen=True)
@@ -63,18 +62,27 @@ class Worker:
         self.consumer = Consumer(kafka.consumer(self.topics.worker_group()))
         self.producer = Producer(kafka.producer())
         self.stops = StoppedBatches(kafka, self.topics.batch_events)
-        # one requests topic per served model: a worker reads the models it serves
-        self.model_of_topic = {self.topics.requests_for(m): m for m in engine.models}
-        self.backlogs = {m: Backlog() for m in engine.models}
-        self.budgets = {
+        # one requests topic per name a line may give (served models and their LoRA
+        # adapters): a worker reads those it serves; an adapter's lines share its base
+        # model's in-flight budget (they run on the same engine)
+        names = engine.catalog
+        self.model_of_topic = {self.topics.requests_for(m): m for m in names}
+        adapters = {self.topics.requests_for(m): settings.request_partitions
+                    for m, served in names.items() if served.base != m}
+        if adapters:
+            ensure_topics(kafka, adapters)
+        self.backlogs = {m: Backlog() for m in names}
+        engines = {
             m: Budget(settings.worker_max_in_flight or engine.capacity(m),
                       settings.worker_token_budget)
             for m in engine.models
         }
+        self.budgets = {m: engines[served.base] for m, served in names.items()}
         self.offsets: dict[tuple[str, int], PartitionOffsets] = {}
         self.running: dict[int, Running] = {}
         self.lag = metrics.LagProbe(self.consumer, self.topics.worker_group())
-        self.load = Load(f"{settings.worker_name}@{self.name}", list(engine.models))
+        self.load = Load(f"{settings.worker_name}@{self.name}", list(engine.models),
+                         engine.catalog)
         self._tickets = itertools.count()
         self._paused = False
         self._alive = True
@@ -264,7 +272,7 @@ class Worker:
             request_id=f"req_{ids.token()}" if result else None,
             status_code=result.status_code if result else None,
             body=result.body if result else None,
-            usage=result.usage if result else NO_USAGE,
+            tokens=result.tokens if result else Tokens(),
             error=error,
             worker=self.name,
             engine_ms=engine_ms,
@@ -276,19 +284,21 @@ class Worker:
         self._count(self.model_of_topic.get(item.topic, ""), result, error)
 
     def _count(self, model: str, result: EngineResult | None, error: LineError | None) -> None:
-        ours = model in self.load.totals
+        served = self.engine.catalog.get(model)
+        base = served.base if served is not None else model  # an adapter's: its model's
+        ours = base in self.load.totals
         if result is not None and result.status_code == 200:
             if ours:
-                self.load.answered(model, result.usage)
+                self.load.answered(base, result.tokens)
             metrics.child(metrics.FINISHED, model).inc()
-            metrics.child(metrics.PROMPT_TOKENS, model).inc(result.usage.prompt_tokens)
-            metrics.child(metrics.GENERATION_TOKENS, model).inc(result.usage.completion_tokens)
+            metrics.child(metrics.PROMPT_TOKENS, model).inc(result.tokens.prompt)
+            metrics.child(metrics.GENERATION_TOKENS, model).inc(result.tokens.completion)
         else:
             code = error.code if error is not None else str(result.status_code if result
                                                               else "error")
             metrics.child(metrics.FAILED, model, code).inc()
             if ours:
-                self.load.failed(model)
+                self.load.failed(base)
 
     def _delivered(self, item: Pending, err: KafkaError | None, msg: Message) -> None:
         if err is None:

@@ -8,7 +8,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from millrace.status import BatchStatus
 
-SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# Every endpoint a batch line may name: vLLM's server paths. A deployment serves those its
+# models support, as its workers advertise them on the worker board.
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+EMBEDDINGS = "/v1/embeddings"
+SCORE = ("/v1/score", "/score")
+RERANK = ("/v1/rerank", "/rerank", "/v2/rerank")
+CLASSIFY = "/classify"
+POOLING = "/pooling"
+GENERATE_ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES)
+SUPPORTED_ENDPOINTS = (*GENERATE_ENDPOINTS, EMBEDDINGS, *SCORE, *RERANK, CLASSIFY, POOLING)
 
 # Error lines for requests that were never run, as OpenAI words them.
 BATCH_LINE_ERRORS = {

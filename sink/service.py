@@ -261,8 +261,7 @@ class Sink:
             lines=written.lines,
             completed=written.counts["output"],
             failed=written.counts["errors"],
-            input_tokens=written.tokens[0],
-            output_tokens=written.tokens[1],
+            **written.tokens.usage(),
         )
         await self.producer.send(self.topics.batch_events, batch_id, ready.dumps())
         await asyncio.to_thread(self.assembler.mark_written, batch_id, ready)

@@ -60,6 +60,8 @@ class BatchState(BaseModel):
     failed: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
     model: str | None = None
     input_file_id: str | None = None
     expires_at: int | None = None
@@ -135,9 +137,14 @@ class BatchState(BaseModel):
 
     def _on_progress(self, event: BatchProgress) -> list[Emitted]:
         if event.done >= self.done and not self.files_ready:
-            self.completed, self.failed = event.completed, event.failed
-            self.input_tokens, self.output_tokens = event.input_tokens, event.output_tokens
+            self._count(event)
         return self._counted(event.at)
+
+    def _count(self, event: BatchProgress | BatchFilesReady) -> None:
+        """The sink's counts and usage: what the files hold (so far)."""
+        self.completed, self.failed = event.completed, event.failed
+        self.input_tokens, self.output_tokens = event.input_tokens, event.output_tokens
+        self.cached_tokens, self.reasoning_tokens = event.cached_tokens, event.reasoning_tokens
 
     def _on_filled(self, event: BatchFilled) -> list[Emitted]:
         if self.total is None:
@@ -191,8 +198,7 @@ class BatchState(BaseModel):
             return []
         self.files_ready = True
         self.output_file_id, self.error_file_id = event.output_file_id, event.error_file_id
-        self.completed, self.failed = event.completed, event.failed
-        self.input_tokens, self.output_tokens = event.input_tokens, event.output_tokens
+        self._count(event)
         self.total = self.total if self.total is not None else event.lines
         emitted = self._move(S.FINALIZING, event.at) if self.status is S.IN_PROGRESS else []
         target = AFTER_FILES.get(self.status)
@@ -265,9 +271,9 @@ class BatchState(BaseModel):
             },
             "usage": {
                 "input_tokens": self.input_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": self.cached_tokens},
                 "output_tokens": self.output_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                 "total_tokens": self.input_tokens + self.output_tokens,
             },
             "output_file_id": self.output_file_id,

@@ -16,16 +16,23 @@ from millrace.up.embedded import free_port
 from tests.deployment import Deployment, start
 
 
+MAX_MODEL_LEN = 512
+# the session deployment's per-model vLLM arguments (MILLRACE_VLLM_MODEL_ARGS)
+VLLM_MODEL_ARGS = {BUNDLED_CHAT_MODEL: f"--max-model-len {MAX_MODEL_LEN}"}
+
+
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     # 16 in flight (the engine would take 256): bigger batches keep a backlog in the worker,
     # so cancels and fair share have unstarted lines to act on, as on a busy GPU host.
     # Webhook retries start at ~1 s (not 5 s) and partial results are published every
-    # 0.2 s, so the tests of both see several steps within seconds.
+    # 0.2 s, so the tests of both see several steps within seconds. The chat model gets a
+    # vLLM argument of its own, as a user gives one (its context cut to MAX_MODEL_LEN).
     dep = start(tmp_path_factory.mktemp("millrace"),
                 extra_env={"MILLRACE_WORKER_MAX_IN_FLIGHT": "16",
                            "MILLRACE_WEBHOOK_RETRY_BASE_S": "1",
-                           "MILLRACE_SINK_PARTIAL_EVERY_S": "0.2"})
+                           "MILLRACE_SINK_PARTIAL_EVERY_S": "0.2",
+                           "MILLRACE_VLLM_MODEL_ARGS": json.dumps(VLLM_MODEL_ARGS)})
     yield dep
     code = dep.stop()
     assert code == 0, "".join(dep.stderr_lines[-50:])

@@ -28,7 +28,7 @@ from millrace.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from millrace.protocol import SUPPORTED_ENDPOINTS, Batch, BatchError, ExpiresAfter, ListPage
+from millrace.protocol import CHAT, Batch, BatchError, ExpiresAfter, ListPage
 from millrace.records import CONTROL_HEADER, BatchCancelRequested, BatchCreated, BatchOpened
 from millrace.status import BatchStatus
 from millrace.webhooks import check_target, signing_key, webhook_guard
@@ -36,7 +36,6 @@ from millrace.webhooks import check_target, signing_key, webhook_guard
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 STREAM_INPUT = "stream"  # input_file_id of a stream batch (the SDK types it as a string)
-ENDPOINTS = SUPPORTED_ENDPOINTS
 # OpenAI accepts only "24h"; shorter windows are a millrace extension (1s .. 24h).
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}
@@ -96,13 +95,21 @@ class CreateBatch(BaseModel):
         return (url, "metadata.webhook_url") if url is not None else None
 
 
-@router.post("", response_model=Batch)
-async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
-    if params.endpoint not in ENDPOINTS:
+def served_endpoint(ctx: Ctx, endpoint: str) -> str:
+    """`endpoint`, if the workers serve it (every endpoint vLLM's server has while no
+    worker has reported yet: the workers judge each line then)."""
+    served = ctx.board.endpoints()
+    if endpoint not in served:
         raise InvalidRequestError(
-            f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint",
+            f"endpoint must be one of {', '.join(served)}", param="endpoint",
             code="invalid_value",
         )
+    return endpoint
+
+
+@router.post("", response_model=Batch)
+async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
+    served_endpoint(ctx, params.endpoint)
     window = window_seconds(params.completion_window)
     await check_webhook(ctx, params)
     if params.input == "stream":
@@ -206,14 +213,15 @@ class ValidateBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] = Field(
-        default="/v1/chat/completions")
+    endpoint: str = CHAT
 
 
 class ValidationResult(BaseModel):
     valid: bool
     total: int
     errors: list[BatchError]
+    # what this deployment serves: each model name a line may give → its endpoints
+    served: dict[str, list[str]] = Field(default_factory=dict)
 
 
 @router.post("/validate", response_model=ValidationResult)
@@ -224,8 +232,8 @@ async def dry_run(ctx: Ctx, who: Caller, request: Request) -> ValidationResult:
     """
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
-        upload, endpoint = form.get("file"), form.get("endpoint") or ENDPOINTS[0]
-        if not isinstance(upload, UploadFile) or endpoint not in ENDPOINTS:
+        upload, endpoint = form.get("file"), form.get("endpoint") or CHAT
+        if not isinstance(upload, UploadFile) or not isinstance(endpoint, str):
             raise InvalidRequestError("multipart validation needs 'file' and a valid "
                                       "'endpoint'", param="file")
         lines: Iterable[bytes] = (line.rstrip(b"\r\n") for line in upload.file)
@@ -240,8 +248,18 @@ async def dry_run(ctx: Ctx, who: Caller, request: Request) -> ValidationResult:
                 f"No such File object: {params.input_file_id}", param="input_file_id"
             )
         lines, endpoint = ctx.files.iter_lines(source.path), params.endpoint
-    report = await asyncio.to_thread(validate, lines, rules(ctx.settings, str(endpoint)))
-    return ValidationResult(valid=not report.errors, total=report.total, errors=report.errors)
+    served_endpoint(ctx, endpoint)
+    report = await asyncio.to_thread(validate, lines, rules(ctx.settings, endpoint, ctx.board))
+    return ValidationResult(valid=not report.errors, total=report.total, errors=report.errors,
+                            served=served(ctx))
+
+
+def served(ctx: Ctx) -> dict[str, list[str]]:
+    """Each model name → the endpoints it answers (the configured models that no worker
+    has reported yet: [], until one does)."""
+    board = ctx.board.served()
+    names = dict.fromkeys([*ctx.settings.served_models(), *board])
+    return {name: sorted(board.get(name, ())) for name in names}
 
 
 @router.get("/{batch_id}", response_model=Batch)

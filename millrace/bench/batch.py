@@ -116,6 +116,7 @@ class BenchResult:
     # echo run: per service (gateway, worker, aggregator, sink; broker and redis apart)
     costs: dict[str, ServiceCost] = field(default_factory=dict)
     engine_call_s: float = 0.0  # of the echo worker, taken off its CPU time
+    vllm_args: str = ""  # what every vLLM run was given (after --model, --served-model-name)
     ingest_mb: float = 0.0
     streaming: StreamingResult | None = None
 
@@ -145,26 +146,54 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
 
 
 # --- vLLM directly ------------------------------------------------------------------------
-def direct_vllm(settings: Settings, source: Path, work: Path, model: str) -> Run:
-    from gpu_consumer.vllm_engine import cpu_runtime_env
+def vllm_argv(settings: Settings, model: str) -> list[str]:
+    """The vLLM arguments a millrace worker gives `model` (engine_args): the direct runs
+    get exactly the same engine."""
+    from gpu_consumer import engine_args
 
     folder = models.resolve({model: settings.served_models().get(model)},
                             settings.model_cache)[model]
-    env = {**os.environ, **cpu_runtime_env(settings)}
+    return engine_args.argv(settings, model, str(folder), cpu=engine_args.cpu_build())
 
+
+def _vllm_env(settings: Settings) -> dict[str, str]:
+    from gpu_consumer import engine_args
+    from gpu_consumer.vllm_engine import cpu_runtime_env
+
+    cpu = cpu_runtime_env(settings) if engine_args.cpu_build() else {}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", **cpu}
+
+
+def direct_vllm(settings: Settings, source: Path, work: Path, model: str) -> Run:
+    """`vllm run-batch` on the file: vLLM's own serving layer, without Kafka."""
     out, timing = work / "direct.out.jsonl", work / "direct.timing.json"
     argv = [sys.executable, "-m", "millrace.bench.vllm_run_batch", str(timing), "-i", str(source),
-            "-o", str(out), "--model", str(folder), "--served-model-name", model,
-            "--enforce-eager", "--dtype", settings.dtype, "--seed", "0"]
+            "-o", str(out), *vllm_argv(settings, model)]
     started = time.perf_counter()
     with (work / "run_batch.log").open("ab") as log:
-        subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, check=True,
-                       preexec_fn=die_with_parent)
+        subprocess.run(argv, env=_vllm_env(settings), stdout=log, stderr=subprocess.STDOUT,
+                       check=True, preexec_fn=die_with_parent)
     total_s = time.perf_counter() - started
     batch_s = json.loads(timing.read_text())["batch_s"]
     tokens, failed = _usage(out.read_text().splitlines())
     return Run("vllm run-batch", len(source.read_text().splitlines()), batch_s, tokens, failed,
                note=f"batch phase; {total_s:.1f}s with engine start-up")
+
+
+def offline_vllm(settings: Settings, source: Path, work: Path, model: str) -> Run:
+    """vLLM's offline engine (`LLM.chat` over every line at once): no serving layer, no
+    HTTP shapes, no Kafka — the engine's own ceiling on this machine."""
+    timing = work / "offline.timing.json"
+    argv = [sys.executable, "-m", "millrace.bench.vllm_offline", str(timing), str(source),
+            *vllm_argv(settings, model)]
+    started = time.perf_counter()
+    with (work / "offline.log").open("ab") as log:
+        subprocess.run(argv, env=_vllm_env(settings), stdout=log, stderr=subprocess.STDOUT,
+                       check=True, preexec_fn=die_with_parent)
+    total_s = time.perf_counter() - started
+    timed = json.loads(timing.read_text())
+    return Run("vllm offline (LLM.chat)", timed["lines"], timed["batch_s"],
+               timed["output_tokens"], note=f"generate phase; {total_s:.1f}s with start-up")
 
 
 def _usage(lines: list[str]) -> tuple[int, int]:
@@ -194,7 +223,8 @@ def deployment(work: Path, engine: str, model: str, workers: int,
     """A fresh `millrace up` in its own data dir; stopped (SIGTERM) on exit."""
     data_dir = work / f"up-{engine}-{workers}w-{uuid.uuid4().hex[:6]}"
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MILLRACE_") or k in ("MILLRACE_MODEL_CACHE", "MILLRACE_DTYPE")}
+           if not k.startswith("MILLRACE_") or k in ("MILLRACE_MODEL_CACHE", "MILLRACE_VLLM_ARGS",
+                                                     "MILLRACE_VLLM_MODEL_ARGS")}
     env.update({"MILLRACE_WORKERS": str(workers), **(extra_env or {})})
     proc = subprocess.Popen(
         [sys.executable, "-m", "millrace", "up", "--data-dir", str(data_dir),
@@ -297,15 +327,15 @@ class Plan:
     direct: bool = True
     workers: tuple[int, ...] = (1, 2)
     streaming_requests: int = 30
-    # environment of the deployments and of `vllm run-batch` (e.g. MILLRACE_DTYPE)
+    # environment of the deployments (e.g. MILLRACE_VLLM_ARGS: the direct runs read the
+    # same settings)
     env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def gpu(cls, **changes: Any) -> Plan:
-        """A GPU host: a bigger file and longer answers, the model's own dtype, one worker
-        per GPU (one here)."""
-        return cls(**{"lines": 2000, "max_tokens": 128, "workers": (1,),
-                      "env": (("MILLRACE_DTYPE", "auto"),), **changes})
+        """A GPU host: a bigger file and longer answers, one worker per GPU (one here); the
+        engine with the GPU build's defaults (engine_args: CUDA graphs, dtype auto)."""
+        return cls(**{"lines": 2000, "max_tokens": 128, "workers": (1,), **changes})
 
 
 WARM_UP_LINES = 200
@@ -323,11 +353,14 @@ def run(settings: Settings, work: Path, plan: Plan = Plan(),
     if "=" in model:
         env["MILLRACE_MODEL"] = model
     settings = settings.model_copy(update={"model": model, **(
-        {"dtype": env["MILLRACE_DTYPE"]} if "MILLRACE_DTYPE" in env else {})})
+        {"vllm_args": env["MILLRACE_VLLM_ARGS"]} if "MILLRACE_VLLM_ARGS" in env else {})})
     work.mkdir(parents=True, exist_ok=True)
     source = write_jsonl(work / "input.jsonl", chat_lines(plan.lines, name, plan.max_tokens))
     result = BenchResult(name, plan.lines, plan.max_tokens, machine())
+    result.vllm_args = " ".join(vllm_argv(settings, name)[4:])
     if plan.direct:
+        note(f"vllm offline engine on {plan.lines} lines …")
+        result.runs.append(offline_vllm(settings, source, work, name))
         note(f"vllm run-batch on {plan.lines} lines …")
         result.runs.append(direct_vllm(settings, source, work, name))
     for workers in plan.workers:
@@ -390,6 +423,9 @@ def _ratios(result: BenchResult) -> dict[str, float]:
     if one is not None and "vllm run-batch" in by_name:
         ratios["pipeline / vllm direct (tokens/s)"] = (
             one.tokens_per_s / by_name["vllm run-batch"].tokens_per_s)
+    if one is not None and "vllm offline (LLM.chat)" in by_name:
+        ratios["pipeline / vllm offline (tokens/s)"] = (
+            one.tokens_per_s / by_name["vllm offline (LLM.chat)"].tokens_per_s)
     if one is not None and two is not None:
         ratios["2 workers / 1 worker (tokens/s)"] = two.tokens_per_s / one.tokens_per_s
     echo = result.stages["millrace, echo engine"]
@@ -406,7 +442,7 @@ def _ratios(result: BenchResult) -> dict[str, float]:
 
 def table(result: BenchResult) -> str:
     out = [f"millrace bench: {result.lines} chat lines, max_tokens {result.max_tokens}, "
-           f"{result.model} ({result.machine})", "",
+           f"{result.model} ({result.machine})", f"vLLM arguments: {result.vllm_args}", "",
            f"{'run':28} {'lines':>7} {'wall s':>8} {'out tok':>8} {'tok/s':>8} {'req/s':>8}"]
     for r in result.runs:
         out.append(f"{r.name:28} {r.lines:7d} {r.wall_s:8.2f} {r.output_tokens:8d} "
@@ -462,8 +498,11 @@ def summary(result: BenchResult) -> list[tuple[str, str]]:
                      "/".join(f"{result.costs[n].peak_rss_mb:.0f}" for n in PIPELINE
                               if n in result.costs)))
     if "pipeline / vllm direct (tokens/s)" in result.ratios:
-        rows.append(("pipeline / vLLM direct (tokens/s)",
+        rows.append(("pipeline / vllm run-batch (tokens/s)",
                      f"{result.ratios['pipeline / vllm direct (tokens/s)']:.3f}"))
+    if "pipeline / vllm offline (tokens/s)" in result.ratios:
+        rows.append(("pipeline / vllm offline engine (tokens/s)",
+                     f"{result.ratios['pipeline / vllm offline (tokens/s)']:.3f}"))
     if result.streaming is not None:
         o = result.streaming.overhead_ms
         rows.append(("streaming overhead p50 / p99 (ms)", f"{o.p50:.1f} / {o.p99:.1f}"))

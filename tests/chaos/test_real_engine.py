@@ -35,14 +35,6 @@ def test_the_whole_stack_stops_and_the_batch_still_finishes_exactly(up: Up, faul
     assert result.ok, result
 
 
-@pytest.fixture(scope="module")
-def engine_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    """vLLM's engine core in a process of its own (the default with the GPU build)."""
-    with deployment(tmp_path_factory.mktemp("chaos-engine-process"), "vllm",
-                    {"MILLRACE_ENGINE_PROCESS": "true"}) as running:
-        yield running
-
-
 def engine_cores(worker: int) -> list[int]:
     """The pids of a worker's vLLM engine-core processes (named by vLLM's proctitle)."""
     found = []
@@ -57,10 +49,9 @@ def engine_cores(worker: int) -> list[int]:
     return found
 
 
-def test_a_dead_engine_takes_its_worker_down_and_no_line_fails(engine_processes: Up) -> None:
+def test_a_dead_engine_takes_its_worker_down_and_no_line_fails(up: Up) -> None:
     """SIGKILL of the engine-core process mid-batch: the worker stops rather than answer its
     lines with 500s, `up` starts it again, and every line is answered by the new engine."""
-    up = engine_processes
     api, receiver = Api(up), Receiver()
     try:
         batch_id = api.create(LINES, "dead-engine", receiver.url)

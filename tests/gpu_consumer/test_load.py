@@ -1,28 +1,37 @@
-"""The worker's load report: totals per model, a status every 2 s, a bounded history."""
+"""The worker's load report: totals per model, a status every 2 s, a bounded history, and
+what each model serves (its endpoints and LoRA adapters)."""
 
 from __future__ import annotations
 
+from gpu_consumer.engine import Served
 from gpu_consumer.load import HISTORY_EVERY_S, HISTORY_LEN, STATUS_EVERY_S, Load
-from millrace.records import Usage, WorkerStatus
+from millrace.records import Tokens, WorkerStatus
+
+CATALOG = {"chat": Served(("/v1/chat/completions", "/v1/responses"), "chat"),
+           "chat-lora": Served(("/v1/chat/completions", "/v1/responses"), "chat"),
+           "embed": Served(("/v1/embeddings",), "embed")}
 
 
 def test_totals_status_and_a_bounded_history() -> None:
-    load = Load("worker@h:1", ["chat", "embed"], now=100.0)
-    load.answered("chat", Usage(prompt_tokens=5, completion_tokens=7))
-    load.answered("chat", Usage(prompt_tokens=1, completion_tokens=2))
+    load = Load("worker@h:1", ["chat", "embed"], CATALOG, now=100.0)
+    load.answered("chat", Tokens(prompt=5, completion=7))
+    load.answered("chat", Tokens(prompt=1, completion=2))
     load.failed("embed")
     assert load.due(0.0) and not load.due(STATUS_EVERY_S / 2) and load.due(STATUS_EVERY_S)
     status = load.status({"chat": 3}, {"chat": 4}, {"embed": 9})
     assert status.models["chat"].model_dump() == {
         "running": 3, "waiting": 4, "lag": 0, "finished": 2, "failed": 0,
-        "prompt_tokens": 6, "generation_tokens": 9}
+        "prompt_tokens": 6, "generation_tokens": 9,
+        "endpoints": ["/v1/chat/completions", "/v1/responses"], "adapters": ["chat-lora"]}
+    assert status.models["embed"].endpoints == ["/v1/embeddings"]
+    assert status.models["embed"].adapters == []
     assert status.models["embed"].failed == 1 and status.models["embed"].lag == 9
     assert [h[1:] for h in status.history] == [(2, 9)]  # one sample: 2 s < 10 s apart
     assert WorkerStatus.model_validate_json(status.dumps()) == status
     now = 0.0
     for _ in range(3 * HISTORY_LEN):
         now += HISTORY_EVERY_S
-        load.answered("chat", Usage(completion_tokens=1))
+        load.answered("chat", Tokens(completion=1))
         assert load.due(now)
     history = load.status({}, {}, {}).history
     assert len(history) == HISTORY_LEN

@@ -25,8 +25,10 @@ from millrace.records import (
     RequestRecord,
     ResponseRecord,
     SpooledResponse,
+    Tokens,
     Usage,
     WebhookTarget,
+    body_tokens,
     parse_event,
     read_request,
     read_response,
@@ -137,7 +139,7 @@ def test_the_sink_writes_a_response_record_as_the_openai_output_line(
     expected = OutputLine(id="i", custom_id="c", response=response, error=error)
     assert seen.output_line() == expected.model_dump_json().encode()
     assert seen.ok == record.ok
-    assert seen.tokens() == (usage_of(body) if response is not None else (0, 0))
+    assert seen.tokens() == (usage_of(body) if response is not None else Tokens())
 
 
 def test_the_sink_s_view_of_a_response_requires_what_the_record_requires() -> None:
@@ -172,8 +174,10 @@ def test_a_worker_s_response_value_is_the_response_record(
         batch_id="batch_1", project="p", custom_id="c", line=7, url="/v1/chat/completions",
         body={"model": "m"}, reply=reply).dumps())
     value = response_value(request, id="batch_req_1", request_id=None if status is None else "r",
-                           status_code=status, body=body, usage=usage, error=error,
-                           worker="w", engine_ms=timings[0], queue_ms=timings[1])
+                           status_code=status,
+                           body=None if body is None else msgspec.json.encode(body),
+                           tokens=Tokens(usage.prompt_tokens, usage.completion_tokens),
+                           error=error, worker="w", engine_ms=timings[0], queue_ms=timings[1])
     seen = ResponseRecord.model_validate_json(value)
     expected = ResponseRecord(
         batch_id="batch_1", project="p", custom_id="c", line=7, id="batch_req_1",
@@ -188,7 +192,26 @@ def test_usage_in_an_unusual_shape_is_still_counted() -> None:
     record = ResponseRecord(batch_id="b", project="p", custom_id="c", id="i", request_id="r",
                             status_code=200, body={"usage": {"prompt_tokens": 2.0,
                                                              "completion_tokens": "3"}})
-    assert read_response(record.dumps()).tokens() == (2, 3)
+    assert read_response(record.dumps()).tokens() == (2, 3, 0, 0)
+
+
+@pytest.mark.parametrize(("usage", "tokens"), [
+    # chat and completions (vLLM with --enable-prompt-tokens-details)
+    ({"prompt_tokens": 40, "completion_tokens": 7, "total_tokens": 47,
+      "prompt_tokens_details": {"cached_tokens": 32}, "completion_tokens_details": None},
+     Tokens(40, 7, 32, 0)),
+    # Responses
+    ({"input_tokens": 37, "input_tokens_details": {"cached_tokens": 16},
+      "output_tokens": 8, "output_tokens_details": {"reasoning_tokens": 3},
+      "total_tokens": 45}, Tokens(37, 8, 16, 3)),
+    # embeddings, score, pooling
+    ({"prompt_tokens": 11, "total_tokens": 11}, Tokens(11)),
+    ({"prompt_tokens": "x"}, Tokens()),
+])
+def test_every_endpoint_s_usage_counts(usage: dict[str, object], tokens: Tokens) -> None:
+    body = msgspec.json.encode({"id": "x", "usage": usage})
+    assert body_tokens(body) == tokens
+    assert usage_of({"usage": usage}) == tokens
 
 
 def test_the_worker_s_view_of_a_request_is_the_request_record() -> None:

@@ -17,7 +17,8 @@ def record(custom_id: str, status: int = 200, line: int | None = None,
     """A response record as a worker produces it, read as the sink reads it."""
     body: dict[str, object] = {"n": custom_id}
     if status == 200:
-        body["usage"] = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        body["usage"] = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
+                         "prompt_tokens_details": {"cached_tokens": 1}}
     return read_response(ResponseRecord(
         batch_id=batch_id, project="p", custom_id=custom_id, line=line, id=f"id-{custom_id}",
         request_id="r", status_code=status, body=body).dumps())
@@ -47,7 +48,8 @@ def test_counts_and_usage_are_what_the_files_hold_even_after_a_restart(tmp_path:
     assert first.add([record("b", 400)]) == {"batch_1": []}
     progress = first.spool("batch_1").progress()
     assert (progress.completed, progress.failed) == (1, 1)
-    assert (progress.input_tokens, progress.output_tokens) == (2, 3)  # errors carry none
+    # errors carry none
+    assert (progress.input_tokens, progress.output_tokens, progress.cached_tokens) == (2, 3, 1)
     # a new process (crash + restart) rebuilds index, counts and usage from the spool
     second = Assembler(tmp_path / "spool", files)
     assert second.add([record("a"), record("b")]) == {}
@@ -60,7 +62,7 @@ def test_counts_and_usage_are_what_the_files_hold_even_after_a_restart(tmp_path:
     output, errors = written.files["output"], written.files["errors"]
     assert output is not None and errors is not None
     assert output.id == final_file_id("batch_1", "output") and output.purpose == "batch_output"
-    assert written.counts == {"output": 2, "errors": 1} and written.tokens == (4, 6)
+    assert written.counts == {"output": 2, "errors": 1} and written.tokens == (4, 6, 2, 0)
     out_lines = [OutputLine.model_validate_json(x)
                  for x in files.iter_lines("outputs/batch_1/output.jsonl")]
     err_lines = [OutputLine.model_validate_json(x)
