@@ -57,12 +57,17 @@ def _generate(url: str, model: str, body: dict[str, Any]) -> EngineResult:
         words = len(text.split())
         return EngineResult.of(200, {
             "id": f"resp_{secrets.token_hex(8)}", "object": "response", "created_at": created,
-            "model": model, "status": "completed",
+            "model": model, "status": "completed", "background": False,
+            "max_output_tokens": body.get("max_output_tokens") or words,
+            "parallel_tool_calls": True,
+            "service_tier": "auto", "temperature": body.get("temperature", 1.0),
+            "tool_choice": "none", "tools": [], "top_p": 1.0, "truncation": "disabled",
             "output": [{"type": "message", "id": f"msg_{secrets.token_hex(8)}",
                         "role": "assistant", "status": "completed",
                         "content": [{"type": "output_text", "text": text,
                                      "annotations": []}]}],
-            "usage": {"input_tokens": words, "input_tokens_details": {"cached_tokens": 0},
+            "usage": {"input_tokens": words,
+                      "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                       "output_tokens": words, "output_tokens_details": {"reasoning_tokens": 0},
                       "total_tokens": 2 * words}}, Tokens(words, words))
     if url == protocol.CHAT:
@@ -91,7 +96,7 @@ def _pool(url: str, model: str, body: dict[str, Any]) -> EngineResult:
         if url in protocol.RERANK:
             ranked = sorted(enumerate(scores), key=lambda s: -s[1])
             return EngineResult.of(200, {
-                "id": listed["id"], "model": model, "usage": {"total_tokens": words},
+                "id": listed["id"], "model": model, "usage": _usage(words),
                 "results": [{"index": i, "document": {"text": others[i]},
                              "relevance_score": s} for i, s in ranked]}, Tokens(words))
         data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]

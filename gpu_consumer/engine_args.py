@@ -110,7 +110,8 @@ def engine_config(args: argparse.Namespace, name: str) -> tuple[Any, Any]:
         config = engine_args.create_engine_config(
             usage_context=UsageContext.OPENAI_BATCH_RUNNER)
     except ValidationError as exc:
-        raise SettingsError(f"vLLM arguments of {name}: {exc.errors()[0]['msg']}") from None
+        message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise SettingsError(f"vLLM arguments of {name}: {message}") from None
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"vLLM arguments of {name}: {exc}") from None
     return engine_args, config

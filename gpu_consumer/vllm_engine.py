@@ -137,11 +137,14 @@ class EngineDied(ComponentError):
 class _ModelServer:
     """One served model: its `AsyncLLM` and vLLM's serving objects, on a loop of its own."""
 
-    def __init__(self, name: str, args: Any) -> None:
+    def __init__(self, name: str, args: Any, go: threading.Event) -> None:
         self.name = name
         self.args = args
         self.loop = asyncio.new_event_loop()
+        # the model's config is built (vLLM accepted its arguments); it then waits for `go`
+        self.configured: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._go = go
         self.routes: dict[str, _Route] = {}
         self.adapters: list[str] = []
         self.client: Any = None
@@ -154,8 +157,9 @@ class _ModelServer:
         try:
             self.loop.run_until_complete(self._serve())
         except BaseException as exc:
-            if not self.started.done():
-                self.started.set_exception(exc)
+            for future in (self.configured, self.started):
+                if not future.done():
+                    future.set_exception(exc)
         finally:
             self.loop.close()
 
@@ -169,6 +173,10 @@ class _ModelServer:
 
         started = time.monotonic()
         options, config = engine_args.engine_config(self.args, self.name)
+        self.configured.set_result(None)
+        await asyncio.to_thread(self._go.wait)
+        if self._stopping.is_set():  # another model's arguments were refused
+            return
         client = AsyncLLM.from_vllm_config(
             config, usage_context=UsageContext.OPENAI_BATCH_RUNNER,
             enable_log_requests=options.enable_log_requests,
@@ -246,6 +254,7 @@ class _ModelServer:
     def stop(self) -> None:
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self._stopping.set)
+        self._go.set()
         self._thread.join(60)
 
 
@@ -275,8 +284,14 @@ class VllmEngine:
         # Every model's arguments first: a bad one stops the worker before anything loads.
         parsed = {name: engine_args.parse(settings, name, str(folder), cpu=cpu)
                   for name, folder in folders.items()}
-        self._servers = {name: _ModelServer(name, args) for name, args in parsed.items()}
+        # Each model's config next (vLLM may refuse a value only then): engines start once
+        # every model's is built.
+        go = threading.Event()
+        self._servers = {name: _ModelServer(name, args, go) for name, args in parsed.items()}
         try:
+            for server in self._servers.values():
+                server.configured.result()
+            go.set()
             for server in self._servers.values():
                 server.started.result()
         except BaseException:

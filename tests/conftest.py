@@ -15,7 +15,6 @@ from millrace.settings import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL
 from millrace.up.embedded import free_port
 from tests.deployment import Deployment, start
 
-
 MAX_MODEL_LEN = 512
 # the session deployment's per-model vLLM arguments (MILLRACE_VLLM_MODEL_ARGS)
 VLLM_MODEL_ARGS = {BUNDLED_CHAT_MODEL: f"--max-model-len {MAX_MODEL_LEN}"}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -64,6 +66,44 @@ class Deployment:
         else:
             self.proc.send_signal(sig)
         return reap(self.proc, self.pumps, timeout)
+
+
+@contextmanager
+def extra_worker(deployment: Deployment, model: str, env: dict[str, str]
+                 ) -> Iterator[tuple[subprocess.Popen[str], threading.Event, list[str]]]:
+    """One more `millrace worker` serving `model`, joining the deployment's group: the
+    process, an event set once the group gave it partitions of a requests topic, and its
+    log lines so far."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "millrace", "worker", "--data-dir", str(deployment.data_dir),
+         "--model", model],
+        env={**os.environ,
+             "MILLRACE_KAFKA__BOOTSTRAP": str(deployment.endpoints["kafka_bootstrap"]),
+             "MILLRACE_REDIS_URL": str(deployment.endpoints["redis_url"]),
+             "MILLRACE_WORKER_NAME": "worker-extra", "MILLRACE_LOG_LEVEL": "INFO", **env},
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        preexec_fn=die_with_parent)
+    assigned = threading.Event()
+    log: list[str] = []
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+            if re.search(r" assigned .*requests", line):
+                assigned.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        yield proc, assigned, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(60)
+        reader.join(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
 
 
 def start(data_dir: Path, *, engine: str = "vllm", timeout: float = 600,

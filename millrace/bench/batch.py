@@ -156,7 +156,7 @@ def vllm_argv(settings: Settings, model: str) -> list[str]:
     return engine_args.argv(settings, model, str(folder), cpu=engine_args.cpu_build())
 
 
-def _vllm_env(settings: Settings) -> dict[str, str]:
+def vllm_env(settings: Settings) -> dict[str, str]:
     from gpu_consumer import engine_args
     from gpu_consumer.vllm_engine import cpu_runtime_env
 
@@ -171,7 +171,7 @@ def direct_vllm(settings: Settings, source: Path, work: Path, model: str) -> Run
             "-o", str(out), *vllm_argv(settings, model)]
     started = time.perf_counter()
     with (work / "run_batch.log").open("ab") as log:
-        subprocess.run(argv, env=_vllm_env(settings), stdout=log, stderr=subprocess.STDOUT,
+        subprocess.run(argv, env=vllm_env(settings), stdout=log, stderr=subprocess.STDOUT,
                        check=True, preexec_fn=die_with_parent)
     total_s = time.perf_counter() - started
     batch_s = json.loads(timing.read_text())["batch_s"]
@@ -188,7 +188,7 @@ def offline_vllm(settings: Settings, source: Path, work: Path, model: str) -> Ru
             *vllm_argv(settings, model)]
     started = time.perf_counter()
     with (work / "offline.log").open("ab") as log:
-        subprocess.run(argv, env=_vllm_env(settings), stdout=log, stderr=subprocess.STDOUT,
+        subprocess.run(argv, env=vllm_env(settings), stdout=log, stderr=subprocess.STDOUT,
                        check=True, preexec_fn=die_with_parent)
     total_s = time.perf_counter() - started
     timed = json.loads(timing.read_text())

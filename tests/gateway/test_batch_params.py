@@ -11,7 +11,7 @@ from openai import OpenAI
 
 from tests.batch_flow import run_batch
 from tests.conftest import chat_line
-from tests.deployment import Deployment
+from tests.deployment import Deployment, wait_until
 
 
 def project_client(deployment: Deployment, http: httpx.Client, project: str) -> OpenAI:
@@ -69,7 +69,7 @@ def test_listing_more_than_a_hundred_batches_pages_newest_first(
 
 
 def test_dry_run_validation_creates_nothing(
-    deployment: Deployment, http: httpx.Client, model: str
+    deployment: Deployment, http: httpx.Client, model: str, embedding_model: str
 ) -> None:
     client = project_client(deployment, http, "dry-run")
     good = client.files.create(file=("g.jsonl", (chat_line("a", model, "x") + "\n").encode()),
@@ -77,8 +77,22 @@ def test_dry_run_validation_creates_nothing(
     bad = client.files.create(file=("b.jsonl", b"nope\n" + chat_line("a", model, "x").encode()),
                               purpose="batch")
     headers = {"Authorization": f"Bearer {client.api_key}"}
-    ok = http.post("/v1/batches/validate", json={"input_file_id": good.id}, headers=headers)
-    assert ok.json() == {"valid": True, "total": 1, "errors": []}
+    # it says what is served: each model with the endpoints its workers advertise
+    ok = wait_until(lambda: (r := http.post("/v1/batches/validate", headers=headers,
+                                            json={"input_file_id": good.id}).json())
+                    and all(r["served"].values()) and r, 30, "the workers on the board")
+    assert ok == {"valid": True, "total": 1, "errors": [], "served": {
+        model: ["/v1/chat/completions", "/v1/completions", "/v1/responses"],
+        embedding_model: ["/pooling", "/rerank", "/score", "/v1/embeddings", "/v1/rerank",
+                          "/v1/score", "/v2/rerank"]}}
+    # an endpoint no served model answers: refused, for the dry run and for a batch alike
+    for route, window in (("/v1/batches/validate", {}), ("/v1/batches",
+                                                         {"completion_window": "24h"})):
+        unserved = http.post(route, headers=headers, json={
+            "input_file_id": good.id, "endpoint": "/classify", **window})
+        assert unserved.status_code == 400, unserved.text
+        assert unserved.json()["error"]["param"] == "endpoint"
+        assert "/v1/responses" in unserved.json()["error"]["message"]
     failed = http.post("/v1/batches/validate", json={"input_file_id": bad.id}, headers=headers)
     body = failed.json()
     assert (body["valid"], body["total"]) == (False, 2)

@@ -7,11 +7,10 @@ a backlog in the worker (as on a busy GPU host).
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -22,10 +21,9 @@ from openai import OpenAI
 
 from millrace.client import iter_results
 from millrace.records import ResponseRecord
-from millrace.up.embedded import die_with_parent
 from tests.batch_flow import create_batch, read_lines, wait_done
-from tests.conftest import chat_line, write_jsonl
-from tests.deployment import Deployment, wait_until
+from tests.conftest import VLLM_MODEL_ARGS, chat_line, write_jsonl
+from tests.deployment import Deployment, extra_worker, wait_until
 
 IN_FLIGHT = 16
 
@@ -117,35 +115,10 @@ def test_a_poison_line_fails_alone(client: OpenAI, model: str, tmp_path: Path) -
 def second_worker(deployment: Deployment, model: str) -> Iterator[tuple[subprocess.Popen[str],
                                                                       threading.Event]]:
     """One more `millrace worker` (chat model only) joining the deployment's group."""
-    env = {**os.environ,
-           "MILLRACE_KAFKA__BOOTSTRAP": str(deployment.endpoints["kafka_bootstrap"]),
-           "MILLRACE_REDIS_URL": str(deployment.endpoints["redis_url"]),
-           "MILLRACE_WORKER_NAME": "worker-extra",
-           "MILLRACE_WORKER_MAX_IN_FLIGHT": str(IN_FLIGHT),
-           "MILLRACE_LOG_LEVEL": "INFO"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "millrace", "worker", "--data-dir", str(deployment.data_dir),
-         "--model", model], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        text=True, preexec_fn=die_with_parent)
-    assigned = threading.Event()
-    log: list[str] = []
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log.append(line)
-            if re.search(r" assigned .*requests", line):
-                assigned.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    yield proc, assigned
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(60)
-    reader.join(10)
-    assert proc.stderr is not None
-    proc.stderr.close()
+    env = {"MILLRACE_WORKER_MAX_IN_FLIGHT": str(IN_FLIGHT),
+           "MILLRACE_VLLM_MODEL_ARGS": json.dumps(VLLM_MODEL_ARGS)}
+    with extra_worker(deployment, model, env) as (proc, assigned, _):
+        yield proc, assigned
 
 
 def test_two_workers_split_one_batch_and_hand_over_on_sigterm(
