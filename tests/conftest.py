@@ -15,7 +15,7 @@ from millrace.settings import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL
 from millrace.up.embedded import free_port
 from tests.deployment import Deployment, start
 
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 2048
 # the session deployment's per-model vLLM arguments (MILLRACE_VLLM_MODEL_ARGS)
 VLLM_MODEL_ARGS = {BUNDLED_CHAT_MODEL: f"--max-model-len {MAX_MODEL_LEN}"}
 
@@ -26,7 +26,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     # so cancels and fair share have unstarted lines to act on, as on a busy GPU host.
     # Webhook retries start at ~1 s (not 5 s) and partial results are published every
     # 0.2 s, so the tests of both see several steps within seconds. The chat model gets a
-    # vLLM argument of its own, as a user gives one (its context cut to MAX_MODEL_LEN).
+    # vLLM argument of its own, as a user gives one: its context cut to MAX_MODEL_LEN, which
+    # still fits the 1,500-token generations the cancel tests need to outlast any machine.
     dep = start(tmp_path_factory.mktemp("millrace"),
                 extra_env={"MILLRACE_WORKER_MAX_IN_FLIGHT": "16",
                            "MILLRACE_WEBHOOK_RETRY_BASE_S": "1",

@@ -84,7 +84,7 @@ def test_errors_are_pageable_and_exported_too(
     headers = {"Authorization": f"Bearer {deployment.api_key}"}
     batch = create_batch(client, write_jsonl(tmp_path / "in.jsonl", [
         chat_line("fine", model, "Say yes.", max_tokens=2),
-        chat_line("bad", model, "Say yes.", max_tokens=2, tools=[{"type": "function"}]),
+        chat_line("bad", model, "Say yes.", max_tokens=2, temperature=-1),
     ]))
     done = wait_done(client, batch.id)
     assert done.request_counts is not None and done.request_counts.failed == 1
@@ -98,6 +98,6 @@ def test_errors_are_pageable_and_exported_too(
     rows = {row["custom_id"]: row for row in table}
     assert (rows["fine"]["file"], rows["bad"]["file"]) == ("output", "errors")
     assert rows["bad"]["status_code"] == 400
-    assert json.loads(rows["bad"]["body"])["error"]["param"] == "tools"
+    assert json.loads(rows["bad"]["body"])["error"]["param"] == "temperature"
     other = http.get("/v1/batches/batch_nope/output", headers=headers)
     assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"

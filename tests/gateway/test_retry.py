@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 from openai import OpenAI
 
 from tests.batch_flow import create_batch, read_lines, wait_done
@@ -16,20 +17,20 @@ from tests.deployment import Deployment, wait_until
 
 
 def test_retry_runs_exactly_the_failed_lines_again(client: OpenAI, model: str,
-                                                   deployment: Deployment,
-                                                   tmp_path: Path) -> None:
+                                                   deployment: Deployment, tmp_path: Path,
+                                                   request: pytest.FixtureRequest) -> None:
     """Four lines that must generate 1,500 tokens each (vLLM's `min_tokens`) are still
     running at the cancel on any machine, so they are surely among the failed lines; short
-    lines may have finished or not; the `tools` line is refused by the engine every time."""
+    lines may have finished or not; the `refused` line is refused by vLLM every time."""
     lines = [chat_line(f"long{i}", model, f"Tell a tale about {i}.", max_tokens=1500,
                        min_tokens=1500) for i in range(4)]
     lines += [chat_line(f"r{i}", model, f"Count to {i}.", max_tokens=8) for i in range(8)]
-    lines.append(chat_line("tools", model, "x", tools=[{"type": "function",
-                                                        "function": {"name": "f"}}]))
+    lines.append(chat_line("refused", model, "x", temperature=-1))
     by_id = {json.loads(x)["custom_id"]: x for x in lines}
     batch = create_batch(client, write_jsonl(tmp_path / "in.jsonl", lines))
     http = httpx.Client(base_url=deployment.base_url, timeout=30,
                         headers={"Authorization": f"Bearer {deployment.api_key}"})
+    request.addfinalizer(http.close)  # closed even when an assertion fails
     early = http.post(f"/batches/{batch.id}/retry")
     assert early.status_code == 409 and early.json()["error"]["param"] == "batch_id"
     wait_until(lambda: client.batches.retrieve(batch.id).status == "in_progress", 60,
@@ -38,9 +39,9 @@ def test_retry_runs_exactly_the_failed_lines_again(client: OpenAI, model: str,
     original = wait_done(client, batch.id)
     assert original.status == "cancelled"
     failed = {x.custom_id for x in read_lines(client, original.error_file_id)}
-    assert {"tools", "long0", "long1", "long2", "long3"} <= failed
+    assert {"refused", "long0", "long1", "long2", "long3"} <= failed
 
-    unknown = http.post(f"/batches/{batch.id}/retry", json={"custom_ids": ["tools", "nope"]})
+    unknown = http.post(f"/batches/{batch.id}/retry", json={"custom_ids": ["refused", "nope"]})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "custom_ids"
     extra = http.post(f"/batches/{batch.id}/retry", json={"webhook": "x"})
     assert extra.status_code == 400 and extra.json()["error"]["code"] == "unknown_parameter"
@@ -64,10 +65,10 @@ def test_retry_runs_exactly_the_failed_lines_again(client: OpenAI, model: str,
     assert retried.request_counts is not None and retried.request_counts.total == len(short)
     output = read_lines(client, retried.output_file_id)
     errors = read_lines(client, retried.error_file_id)
-    assert sorted(x.custom_id for x in output) == sorted(set(short) - {"tools"})
+    assert sorted(x.custom_id for x in output) == sorted(set(short) - {"refused"})
     assert all(x.response and x.response.status_code == 200 for x in output)
     assert [(x.custom_id, x.response.body["error"]["param"]) for x in errors
-            if x.response] == [("tools", "tools")]
+            if x.response] == [("refused", "temperature")]
 
     assert client.batches.retrieve(batch.id).model_dump() == original.model_dump()
     # a line that succeeded is not a failed line

@@ -1,6 +1,7 @@
 """A LoRA adapter served as a model name, the vLLM way (`--enable-lora --lora-modules
 name=path` in the model's vLLM arguments): the worker advertises it, the gateway takes it as
-`body.model`, its lines run on the base model's engine with the adapter applied."""
+`body.model`, its lines run on the base model's engine with the adapter applied. The worker
+serving it has `--max-model-len 512`: a line whose prompt is longer fails alone."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import pytest
 from openai import OpenAI
 from safetensors.numpy import save_file
 
+from millrace.protocol import OutputLine
 from tests.batch_flow import read_lines, run_batch
-from tests.conftest import MAX_MODEL_LEN, chat_line, write_jsonl
+from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, extra_worker, wait_until
 
 pytestmark = pytest.mark.engine
 ADAPTER = "smollm2-shout"
 RANK = 8
+MAX_MODEL_LEN = 512
 QUESTIONS = ["What is the capital of France?", "Name a colour.", "Say hello."]
 
 
@@ -60,22 +63,31 @@ def lora_worker(deployment: Deployment, model: str, tmp_path: Path,
         assert proc.wait(60) == 0
 
 
-def answers(client: OpenAI, path: Path, name: str) -> dict[str, str]:
+def answers(client: OpenAI, path: Path, name: str, *extra: str
+            ) -> tuple[dict[str, str], list[OutputLine]]:
+    """The answers to QUESTIONS through model `name` (and the error lines of `extra`)."""
     batch, _ = run_batch(client, write_jsonl(path, [
-        chat_line(f"q{i}", name, q, max_tokens=8, temperature=0)
-        for i, q in enumerate(QUESTIONS)]))
+        *(chat_line(f"q{i}", name, q, max_tokens=8, temperature=0)
+          for i, q in enumerate(QUESTIONS)), *extra]))
     assert batch.status == "completed"
     out = read_lines(client, batch.output_file_id)
     assert len(out) == len(QUESTIONS), read_lines(client, batch.error_file_id)
     assert all(x.response is not None and x.response.body["model"] == name for x in out)
-    return {x.custom_id: x.response.body["choices"][0]["message"]["content"]
-            for x in out if x.response is not None}
+    return ({x.custom_id: x.response.body["choices"][0]["message"]["content"]
+             for x in out if x.response is not None}, read_lines(client, batch.error_file_id))
 
 
 def test_an_adapter_is_a_model_name_and_changes_the_answers(
     client: OpenAI, model: str, tmp_path: Path, lora_worker: None
 ) -> None:
-    adapted = answers(client, tmp_path / "adapter.jsonl", ADAPTER)
-    base = answers(client, tmp_path / "base.jsonl", model)
+    too_long = chat_line("too-long", ADAPTER, "hello " * MAX_MODEL_LEN, max_tokens=4)
+    adapted, refused = answers(client, tmp_path / "adapter.jsonl", ADAPTER, too_long)
+    base, _ = answers(client, tmp_path / "base.jsonl", model)
     assert "Paris" in base["q0"]
     assert all(adapted[k] != base[k] for k in base), (adapted, base)
+    # the prompt over the worker's --max-model-len fails alone; the other lines ran
+    [line] = refused
+    assert line.custom_id == "too-long" and line.response is not None
+    assert line.response.status_code == 400
+    assert f"maximum context length is {MAX_MODEL_LEN} tokens" in (
+        line.response.body["error"]["message"])

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from gpu_consumer import engine_args
 from millrace.bench import batch as batch_bench
 from millrace.bench.costs import Meter
+from millrace.settings import Settings
 from tests.deployment import Deployment
 
 
@@ -64,7 +66,11 @@ def test_the_cpu_and_memory_of_each_service_are_measured_while_a_batch_runs(
         by_process["sink"].cpu_s * 1000 / run.lines)
 
 
-def test_the_gpu_plan_runs_one_worker_on_the_model_s_own_dtype() -> None:
+def test_the_gpu_plan_runs_one_worker_with_vllm_s_defaults() -> None:
+    """No setting of its own: on the GPU build the worker's vLLM arguments (and so every
+    run of the bench) keep vLLM's defaults — CUDA graphs, dtype auto."""
     plan = batch_bench.Plan.gpu(lines=500)
-    assert (plan.lines, plan.workers, dict(plan.env)) == (500, (1,), {"MILLRACE_DTYPE": "auto"})
+    assert (plan.lines, plan.workers, dict(plan.env)) == (500, (1,), {})
+    gpu = engine_args.argv(Settings(), "m", "/models/m", cpu=False)
+    assert "--enforce-eager" not in gpu and "--dtype" not in gpu
     assert plan.max_tokens > batch_bench.Plan().max_tokens

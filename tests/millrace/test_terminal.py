@@ -47,8 +47,7 @@ def test_submit_wait_download_and_the_batch_commands(deployment: Deployment, mod
     lines = [json.dumps({"custom_id": f"t{i}", "method": "POST", "url": "/v1/chat/completions",
                          "body": {"messages": [{"role": "user", "content": f"Say {i}."}],
                                   "max_tokens": 4}}) for i in range(4)]
-    lines.append(chat_line("tools", model, "x", tools=[{"type": "function",
-                                                        "function": {"name": "f"}}]))
+    lines.append(chat_line("refused", model, "x", temperature=-1))
     path = write_jsonl(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out"
 
@@ -63,7 +62,8 @@ def test_submit_wait_download_and_the_batch_commands(deployment: Deployment, mod
     assert sorted(final["downloaded"]) == sorted([str(output), str(errors)])
     assert sorted(json.loads(x)["custom_id"] for x in output.read_text().splitlines()) == [
         "t0", "t1", "t2", "t3"]
-    assert [json.loads(x)["custom_id"] for x in errors.read_text().splitlines()] == ["tools"]
+    assert [json.loads(x)["custom_id"] for x in errors.read_text().splitlines()] == [
+        "refused"]
 
     code, stdout, _ = run("batches", "ls", "--json", env=env)
     assert code == 0 and final["id"] in [b["id"] for b in json.loads(stdout)]
