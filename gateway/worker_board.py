@@ -27,6 +27,9 @@ GONE_AFTER_S = 15.0  # a worker not heard from for this long is no longer shown
 class WorkerBoard:
     def __init__(self) -> None:
         self._latest: dict[str, WorkerStatus] = {}
+        # every model name a worker reported serving since this gateway started → its
+        # endpoints; kept when the worker stops or restarts (its lines wait in Kafka)
+        self._served: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
     def put(self, status: WorkerStatus) -> None:
@@ -35,6 +38,9 @@ class WorkerBoard:
                 self._latest.pop(status.worker, None)
             else:
                 self._latest[status.worker] = status
+            for model, load in status.models.items():
+                for name in (model, *load.adapters):
+                    self._served.setdefault(name, set()).update(load.endpoints)
 
     def live(self, now: float | None = None) -> list[WorkerStatus]:
         now = time.time() if now is None else now
@@ -42,15 +48,11 @@ class WorkerBoard:
             return sorted((s for s in self._latest.values() if now - s.at < GONE_AFTER_S),
                           key=lambda s: s.worker)
 
-    def served(self, now: float | None = None) -> dict[str, set[str]]:
-        """Every model name the workers heard from lately serve (their models and LoRA
-        adapters) → the endpoints it answers."""
-        served: dict[str, set[str]] = {}
-        for status in self.live(now):
-            for model, load in status.models.items():
-                for name in (model, *load.adapters):
-                    served.setdefault(name, set()).update(load.endpoints)
-        return served
+    def served(self) -> dict[str, set[str]]:
+        """Every model name workers reported serving (their models and LoRA adapters) →
+        the endpoints it answers."""
+        with self._lock:
+            return {name: set(endpoints) for name, endpoints in self._served.items()}
 
     def endpoints(self) -> tuple[str, ...]:
         """The endpoints batches may name: what the workers serve — or, while no worker has

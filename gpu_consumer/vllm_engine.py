@@ -93,37 +93,31 @@ def _routes(state: Any) -> dict[str, _Route]:
     from vllm.entrypoints.pooling.pooling.protocol import PoolingRequest
     from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
 
-    def serving(name: str) -> Any:
-        return getattr(state, name, None)
-
-    chat, completion = serving("openai_serving_chat"), serving("openai_serving_completion")
-    responses = serving("openai_serving_responses")
-    found: dict[str, _Route] = {}
-    if chat is not None:
-        found[protocol.CHAT] = _Route(TypeAdapter(ChatCompletionRequest),
-                               lambda r: chat.create_chat_completion(r, None))
-    if completion is not None:
-        found[protocol.COMPLETIONS] = _Route(TypeAdapter(CompletionRequest),
-                                      lambda r: completion.create_completion(r, None))
-    if responses is not None:
-        found[protocol.RESPONSES] = _Route(TypeAdapter(ResponsesRequest),
-                                    lambda r: responses.create_responses(r, None))
-    pooled: list[tuple[tuple[str, ...], str, Any]] = [
-        ((protocol.EMBEDDINGS,), "serving_embedding", EmbeddingRequest),
-        (protocol.SCORE, "serving_scores", ScoreRequest),
-        (protocol.RERANK, "serving_scores", RerankRequest),
-        ((protocol.CLASSIFY,), "serving_classification", ClassificationRequest),
-        ((protocol.POOLING,), "serving_pooling", PoolingRequest),
+    declared: list[tuple[tuple[str, ...], str, Any, str | None]] = [
+        ((protocol.CHAT,), "openai_serving_chat", ChatCompletionRequest,
+         "create_chat_completion"),
+        ((protocol.COMPLETIONS,), "openai_serving_completion", CompletionRequest,
+         "create_completion"),
+        ((protocol.RESPONSES,), "openai_serving_responses", ResponsesRequest,
+         "create_responses"),
+        # the pooling serving objects are called themselves
+        ((protocol.EMBEDDINGS,), "serving_embedding", EmbeddingRequest, None),
+        (protocol.SCORE, "serving_scores", ScoreRequest, None),
+        (protocol.RERANK, "serving_scores", RerankRequest, None),
+        ((protocol.CLASSIFY,), "serving_classification", ClassificationRequest, None),
+        ((protocol.POOLING,), "serving_pooling", PoolingRequest, None),
     ]
-    for urls, name, request_type in pooled:
-        handler = serving(name)
-        if handler is not None:
+    found: dict[str, _Route] = {}
+    for urls, name, request_type, method in declared:
+        serving = getattr(state, name, None)
+        if serving is not None:
+            handler = getattr(serving, method) if method else serving
             found |= dict.fromkeys(urls, _Route(TypeAdapter(request_type), _called(handler)))
     return found
 
 
 def _called(handler: Any) -> Callable[[Any], Awaitable[Any]]:
-    """A pooling serving object is called as its route calls it (no HTTP request here)."""
+    """A handler called as its route calls it, without an HTTP request."""
     return lambda request: handler(request, None)
 
 
@@ -194,6 +188,12 @@ class _ModelServer:
             self.started.set_result(None)
             await self._stopping.wait()
         finally:
+            # lines still running (a drain that ran out): cancelled, so vLLM aborts them
+            running = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running, timeout=5)
             client.shutdown(timeout=config.shutdown_timeout)
 
     @property

@@ -327,6 +327,7 @@ class Plan:
     direct: bool = True
     workers: tuple[int, ...] = (1, 2)
     streaming_requests: int = 30
+    long_poll: bool = True  # a 1-worker run with a 500 ms fetch wait beside the default
     # environment of the deployments (e.g. MILLRACE_VLLM_ARGS: the direct runs read the
     # same settings)
     env: tuple[tuple[str, str], ...] = ()
@@ -339,6 +340,8 @@ class Plan:
 
 
 WARM_UP_LINES = 200
+LONG_POLL_MS = 500
+LONG_POLL_RUN = f"millrace, 1 worker, {LONG_POLL_MS} ms"
 
 
 def run(settings: Settings, work: Path, plan: Plan = Plan(),
@@ -371,6 +374,15 @@ def run(settings: Settings, work: Path, plan: Plan = Plan(),
                 note(f"streaming, {plan.streaming_requests} single requests …")
                 result.streaming = streaming(dep.data_dir or work, dep.client.api_key,
                                              requests=plan.streaming_requests, model=name)
+        result.runs.append(run_)
+        result.stages[run_.name] = stages
+    if plan.long_poll:
+        # the same with every consumer letting the broker hold an empty fetch 500 ms: what
+        # the Kafka clients' polling costs a CPU host whose cores the engine uses
+        note(f"millrace, 1 worker, fetch wait {LONG_POLL_MS} ms, {plan.lines} lines …")
+        with deployment(work, "vllm", model, 1,
+                        {**env, "MILLRACE_KAFKA__FETCH_WAIT_MS": str(LONG_POLL_MS)}) as dep:
+            run_, stages = pipeline(dep, LONG_POLL_RUN, source)
         result.runs.append(run_)
         result.stages[run_.name] = stages
     note(f"millrace, echo engine, {plan.ingest_lines} lines …")
@@ -423,6 +435,9 @@ def _ratios(result: BenchResult) -> dict[str, float]:
     if one is not None and "vllm run-batch" in by_name:
         ratios["pipeline / vllm direct (tokens/s)"] = (
             one.tokens_per_s / by_name["vllm run-batch"].tokens_per_s)
+    if LONG_POLL_RUN in by_name and "vllm run-batch" in by_name:
+        ratios["pipeline, 500 ms fetch wait / vllm direct (tokens/s)"] = (
+            by_name[LONG_POLL_RUN].tokens_per_s / by_name["vllm run-batch"].tokens_per_s)
     if one is not None and "vllm offline (LLM.chat)" in by_name:
         ratios["pipeline / vllm offline (tokens/s)"] = (
             one.tokens_per_s / by_name["vllm offline (LLM.chat)"].tokens_per_s)
@@ -500,6 +515,9 @@ def summary(result: BenchResult) -> list[tuple[str, str]]:
     if "pipeline / vllm direct (tokens/s)" in result.ratios:
         rows.append(("pipeline / vllm run-batch (tokens/s)",
                      f"{result.ratios['pipeline / vllm direct (tokens/s)']:.3f}"))
+    long_poll = result.ratios.get("pipeline, 500 ms fetch wait / vllm direct (tokens/s)")
+    if long_poll is not None:
+        rows.append(("  with a 500 ms fetch wait", f"{long_poll:.3f}"))
     if "pipeline / vllm offline (tokens/s)" in result.ratios:
         rows.append(("pipeline / vllm offline engine (tokens/s)",
                      f"{result.ratios['pipeline / vllm offline (tokens/s)']:.3f}"))

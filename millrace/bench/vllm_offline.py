@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -23,8 +23,10 @@ def main() -> None:
 
     timing, source = Path(sys.argv[1]), Path(sys.argv[2])
     parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
-    args = parser.parse_args(sys.argv[3:])
-    llm = LLM(**asdict(EngineArgs.from_cli_args(args)))
+    given, defaults = vars(parser.parse_args(sys.argv[3:])), vars(parser.parse_args([]))
+    engine = {f.name for f in fields(EngineArgs)}
+    # the engine arguments given (the serving layer's, e.g. a tool parser, mean nothing here)
+    llm = LLM(**{k: v for k, v in given.items() if k in engine and v != defaults.get(k)})
     bodies = [json.loads(line)["body"] for line in source.read_text().splitlines() if line]
     params = [SamplingParams(max_tokens=b.get("max_tokens"), temperature=b.get("temperature"))
               for b in bodies]
