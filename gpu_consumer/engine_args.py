@@ -28,8 +28,12 @@ from typing import Any, NoReturn
 from millrace.errors import SettingsError
 from millrace.settings import BUNDLED_CHAT_MODEL, Settings
 
-# Every build: vLLM reports `prompt_tokens_details.cached_tokens` (OpenAI always does).
-DEFAULTS = ["--enable-prompt-tokens-details"]
+# Every build: vLLM reports `prompt_tokens_details.cached_tokens` (OpenAI always does); and
+# no media (`image_url`, `audio_url`, …) is fetched from a URL a line names unless the
+# operator lists its domains (`--allowed-media-domains cdn.example.com`): vLLM fetches from
+# any host by default, internal ones included. `data:` URLs always work.
+MEDIA_FETCHES_OFF = "media-urls-are-off.invalid"  # RFC 2606: never resolves
+DEFAULTS = ["--enable-prompt-tokens-details", "--allowed-media-domains", MEDIA_FETCHES_OFF]
 # The CPU build only. Eager: torch.compile takes 80-100 s to start on CPU and its bf16
 # output was wrong here. float32: bf16 (vLLM's CPU default) garbles the 135M bundled model.
 CPU_DEFAULTS = ["--enforce-eager", "--dtype", "float32"]

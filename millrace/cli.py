@@ -67,10 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--ingest-lines", type=int,
                        help="lines of the echo-engine file (ingest rate, orchestration ceiling, "
                             "CPU per request; 50000)")
-    bench.add_argument("--no-direct", action="store_true", help="skip `vllm run-batch`")
+    bench.add_argument("--no-direct", action="store_true",
+                       help="skip vLLM alone (its offline engine and `vllm run-batch`)")
+    bench.add_argument("--repeat", type=int,
+                       help="runs of each real-engine case, the median kept (3; --gpu: 1)")
     bench.add_argument("--gpu", action="store_true",
-                       help="a GPU host: --model name=folder (a local HF folder), dtype auto, "
-                            "bigger defaults, one worker")
+                       help="a GPU host: --model name=folder (a local HF folder), the GPU "
+                            "build's vLLM defaults, bigger defaults, one worker")
     bench.add_argument("--model", help="served name, or name=folder (default: the bundled "
                                        "chat model)")
     bench.add_argument("--work", type=Path, default=Path("bench/work"),
@@ -281,7 +284,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> None:
         from millrace.bench import batch as batch_bench
 
         given = {"lines": args.lines, "max_tokens": args.max_tokens,
-                 "ingest_lines": args.ingest_lines}
+                 "ingest_lines": args.ingest_lines, "repeat": args.repeat}
         changes = {k: v for k, v in given.items() if v is not None}
         changes.update(direct=not args.no_direct, streaming_requests=args.requests)
         plan = (batch_bench.Plan.gpu(**changes) if args.gpu

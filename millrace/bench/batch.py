@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -164,11 +165,13 @@ def vllm_env(settings: Settings) -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", **cpu}
 
 
-def direct_vllm(settings: Settings, source: Path, work: Path, model: str) -> Run:
-    """`vllm run-batch` on the file: vLLM's own serving layer, without Kafka."""
+def direct_vllm(settings: Settings, source: Path, work: Path, model: str,
+                repeat: int = 1) -> Run:
+    """`vllm run-batch` on the file (its batch phase `repeat` times on one engine; the
+    median): vLLM's own serving layer, without Kafka."""
     out, timing = work / "direct.out.jsonl", work / "direct.timing.json"
-    argv = [sys.executable, "-m", "millrace.bench.vllm_run_batch", str(timing), "-i", str(source),
-            "-o", str(out), *vllm_argv(settings, model)]
+    argv = [sys.executable, "-m", "millrace.bench.vllm_run_batch", str(timing), str(repeat),
+            "-i", str(source), "-o", str(out), *vllm_argv(settings, model)]
     started = time.perf_counter()
     with (work / "run_batch.log").open("ab") as log:
         subprocess.run(argv, env=vllm_env(settings), stdout=log, stderr=subprocess.STDOUT,
@@ -176,24 +179,31 @@ def direct_vllm(settings: Settings, source: Path, work: Path, model: str) -> Run
     total_s = time.perf_counter() - started
     batch_s = json.loads(timing.read_text())["batch_s"]
     tokens, failed = _usage(out.read_text().splitlines())
-    return Run("vllm run-batch", len(source.read_text().splitlines()), batch_s, tokens, failed,
-               note=f"batch phase; {total_s:.1f}s with engine start-up")
+    return Run("vllm run-batch", len(source.read_text().splitlines()), statistics.median(batch_s),
+               tokens, failed, note=f"batch phase, median of {_seconds(batch_s)}; "
+                                    f"{total_s:.1f}s in all with engine start-up")
 
 
-def offline_vllm(settings: Settings, source: Path, work: Path, model: str) -> Run:
-    """vLLM's offline engine (`LLM.chat` over every line at once): no serving layer, no
-    HTTP shapes, no Kafka — the engine's own ceiling on this machine."""
+def _seconds(spent: list[float]) -> str:
+    return "/".join(f"{s:.2f}" for s in spent) + " s"
+
+
+def offline_vllm(settings: Settings, source: Path, work: Path, model: str,
+                 repeat: int = 1) -> Run:
+    """vLLM's offline engine (`LLM.chat` over every line at once, `repeat` times; the
+    median): no serving layer, no HTTP shapes, no Kafka — the engine's own ceiling here."""
     timing = work / "offline.timing.json"
-    argv = [sys.executable, "-m", "millrace.bench.vllm_offline", str(timing), str(source),
-            *vllm_argv(settings, model)]
+    argv = [sys.executable, "-m", "millrace.bench.vllm_offline", str(timing), str(repeat),
+            str(source), *vllm_argv(settings, model)]
     started = time.perf_counter()
     with (work / "offline.log").open("ab") as log:
         subprocess.run(argv, env=vllm_env(settings), stdout=log, stderr=subprocess.STDOUT,
                        check=True, preexec_fn=die_with_parent)
     total_s = time.perf_counter() - started
     timed = json.loads(timing.read_text())
-    return Run("vllm offline (LLM.chat)", timed["lines"], timed["batch_s"],
-               timed["output_tokens"], note=f"generate phase; {total_s:.1f}s with start-up")
+    return Run("vllm offline (LLM.chat)", timed["lines"], statistics.median(timed["batch_s"]),
+               timed["output_tokens"], note=f"generate phase, median of "
+                                            f"{_seconds(timed['batch_s'])}; {total_s:.1f}s in all")
 
 
 def _usage(lines: list[str]) -> tuple[int, int]:
@@ -255,7 +265,9 @@ def pipeline(dep: Deployment, name: str, source: Path) -> tuple[Run, Stages]:
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
     while batch.status not in TERMINAL:
-        time.sleep(0.05)
+        # the times come from the records' Kafka timestamps: polling more often would only
+        # take CPU from the engine being measured
+        time.sleep(0.5)
         batch = client.batches.retrieve(batch.id)
     if batch.status != "completed" or not batch.output_file_id:
         raise ComponentError(f"{name}: batch ended {batch.status}: {batch.errors}")
@@ -265,6 +277,17 @@ def pipeline(dep: Deployment, name: str, source: Path) -> tuple[Run, Stages]:
     tokens, _ = _usage(output)
     stages, completed_at = _stages(dep.endpoints, batch.id, created)
     run = Run(name, len(output) + len(errors), completed_at - created, tokens, len(errors))
+    return run, stages
+
+
+def repeated(dep: Deployment, name: str, source: Path, repeat: int) -> tuple[Run, Stages]:
+    """The file through the deployment `repeat` times, one batch after the other: the
+    median run (and its stages), the wall time of each in its note."""
+    runs = sorted((pipeline(dep, name, source) for _ in range(repeat)),
+                  key=lambda done: done[0].wall_s)
+    run, stages = runs[len(runs) // 2]
+    if repeat > 1:
+        run.note = f"median of {_seconds([r.wall_s for r, _ in runs])}"
     return run, stages
 
 
@@ -328,6 +351,8 @@ class Plan:
     workers: tuple[int, ...] = (1, 2)
     streaming_requests: int = 30
     long_poll: bool = True  # a 1-worker run with a 500 ms fetch wait beside the default
+    # each real-engine run this many times, the median kept (this box is noisy: ±30%)
+    repeat: int = 3
     # environment of the deployments (e.g. MILLRACE_VLLM_ARGS: the direct runs read the
     # same settings)
     env: tuple[tuple[str, str], ...] = ()
@@ -336,7 +361,8 @@ class Plan:
     def gpu(cls, **changes: Any) -> Plan:
         """A GPU host: a bigger file and longer answers, one worker per GPU (one here); the
         engine with the GPU build's defaults (engine_args: CUDA graphs, dtype auto)."""
-        return cls(**{"lines": 2000, "max_tokens": 128, "workers": (1,), **changes})
+        return cls(**{"lines": 2000, "max_tokens": 128, "workers": (1,), "repeat": 1,
+                      **changes})
 
 
 WARM_UP_LINES = 200
@@ -363,13 +389,13 @@ def run(settings: Settings, work: Path, plan: Plan = Plan(),
     result.vllm_args = " ".join(vllm_argv(settings, name)[4:])
     if plan.direct:
         note(f"vllm offline engine on {plan.lines} lines …")
-        result.runs.append(offline_vllm(settings, source, work, name))
+        result.runs.append(offline_vllm(settings, source, work, name, plan.repeat))
         note(f"vllm run-batch on {plan.lines} lines …")
-        result.runs.append(direct_vllm(settings, source, work, name))
+        result.runs.append(direct_vllm(settings, source, work, name, plan.repeat))
     for workers in plan.workers:
         note(f"millrace, {workers} worker(s), {plan.lines} lines …")
         with deployment(work, "vllm", model, workers, env) as dep:
-            run_, stages = pipeline(dep, f"millrace, {workers} worker(s)", source)
+            run_, stages = repeated(dep, f"millrace, {workers} worker(s)", source, plan.repeat)
             if workers == 1 and plan.streaming_requests:
                 note(f"streaming, {plan.streaming_requests} single requests …")
                 result.streaming = streaming(dep.data_dir or work, dep.client.api_key,
@@ -382,7 +408,7 @@ def run(settings: Settings, work: Path, plan: Plan = Plan(),
         note(f"millrace, 1 worker, fetch wait {LONG_POLL_MS} ms, {plan.lines} lines …")
         with deployment(work, "vllm", model, 1,
                         {**env, "MILLRACE_KAFKA__FETCH_WAIT_MS": str(LONG_POLL_MS)}) as dep:
-            run_, stages = pipeline(dep, LONG_POLL_RUN, source)
+            run_, stages = repeated(dep, LONG_POLL_RUN, source, plan.repeat)
         result.runs.append(run_)
         result.stages[run_.name] = stages
     note(f"millrace, echo engine, {plan.ingest_lines} lines …")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_consumer.engine_args import CPU_DEFAULTS, argv, parse
+from gpu_consumer.engine_args import CPU_DEFAULTS, MEDIA_FETCHES_OFF, argv, parse
 from millrace.errors import SettingsError
 from millrace.settings import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL, Settings
 
@@ -91,3 +91,25 @@ def test_a_worker_given_a_bad_argument_exits_2_with_vllm_s_message(
     assert last.startswith("millrace: vLLM arguments of smollm2-135m-instruct: ")
     assert message in last
     assert "Traceback" not in done.stderr
+
+
+def test_media_urls_in_lines_are_not_fetched_unless_their_domains_are_listed() -> None:
+    """vLLM fetches an `image_url` from any host, internal ones too: millrace lists no
+    domain that resolves, so a worker fetches nothing a line names (vLLM's own check, before
+    any connection) until the operator lists the domains it may fetch from."""
+    from vllm.multimodal.media.connector import MediaConnector
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    from tests.website import serving
+
+    args = parse(Settings(model="m=/models/m"), "m", FOLDER, cpu=True)
+    assert args.allowed_media_domains == [MEDIA_FETCHES_OFF]
+    with serving({"/cat.png": b"not really a png"}, content_type="image/png") as site:
+        connector = MediaConnector(allowed_media_domains=args.allowed_media_domains)
+        with pytest.raises(ValueError, match="must be from one of the allowed domains"):
+            connector.load_from_url(f"{site.url}/cat.png", ImageMediaIO())
+        assert site.hits == {}
+    listed = parse(Settings(model="m=/models/m",
+                            vllm_args="--allowed-media-domains cdn.example.com"),
+                   "m", FOLDER, cpu=True)
+    assert listed.allowed_media_domains == ["cdn.example.com"]
