@@ -128,6 +128,15 @@ def test_an_unknown_millrace_variable_is_refused(monkeypatch: pytest.MonkeyPatch
         "MILLRACE_KAFKA__BOOTSTRAPP, MILLRACE_WORKERZ")
 
 
+def test_a_removed_engine_setting_says_what_replaced_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MILLRACE_DTYPE", "auto")
+    with pytest.raises(SettingsError) as caught:
+        Settings.load()
+    assert str(caught.value) == (
+        "unknown setting MILLRACE_DTYPE (now MILLRACE_VLLM_ARGS='--dtype …')")
+
+
 def test_a_service_without_kafka_says_which_variable() -> None:
     with pytest.raises(SettingsError, match="MILLRACE_KAFKA__BOOTSTRAP is not set"):
         KafkaConfig.of(Settings(), "sink").base()
