@@ -78,7 +78,7 @@ async def close_if_complete(ledger: StreamLedger, producer: AsyncProducer, topic
 
 class StreamIngest:
     def __init__(self, settings: Settings, store: Store, files: FileStore,
-                 board: WorkerBoard | None = None) -> None:
+                 board: WorkerBoard) -> None:
         self.settings = settings
         self.board = board  # the LoRA adapters workers serve are model names too
         self.ledger = StreamLedger(store)

@@ -103,7 +103,7 @@ class Interrupted(Exception):
 
 class Jobs:
     def __init__(self, settings: Settings, store: Store, files: FileStore,
-                 board: WorkerBoard | None = None) -> None:
+                 board: WorkerBoard) -> None:
         self.settings = settings
         self.board = board  # the LoRA adapters workers serve are model names too
         self.store = store

@@ -32,7 +32,7 @@ from millrace.topics import Topics, request_route
 Produce = tuple[str, str, int | None, bytes]
 
 
-def rules(settings: Settings, endpoint: str, board: WorkerBoard | None = None) -> Rules:
+def rules(settings: Settings, endpoint: str, board: WorkerBoard) -> Rules:
     """What a batch's lines must satisfy: `board` adds the LoRA adapters workers serve."""
     return Rules(endpoint=endpoint, models=ServedNames(settings, board),
                  max_lines=settings.batch_max_lines, max_line_bytes=settings.batch_line_max_bytes)

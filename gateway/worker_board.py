@@ -66,14 +66,13 @@ class ServedNames(Collection[str]):
     """The model names a line may give: the configured models, and the LoRA adapters the
     workers serve as model names (each on a requests topic of its own)."""
 
-    def __init__(self, settings: Settings, board: WorkerBoard | None) -> None:
+    def __init__(self, settings: Settings, board: WorkerBoard) -> None:
         self._models = settings.served_models()
         self._board = board
         self._adapters: set[object] = set()  # found on the board once (a batch's every line)
 
     def _names(self) -> list[str]:
-        adapters = self._board.served() if self._board is not None else {}
-        return [*self._models, *(n for n in adapters if n not in self._models)]
+        return [*self._models, *(n for n in self._board.served() if n not in self._models)]
 
     def __contains__(self, name: object) -> bool:
         if name in self._models or name in self._adapters:

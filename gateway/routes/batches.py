@@ -22,6 +22,7 @@ from gateway.lines import rules
 from gateway.routes.files import new_file_id
 from gateway.stream_ledger import StreamLedger
 from gateway.validation import validate
+from gateway.worker_board import ServedNames
 from millrace.errors import (
     ConflictError,
     InvalidRequestError,
@@ -95,16 +96,15 @@ class CreateBatch(BaseModel):
         return (url, "metadata.webhook_url") if url is not None else None
 
 
-def served_endpoint(ctx: Ctx, endpoint: str) -> str:
-    """`endpoint`, if the workers serve it (every endpoint vLLM's server has while no
-    worker has reported yet: the workers judge each line then)."""
+def served_endpoint(ctx: Ctx, endpoint: str) -> None:
+    """Refuse `endpoint` unless the workers serve it (every endpoint vLLM's server has
+    while no worker has reported yet: the workers judge each line then)."""
     served = ctx.board.endpoints()
     if endpoint not in served:
         raise InvalidRequestError(
             f"endpoint must be one of {', '.join(served)}", param="endpoint",
             code="invalid_value",
         )
-    return endpoint
 
 
 @router.post("", response_model=Batch)
@@ -258,8 +258,7 @@ def served(ctx: Ctx) -> dict[str, list[str]]:
     """Each model name → the endpoints it answers (the configured models that no worker
     has reported yet: [], until one does)."""
     board = ctx.board.served()
-    names = dict.fromkeys([*ctx.settings.served_models(), *board])
-    return {name: sorted(board.get(name, ())) for name in names}
+    return {name: sorted(board.get(name, ())) for name in ServedNames(ctx.settings, ctx.board)}
 
 
 @router.get("/{batch_id}", response_model=Batch)
