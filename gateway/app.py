@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from gateway import errors, openapi
 from gateway.context import API_DELIVERY_TIMEOUT_MS, Context
+from gateway.headers import SecurityHeaders
 from gateway.http_limits import BodyLimits
 from gateway.ingest_topic import StreamIngest
 from gateway.jobs import Jobs
@@ -20,6 +21,7 @@ from gateway.routes import (
     admin,
     batches,
     dashboard,
+    docs,
     health,
     metrics,
     models,
@@ -105,11 +107,14 @@ def create_app(settings: Settings) -> FastAPI:
             producer.close()
             await store.close()
 
-    app = FastAPI(title="millrace", version="0.1.0", lifespan=lifespan)
+    # the docs pages are served from the package (gateway/routes/docs.py), not from a CDN
+    app = FastAPI(title="millrace", version="0.1.0", lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.add_middleware(BodyLimits, json_max_bytes=settings.json_max_bytes,
                        upload_max_bytes=max(settings.file_max_bytes, settings.batch_max_bytes),
                        batch_max_bytes=settings.batch_max_bytes,
                        rows_max_bytes=settings.rows_max_bytes)
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, a 401 or 413 too
     app.state.metrics_registry = gateway_registry(settings)
     errors.install(app)
     promptloop.install(app)
@@ -119,5 +124,6 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(module.router)
     app.include_router(files_routes.signed_router)
     app.include_router(dashboard.router)
+    app.include_router(docs.router)
     app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC), name="dashboard")
     return app

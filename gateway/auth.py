@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,13 +13,27 @@ from millrace.errors import AuthenticationError, PermissionDeniedError
 from millrace.store import Principal
 
 
-def api_key_of(headers: Mapping[str, str]) -> str | None:
-    """The API key of a request: `x-api-key`, else `Authorization: Bearer`."""
-    key = headers.get("x-api-key")
-    auth = headers.get("authorization", "")
-    if not key and auth.lower().startswith("bearer "):
-        key = auth[7:].strip()
-    return key or None
+def api_key_of(headers: Iterable[tuple[str, str]]) -> str | None:
+    """The API key of a request (its header pairs, repeats included): `x-api-key` or
+    `Authorization: Bearer`. A request that names two different keys, or repeats either
+    header, is refused (401) rather than one of them chosen."""
+    keys: list[str] = []
+    auths: list[str] = []
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "x-api-key":
+            keys.append(value.strip())
+        elif lowered == "authorization":
+            auths.append(value.strip())
+    if len(keys) > 1 or len(auths) > 1:
+        raise AuthenticationError("Send one API key, in one 'Authorization: Bearer <key>' "
+                                  "or one 'x-api-key' header.")
+    bearer = auths[0][7:].strip() if auths and auths[0].lower().startswith("bearer ") else ""
+    key = keys[0] if keys else ""
+    if key and bearer and key != bearer:
+        raise AuthenticationError("The 'Authorization' and 'x-api-key' headers name different "
+                                  "API keys; send one.")
+    return key or bearer or None
 
 
 async def principal(request: Request, ctx: Annotated[Context, Depends(context)]) -> Principal:
@@ -27,7 +41,7 @@ async def principal(request: Request, ctx: Annotated[Context, Depends(context)])
     # the body-limits middleware authenticated the caller before the body was read
     found: Principal | None = getattr(request.state, "principal", None)
     if found is None:
-        key = api_key_of(request.headers)
+        key = api_key_of(request.headers.items())
         if not key:
             raise AuthenticationError(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")

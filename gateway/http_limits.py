@@ -193,7 +193,7 @@ class BodyLimits:
     async def _limited(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         public = scope["path"] in PUBLIC or scope["path"].startswith(PUBLIC_PREFIXES)
-        if not public and not await self._authenticated(scope, headers, send):
+        if not public and not await self._authenticated(scope, send):
             return
         limit = self.limit(scope["path"], headers.get("content-type", ""))
         length = headers.get("content-length")
@@ -233,13 +233,17 @@ class BodyLimits:
 
         await self.app(scope, bounded_receive, tracking_send)
 
-    async def _authenticated(self, scope: dict[str, Any], headers: dict[str, str],
-                             send: Any) -> bool:
+    async def _authenticated(self, scope: dict[str, Any], send: Any) -> bool:
         """The caller's principal into the scope, or its 401 / 503 answered."""
         ctx = scope["app"].state.ctx
         from gateway.auth import api_key_of  # the app's own rule for finding the key
 
-        key = api_key_of(headers)
+        try:
+            key = api_key_of((k.decode("latin-1"), v.decode("latin-1"))
+                             for k, v in scope["headers"])
+        except AuthenticationError as exc:
+            await self._answer(scope, send, exc)
+            return False
         try:
             principal = await ctx.store.principal(key) if key else None
         except OUTAGES:

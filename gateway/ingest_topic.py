@@ -1,7 +1,11 @@
 """The ingest stage: OpenAI batch lines produced straight to `<prefix>.ingest` by any Kafka
 client become request lines of open (stream) batches.
 
-Messages are keyed by the batch id (or carry it in a `batch_id` header). Each is validated
+Messages are keyed by the batch id (or carry it in a `batch_id` header; a key and a header
+that disagree are refused) and carry the batch's ingest token (header
+`millrace-ingest-token`, handed to whoever created the batch): knowing a batch id is not
+enough to write into a batch or seal it. A message without the right token is refused to
+ingest-rejects and counts for nothing. Each is validated
 like an uploaded line: a good one goes to the requests topic; a bad one that a batch owns
 becomes an error line of that batch (and is shown on ingest-rejects); one no batch can own
 (unknown or sealed batch, duplicate custom_id) goes to ingest-rejects only. A control
@@ -19,13 +23,14 @@ message keeps its custom_id claim (keyed by partition:offset), so it is never co
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import uuid
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from gateway.lines import StreamLine, persist_stream_lines, request, rules
+from gateway.lines import StreamLine, persist_stream_lines, request, rules, ticket
 from gateway.stream_ledger import StreamLedger
 from gateway.validation import Report, Rules, check_line
 from gateway.worker_board import WorkerBoard
@@ -35,6 +40,7 @@ from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop, partition_n
 from millrace.protocol import ErrorDetail, ErrorEnvelope
 from millrace.records import (
     CONTROL_HEADER,
+    INGEST_TOKEN_HEADER,
     BatchValidated,
     IngestReject,
     RequestRecord,
@@ -47,6 +53,15 @@ from millrace.up.readiness import note_partitions
 
 log = logging.getLogger(__name__)
 MAX_REJECT_VALUE = 4096
+
+
+def token_matches(stream: dict[str, str], given: str | None) -> bool:
+    """A message's ingest token against its batch's (a batch opened before tokens has
+    none, and takes any message)."""
+    expected = stream.get("token")
+    if expected is None:
+        return True
+    return given is not None and hmac.compare_digest(expected.encode(), given.encode())
 
 
 def header(msg: Message, name: str) -> str | None:
@@ -89,6 +104,8 @@ class StreamIngest:
         self.producer = AsyncProducer(kafka.producer())
         self._stop = asyncio.Event()
         self._rules_by_endpoint: dict[str, Rules] = {}
+        self.store = store
+        self._line_keys: dict[str, str | None] = {}  # a batch's key never changes
         self._epoch = ""
         # per poll: each batch's new lines (persisted before anything is enqueued)
         self._lines: dict[str, list[StreamLine]] = {}
@@ -131,17 +148,24 @@ class StreamIngest:
     async def handle(self, msg: Message) -> list[asyncio.Future[Message]]:
         """Route one message; returns the rejects and control deliveries to await."""
         key = msg.key()
-        batch_id = header(msg, "batch_id") or (key.decode(errors="replace") if key else None)
+        keyed = key.decode(errors="replace") if key else None
+        named = header(msg, "batch_id")
+        if keyed and named and keyed != named:
+            return [self._refuse(msg, named, "batch_id_mismatch",
+                                 f"the key '{keyed[:64]}' and the batch_id header name "
+                                 "different batches")]
+        batch_id = named or keyed
         if not batch_id:
             return [self._reject(msg, None, "missing_batch_id",
                                  "no batch id: set the message key or a batch_id header")]
         stream = await self.ledger.get(batch_id)
-        if header(msg, CONTROL_HEADER) == "seal":
-            if stream is None:
-                return [self._reject(msg, batch_id, "unknown_batch", "seal of an unknown batch")]
-            return [await close(self.ledger, self.producer, self.topics, batch_id)]
         if stream is None:
             return [self._reject(msg, batch_id, "unknown_batch", "no open batch with this id")]
+        if not token_matches(stream, header(msg, INGEST_TOKEN_HEADER)):
+            return [self._refuse(msg, batch_id, "invalid_ingest_token",
+                                 f"no {INGEST_TOKEN_HEADER} header with the batch's token")]
+        if header(msg, CONTROL_HEADER) == "seal":
+            return [await close(self.ledger, self.producer, self.topics, batch_id)]
         deliveries = await self._line(msg, batch_id, stream)
         # re-read: `POST /seal {"total": N}` may have come meanwhile; the N-th message closes
         return deliveries + await close_if_complete(self.ledger, self.producer, self.topics,
@@ -168,10 +192,11 @@ class StreamIngest:
             await self.ledger.note_rejected(batch_id, token)
             return [self._reject(msg, batch_id, "duplicate_custom_id",
                                  f"custom_id '{custom_id}' is already in the batch")]
+        line_key = await self._line_key(batch_id)
         if line is not None:
             record = RequestRecord(batch_id=batch_id, project=stream["project"],
                                    custom_id=custom_id, line=number, url=line.url,
-                                   body=line.body)
+                                   body=line.body, ticket=ticket(line_key, number, custom_id))
             self._keep(batch_id, StreamLine(line=number, custom_id=custom_id, request=record),
                        request(self.settings, self.topics, record))
             return []
@@ -182,6 +207,7 @@ class StreamIngest:
             batch_id=batch_id, project=stream["project"], custom_id=custom_id, line=number,
             id=f"batch_req_{uuid.uuid4().hex}", request_id=f"req_{uuid.uuid4().hex}",
             status_code=400, body=ErrorEnvelope(error=detail).model_dump(),
+            ticket=ticket(line_key, number, custom_id),
         )
         self._keep(batch_id, StreamLine(line=number, custom_id=custom_id, error=failed),
                    (self.topics.responses, batch_id, None, failed.dumps()))
@@ -199,6 +225,20 @@ class StreamIngest:
         if endpoint not in self._rules_by_endpoint:
             self._rules_by_endpoint[endpoint] = rules(self.settings, endpoint, self.board)
         return self._rules_by_endpoint[endpoint]
+
+    async def _line_key(self, batch_id: str) -> str | None:
+        if batch_id not in self._line_keys:
+            self._line_keys[batch_id] = await self.store.line_key(batch_id)
+        return self._line_keys[batch_id]
+
+    def _refuse(self, msg: Message, batch_id: str, code: str,
+                reason: str) -> asyncio.Future[Message]:
+        """A message that is not the batch's to take (forged, or a producer's mistake): a
+        reject, a warning and a count; the batch does not see it."""
+        metrics.RECORDS_REFUSED.labels("ingest", code).inc()
+        log.warning("ingest: refused %d@%d for %s: %s", msg.partition(), msg.offset(),
+                    batch_id, code)
+        return self._reject(msg, batch_id, code, reason)
 
     def _reject(self, msg: Message, batch_id: str | None, code: str,
                 reason: str) -> asyncio.Future[Message]:

@@ -15,25 +15,35 @@
 - `finished`: what a batch needed while it ran is removed (a stream batch's persisted lines
   and ledger, the explode checkpoint).
 
-A job's offset is committed only once the job is done, so a gateway that dies mid-job
-leaves it to the next owner of the partition (another gateway, or itself restarted), which
-does it again: lines already acknowledged in the same broker are skipped, lines that have a
-result are skipped, and a line enqueued twice is still written once (the sink keeps one
-result per custom_id). A job that meets an outage (broker, Redis) waits and tries again; one
-that cannot be done (a missing input file) fails the batch.
+Jobs run beside the consume loop, each batch's in the order of its events and different
+batches' side by side (`JOBS_AT_ONCE` at a time). A fetch (an input file by URL, link
+inputs) gives up its job slot while it waits and takes one of its project's
+`FETCHES_PER_PROJECT` instead, so a slow or hostile server delays only the batches of the
+project that named it; every fetch ends at its deadline (`millrace/fetch.py`).
+
+A job's offset is committed only once it and every job before it on its partition are done,
+so a gateway that dies mid-job leaves it to the next owner of the partition (another
+gateway, or itself restarted), which does it again: lines already acknowledged in the same
+broker are skipped, lines that have a result are skipped, and a line enqueued twice is
+still written once (the sink keeps one result per custom_id). A job that meets an outage
+(broker, Redis) waits and tries again; one that cannot be done (a missing input file, a
+fetch that failed) fails the batch. An input file fetched by URL becomes a file of the
+project only once it validated: a page that is not a batch is never stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
 from itertools import islice
 
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
 from gateway.lines import (
@@ -81,8 +91,13 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_LINES = 5000
 RETRY_S = 1.0
-FETCHES_AT_ONCE = 8
+JOBS_AT_ONCE = 4  # jobs of different batches one gateway runs at once (fetches aside)
+FETCHES_PER_PROJECT = 2  # fetches (input files, link pages' batches) of one project at once
+PAGES_AT_ONCE = 8  # link pages of one batch fetched at once
+TAKEN_MOST = 1000  # jobs taken and not done before the loop stops taking more
 STREAM_INPUT = "stream"
+
+Partition = tuple[str, int]
 
 
 class Missing:
@@ -95,10 +110,6 @@ class Missing:
 
     def __iter__(self) -> Iterator[Produce | RequestRecord]:
         return self.items
-
-
-class Interrupted(Exception):
-    """The gateway stops while a job waits for an outage to end."""
 
 
 class Jobs:
@@ -117,14 +128,29 @@ class Jobs:
         self.registry = Registry(store, self.producer, self.topics)
         self.fetcher = Fetcher(settings)
         self._stop = asyncio.Event()
+        self.lanes: dict[str, asyncio.Task[None]] = {}  # batch id → its last job
+        # per partition, the offsets of jobs taken (in order) → done; the highest seen;
+        # the offset last committed
+        self.undone: defaultdict[Partition, dict[int, bool]] = defaultdict(dict)
+        self.seen: dict[Partition, int] = {}
+        self.committed: dict[Partition, int] = {}
+        self.work = asyncio.Semaphore(JOBS_AT_ONCE)
+        self.fetches: defaultdict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(FETCHES_PER_PROJECT))
+        self.failure: Exception | None = None
 
     async def run(self) -> None:
         self.consumer.subscribe([self.topics.batch_events])
         try:
-            await consume_loop(self.consumer, self.handle, self._stop, most=100, commit="sync")
-        except Interrupted:
-            log.info("stopping with a job undone: the next owner of its partition does it")
+            await consume_loop(self.consumer, self.handle, self._stop, most=100,
+                               commit="none", every=self.commit)
         finally:
+            running = list(self.lanes.values())
+            for task in running:  # not done: not committed, taken up again after us
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.commit()
             await asyncio.to_thread(self.consumer.close)
             await self.fetcher.aclose()
             self.producer.close()
@@ -134,20 +160,84 @@ class Jobs:
         self._stop.set()
 
     async def handle(self, messages: list[Message]) -> None:
+        """Start each message's job in its batch's lane; wait only while too many are
+        taken and not done."""
         for msg in messages:
+            where: Partition = (msg.topic() or "", msg.partition() or 0)
+            offset = msg.offset() or 0
+            self.seen[where] = max(self.seen.get(where, -1), offset)
             try:
                 event = parse_event(msg.value() or b"")
             except ValidationError:
                 continue
-            while not self._stop.is_set():
-                try:
+            self.undone[where][offset] = False
+            task = asyncio.create_task(self._job(event, self.lanes.get(event.batch_id),
+                                                 where, offset))
+            self.lanes[event.batch_id] = task
+            task.add_done_callback(functools.partial(self._lane_done, event.batch_id))
+        while sum(len(o) for o in self.undone.values()) > TAKEN_MOST and self.lanes:
+            await asyncio.wait(list(self.lanes.values()), return_when=asyncio.FIRST_COMPLETED)
+            self._raise_failure()
+
+    async def _job(self, event: BatchEvent, before: asyncio.Task[None] | None,
+                   where: Partition, offset: int) -> None:
+        if before is not None:  # the batch's earlier job first
+            await asyncio.wait([before])
+        while not self._stop.is_set():
+            try:
+                async with self.work:
                     await self.do(event)
-                    break
-                except OUTAGES as exc:  # broker or Redis away: the job waits for them
-                    log.warning("%s job of %s waits: %s", event.type, event.batch_id, exc)
-                    await asyncio.sleep(RETRY_S)
-            if self._stop.is_set():  # not done: not committed, taken up again after us
-                raise Interrupted
+                break
+            except OUTAGES as exc:  # broker or Redis away: the job waits for them
+                log.warning("%s job of %s waits: %s", event.type, event.batch_id, exc)
+                await asyncio.sleep(RETRY_S)
+            except Exception as exc:  # a bug: the service stops, the job comes again
+                log.exception("%s job of %s failed", event.type, event.batch_id)
+                self.failure = exc
+                return
+        else:
+            return
+        if offset in self.undone.get(where, {}):
+            self.undone[where][offset] = True
+
+    def _lane_done(self, batch_id: str, task: asyncio.Task[None]) -> None:
+        if self.lanes.get(batch_id) is task:
+            del self.lanes[batch_id]
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def commit(self) -> None:
+        """Commit, per partition, the offset of its first job not done yet (or past the
+        last message taken): a job is never committed before the jobs ahead of it."""
+        self._raise_failure()
+        offsets = []
+        for where, last in self.seen.items():
+            jobs = self.undone[where]
+            while jobs and jobs[next(iter(jobs))]:  # done jobs at the front
+                del jobs[next(iter(jobs))]
+            upto = next(iter(jobs)) if jobs else last + 1
+            if self.committed.get(where) != upto:
+                offsets.append(TopicPartition(where[0], where[1], upto))
+        if not offsets:
+            return
+        try:
+            await asyncio.to_thread(self.consumer.commit, offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # e.g. a partition moved: its jobs come again there
+            log.warning("commit failed: %s", exc)
+            return
+        self.committed.update({(o.topic, o.partition): o.offset for o in offsets})
+
+    @contextlib.asynccontextmanager
+    async def fetching(self, project: str) -> AsyncIterator[None]:
+        """A fetch: off the gateway's job slots, within its project's own few."""
+        self.work.release()
+        try:
+            async with self.fetches[project]:
+                yield
+        finally:
+            await self.work.acquire()
 
     async def do(self, event: BatchEvent) -> None:
         if isinstance(event, BatchCreated) and event.batch.get("input_file_id") != STREAM_INPUT:
@@ -171,34 +261,43 @@ class Jobs:
         ext = await self.store.get_ext(batch_id)
         # (a `created` rebuilt from the Batch document alone has no URL: Redis keeps it too)
         url = event.input_url or ext.get("input_file_url")
+        fetched_file: FileObject | None = None
+        path = source.path if source is not None else None
         if source is None and url is not None:
+            path = f"files/{input_file_id}"
             try:
-                await self.fetch_input(event.project, input_file_id, url, int(event.at))
+                async with self.fetching(project):
+                    fetched_file = await self.fetch_input(input_file_id, url, path,
+                                                          int(event.at))
             except FetchFailed as exc:
-                await self._failed(batch_id, f"{url}: {exc.reason}", code="fetch_failed",
+                await self._failed(batch_id, f"{url}: {exc.text}", code="fetch_failed",
                                    param="input_file_url")
                 return
-            source = await self.store.get_file(input_file_id, project)
-        if source is None:
+        if path is None:
             await self._failed(batch_id, "the input file is gone")
             return
         line_rules = rules(self.settings, str(event.batch.get("endpoint")), self.board)
         started = time.monotonic()
         try:
-            report = await asyncio.to_thread(validate, self.files.iter_lines(source.path),
+            report = await asyncio.to_thread(validate, self.files.iter_lines(path),
                                              line_rules)
         except FileNotFoundError:
             await self._failed(batch_id, "the input file is gone")
             return
         checked = time.monotonic()
         if report.errors:
+            if fetched_file is not None:  # not a batch: the page is not kept
+                await asyncio.to_thread(self.files.delete, path)
             failed = BatchValidationFailed(batch_id=batch_id, errors=report.errors)
             await self.producer.send(self.topics.batch_events, batch_id, failed.dumps())
             return
+        if fetched_file is not None:
+            await self.registry.put_file(fetched_file, project, path)
         after = int(checkpoint.get("lines", 0)) if checkpoint.get("epoch") == epoch else 0
         done = await self.store.done_lines(batch_id)
-        lines = (line for line in file_lines(self.files, source.path, line_rules, batch_id,
-                                             project, bool(ext.get("single")), report.model)
+        line_key = await self.store.line_key(batch_id)
+        lines = (line for line in file_lines(self.files, path, line_rules, batch_id, project,
+                                             bool(ext.get("single")), report.model, line_key)
                  if line.line > after and line.line not in done)
         fetched = await self.fetched(batch_id)
         while chunk := await asyncio.to_thread(lambda: list(islice(lines, CHECKPOINT_LINES))):
@@ -229,15 +328,13 @@ class Jobs:
             BatchError(code=code, message=f"could not read the batch: {why}", param=param)])
         await self.producer.send(self.topics.batch_events, batch_id, failed.dumps())
 
-    async def fetch_input(self, project: str, file_id: str, url: str, at: int) -> None:
-        """The input file named by URL, into the file store and registered as a batch file
-        of the project (a crash before the registration fetches it again)."""
-        key = f"files/{file_id}"
-        size = await self.fetcher.to_store(url, self.files, key, self.settings.batch_max_bytes)
+    async def fetch_input(self, file_id: str, url: str, path: str, at: int) -> FileObject:
+        """The input file named by URL, into the file store at `path`; the file it will be
+        once it validated."""
+        size = await self.fetcher.to_store(url, self.files, path, self.settings.batch_max_bytes)
         name = url.rsplit("/", 1)[-1].split("?")[0][:255] or "input.jsonl"
-        await self.registry.put_file(FileObject(
-            id=file_id, bytes=size, created_at=at, filename=name, purpose="batch"),
-            project, key)
+        return FileObject(id=file_id, bytes=size, created_at=at, filename=name,
+                          purpose="batch")
 
     # --- link inputs ----------------------------------------------------------------------
     def _links_key(self, batch_id: str) -> str:
@@ -257,16 +354,17 @@ class Jobs:
         batch, a few at a time, off the event loop's back) and put in place."""
         wanted = sorted({u for r in chunk for u in link_urls(r)} - set(fetched))
         if wanted:
-            gate = asyncio.Semaphore(FETCHES_AT_ONCE)
+            gate = asyncio.Semaphore(PAGES_AT_ONCE)
 
             async def one(url: str) -> None:
                 async with gate:
                     try:
                         fetched[url] = (await self.fetcher.text(url), "")
                     except FetchFailed as exc:
-                        fetched[url] = (None, exc.reason)
+                        fetched[url] = (None, exc.text)
 
-            await asyncio.gather(*(one(u) for u in wanted))
+            async with self.fetching(chunk[0].project):
+                await asyncio.gather(*(one(u) for u in wanted))
             data = json.dumps({u: list(v) for u, v in fetched.items()}).encode()
             await asyncio.to_thread(self.files.write_bytes, self._links_key(batch_id), data)
         out: list[Produce] = []
@@ -324,7 +422,8 @@ class Jobs:
         done = await self.store.done_lines(batch_id)
         walk = Missing()
         if input_file_id == STREAM_INPUT:
-            walk.items = self._stream_missing(walk, batch_id, done, fill)
+            line_key = await self.store.line_key(batch_id)
+            walk.items = self._stream_missing(walk, batch_id, done, fill, line_key)
             return walk
         source = await self.store.get_file(str(input_file_id), project)
         batch = await self.store.get_batch(batch_id, project)
@@ -332,26 +431,30 @@ class Jobs:
             return walk
         reply = bool((await self.store.get_ext(batch_id)).get("single"))
         line_rules = rules(self.settings, batch.endpoint, self.board)
-        lines = file_lines(self.files, source.path, line_rules, batch_id, project, reply)
-        walk.items = self._file_missing(walk, batch_id, project, lines, done, fill)
+        line_key = await self.store.line_key(batch_id)
+        lines = file_lines(self.files, source.path, line_rules, batch_id, project, reply,
+                           line_key=line_key)
+        walk.items = self._file_missing(walk, batch_id, project, lines, done, fill, line_key)
         return walk
 
     def _file_missing(self, walk: Missing, batch_id: str, project: str,
-                      lines: Iterator[FileLine], done: DoneLines, fill: str | None
-                      ) -> Iterator[Produce | RequestRecord]:
+                      lines: Iterator[FileLine], done: DoneLines, fill: str | None,
+                      line_key: str | None) -> Iterator[Produce | RequestRecord]:
         for line in lines:
             walk.lines += 1
             if line.line in done:
                 continue
             if fill is not None:
-                yield self._error(not_run(batch_id, project, line.custom_id, line.line, fill))
+                yield self._error(not_run(batch_id, project, line.custom_id, line.line, fill,
+                                          line_key))
             elif line.maybe_links and link_urls(record := line.record()):
                 yield record
             else:
                 yield enqueue(self.settings, self.topics, line, batch_id)
 
     def _stream_missing(self, walk: Missing, batch_id: str, done: DoneLines,
-                        fill: str | None) -> Iterator[Produce | RequestRecord]:
+                        fill: str | None, line_key: str | None
+                        ) -> Iterator[Produce | RequestRecord]:
         for line in stream_lines(self.files, batch_id):
             walk.lines += 1
             if line.line in done:
@@ -361,7 +464,7 @@ class Jobs:
             elif fill is not None:
                 assert line.request is not None
                 yield self._error(not_run(batch_id, line.request.project, line.custom_id,
-                                          line.line, fill))
+                                          line.line, fill, line_key))
             elif line.request is not None:
                 yield request(self.settings, self.topics, line.request)
 

@@ -24,7 +24,7 @@ from gateway.validation import Report, Rules, check_line, parse_lines
 from gateway.worker_board import ServedNames, WorkerBoard
 from millrace.filestore import FileStore
 from millrace.protocol import BATCH_LINE_ERRORS, LineError
-from millrace.records import RequestRecord, ResponseRecord
+from millrace.records import RequestRecord, ResponseRecord, line_ticket
 from millrace.settings import Settings
 from millrace.topics import Topics, request_route
 
@@ -69,6 +69,7 @@ class _RequestWire(msgspec.Struct, kw_only=True):
     body: msgspec.Raw
     enqueued_at: float
     reply: bool = False
+    ticket: str | None = None
 
 
 _parts = msgspec.json.Decoder(_Parts).decode
@@ -93,11 +94,13 @@ class FileLine:
 
 
 def file_lines(files: FileStore, key: str, line_rules: Rules, batch_id: str, project: str,
-               reply: bool = False, model: str | None = None) -> Iterator[FileLine]:
+               reply: bool = False, model: str | None = None, line_key: str | None = None
+               ) -> Iterator[FileLine]:
     """The request record of every line of a validated input file. The body is copied as
     bytes, not parsed and serialised again: building and dumping a `RequestRecord` per line
     was two thirds of the explode's CPU (cProfile, 50,000 lines). `model`: the batch's one
-    model, if known (validation found it); else each line's is read."""
+    model, if known (validation found it); else each line's is read. `line_key`: the
+    batch's, each line's ticket is made with (`records.line_ticket`)."""
     for number, raw in parse_lines(files.iter_lines(key)):
         # a link part has the string "link" in it, written plainly or with \u escapes
         maybe_links = b'"link"' in raw or b"\\u" in raw
@@ -107,14 +110,15 @@ def file_lines(files: FileStore, key: str, line_rules: Rules, batch_id: str, pro
             custom_id = parts.custom_id
             value = _encode(_RequestWire(
                 batch_id=batch_id, project=project, custom_id=custom_id, line=number,
-                url=parts.url, body=parts.body, enqueued_at=time.time(), reply=reply))
+                url=parts.url, body=parts.body, enqueued_at=time.time(), reply=reply,
+                ticket=ticket(line_key, number, custom_id)))
         except msgspec.DecodeError:  # valid, yet not in the usual shape: the long way
             line = check_line(number, raw, line_rules, Report())
             assert line is not None, "validated lines cannot fail on a second pass"
             custom_id, line_model = line.custom_id, str(line.body["model"])
             value = RequestRecord(batch_id=batch_id, project=project, custom_id=custom_id,
-                                  line=number, url=line.url, body=line.body,
-                                  reply=reply).dumps()
+                                  line=number, url=line.url, body=line.body, reply=reply,
+                                  ticket=ticket(line_key, number, custom_id)).dumps()
         yield FileLine(number, custom_id, line_model, value, maybe_links)
 
 
@@ -125,13 +129,19 @@ def enqueue(settings: Settings, topics: Topics, line: FileLine, batch_id: str) -
     return topics.requests_for(line.model), key, partition, line.value
 
 
-def not_run(batch_id: str, project: str, custom_id: str, line: int, code: str
-            ) -> ResponseRecord:
+def ticket(line_key: str | None, line: int, custom_id: str) -> str | None:
+    """A line's ticket, if its batch has a key (one created before tickets has none)."""
+    return line_ticket(line_key, line, custom_id) if line_key else None
+
+
+def not_run(batch_id: str, project: str, custom_id: str, line: int, code: str,
+            line_key: str | None) -> ResponseRecord:
     """The error line of a request that will not run (`batch_cancelled`, `batch_expired`)."""
     return ResponseRecord(
         batch_id=batch_id, project=project, custom_id=custom_id, line=line,
         id=f"batch_req_{uuid.uuid4().hex}", request_id=None, status_code=None, body=None,
-        error=LineError(code=code, message=BATCH_LINE_ERRORS.get(code, code)))
+        error=LineError(code=code, message=BATCH_LINE_ERRORS.get(code, code)),
+        ticket=ticket(line_key, line, custom_id))
 
 
 # --- stream batches ---------------------------------------------------------------------
@@ -183,7 +193,7 @@ def link_urls(record: RequestRecord) -> list[str]:
     return urls
 
 
-# url → the page's text, or None with the reason it could not be fetched
+# url → the page's text, or None with why it could not be fetched ("could not fetch (…)")
 Fetched = dict[str, tuple[str | None, str]]
 
 
@@ -196,7 +206,7 @@ def with_links(record: RequestRecord, fetched: Fetched) -> RequestRecord | Respo
             return ResponseRecord(
                 batch_id=record.batch_id, project=record.project, custom_id=record.custom_id,
                 line=record.line, id=f"batch_req_{uuid.uuid4().hex}", request_id=None,
-                status_code=None, body=None, reply=record.reply,
+                status_code=None, body=None, reply=record.reply, ticket=record.ticket,
                 error=LineError(code="fetch_failed", message=f"{url}: {reason}"))
     messages = []
     for message in record.body["messages"]:

@@ -38,12 +38,14 @@ class StreamLedger:
         self.keys = store.keys
         self._claim = self.r.register_script(_CLAIM)
 
-    async def open(self, batch_id: str, endpoint: str, project: str) -> None:
+    async def open(self, batch_id: str, endpoint: str, project: str, token: str) -> None:
+        """Open a stream batch; `token`: what its ingest messages must carry."""
         await self.r.hset(self.keys.stream(batch_id),
-                          mapping={"endpoint": endpoint, "project": project})
+                          mapping={"endpoint": endpoint, "project": project, "token": token})
 
     async def get(self, batch_id: str) -> dict[str, str] | None:
-        """{endpoint, project[, expected][, sealed_total]}, None if no such stream batch."""
+        """{endpoint, project, token[, expected][, sealed_total]}, None if no such stream
+        batch."""
         row = await self.r.hgetall(self.keys.stream(batch_id))
         return {str(k): str(v) for k, v in row.items()} or None
 

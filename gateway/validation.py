@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
@@ -83,7 +84,32 @@ def check_line(number: int, raw: bytes, rules: Rules, report: Report) -> Line | 
             line = RequestLine.model_validate_json(raw)
         except ValidationError:
             line = _parse_slowly(number, raw, report)  # to name what is wrong, as OpenAI does
+        else:
+            line = _finite(number, raw, report, line)
     return _check_fields(number, line, rules, report) if line is not None else None
+
+
+def _not_finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def _refuse_constant(text: str) -> float:
+    raise ValueError(text)
+
+
+def _finite(number: int, raw: bytes, report: Report, line: Line) -> Line | None:
+    """`line` unless it holds NaN, Infinity or a number too large for a double, which
+    pydantic's parser takes and JSON does not have."""
+    try:
+        json.loads(raw, parse_constant=_refuse_constant, parse_float=_not_finite)
+    except ValueError as exc:
+        report.add("invalid_json_line", "This line is not parseable as valid JSON "
+                   f"({str(exc)[:20]} is not a JSON number).", number)
+        return None
+    return line
 
 
 def _parse_slowly(number: int, raw: bytes, report: Report) -> RequestLine | None:

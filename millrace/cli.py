@@ -18,7 +18,7 @@ from setproctitle import setproctitle
 
 from millrace import logs
 from millrace.errors import MillraceError, SettingsError
-from millrace.settings import BUNDLED_CHAT_MODEL, Settings
+from millrace.settings import BUNDLED_CHAT_MODEL, Settings, service_links
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SettingsError as exc:
         _refuse(exc)
     logs.configure(settings)
+    if links := service_links():
+        logging.getLogger("millrace").warning(
+            "ignoring %s: Kubernetes service links, not settings (set enableServiceLinks: "
+            "false in the pod spec to drop them)", ", ".join(links))
     handler = {
         "up": _up, "gateway": _gateway, "worker": _worker, "aggregator": _aggregator,
         "sink": _sink, "redis": _redis, "keys": _keys, "bench": _bench, "rebuild": _rebuild,

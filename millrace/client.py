@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, Producer
 
 from millrace.errors import DeliveryError
 from millrace.kafka import KafkaConfig, polled, produce
-from millrace.records import ResponseRecord
+from millrace.records import INGEST_TOKEN_HEADER, ResponseRecord
 from millrace.settings import KafkaSettings
 from millrace.topics import Topics
 
@@ -37,8 +37,9 @@ class StreamBatch:
     """An open batch fed through `<prefix>.ingest`."""
 
     def __init__(self, batch: dict[str, Any], http: httpx.Client, producer: Producer,
-                 topics: Topics) -> None:
+                 topics: Topics, ingest_token: str) -> None:
         self.batch = batch
+        self.ingest_token = ingest_token
         self._http = http
         self._producer = producer
         self._topics = topics
@@ -60,20 +61,22 @@ class StreamBatch:
         response = http.post("/batches", json=create)
         response.raise_for_status()
         producer = Producer(_config(kafka, "stream").producer())
-        return cls(response.json(), http, producer, Topics(topic_prefix))
+        batch = response.json()
+        return cls(batch, http, producer, Topics(topic_prefix), batch.pop("ingest_token"))
 
     @classmethod
     def attach(
-        cls, base_url: str, api_key: str, batch_id: str, *, kafka: KafkaSettings | str,
-        topic_prefix: str = "millrace",
+        cls, base_url: str, api_key: str, batch_id: str, *, ingest_token: str,
+        kafka: KafkaSettings | str, topic_prefix: str = "millrace",
     ) -> StreamBatch:
-        """An open batch created elsewhere (another process, before a restart)."""
+        """An open batch created elsewhere (another process, before a restart), with the
+        ingest token its creation gave."""
         http = httpx.Client(base_url=base_url.rstrip("/"), timeout=30,
                             headers={"Authorization": f"Bearer {api_key}"})
         response = http.get(f"/batches/{batch_id}")
         response.raise_for_status()
         producer = Producer(_config(kafka, "stream").producer())
-        return cls(response.json(), http, producer, Topics(topic_prefix))
+        return cls(response.json(), http, producer, Topics(topic_prefix), ingest_token)
 
     @property
     def id(self) -> str:
@@ -84,7 +87,8 @@ class StreamBatch:
         self.send_raw(json.dumps(line).encode())
 
     def send_raw(self, value: bytes) -> None:
-        produce(self._producer, self._topics.ingest, value, key=self.id)
+        produce(self._producer, self._topics.ingest, value, key=self.id,
+                headers={INGEST_TOKEN_HEADER: self.ingest_token})
         self.sent += 1
         self._producer.poll(0)
 

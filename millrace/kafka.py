@@ -151,7 +151,7 @@ def polled(consumer: Consumer, until: Callable[[], bool], most: int = 500,
 async def consume_loop(
     consumer: Consumer, handle: Callable[[list[Message]], Awaitable[None]],
     stopping: asyncio.Event, *, most: int = 500, wait_first: float = 0.2,
-    fill_wait: float = 0.0, commit: Literal["sync", "async"] = "async",
+    fill_wait: float = 0.0, commit: Literal["sync", "async", "none"] = "async",
     every: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """A service's consume loop: take what Kafka has (blocking for the first message),
@@ -160,7 +160,8 @@ async def consume_loop(
     `handle` returns only once everything the messages must cause is durable, so a
     commit never covers work that a crash could lose; a commit that is lost (async) only
     means those messages come again, which every handler tolerates. `every` runs after
-    each round, busy or idle (at least every `wait_first` seconds).
+    each round, busy or idle (at least every `wait_first` seconds). With `commit="none"`
+    the service commits itself (its `every`, say), for handlers that finish out of order.
 
     If the broker or Redis is away (`OUTAGES`), the same messages are handled again once
     it is back, so an outage stalls the service and never ends it.
@@ -171,7 +172,7 @@ async def consume_loop(
             await _until_handled(handle, [m for m in messages if usable(m)], stopping)
             if commit == "sync":
                 await asyncio.to_thread(_commit_sync, consumer)
-            else:
+            elif commit == "async":
                 consumer.commit(asynchronous=True)
         if every is not None:
             await every()

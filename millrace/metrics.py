@@ -75,6 +75,11 @@ LAG = Gauge("millrace_consumer_lag_messages",
 
 # --- sink ---------------------------------------------------------------------------------
 LINES_WRITTEN = Counter("millrace_lines_written", "Result lines the sink wrote", ["file"])
+RECORDS_REFUSED = Counter(
+    "millrace_records_refused",
+    "Records refused as not the batch's: ingest messages without the batch's token or "
+    "whose key and batch_id header disagree, responses for a line the batch was not issued",
+    ["topic", "reason"])
 BATCHES_FINISHED = Counter("millrace_batches_finished", "Batches that reached a final status",
                            ["status"])
 BATCH_SECONDS = Histogram("millrace_batch_duration_seconds",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +28,15 @@ from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 import httpx
 
 from millrace.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+# What a failed call says (webhook attempts, fetches: "could not fetch (<class>)"): the
+# classes of failure, never which service answered how.
+NOT_ALLOWED = "address not allowed"
+TIMED_OUT = "timed out"
+TOO_LARGE = "too large"
+NO_ANSWER = "no usable answer"
 
 ADDRESS_CLASSES = ("loopback", "private", "link-local")
 MAX_HOPS = 5
@@ -125,6 +135,10 @@ class Guard:
         parts = self.parse(url, param, code)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
+        refused = UnsafeTarget(
+            f"{param}: address not allowed ('{host[:100]}' does not resolve to a public "
+            "address only; a deployment allows internal ones with MILLRACE_WEBHOOK_ALLOW)",
+            param, code)
         try:
             ipaddress.ip_address(host.split("%", 1)[0])
             addresses = [host]
@@ -132,15 +146,19 @@ class Guard:
             try:
                 addresses = await self.resolver(host, port)
             except (OSError, UnicodeError) as exc:  # UnicodeError: a label IDNA cannot encode
-                raise UnsafeTarget(f"cannot resolve '{host}': {exc}", param, code) from exc
+                log.info("%s refused: cannot resolve %r: %s", param, host[:100], exc)
+                raise refused from exc
         if not addresses:
-            raise UnsafeTarget(f"'{host}' has no address", param, code)
+            log.info("%s refused: %r has no address", param, host[:100])
+            raise refused
         for address in addresses:
             kind = address_class(address)
             if kind is not None and kind not in self.allow:
-                raise UnsafeTarget(
-                    f"{address} ({host}) is a {kind} address; allow it with "
-                    f"MILLRACE_WEBHOOK_ALLOW={kind}", param, code)
+                # the same words whether the name exists inside or nowhere: the answer maps
+                # nothing; the log tells the operator which
+                log.info("%s refused: %s (%s) is a %s address (MILLRACE_WEBHOOK_ALLOW=%s "
+                         "allows it)", param, address, host[:100], kind, kind)
+                raise refused
         path = urlunsplit(("", "", parts.path or "/", parts.query, ""))
         return Target(url, parts.scheme, host, port, addresses[0], path)
 

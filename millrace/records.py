@@ -6,6 +6,8 @@ UTF-8 JSON. Keys are the batch id for all three topics.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
 from typing import Annotated, Any, Literal, NamedTuple
@@ -43,6 +45,17 @@ class RequestRecord(Record):
     # someone waits for this line's answer (PromptLoop's run-one-row): the sink also hands
     # its output line to Redis (`reply:<batch>`) the moment it is spooled
     reply: bool = False
+    # the gateway's proof that it issued this line (`line_ticket`); its response carries it
+    ticket: str | None = None
+
+
+def line_ticket(line_key: str, line: int, custom_id: str) -> str:
+    """What the gateway issues line `line` of a batch with, and the sink checks a response
+    against before it counts: an HMAC under the batch's own key (Redis `batch:<id>`
+    `line_key`, made at create), so a record for a line the batch does not have, or
+    written by someone who never saw the request, reaches no file and no count."""
+    mac = hmac.new(bytes.fromhex(line_key), f"{line}:{custom_id}".encode(), hashlib.sha256)
+    return mac.hexdigest()[:32]
 
 
 class Usage(BaseModel):
@@ -87,6 +100,7 @@ class ResponseRecord(ResponseOutcome):
     queue_ms: float | None = None
     finished_at: float = Field(default_factory=time.time)
     reply: bool = False  # the request's: see RequestRecord.reply
+    ticket: str | None = None  # the request's: see RequestRecord.ticket
 
 
 NULL = msgspec.Raw(b"null")
@@ -170,6 +184,7 @@ class SpooledResponse(msgspec.Struct, frozen=True, kw_only=True):
     body: msgspec.Raw
     error: msgspec.Raw = NULL
     reply: bool = False
+    ticket: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -226,6 +241,7 @@ class QueuedRequest(msgspec.Struct, frozen=True, kw_only=True):
     body: dict[str, Any]
     enqueued_at: float = msgspec.field(default_factory=time.time)
     reply: bool = False
+    ticket: str | None = None
 
 
 read_request = msgspec.json.Decoder(QueuedRequest, strict=False).decode
@@ -260,6 +276,7 @@ class _ResponseWire(msgspec.Struct, kw_only=True):
     queue_ms: float | None
     finished_at: float
     reply: bool
+    ticket: str | None
 
 
 def response_value(
@@ -278,7 +295,7 @@ def response_value(
         body=msgspec.Raw(body) if body is not None else None,
         error=_WireError(error.code, error.message) if error is not None else None,
         worker=worker, engine_ms=engine_ms, queue_ms=queue_ms, finished_at=time.time(),
-        reply=request.reply))
+        reply=request.reply, ticket=request.ticket))
 
 
 class _Event(Record):
@@ -461,6 +478,8 @@ class IngestReject(Record):
 
 # Header that marks a control message on the ingest topic; `seal` closes the batch.
 CONTROL_HEADER = "millrace-control"
+# a stream batch's ingest token (given when it is created) on every message written into it
+INGEST_TOKEN_HEADER = "millrace-ingest-token"
 
 
 def parse_event(raw: bytes | str) -> BatchEvent:

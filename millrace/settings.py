@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +23,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from millrace.errors import SettingsError
 
@@ -156,6 +163,39 @@ def replica_counts(text: str) -> dict[str, int]:
     return counts
 
 
+# The variables Kubernetes puts into every pod for each Service of its namespace
+# (`enableServiceLinks`, on by default): a Service named `millrace` gives MILLRACE_SERVICE_HOST,
+# MILLRACE_SERVICE_PORT[_<name>], MILLRACE_PORT=tcp://<ip>:<port> and MILLRACE_PORT_<n>_TCP*;
+# one named `millrace-metrics`, MILLRACE_METRICS_PORT=tcp://…. They are not settings.
+_SERVICE_LINK_NAME = re.compile(
+    r"_SERVICE_HOST$|_SERVICE_PORT(_\w+)?$|_PORT_\d+_(TCP|UDP|SCTP)(_\w+)?$")
+_SERVICE_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
+
+
+def service_links(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[str]:
+    """The `MILLRACE_*` variables of `environ` that have the shape of Kubernetes service
+    links, which settings ignore: a name only a service link has (a setting of that name
+    would not be one), or a `*_PORT` whose value is `tcp://…`."""
+    names = []
+    for name, value in environ.items():
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue
+        if _SERVICE_LINK_NAME.search(upper) or (
+                upper.endswith("_PORT") and _SERVICE_LINK_VALUE.match(value)):
+            names.append(name)
+    return sorted(names)
+
+
+class _EnvWithoutServiceLinks(EnvSettingsSource):
+    """The environment, less the service links (`service_links`)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = super()._load_env_vars()
+        links = {name.lower() for name in service_links(os.environ)}
+        return {name: value for name, value in env.items() if name.lower() not in links}
+
+
 class Settings(BaseSettings):
     """One settings object shared by all services; each reads only what it needs."""
 
@@ -197,13 +237,19 @@ class Settings(BaseSettings):
     route_limits: dict[str, int] = Field(default_factory=lambda: dict(PROMPTLOOP_LIMITS))
 
     # Inputs millrace fetches itself (PLai's and `/v1`'s `input_file_url`, PromptLoop's
-    # link inputs) pass the webhook guard (`webhook_allow`, `webhook_https_only`).
-    fetch_timeout_s: float = Field(default=30.0, gt=0)
+    # link inputs) pass the webhook guard (`webhook_allow`, `webhook_https_only`). One
+    # deadline for the whole fetch (resolving, connecting, headers, body); the bytes are
+    # capped by batch_max_bytes (input files) and link_max_bytes (pages).
+    fetch_timeout_s: float = Field(default=60.0, gt=0)
     link_max_bytes: int = Field(default=5 << 20, ge=1024)
     # characters of a fetched page's text that go into the prompt
     link_max_chars: int = Field(default=4000, ge=100)
     # PromptLoop: bytes of one JSONL upload of data rows
     rows_max_bytes: int = Field(default=100 << 20, ge=1024)
+    # The gateway's address as clients reach it, e.g. https://batch.example.com: pre-signed
+    # download URLs are built on it (never on a request's Host). Unset: http://host:port
+    # (127.0.0.1 for a wildcard host).
+    public_url: str | None = None
     # How long a pre-signed download URL works.
     signed_url_ttl_s: int = Field(default=900, ge=1, le=7 * 86400)
 
@@ -284,10 +330,12 @@ class Settings(BaseSettings):
     # webhooks. Each project's signing secret (`whsec_…`) is derived from this key, so
     # nothing secret is stored; `up` generates one (kept in the data dir) when unset.
     webhook_signing_key: SecretStr | None = None
-    # Production: only https targets. Private, loopback and link-local targets are refused
-    # unless named here ("loopback", "private", "link-local", comma separated).
+    # Production: only https targets. Private, loopback and link-local targets of webhooks
+    # and of every fetch are refused unless named here ("loopback", "private",
+    # "link-local", comma separated). Unset, `millrace up` (the local deployment) allows
+    # loopback and says so in its ready line; every other service allows none.
     webhook_https_only: bool = False
-    webhook_allow: str = "loopback"
+    webhook_allow: str = ""
     webhook_timeout_s: float = 10.0
     # Retry schedule: exponential from `base` (with jitter), each wait capped at `max`,
     # given up `horizon` after the event.
@@ -322,6 +370,15 @@ class Settings(BaseSettings):
     # "json": one JSON object per log line (time, pid, logger, level, message, batch_id)
     log_format: Literal["text", "json"] = "text"
     ready_timeout_s: float = 600.0
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, _EnvWithoutServiceLinks(settings_cls), dotenv_settings,
+                file_secret_settings)
 
     @field_validator("api_key", "webhook_signing_key", mode="before")
     @classmethod
@@ -380,6 +437,13 @@ class Settings(BaseSettings):
     def shards(self) -> int:
         return self.batch_shards or self.request_partitions
 
+    def gateway_url(self) -> str:
+        """Where clients reach the gateway (`public_url`, else its own address)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
     def require_kafka(self) -> str:
         if not self.kafka.bootstrap:
             raise SettingsError("MILLRACE_KAFKA__BOOTSTRAP is not set")
@@ -422,7 +486,8 @@ class Settings(BaseSettings):
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
         """Settings from the environment and `overrides` (flags), every problem one line."""
-        unknown = sorted(set(_environment_names()) - set(_known_names()))
+        links = {name.upper() for name in service_links()}
+        unknown = sorted(set(_environment_names()) - set(_known_names()) - links)
         if unknown:
             hints = {"MILLRACE_KAFKA_BOOTSTRAP": " (now MILLRACE_KAFKA__BOOTSTRAP)",
                      "MILLRACE_DTYPE": " (now MILLRACE_VLLM_ARGS='--dtype …')",

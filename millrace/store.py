@@ -222,14 +222,22 @@ class Store:
         survive the event being lost (a broker that dies right after)."""
         doc = batch.model_dump(mode="json")
         async with self.r.pipeline(transaction=True) as p:
+            # line_key: the batch's own key for its lines' tickets (`records.line_ticket`)
             p.hset(self.keys.batch(batch.id),
-                   mapping={"doc": json.dumps(doc), "state": "{}", "project": project})
+                   mapping={"doc": json.dumps(doc), "state": "{}", "project": project,
+                            "line_key": secrets.token_hex(16)})
             if created is not None:
                 p.hset(self.keys.batch(batch.id), "created", created)
             p.zadd(self.keys.batches(project), {batch.id: listed_at})
             p.sadd(self.keys.active, batch.id)
             p.zadd(self.keys.deadlines, {batch.id: batch.expires_at or 0})
             await p.execute()
+
+    async def line_key(self, batch_id: str) -> str | None:
+        """The key a batch's line tickets are made with; None for a batch from before
+        tickets (its lines carry none, and none is checked)."""
+        key = await self.r.hget(self.keys.batch(batch_id), "line_key")
+        return str(key) if key else None
 
     async def forget_batch(self, batch_id: str, project: str) -> None:
         """Undo `create_batch` (its `created` event could not be published)."""

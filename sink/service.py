@@ -13,11 +13,18 @@ may not have, and everything above is idempotent.
 A batch's total stated again (`validated`), or a fill or re-drive request, for a batch
 whose files are already written means its `files_ready` may have been lost (a broker that
 lost its data): it is announced again.
+
+A response counts only for a line its batch was issued: the batch must exist, be the
+record's project's, and the record must carry the line's ticket (`records.line_ticket`,
+made by the gateway with the batch's own key and copied by the worker). Anything else —
+forged, or a bug's — is logged, counted (`millrace_records_refused_total`) and dropped:
+it reaches no file and no count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 import time
@@ -43,6 +50,7 @@ from millrace.records import (
     BatchRedriveRequested,
     BatchValidated,
     SpooledResponse,
+    line_ticket,
     parse_event,
     read_response,
 )
@@ -78,6 +86,8 @@ class Sink:
         self.lag = metrics.LagProbe(self.consumer, self.topics.sink_group())
         self._replay = Replay()
         self._noted: dict[tuple[str, int], dict[str, int]] = {}  # first offsets recorded
+        # batch → (project, line key) from Redis, None for no such batch (`issued`)
+        self._batches: dict[str, tuple[str, str | None] | None] = {}
         self._redis = redis.Redis.from_url(settings.require_redis(), decode_responses=True,
                                            socket_timeout=COMMAND_TIMEOUT_S,
                                            socket_connect_timeout=COMMAND_TIMEOUT_S)
@@ -130,6 +140,7 @@ class Sink:
                                         for tp, seen in firsts.items()})
         partition_of = {k.decode(errors="replace"): p for (_, p), seen in firsts.items()
                         for k in seen}
+        responses = await self.issued(responses)
         finished, announce = self.learn(events)
         added = await asyncio.to_thread(self.assembler.add, responses)
         replies = [(r.batch_id, r.output_line().decode()) for r in responses if r.reply]
@@ -148,12 +159,46 @@ class Sink:
             await self.webhooks.enqueue(event)
             await self.store.done_with(event.batch_id)
             self.assembler.forget(event.batch_id)
+            self._batches.pop(event.batch_id, None)
             # nothing of the batch is needed again: a new owner of its partitions need not
             # read back to it (the two topics have the same partitions, keyed by batch)
             partition = partition_of[event.batch_id]
             await self.store.forget_first_offsets(event.batch_id, [
                 (self.topics.responses, partition), (self.topics.batch_events, partition)])
             count_finished(event)
+
+    async def issued(self, responses: list[SpooledResponse]) -> list[SpooledResponse]:
+        """The responses for lines their batches were issued with (module docstring)."""
+        wanted = {r.batch_id for r in responses} - set(self._batches)
+        for batch_id in wanted:
+            project, key = await self.store.r.hmget(self.store.keys.batch(batch_id),
+                                                    ["project", "line_key"])
+            self._batches[batch_id] = (str(project), str(key) if key else None) if project \
+                else None
+        kept = []
+        for record in responses:
+            why = self._refusal(record, self._batches[record.batch_id])
+            if why is None:
+                kept.append(record)
+                continue
+            metrics.RECORDS_REFUSED.labels("responses", why).inc()
+            log.warning("refused a response for %s line %s (%s): %s", record.batch_id,
+                        record.line, record.custom_id[:64], why)
+        return kept
+
+    @staticmethod
+    def _refusal(record: SpooledResponse, batch: tuple[str, str | None] | None) -> str | None:
+        if batch is None:
+            return "unknown_batch"
+        project, key = batch
+        if record.project != project:
+            return "wrong_project"
+        if key is None:  # a batch from before tickets: its lines carry none
+            return None
+        if record.line is None or record.ticket is None or not hmac.compare_digest(
+                record.ticket, line_ticket(key, record.line, record.custom_id)):
+            return "not_issued"
+        return None
 
     # --- partitions that move ------------------------------------------------------------
     async def _note_first_offsets(self, firsts: dict[tuple[str, int], dict[str, int]]) -> None:

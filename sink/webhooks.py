@@ -24,7 +24,13 @@ from millrace import metrics
 from millrace.deliveries import Deliveries, Delivery, DeliveryAttempt, delivery_id
 from millrace.errors import OUTAGES
 from millrace.filestore import FileStore
-from millrace.outbound import Resolver, UnsafeTarget, resolve
+from millrace.outbound import (
+    NO_ANSWER,
+    TIMED_OUT,
+    Resolver,
+    UnsafeTarget,
+    resolve,
+)
 from millrace.records import BatchFinished
 from millrace.results import KINDS, final_key
 from millrace.settings import Settings
@@ -111,6 +117,7 @@ class Dispatcher:
         started = time.monotonic()
         status_code: int | None = None
         error: str | None = None
+        detail = ""
         retry = True
         try:
             # resolved and checked once; the request goes to the address that was checked
@@ -122,16 +129,18 @@ class Dispatcher:
                 error = f"HTTP {status_code}"
         except UnsafeTarget as exc:
             error, retry = exc.message, False  # the target is refused: never retried
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+        except httpx.TimeoutException as exc:
+            error, detail = TIMED_OUT, f"{type(exc).__name__}: {exc}"
+        except httpx.HTTPError as exc:  # refused, reset, not HTTP: one text for them all
+            error, detail = NO_ANSWER, f"{type(exc).__name__}: {exc}"
         record = DeliveryAttempt(attempt=number, at=time.time(), status_code=status_code,
                                  error=error, duration_ms=(time.monotonic() - started) * 1000)
         next_at = self.next_attempt(delivery, number) if error and retry else None
         await self.deliveries.record(delivery, record, next_at, delivered=error is None)
         outcome = "delivered" if error is None else "retried" if next_at else "given_up"
         metrics.WEBHOOK_ATTEMPTS.labels(outcome).inc()
-        log.info("webhook %s %s → %s (attempt %d%s)", delivery.event_type, delivery.url,
-                 status_code or error, number,
+        log.info("webhook %s %s → %s%s (attempt %d%s)", delivery.event_type, delivery.url,
+                 status_code or error, f" ({detail})" if detail else "", number,
                  f", next in {next_at - time.time():.1f}s" if next_at else "")
 
     def next_attempt(self, delivery: Delivery, attempts: int) -> float | None:

@@ -16,6 +16,7 @@ from millrace.up.embedded import free_port
 from tests.deployment import Deployment, start
 
 MAX_MODEL_LEN = 2048
+FETCH_TIMEOUT_S = 8
 # the session deployment's per-model vLLM arguments (MILLRACE_VLLM_MODEL_ARGS)
 VLLM_MODEL_ARGS = {BUNDLED_CHAT_MODEL: f"--max-model-len {MAX_MODEL_LEN}"}
 
@@ -28,8 +29,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     # 0.2 s, so the tests of both see several steps within seconds. The chat model gets a
     # vLLM argument of its own, as a user gives one: its context cut to MAX_MODEL_LEN, which
     # still fits the 1,500-token generations the cancel tests need to outlast any machine.
+    # A fetch (input_file_url, link pages) ends after FETCH_TIMEOUT_S, so the test of a
+    # server that never finishes sees its deadline within seconds.
     dep = start(tmp_path_factory.mktemp("millrace"),
-                extra_env={"MILLRACE_WORKER_MAX_IN_FLIGHT": "16",
+                extra_env={"MILLRACE_FETCH_TIMEOUT_S": str(FETCH_TIMEOUT_S),
+                           "MILLRACE_WORKER_MAX_IN_FLIGHT": "16",
                            "MILLRACE_WEBHOOK_RETRY_BASE_S": "1",
                            "MILLRACE_SINK_PARTIAL_EVERY_S": "0.2",
                            "MILLRACE_VLLM_MODEL_ARGS": json.dumps(VLLM_MODEL_ARGS)})

@@ -43,6 +43,7 @@ class Deployment:
     endpoints: dict[str, object]
     stderr_lines: list[str] = field(default_factory=list)
     pumps: list[threading.Thread] = field(default_factory=list)
+    ready_line: str = ""
 
     @property
     def base_url(self) -> str:
@@ -148,8 +149,8 @@ def start(data_dir: Path, *, engine: str = "vllm", timeout: float = 600,
     if line is None or not line.startswith("millrace ready: "):
         proc.kill()
         raise AssertionError(f"unexpected first line {line!r}:\n" + "".join(stderr_lines))
-    _, _, base_url, key_part = line.split()
+    base_url, key_part = line.split()[2:4]
     api_key = key_part.removeprefix("api_key=")
     endpoints = json.loads((data_dir / "endpoints.json").read_text())
     assert endpoints["base_url"] == base_url
-    return Deployment(proc, data_dir, api_key, endpoints, stderr_lines, pumps)
+    return Deployment(proc, data_dir, api_key, endpoints, stderr_lines, pumps, line)

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
@@ -30,7 +31,13 @@ from millrace.errors import (
     ServiceUnavailableError,
 )
 from millrace.protocol import CHAT, Batch, BatchError, ExpiresAfter, ListPage
-from millrace.records import CONTROL_HEADER, BatchCancelRequested, BatchCreated, BatchOpened
+from millrace.records import (
+    CONTROL_HEADER,
+    INGEST_TOKEN_HEADER,
+    BatchCancelRequested,
+    BatchCreated,
+    BatchOpened,
+)
 from millrace.status import BatchStatus
 from millrace.webhooks import check_target, signing_key, webhook_guard
 
@@ -108,12 +115,15 @@ def served_endpoint(ctx: Ctx, endpoint: str) -> None:
 
 
 @router.post("", response_model=Batch)
-async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch:
+async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch | JSONResponse:
+    """Create a batch. A stream batch's answer also holds its `ingest_token`, which every
+    message written into it must carry (header `millrace-ingest-token`): given once, here."""
     served_endpoint(ctx, params.endpoint)
     window = window_seconds(params.completion_window)
     await check_webhook(ctx, params)
     if params.input == "stream":
-        return await open_stream(ctx, who.project, params, window)
+        batch, token = await open_stream(ctx, who.project, params, window)
+        return JSONResponse({**batch.model_dump(mode="json"), "ingest_token": token})
     if params.input_file_url is not None:
         if params.input_file_id is not None:
             raise InvalidRequestError("Give input_file_id or input_file_url, not both.",
@@ -197,16 +207,19 @@ async def register(ctx: Ctx, project: str, params: CreateBatch, window: int,
     return batch
 
 
-async def open_stream(ctx: Ctx, project: str, params: CreateBatch, window: int) -> Batch:
-    """A batch whose lines producers write to `<prefix>.ingest`; in progress at once."""
+async def open_stream(ctx: Ctx, project: str, params: CreateBatch, window: int
+                      ) -> tuple[Batch, str]:
+    """A batch whose lines producers write to `<prefix>.ingest`, in progress at once, and
+    the ingest token its messages must carry."""
     if params.input_file_id is not None:
         raise InvalidRequestError("a stream batch takes no input_file_id",
                                   param="input_file_id", code="invalid_value")
     batch = await register(ctx, project, params, window, STREAM_INPUT, BatchStatus.IN_PROGRESS)
     # open for lines before the caller learns the id, so no early line is rejected
-    await StreamLedger(ctx.store).open(batch.id, batch.endpoint, project)
+    token = "mrit_" + secrets.token_urlsafe(24)
+    await StreamLedger(ctx.store).open(batch.id, batch.endpoint, project, token)
     await ctx.send(batch.id, BatchOpened(batch_id=batch.id, at=batch.created_at))
-    return batch
+    return batch, token
 
 
 class ValidateBatch(BaseModel):
@@ -302,7 +315,8 @@ async def seal(ctx: Ctx, who: Caller, batch_id: str, params: SealBatch | None = 
     """
     batch = await owned_batch(ctx, who, batch_id)
     ledger = StreamLedger(ctx.store)
-    if await ledger.get(batch_id) is None:
+    stream = await ledger.get(batch_id)
+    if stream is None:
         raise ConflictError("Only a batch created with \"input\": \"stream\" can be sealed.",
                             param="batch_id")
     if params is not None and params.total is not None:
@@ -310,8 +324,10 @@ async def seal(ctx: Ctx, who: Caller, batch_id: str, params: SealBatch | None = 
         for delivery in await close_if_complete(ledger, ctx.producer, ctx.topics, batch_id):
             await delivery
     else:
-        await ctx.producer.send(ctx.topics.ingest, batch_id, b"",
-                                headers={CONTROL_HEADER: b"seal"})
+        headers: dict[str, str | bytes | None] = {CONTROL_HEADER: b"seal"}
+        if "token" in stream:
+            headers[INGEST_TOKEN_HEADER] = stream["token"].encode()
+        await ctx.producer.send(ctx.topics.ingest, batch_id, b"", headers=headers)
     return batch
 
 

@@ -120,7 +120,7 @@ async def retry_failed(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
 
 
 @router.get("/api/batches/{batch_id}/files/{kind}")
-async def file_url(ctx: Ctx, who: Caller, request: Request, batch_id: str,
+async def file_url(ctx: Ctx, who: Caller, batch_id: str,
                    kind: Literal["output", "error"]) -> FileUrl:
     """A pre-signed download of the batch's output or error file."""
     batch, owner = await _batch(ctx, who, batch_id)
@@ -128,7 +128,7 @@ async def file_url(ctx: Ctx, who: Caller, request: Request, batch_id: str,
     found = await ctx.store.get_file(file_id, owner.project) if file_id else None
     if file_id is None or found is None:
         raise NotFoundError(f"Batch {batch_id} has no {kind} file.", param="kind")
-    return await asyncio.to_thread(download_url, ctx, request, file_id, found.path)
+    return await asyncio.to_thread(download_url, ctx, file_id, found.path)
 
 
 @router.get("/api/workers")

@@ -8,7 +8,7 @@ import time
 import unicodedata
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
@@ -128,21 +128,22 @@ class FileUrl(BaseModel):
     expires_at: int
 
 
-def download_url(ctx: Context, request: Request, file_id: str, path: str) -> FileUrl:
-    """A pre-signed URL of a file: S3's own on an s3:// store, else signed by the gateway."""
+def download_url(ctx: Context, file_id: str, path: str) -> FileUrl:
+    """A pre-signed URL of a file: S3's own on an s3:// store, else signed by the gateway,
+    on the deployment's public URL (never the request's `Host`, which the caller chose)."""
     ttl = ctx.settings.signed_url_ttl_s
     url = ctx.files.presign(path, ttl)
     if url is not None:
         return FileUrl(id=file_id, url=url, expires_at=int(time.time()) + ttl)
-    url, expires = signed.sign(ctx.settings, str(request.base_url), file_id)
+    url, expires = signed.sign(ctx.settings, ctx.settings.gateway_url(), file_id)
     return FileUrl(id=file_id, url=url, expires_at=expires)
 
 
 @router.get("/{file_id}/url", response_model=FileUrl)
-async def presigned(ctx: Ctx, who: Caller, request: Request, file_id: str) -> FileUrl:
+async def presigned(ctx: Ctx, who: Caller, file_id: str) -> FileUrl:
     """A pre-signed download URL (a millrace extension; PLai's downloads use it)."""
     found = await owned_file(ctx, who, file_id)
-    return await asyncio.to_thread(download_url, ctx, request, file_id, found.path)
+    return await asyncio.to_thread(download_url, ctx, file_id, found.path)
 
 
 signed_router = APIRouter(prefix="/signed/files", tags=["files"])

@@ -154,7 +154,7 @@ class Download(BaseModel):
 
 
 @router.get("/{batch_id}/download", response_model=Download)
-async def download(ctx: Ctx, who: Caller, request: Request, batch_id: str) -> Download:
+async def download(ctx: Ctx, who: Caller, batch_id: str) -> Download:
     """Pre-signed URLs of the output and error files (null when there is none), working
     without an API key until `expires_at`."""
     batch = await owned_batch(ctx, who, batch_id)
@@ -166,7 +166,7 @@ async def download(ctx: Ctx, who: Caller, request: Request, batch_id: str) -> Do
     for name, file_id in (("output_file_url", batch.output_file_id),
                           ("errors_file_url", batch.error_file_id)):
         stored = await ctx.store.get_file(file_id, who.project) if file_id else None
-        signed = await asyncio.to_thread(download_url, ctx, request, stored.obj.id,
+        signed = await asyncio.to_thread(download_url, ctx, stored.obj.id,
                                          stored.path) if stored else None
         urls[name] = signed.url if signed else None
         expires_at = min(expires_at, signed.expires_at) if signed else expires_at

@@ -247,7 +247,7 @@ def deployment(work: Path, engine: str, model: str, workers: int,
         line = proc.stdout.readline()
         if not line.startswith("millrace ready: "):
             raise ComponentError(f"millrace up did not start (see {data_dir}/logs): {line!r}")
-        _, _, base_url, key = line.split()
+        base_url, key = line.split()[2:4]
         endpoints = json.loads((data_dir / "endpoints.json").read_text())
         client = OpenAI(base_url=base_url, api_key=key.removeprefix("api_key="),
                         max_retries=0, timeout=600)

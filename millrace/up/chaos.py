@@ -79,7 +79,7 @@ class Up:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("millrace up did not get ready:\n" + "".join(self.stderr[-40:]))
             time.sleep(0.1)
-        self.api_key = ready[0].split("api_key=", 1)[1].strip()
+        self.api_key = ready[0].split("api_key=", 1)[1].split()[0]
 
     def _pump_out(self, proc: subprocess.Popen[str], ready: list[str]) -> None:
         assert proc.stdout is not None

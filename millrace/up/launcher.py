@@ -95,6 +95,7 @@ class Launcher:
             self._start_infrastructure()
             api_key = self._bootstrap_key()
             self._webhook_signing_key()
+            opened = self._local_targets()
             for name, command, env in self._service_plan():
                 readiness.clear(self._own(name), name)
                 self.services.append(name)
@@ -104,7 +105,7 @@ class Launcher:
                 return 0
             base_url = f"http://{self.settings.host}:{self.settings.port}/v1"
             self._write_endpoints(base_url)
-            announce(f"millrace ready: {base_url} api_key={api_key}")
+            announce(f"millrace ready: {base_url} api_key={api_key}{opened}")
             self._supervise()
             return 0
         finally:
@@ -190,6 +191,16 @@ class Launcher:
             key = self._kept_secret("webhook_signing_key", lambda: secrets.token_urlsafe(32))
             self.settings = self.settings.model_copy(
                 update={"webhook_signing_key": SecretStr(key)})
+
+    def _local_targets(self) -> str:
+        """The local deployment lets webhooks and fetched URLs reach this machine's loopback
+        addresses (a receiver or a file server on localhost), unless MILLRACE_WEBHOOK_ALLOW
+        says otherwise; what the ready line says about it."""
+        if "webhook_allow" in self.settings.model_fields_set:
+            return ""
+        self.settings = self.settings.model_copy(update={"webhook_allow": "loopback"})
+        return (" (local: webhooks and fetched URLs may reach loopback addresses; "
+                "MILLRACE_WEBHOOK_ALLOW= turns that off)")
 
     def _bootstrap_key(self) -> str:
         """The admin key: MILLRACE_API_KEY, else one generated once and kept in the data dir."""

@@ -203,6 +203,7 @@ def new_host(up: Up, data_dir: Path, number: int = 3,
                                               str(up.data_dir / "files")),
         "MILLRACE_WEBHOOK_SIGNING_KEY": (up.data_dir / "webhook_signing_key").read_text(),
         "MILLRACE_ENGINE": up.engine,
+        "MILLRACE_WEBHOOK_ALLOW": "loopback",  # as the local `up` it joins
         **{k: v for k, v in up.env.items() if k != "MILLRACE_REPLICAS"},
     })
     procs: list[subprocess.Popen[bytes]] = []

@@ -27,9 +27,13 @@ from tests.deployment import Deployment, wait_until
 def browser() -> Iterator[WebDriver]:
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    # the network cut: no name resolves but the deployment's address, so a page that
+    # needed a CDN would not render
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1400,1000", "--disable-gpu"):
+                "--window-size=1400,1000", "--disable-gpu",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations
     # the Debian driver that matches the browser: nothing is downloaded
     service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
     driver = webdriver.Chrome(options=options, service=service)
@@ -189,3 +193,30 @@ def test_workers_and_models(browser: WebDriver, deployment: Deployment, model: s
                            .get_attribute("data-points") or 0) >= 1, 60, "a throughput point")
     assert browser.find_elements(By.CSS_SELECTOR, "#throughput-chart canvas")
     browser.save_screenshot(str(tmp_path / "workers.png"))
+
+
+def csp_violations(browser: WebDriver) -> list[str]:
+    return [e["message"] for e in browser.get_log("browser")
+            if "Content Security Policy" in e["message"]]
+
+
+@pytest.mark.parametrize(("page", "shown"), [
+    ("/docs", ".swagger-ui .info .title"),  # Swagger UI rendered the document
+    ("/redoc", "h1"),  # ReDoc rendered it
+])
+def test_the_api_docs_render_offline_under_the_csp(
+        browser: WebDriver, deployment: Deployment, page: str, shown: str,
+        tmp_path: Path) -> None:
+    browser.get_log("browser")  # what earlier pages said
+    browser.get(deployment.base_url.removesuffix("/v1") + page)
+    title = wait_until(lambda: (found := browser.find_elements(By.CSS_SELECTOR, shown))
+                       and found[0].text, 60, f"{page} to render")
+    browser.save_screenshot(str(tmp_path / f"{page.strip('/')}.png"))
+    assert title.startswith("millrace"), title
+    assert csp_violations(browser) == []
+
+
+def test_the_dashboard_runs_under_the_csp(browser: WebDriver, deployment: Deployment) -> None:
+    browser.get_log("browser")
+    sign_in(browser, deployment, deployment.api_key)  # its scripts ran: the view is shown
+    assert csp_violations(browser) == []

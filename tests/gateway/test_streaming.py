@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 from confluent_kafka import Consumer, Producer
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from millrace.client import StreamBatch, iter_results
 from millrace.records import IngestReject, ResponseRecord
@@ -56,16 +57,29 @@ def test_plain_kafka_producer_streams_into_an_open_batch(
     assert opened.status_code == 200, opened.text
     batch_id = opened.json()["id"]
     assert opened.json()["status"] == "in_progress"
+    token = opened.json()["ingest_token"]  # given once, to the creator
+    assert "ingest_token" not in http.get(f"/v1/batches/{batch_id}", headers=headers).json()
+    refused_before = refused(deployment)
 
     producer = Producer({"bootstrap.servers": deployment.endpoints["kafka_bootstrap"],
                          "acks": "all", "enable.idempotence": True})
     ids = [f"s{i}" for i in range(199)]
+    own = {"millrace-ingest-token": token}
     for number, burst in enumerate((ids[:70], ids[70:140], ids[140:])):  # three bursts
         for custom_id in burst:
-            producer.produce(f"{prefix}.ingest", key=batch_id, value=line(custom_id, model,
-                                                                          "Say ok."))
+            producer.produce(f"{prefix}.ingest", key=batch_id, headers=own,
+                             value=line(custom_id, model, "Say ok."))
         if number == 1:  # one bad message among them
-            producer.produce(f"{prefix}.ingest", key=batch_id, value=b"{not json")
+            producer.produce(f"{prefix}.ingest", key=batch_id, value=b"{not json", headers=own)
+            # someone who knows only the batch id: lines and a seal, without the token or
+            # with a wrong one, and a line whose key and header name different batches
+            for forged in ({}, {"millrace-ingest-token": "mrit_guess"}):
+                producer.produce(f"{prefix}.ingest", key=batch_id, headers=forged,
+                                 value=line("forged", model, "Say forged."))
+            producer.produce(f"{prefix}.ingest", key=batch_id, value=b"",
+                             headers={"millrace-control": "seal"})
+            producer.produce(f"{prefix}.ingest", key="batch_elsewhere", value=line(
+                "misrouted", model, "Say x."), headers={**own, "batch_id": batch_id})
         producer.flush(30)
     # a plain librdkafka producer partitions by CRC32, not murmur2: lines are spread over
     # partitions, so the seal names how many messages were produced
@@ -92,11 +106,29 @@ def test_plain_kafka_producer_streams_into_an_open_batch(
 
     rejects = plain_consumer(deployment, f"{prefix}.ingest-rejects")
     try:
-        [reject] = [IngestReject.model_validate_json(v)
-                    for v in read_topic(rejects, batch_id, 1, 60)]
+        found = [IngestReject.model_validate_json(v)
+                 for v in read_topic(rejects, batch_id, 5, 60)]
     finally:
         rejects.close()
-    assert (reject.code, reject.value) == ("invalid_json_line", "{not json")
+    assert sorted((r.code, r.value) for r in found) == sorted([
+        ("invalid_json_line", "{not json"),
+        ("invalid_ingest_token", line("forged", model, "Say forged.").decode()),
+        ("invalid_ingest_token", line("forged", model, "Say forged.").decode()),
+        ("invalid_ingest_token", ""),
+        ("batch_id_mismatch", line("misrouted", model, "Say x.").decode())])
+    counted = refused(deployment)
+    assert counted["invalid_ingest_token"] - refused_before.get("invalid_ingest_token", 0) == 3
+    assert counted["batch_id_mismatch"] - refused_before.get("batch_id_mismatch", 0) == 1
+
+
+def refused(deployment: Deployment) -> dict[str, float]:
+    """The gateway's count of refused ingest records, per reason."""
+    text = httpx.get(str(deployment.base_url).removesuffix("/v1") + "/metrics").text
+    return {sample.labels["reason"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "millrace_records_refused_total"
+            and sample.labels.get("topic") == "ingest"}
 
 
 def test_helper_and_rejections(deployment: Deployment, client: OpenAI, model: str) -> None:

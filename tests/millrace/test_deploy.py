@@ -6,16 +6,25 @@ schema)."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
-from millrace.settings import KafkaSettings, Settings
+from millrace.errors import SettingsError
+from millrace.settings import KafkaSettings, Settings, service_links
+from millrace.up.embedded import die_with_parent, free_port
+from tests.deployment import Deployment, wait_until
 
 MANIFESTS = sorted((Path(__file__).parents[2] / "deploy" / "kubernetes").glob("*.yaml"))
 SERVICES = {"gateway", "worker", "aggregator", "sink"}
@@ -102,3 +111,109 @@ def test_the_scale_override_runs_two_of_every_service_each_on_its_own_disk_shari
                                  KafkaSettings.model_fields}, names - known
     # two gateways cannot publish one host port
     assert scale["gateway"]["ports"] == ["8000-8001:8000"]
+
+
+# --- a pod's environment: ConfigMap, Secret and Kubernetes' service links --------------------
+def service_link_env(service: dict[str, Any], ip: str = "10.96.14.7") -> dict[str, str]:
+    """What the kubelet puts into every pod of the namespace for `service` when service
+    links are on (Kubernetes' `pkg/kubelet/envvars`)."""
+    name = service["metadata"]["name"].upper().replace("-", "_")
+    ports = service["spec"]["ports"]
+    env = {f"{name}_SERVICE_HOST": ip, f"{name}_SERVICE_PORT": str(ports[0]["port"])}
+    for port in ports:
+        number, proto = port["port"], port.get("protocol", "TCP")
+        if port.get("name"):
+            env[f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(number)
+        base = f"{name}_PORT_{number}_{proto}"
+        env.update({base: f"{proto.lower()}://{ip}:{number}", f"{base}_PROTO": proto.lower(),
+                    f"{base}_PORT": str(number), f"{base}_ADDR": ip})
+    env[f"{name}_PORT"] = f"{ports[0].get('protocol', 'TCP').lower()}://{ip}:{ports[0]['port']}"
+    return env
+
+
+def pod_environment(container: dict[str, Any], **real: str) -> dict[str, str]:
+    """A pod's environment as the kubelet builds it: every Service's links first, then the
+    container's envFrom (ConfigMap, then the Secret the manifest's header tells to create),
+    then `real` (where this test's broker, Redis and disk are)."""
+    links: dict[str, str] = {}
+    for service in (d for d in documents() if d["kind"] == "Service"):
+        links.update(service_link_env(service))
+    [config] = [d for d in documents() if d["kind"] == "ConfigMap"]
+    secret_names = re.findall(r"--from-literal=(MILLRACE_\w+)=", MANIFESTS[0].read_text())
+    refs = [next(iter(ref.values()))["name"] for ref in container["envFrom"]]
+    assert refs == ["millrace-config", "millrace-secrets"]
+    secret = dict.fromkeys(secret_names, "unset")
+    return {**links, **config["data"], **secret, **real}
+
+
+def test_the_pods_drop_service_links_and_settings_ignore_them_with_one_warning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for document in documents():
+        if document["kind"] == "Deployment":
+            assert document["spec"]["template"]["spec"]["enableServiceLinks"] is False
+    [service] = [d for d in documents() if d["kind"] == "Service"]
+    links = service_link_env(service)
+    # the worst case: a Service named millrace and no MILLRACE_PORT of one's own
+    assert links["MILLRACE_PORT"] == "tcp://10.96.14.7:80"
+    links["MILLRACE_METRICS_PORT"] = "tcp://10.96.14.8:9100"  # a Service `millrace-metrics`
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MILLRACE_TOPIC_PREFIX", "own")
+    assert service_links() == sorted(links)
+    settings = Settings.load()
+    assert (settings.port, settings.metrics_port, settings.topic_prefix) == (8000, None, "own")
+    monkeypatch.setenv("MILLRACE_PORT", "8080")  # a real setting of the same name still counts
+    assert Settings.load().port == 8080
+    monkeypatch.setenv("MILLRACE_SERVICE_PORTS", "1")  # a typo is still refused
+    with pytest.raises(SettingsError, match="MILLRACE_SERVICE_PORTS"):
+        Settings.load()
+
+
+def test_each_service_starts_with_the_environment_a_pod_of_the_manifest_gets(
+        deployment: Deployment, tmp_path: Path) -> None:
+    containers = {c["args"][0]: c for d in documents() if d["kind"] == "Deployment"
+                  for c in d["spec"]["template"]["spec"]["containers"]}
+    prefix = f"pod{uuid.uuid4().hex[:8]}"  # topics and Redis keys of this test's own
+    procs: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for name in ("gateway", "worker", "aggregator", "sink"):  # the gateway makes topics
+            data = tmp_path / name
+            port = free_port()
+            env = pod_environment(
+                containers[name],
+                MILLRACE_KAFKA__BOOTSTRAP=str(deployment.endpoints["kafka_bootstrap"]),
+                MILLRACE_REDIS_URL=str(deployment.endpoints["redis_url"]),
+                MILLRACE_TOPIC_PREFIX=prefix, MILLRACE_DATA_DIR=str(data),
+                MILLRACE_FILE_STORE_URL=str(tmp_path / "files"),
+                MILLRACE_HOST="127.0.0.1", MILLRACE_PORT=str(port),
+                MILLRACE_METRICS_PORT=str(free_port()),
+                MILLRACE_ENGINE="echo")  # no GPU here: the manifest's model, on echo
+            env["MILLRACE_API_KEY"] = "sk-mr-" + uuid.uuid4().hex
+            env["MILLRACE_WEBHOOK_SIGNING_KEY"] = uuid.uuid4().hex
+            assert env["MILLRACE_SERVICE_HOST"]  # the links are there
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "millrace", *containers[name]["args"]],
+                env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env},
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                preexec_fn=die_with_parent)
+            marker = data / "run" / f"{name}.ready"
+            wait_until(lambda m=marker, p=procs[name]: m.exists() or p.poll() is not None,
+                       120, f"{name} ready")
+            assert procs[name].poll() is None, procs[name].communicate()[1]
+            if name == "gateway":
+                wait_until(lambda p=port: _health(p), 60, "the gateway's /health")
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        logs = {name: proc.communicate(timeout=60)[1] for name, proc in procs.items()}
+    for name, log in logs.items():
+        warnings = [line for line in log.splitlines() if "service links" in line]
+        assert len(warnings) == 1 and "MILLRACE_SERVICE_HOST" in warnings[0], (name, log)
+        assert "unknown setting" not in log
+
+
+def _health(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

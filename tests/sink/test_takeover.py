@@ -25,6 +25,7 @@ from millrace.records import (
     BatchFinished,
     BatchValidated,
     ResponseRecord,
+    line_ticket,
     parse_event,
 )
 from millrace.results import final_key, partial_dir, segments
@@ -38,11 +39,15 @@ from tests.deployment import Deployment
 LINES, FIRST_HOST = 100, 60
 
 
+LINE_KEY = "00" * 16  # the batches' key for their lines' tickets (Redis, as the gateway makes)
+
+
 def response(batch_id: str, line: int) -> bytes:
     return ResponseRecord(
         batch_id=batch_id, project="p", custom_id=f"c{line}", line=line, id=f"batch_req_{line}",
         request_id=f"req_{line}", status_code=200,
-        body={"n": line, "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).dumps()
+        body={"n": line, "usage": {"prompt_tokens": 1, "completion_tokens": 2}},
+        ticket=line_ticket(LINE_KEY, line, f"c{line}")).dumps()
 
 
 def test_a_sink_on_another_host_finishes_what_the_first_one_began(
@@ -74,6 +79,8 @@ def test_a_sink_on_another_host_finishes_what_the_first_one_began(
     async def scenario() -> dict[str, Any]:
         store = Store.connect(base.require_redis(), prefix)
         await store.r.sadd(store.keys.active, running, done)
+        await asyncio.gather(*(store.r.hset(store.keys.batch(b), mapping={
+            "project": "p", "line_key": LINE_KEY}) for b in (running, done)))
 
         async def until(what: Callable[[], Any], why: str, timeout: float = 60) -> None:
             deadline = time.monotonic() + timeout
