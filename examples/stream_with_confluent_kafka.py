@@ -25,7 +25,9 @@ def main(endpoints_path: str, api_key: str) -> None:
         "input": "stream", "endpoint": "/v1/chat/completions", "completion_window": "24h",
     }).json()
 
-    # 2. produce OpenAI batch lines to <prefix>.ingest, key = batch id (any partitioner)
+    # 2. produce OpenAI batch lines to <prefix>.ingest, key = batch id (any partitioner),
+    #    each with the batch's ingest token (given once, in the create answer)
+    token = {"millrace-ingest-token": batch["ingest_token"]}
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
                          "enable.idempotence": True})
     questions = ["What is the capital of France?", "Name a colour.", "Say hello."]
@@ -33,7 +35,8 @@ def main(endpoints_path: str, api_key: str) -> None:
         line = {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
                 "body": {"model": model, "max_tokens": 32, "temperature": 0,
                          "messages": [{"role": "user", "content": question}]}}
-        producer.produce(f"{prefix}.ingest", key=batch["id"], value=json.dumps(line))
+        producer.produce(f"{prefix}.ingest", key=batch["id"], value=json.dumps(line),
+                         headers=token)
     producer.flush()
 
     # 3. seal with the number of messages produced: millrace closes the batch once it has
