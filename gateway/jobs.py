@@ -212,6 +212,11 @@ class Jobs:
         """Commit, per partition, the offset of its first job not done yet (or past the
         last message taken): a job is never committed before the jobs ahead of it."""
         self._raise_failure()
+        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        for gone in set(self.seen) - owned:  # moved to another gateway: its to commit now
+            self.seen.pop(gone)
+            self.undone.pop(gone, None)
+            self.committed.pop(gone, None)
         offsets = []
         for where, last in self.seen.items():
             jobs = self.undone[where]

@@ -169,12 +169,15 @@ class Sink:
 
     async def issued(self, responses: list[SpooledResponse]) -> list[SpooledResponse]:
         """The responses for lines their batches were issued with (module docstring)."""
-        wanted = {r.batch_id for r in responses} - set(self._batches)
-        for batch_id in wanted:
-            project, key = await self.store.r.hmget(self.store.keys.batch(batch_id),
-                                                    ["project", "line_key"])
-            self._batches[batch_id] = (str(project), str(key) if key else None) if project \
-                else None
+        wanted = sorted({r.batch_id for r in responses} - set(self._batches))
+        if wanted:
+            async with self.store.r.pipeline(transaction=False) as p:
+                for batch_id in wanted:
+                    p.hmget(self.store.keys.batch(batch_id), ["project", "line_key"])
+                rows = await p.execute()
+            for batch_id, (project, key) in zip(wanted, rows, strict=True):
+                self._batches[batch_id] = (str(project), str(key) if key else None) \
+                    if project else None
         kept = []
         for record in responses:
             why = self._refusal(record, self._batches[record.batch_id])

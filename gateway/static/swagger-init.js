@@ -5,4 +5,5 @@ window.ui = SwaggerUIBundle({
   presets: [SwaggerUIBundle.presets.apis],
   layout: "BaseLayout",
   deepLinking: true,
+  validatorUrl: null,  // no badge fetched from validator.swagger.io
 });

@@ -68,7 +68,8 @@ def test_a_killed_stack_comes_back_with_everything_its_users_made(up: Up) -> Non
     hooks = httpx.get(up.base_url + "/webhook_endpoints", headers=headers).json()["data"]
     assert [h["id"] for h in hooks] == [endpoint["id"]]
     # the open stream batch still takes lines, and seals with all of them
-    with StreamBatch.attach(up.base_url, up.api_key, stream.id, kafka=bootstrap(up)) as more:
+    with StreamBatch.attach(up.base_url, up.api_key, stream.id, kafka=bootstrap(up),
+                            ingest_token=stream.ingest_token) as more:
         for i in range(50, 100):
             more.send(line(f"s{i}"))
         more.seal(total=100)
