@@ -53,6 +53,7 @@ from millrace.up.readiness import note_partitions
 
 log = logging.getLogger(__name__)
 MAX_REJECT_VALUE = 4096
+KEYS_KEPT = 10_000  # batches' line keys kept in memory
 
 
 def token_matches(stream: dict[str, str], given: str | None) -> bool:
@@ -227,6 +228,8 @@ class StreamIngest:
         return self._rules_by_endpoint[endpoint]
 
     async def _line_key(self, batch_id: str) -> str | None:
+        if len(self._line_keys) > KEYS_KEPT:
+            self._line_keys.clear()
         if batch_id not in self._line_keys:
             self._line_keys[batch_id] = await self.store.line_key(batch_id)
         return self._line_keys[batch_id]
@@ -234,14 +237,14 @@ class StreamIngest:
     def _refuse(self, msg: Message, batch_id: str, code: str,
                 reason: str) -> asyncio.Future[Message]:
         """A message that is not the batch's to take (forged, or a producer's mistake): a
-        reject, a warning and a count; the batch does not see it."""
-        metrics.RECORDS_REFUSED.labels("ingest", code).inc()
+        reject (counted) and a warning; the batch does not see it."""
         log.warning("ingest: refused %d@%d for %s: %s", msg.partition(), msg.offset(),
                     batch_id, code)
         return self._reject(msg, batch_id, code, reason)
 
     def _reject(self, msg: Message, batch_id: str | None, code: str,
                 reason: str) -> asyncio.Future[Message]:
+        metrics.RECORDS_REFUSED.labels("ingest", code).inc()
         value = (msg.value() or b"")[:MAX_REJECT_VALUE].decode(errors="replace")
         reject = IngestReject(batch_id=batch_id, code=code, reason=reason,
                               partition=msg.partition() or 0, offset=msg.offset() or 0,

@@ -67,7 +67,13 @@ from millrace import metrics
 from millrace.errors import OUTAGES
 from millrace.fetch import Fetcher, FetchFailed
 from millrace.filestore import FileStore
-from millrace.kafka import AsyncProducer, BulkProducer, KafkaConfig, consume_loop
+from millrace.kafka import (
+    AsyncProducer,
+    BulkProducer,
+    KafkaConfig,
+    consume_loop,
+    skip_malformed,
+)
 from millrace.protocol import BatchError, FileObject
 from millrace.records import (
     BatchCreated,
@@ -169,6 +175,7 @@ class Jobs:
             try:
                 event = parse_event(msg.value() or b"")
             except ValidationError:
+                skip_malformed(msg)
                 continue
             self.undone[where][offset] = False
             task = asyncio.create_task(self._job(event, self.lanes.get(event.batch_id),

@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterator
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 from pydantic import ValidationError
 
-from millrace.kafka import KafkaConfig, polled
+from millrace.kafka import KafkaConfig, polled, skip_malformed
 from millrace.protocol import SUPPORTED_ENDPOINTS
 from millrace.records import WorkerStatus
 from millrace.settings import Settings
@@ -115,4 +115,5 @@ class WorkerFollower:
             try:
                 self.board.put(WorkerStatus.model_validate_json(msg.value() or b""))
             except ValidationError:
+                skip_malformed(msg)
                 continue

@@ -13,7 +13,7 @@ import uuid
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pydantic import ValidationError
 
-from millrace.kafka import KafkaConfig, polled
+from millrace.kafka import KafkaConfig, polled, skip_malformed
 from millrace.records import BatchTransition, parse_event
 from millrace.status import BatchStatus
 
@@ -48,6 +48,7 @@ class StoppedBatches:
             try:
                 event = parse_event(msg.value() or b"")
             except ValidationError:
+                skip_malformed(msg)
                 continue
             if isinstance(event, BatchTransition) and event.to_status in STOP_CODES:
                 with self._lock:

@@ -32,7 +32,15 @@ from gpu_consumer.load import Load
 from gpu_consumer.stops import StoppedBatches
 from millrace import ids, metrics
 from millrace.errors import DeliveryError
-from millrace.kafka import KafkaConfig, ensure_topics, partition_names, produce, take, usable
+from millrace.kafka import (
+    KafkaConfig,
+    ensure_topics,
+    partition_names,
+    produce,
+    skip_malformed,
+    take,
+    usable,
+)
 from millrace.protocol import BATCH_LINE_ERRORS, LineError
 from millrace.records import Tokens, read_request, response_value
 from millrace.settings import Settings
@@ -187,8 +195,7 @@ class Worker:
             record = read_request(msg.value() or b"")
         except msgspec.DecodeError:
             # Not a millrace request record: nothing to answer, log and move on.
-            log.error("skipping malformed request record at %s[%d]@%d", topic, partition,
-                      offset)
+            skip_malformed(msg)
             offsets.finished(offset)
             return
         cost = token_cost(record.body, self.settings.default_max_tokens)

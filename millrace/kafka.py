@@ -25,6 +25,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from millrace import metrics
 from millrace.errors import OUTAGES, ComponentError, DeliveryError
 from millrace.settings import KafkaSettings, Settings
 
@@ -196,6 +197,20 @@ def _commit_sync(consumer: Consumer) -> None:
         consumer.commit(asynchronous=False)
     except KafkaException as exc:  # e.g. mid-rebalance: the messages come again
         log.warning("commit failed: %s", exc)
+
+
+def skip_malformed(msg: Message) -> None:
+    """A record that is not what its topic carries: logged and counted; the caller moves on
+    (a direct producer or a broken client wrote it, and nothing can be done with it)."""
+    metrics.MALFORMED.labels(_base_topic(msg.topic() or "")).inc()
+    log.warning("skipping a malformed record at %s[%s]@%s (%d bytes)", msg.topic(),
+                msg.partition(), msg.offset(), len(msg.value() or b""))
+
+
+def _base_topic(topic: str) -> str:
+    """The topic without its prefix; every model's requests topic as `requests`."""
+    name = topic.split(".", 1)[-1]
+    return "requests" if name.startswith("requests.") else name
 
 
 def read_to_fence(

@@ -75,10 +75,20 @@ LAG = Gauge("millrace_consumer_lag_messages",
 
 # --- sink ---------------------------------------------------------------------------------
 LINES_WRITTEN = Counter("millrace_lines_written", "Result lines the sink wrote", ["file"])
+MALFORMED = Counter(
+    "millrace_records_malformed",
+    "Records that are not what their topic carries (random bytes, truncated JSON, wrong "
+    "types): logged and skipped, the partition moves on", ["topic"])
+FENCED = Counter(
+    "millrace_fenced_writes",
+    "Writes refused because a newer state was stored (a frozen or cut-off instance's view)",
+    ["service"])
 RECORDS_REFUSED = Counter(
     "millrace_records_refused",
-    "Records refused as not the batch's: ingest messages without the batch's token or "
-    "whose key and batch_id header disagree, responses for a line the batch was not issued",
+    "Records refused: ingest messages by reject code (no token, key and batch_id header "
+    "disagreeing, unknown or sealed batch, duplicate; an invalid line, which is also its "
+    "batch's error line), responses for a line the batch was not issued, events of a batch "
+    "that does not exist",
     ["topic", "reason"])
 BATCHES_FINISHED = Counter("millrace_batches_finished", "Batches that reached a final status",
                            ["status"])

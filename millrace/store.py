@@ -80,11 +80,37 @@ class StoredBatch:
     created: str | None = None
 
 
+@dataclass(frozen=True)
+class Version:
+    """Which view of a batch an aggregate state is: the batch-events offset of the last event
+    applied on the broker of cluster id `epoch`, and whether the status is final."""
+
+    epoch: str
+    offset: int
+    final: bool
+
+
+# KEYS: the batch hash, the active set, the deadlines; ARGV: agg, state (the Batch fields),
+# epoch, offset, final, finished, deadline ("" for none), batch id
+_SAVE_FENCED = """
+local cur = redis.call('HMGET', KEYS[1], 'agg_epoch', 'agg_offset', 'agg_final')
+if cur[3] == '1' and ARGV[5] ~= '1' then return 0 end
+if cur[1] == ARGV[3] and cur[2] and tonumber(cur[2]) > tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[1], 'agg', ARGV[1], 'state', ARGV[2], 'agg_epoch', ARGV[3],
+           'agg_offset', ARGV[4], 'agg_final', ARGV[5])
+if ARGV[6] ~= '1' then redis.call('SADD', KEYS[2], ARGV[8]) end
+if ARGV[7] ~= '' then redis.call('ZADD', KEYS[3], ARGV[7], ARGV[8])
+else redis.call('ZREM', KEYS[3], ARGV[8]) end
+return 1
+"""
+
+
 class Store:
     def __init__(self, client: aioredis.Redis, namespace: str) -> None:
         self.r = client
         self.ns = namespace
         self.keys = Keyspace(namespace)
+        self._save_fenced = client.register_script(_SAVE_FENCED)
         self._token = ids.token()  # this process's scratch keys
         # API keys found, for a moment: every API call looks its key up first
         self._principals: dict[str, tuple[float, Principal]] = {}
@@ -308,25 +334,36 @@ class Store:
                            str(project) if project else None,
                            str(created) if created else None)
 
+    async def versions(self, batch_ids: list[str]) -> dict[str, Version]:
+        """The version of each batch's stored aggregate state (batches without one left
+        out), in one round trip."""
+        async with self.r.pipeline(transaction=False) as p:
+            for batch_id in batch_ids:
+                p.hmget(self.keys.batch(batch_id), ["agg_epoch", "agg_offset", "agg_final"])
+            rows = await p.execute()
+        return {b: Version(str(e or ""), int(o), f == "1")
+                for b, (e, o, f) in zip(batch_ids, rows, strict=True) if o is not None}
+
     async def save_aggregate(self, batch_id: str, agg: str, fields: dict[str, Any], *,
-                             finished: bool, deadline: int | None,
-                             restore: RestoredBatch | None = None) -> None:
-        """The aggregator's state and the Batch fields it owns, in one round trip. An
-        unfinished batch is (again) among the active ones; a finished one stays there until
-        the sink took its `finished` event (`done_with`). With `restore`, the gateway's half
-        is written back wherever it is missing (Redis was lost), never overwriting."""
-        key = self.keys.batch(batch_id)
-        async with self.r.pipeline(transaction=True) as p:
-            p.hset(key, mapping={"agg": agg, "state": json.dumps(fields)})
-            if not finished:
-                p.sadd(self.keys.active, batch_id)
-            if deadline is not None:
-                p.zadd(self.keys.deadlines, {batch_id: deadline})
-            else:
-                p.zrem(self.keys.deadlines, batch_id)
-            if restore is not None:
+                             version: Version, finished: bool, deadline: int | None,
+                             restore: RestoredBatch | None = None) -> bool:
+        """The aggregator's state and the Batch fields it owns, in one atomic step, fenced:
+        a state older than the stored one (the same broker, a lower batch-events offset),
+        or one that would take a final batch out of its final status, changes nothing and
+        gives False. An unfinished batch is (again) among the active ones; a finished one
+        stays there until the sink took its `finished` event (`done_with`). With `restore`,
+        the gateway's half is written back wherever it is missing (Redis was lost), never
+        overwriting."""
+        saved = await self._save_fenced(
+            keys=[self.keys.batch(batch_id), self.keys.active, self.keys.deadlines],
+            args=[agg, json.dumps(fields), version.epoch, version.offset,
+                  "1" if version.final else "0", "1" if finished else "0",
+                  "" if deadline is None else deadline, batch_id])
+        if saved and restore is not None:
+            async with self.r.pipeline(transaction=True) as p:
                 self._restore(p, batch_id, restore)
-            await p.execute()
+                await p.execute()
+        return bool(saved)
 
     async def restore_batch(self, batch_id: str, restore: RestoredBatch, agg: str,
                             fields: dict[str, Any], active: bool) -> bool:

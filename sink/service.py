@@ -39,7 +39,13 @@ from redis.exceptions import RedisError
 from millrace import metrics
 from millrace.errors import OUTAGES
 from millrace.filestore import FileStore
-from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop, partition_names
+from millrace.kafka import (
+    AsyncProducer,
+    KafkaConfig,
+    consume_loop,
+    partition_names,
+    skip_malformed,
+)
 from millrace.records import (
     BatchCreated,
     BatchEvent,
@@ -66,6 +72,7 @@ from sink.janitor import Janitor
 from sink.webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
+BATCHES_KEPT = 10_000  # batches' projects and line keys kept in memory (`issued`)
 
 
 class Sink:
@@ -135,7 +142,7 @@ class Sink:
                 else:
                     events.append(parse_event(msg.value() or b""))
             except (ValidationError, msgspec.DecodeError):
-                log.error("skipping malformed record at %s[%d]@%d", topic, partition, offset)
+                skip_malformed(msg)
         await self._note_first_offsets({tp: {k.decode(errors="replace"): o for k, o in seen.items()}
                                         for tp, seen in firsts.items()})
         partition_of = {k.decode(errors="replace"): p for (_, p), seen in firsts.items()
@@ -169,6 +176,8 @@ class Sink:
 
     async def issued(self, responses: list[SpooledResponse]) -> list[SpooledResponse]:
         """The responses for lines their batches were issued with (module docstring)."""
+        if len(self._batches) > BATCHES_KEPT:
+            self._batches.clear()
         wanted = sorted({r.batch_id for r in responses} - set(self._batches))
         if wanted:
             async with self.store.r.pipeline(transaction=False) as p:

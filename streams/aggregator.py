@@ -29,8 +29,15 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from pydantic import ValidationError
 
 from millrace import metrics
-from millrace.kafka import AsyncProducer, KafkaConfig, consume_loop, partition_names
+from millrace.kafka import (
+    AsyncProducer,
+    KafkaConfig,
+    consume_loop,
+    partition_names,
+    skip_malformed,
+)
 from millrace.records import (
+    BatchCreated,
     BatchEvent,
     BatchExpireDue,
     BatchFinished,
@@ -39,7 +46,7 @@ from millrace.records import (
 )
 from millrace.settings import Settings
 from millrace.status import BatchStatus
-from millrace.store import Store
+from millrace.store import Store, Version
 from millrace.topics import Topics
 from millrace.up.readiness import mark_ready, note_partitions
 from streams.state import BatchState, Emitted
@@ -67,6 +74,9 @@ class Aggregator:
         self._stopping = asyncio.Event()
         self.lag = metrics.LagProbe(self.consumer, self.topics.aggregator_group())
         self._count_at = 0.0
+        # the broker's cluster id, the epoch of the offsets states are versioned by; read
+        # again after every assignment (a new broker means a new group, hence one)
+        self._epoch: str | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -93,6 +103,7 @@ class Aggregator:
         self.lag.maybe(time.monotonic())
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._epoch = None
         mark_ready(self.settings, self.settings.aggregator_name)
         note_partitions(self.settings, self.settings.aggregator_name, self.topics.batch_events,
                         [tp.partition for tp in partitions])
@@ -114,33 +125,69 @@ class Aggregator:
             raise
 
     async def _apply(self, messages: list[Message]) -> None:
-        by_batch: dict[str, list[BatchEvent]] = {}
-        for msg in messages:
-            try:
-                event = parse_event(msg.value() or b"")
-            except ValidationError:
-                log.error("skipping malformed record at %s[%d]@%d", msg.topic(),
-                          msg.partition(), msg.offset())
-                continue
-            if event.type not in NOT_OURS:
-                by_batch.setdefault(event.batch_id, []).append(event)
+        by_batch = self._by_batch(messages)
+        if not by_batch:
+            return
+        if self._epoch is None:
+            self._epoch = await asyncio.to_thread(self.producer.cluster_id)
+        epoch = self._epoch
+        stored = await self.store.versions(list(by_batch))
         snapshots = []
         for batch_id, events in by_batch.items():
-            state = await self.load(batch_id)
+            state = await self.load(batch_id, stored.get(batch_id))
+            if self._unknown(state, events):
+                continue
             before = state.model_dump_json()
             emitted: list[Emitted] = []
-            for event in events:
+            for offset, event in events:
+                if state.applied(epoch, offset):  # in the state already (a replay)
+                    continue
                 emitted += state.apply(event)
+                state.epoch, state.offset = epoch, offset
             # an `expire_due` that changes nothing still saves: the deadline index is fixed
-            stale = any(isinstance(e, BatchExpireDue) for e in events)
+            stale = any(isinstance(e, BatchExpireDue) for _, e in events)
             if emitted or stale or state.model_dump_json() != before:
-                snapshots.append(await self.save(state, emitted))
+                snapshot = await self.save(state, emitted)
+                if snapshot is not None:
+                    snapshots.append(snapshot)
         await asyncio.gather(*snapshots)
         if len(self.states) > CACHE_MOST:
             self.states.clear()
 
-    async def load(self, batch_id: str) -> BatchState:
+    @staticmethod
+    def _by_batch(messages: list[Message]) -> dict[str, list[tuple[int, BatchEvent]]]:
+        """The poll's events that are ours to apply, with their offsets, per batch."""
+        by_batch: dict[str, list[tuple[int, BatchEvent]]] = {}
+        for msg in messages:
+            try:
+                event = parse_event(msg.value() or b"")
+            except ValidationError:
+                skip_malformed(msg)
+                continue
+            if event.type not in NOT_OURS:
+                by_batch.setdefault(event.batch_id, []).append((msg.offset() or 0, event))
+        return by_batch
+
+    def _unknown(self, state: BatchState, events: list[tuple[int, BatchEvent]]) -> bool:
+        """Events of a batch that exists nowhere (Redis has none, and no `created` among
+        them): a forged or stray record, refused."""
+        if state.project or any(isinstance(e, BatchCreated) for _, e in events):
+            return False
+        metrics.RECORDS_REFUSED.labels("batch-events", "unknown_batch").inc()
+        log.warning("%s: %d events of a batch that does not exist, skipped", state.batch_id,
+                    len(events))
+        self.states.pop(state.batch_id, None)
+        return True
+
+    async def load(self, batch_id: str, version: Version | None = None) -> BatchState:
+        """The batch's state: ours in memory unless Redis holds a newer one (another
+        aggregator applied later events while this one was frozen or cut off)."""
         state = self.states.get(batch_id)
+        if state is not None and version is not None and state.newer(version):
+            log.warning("%s: a newer state is stored (offset %d, ours %d): taking it",
+                        batch_id, version.offset, state.offset)
+            metrics.FENCED.labels("aggregator").inc()
+            state = None
         if state is None:
             stored = await self.store.load_aggregate(batch_id)
             state = (BatchState.restored(batch_id, stored)
@@ -148,12 +195,14 @@ class Aggregator:
             self.states[batch_id] = state
         return state
 
-    async def save(self, state: BatchState, emitted: list[Emitted]) -> asyncio.Future[Message]:
-        """Publish what the change emitted (acknowledged), then save the state.
+    async def save(self, state: BatchState, emitted: list[Emitted]
+                   ) -> asyncio.Future[Message] | None:
+        """Publish what the change emitted (acknowledged), then save the state, fenced.
 
         In this order a crash in between repeats an event rather than losing it: the
         saved state does not show the change, so the replayed events emit it again.
-        Returns the delivery of the state's snapshot on the batch-state topic.
+        Returns the delivery of the state's snapshot on the batch-state topic; None when
+        the store holds a newer state (this view is stale: it is dropped, not saved).
         """
         for event in emitted:
             if isinstance(event, BatchFinished):
@@ -163,9 +212,16 @@ class Aggregator:
                 log.info("%s: %s → %s", state.batch_id, event.from_status, event.to_status)
         state.updated_at = time.time()
         agg = state.model_dump_json()
-        await self.store.save_aggregate(
-            state.batch_id, agg, state.batch_fields(), finished=state.finished,
-            deadline=state.deadline, restore=state.restorable())
+        version = Version(state.epoch, state.offset, state.status.terminal)
+        if not await self.store.save_aggregate(
+                state.batch_id, agg, state.batch_fields(), version=version,
+                finished=state.finished, deadline=state.deadline,
+                restore=state.restorable()):
+            log.warning("%s: not saved, a newer state is stored (ours: offset %d, %s)",
+                        state.batch_id, state.offset, state.status.value)
+            metrics.FENCED.labels("aggregator").inc()
+            self.states.pop(state.batch_id, None)
+            return None
         return self.producer.produce(self.topics.batch_state, state.batch_id, agg.encode())
 
     # --- expiry ------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from millrace.records import (
     parse_event,
 )
 from millrace.status import TIMESTAMP_FIELD, BatchStatus, can_transition
-from millrace.store import RestoredBatch, StoredBatch
+from millrace.store import RestoredBatch, StoredBatch, Version
 
 S = BatchStatus
 Emitted = BatchTransition | BatchFillRequested | BatchFinished
@@ -80,6 +80,12 @@ class BatchState(BaseModel):
     webhook: dict[str, Any] | None = None
     listed_at: float | None = None
     input_url: str | None = None  # where the explode fetches the input file from
+    # the state's version: the batch-events offset of the last event applied, on the broker
+    # of this cluster id (a new embedded broker starts its offsets again). An aggregator
+    # that froze and woke up with an older view can neither apply old events again nor
+    # save over a newer state (`Store.save_aggregate`).
+    epoch: str = ""
+    offset: int = -1
 
     @classmethod
     def restored(cls, batch_id: str, stored: StoredBatch) -> BatchState | None:
@@ -105,6 +111,16 @@ class BatchState(BaseModel):
         state = cls(batch_id=batch_id)
         state._created(project, doc, None, None, float(doc.get("created_at") or now()))
         return state
+
+    def applied(self, epoch: str, offset: int) -> bool:
+        """The event at `offset` of this broker is already in this state."""
+        return self.epoch == epoch and offset <= self.offset
+
+    def newer(self, version: Version) -> bool:
+        """A stored version is past what this state has seen."""
+        if version.final and not self.status.terminal:
+            return True
+        return version.epoch == self.epoch and version.offset > self.offset
 
     @property
     def done(self) -> int:

@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Message
 
 from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics, polled
 from millrace.records import (
@@ -22,7 +22,7 @@ from millrace.records import (
     parse_event,
 )
 from millrace.settings import KafkaSettings, Settings
-from millrace.store import Store
+from millrace.store import Store, Version
 from millrace.topics import Topics
 from streams.aggregator import Aggregator
 from tests.deployment import Deployment
@@ -115,3 +115,96 @@ def _published(kafka: KafkaConfig, topics: Topics) -> list[dict[str, object]]:
     finally:
         consumer.close()
     return found
+
+
+def test_an_aggregator_that_wakes_up_stale_never_undoes_its_successor(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """The issue-25 pause, without the race: one aggregator applies the start of a batch
+    and holds later events it fetched but has not applied (frozen, its partitions gone); a
+    second one takes over and completes the batch; the first wakes up and applies what it
+    held. The batch stays completed with its final counts, and no transition repeats."""
+    settings = Settings(
+        topic_prefix=f"agg{uuid.uuid4().hex[:8]}", data_dir=tmp_path,
+        redis_url=str(deployment.endpoints["redis_url"]),
+        kafka=KafkaSettings(bootstrap=str(deployment.endpoints["kafka_bootstrap"])))
+    topics = Topics.from_settings(settings)
+    kafka = KafkaConfig.of(settings, "test")
+    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
+    doc = {**DOC, "id": "batch_y"}
+
+    async def scenario() -> tuple[str, dict[str, int], list[dict[str, object]]]:
+        store = Store.connect(str(settings.redis_url), settings.topic_prefix)
+        producer = AsyncProducer(kafka.producer())
+        for event in (BatchCreated(batch_id="batch_y", project="p", batch=doc, listed_at=1.0),
+                      BatchValidated(batch_id="batch_y", total=3000, model="m"),
+                      BatchProgress(batch_id="batch_y", completed=1500, failed=0)):
+            await producer.send(topics.batch_events, "batch_y", event.dumps())
+        fetched = _messages(kafka, topics, 3)
+        frozen = Aggregator(settings)
+        await frozen.handle(fetched[:2])  # in progress; the 1,500-line progress held back
+        successor = Aggregator(settings)
+        for event in (BatchProgress(batch_id="batch_y", completed=3000, failed=0),
+                      BatchFilesReady(batch_id="batch_y", output_file_id="o",
+                                      error_file_id=None, lines=3000, completed=3000,
+                                      input_tokens=3, output_tokens=4)):
+            await producer.send(topics.batch_events, "batch_y", event.dumps())
+        await successor.handle(_messages(kafka, topics, 5))  # from the committed start
+        await frozen.handle(fetched[2:])  # wakes up
+        batch = await store.get_batch("batch_y", "p")
+        assert batch is not None and batch.request_counts is not None
+        counts = batch.request_counts.model_dump()
+        for aggregator in (frozen, successor):  # never ran: only their clients to close
+            aggregator.producer.close()
+            aggregator.consumer.close()
+            await aggregator.store.close()
+        producer.close()
+        await store.close()
+        return batch.status.value, counts, _published(kafka, topics)
+
+    status, counts, published = asyncio.run(scenario())
+    assert status == "completed"
+    assert counts == {"total": 3000, "completed": 3000, "failed": 0}
+    moves = [(e["from_status"], e["to_status"]) for e in published if e["type"] == "transition"]
+    assert moves == [("validating", "in_progress"), ("in_progress", "finalizing"),
+                     ("finalizing", "completed")]
+
+
+def _messages(kafka: KafkaConfig, topics: Topics, want: int) -> list[Message]:
+    """The first `want` events of batch-events as an aggregator's poll returns them (the
+    aggregator's own transitions among them, as a poll would have them)."""
+    consumer = Consumer(kafka.consumer(f"read-{uuid.uuid4().hex}"))
+    consumer.subscribe([topics.batch_events])
+    found: list[Message] = []
+    deadline = time.monotonic() + 30
+    try:
+        for msg in polled(consumer, lambda: len(found) >= want or time.monotonic() > deadline):
+            if parse_event(msg.value() or b"").type not in ("transition", "finished"):
+                found.append(msg)
+    finally:
+        consumer.close()
+    assert len(found) >= want, found
+    return found[:want]
+
+
+def test_a_stale_or_unfinishing_state_is_not_saved(deployment: Deployment) -> None:
+    """The fence itself, on the real Redis: by version on one broker, and a final status
+    is never left whatever the version (a new broker starts its offsets again)."""
+
+    async def saves() -> tuple[list[bool], str]:
+        store = Store.connect(str(deployment.endpoints["redis_url"]), f"fence{uuid.uuid4().hex}")
+
+        async def save(epoch: str, offset: int, final: bool = False) -> bool:
+            return await store.save_aggregate(
+                "b", f"{epoch}{offset}", {}, version=Version(epoch, offset, final),
+                finished=final, deadline=None if final else 1)
+
+        results = [await save("one", 5), await save("one", 3), await save("one", 5),
+                   await save("one", 9, final=True), await save("two", 1),
+                   await save("two", 2, final=True)]
+        agg = str(await store.r.hget(store.keys.batch("b"), "agg"))
+        await store.close()
+        return results, agg
+
+    results, agg = asyncio.run(saves())
+    assert results == [True, False, True, True, False, True]
+    assert agg == "two2"
