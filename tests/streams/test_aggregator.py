@@ -32,6 +32,20 @@ DOC = {"id": "batch_x", "endpoint": "/v1/chat/completions", "input_file_id": "fi
        "expires_at": int(time.time()) + 3600}
 
 
+def own_topics(deployment: Deployment, tmp_path: Path
+               ) -> tuple[Settings, Topics, KafkaConfig]:
+    """Settings of an aggregator of its own (its own topic prefix, so its own topics and
+    Redis keys) on the session's broker and Redis, with its topics made."""
+    settings = Settings(
+        topic_prefix=f"agg{uuid.uuid4().hex[:8]}", data_dir=tmp_path,
+        redis_url=str(deployment.endpoints["redis_url"]),
+        kafka=KafkaSettings(bootstrap=str(deployment.endpoints["kafka_bootstrap"])))
+    topics = Topics.from_settings(settings)
+    kafka = KafkaConfig.of(settings, "test")
+    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
+    return settings, topics, kafka
+
+
 async def until(check: object, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not await check():  # type: ignore[operator]
@@ -41,13 +55,7 @@ async def until(check: object, timeout: float = 60) -> None:
 
 def test_an_aggregator_built_from_settings_in_process(deployment: Deployment,
                                                        tmp_path: Path) -> None:
-    settings = Settings(
-        topic_prefix=f"agg{uuid.uuid4().hex[:8]}", data_dir=tmp_path,
-        redis_url=str(deployment.endpoints["redis_url"]),
-        kafka=KafkaSettings(bootstrap=str(deployment.endpoints["kafka_bootstrap"])))
-    topics = Topics.from_settings(settings)
-    kafka = KafkaConfig.of(settings, "test")
-    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
+    settings, topics, kafka = own_topics(deployment, tmp_path)
 
     async def scenario() -> tuple[str, str, list[dict[str, object]]]:
         store = Store.connect(str(settings.redis_url), settings.topic_prefix)
@@ -123,13 +131,7 @@ def test_an_aggregator_that_wakes_up_stale_never_undoes_its_successor(
     and holds later events it fetched but has not applied (frozen, its partitions gone); a
     second one takes over and completes the batch; the first wakes up and applies what it
     held. The batch stays completed with its final counts, and no transition repeats."""
-    settings = Settings(
-        topic_prefix=f"agg{uuid.uuid4().hex[:8]}", data_dir=tmp_path,
-        redis_url=str(deployment.endpoints["redis_url"]),
-        kafka=KafkaSettings(bootstrap=str(deployment.endpoints["kafka_bootstrap"])))
-    topics = Topics.from_settings(settings)
-    kafka = KafkaConfig.of(settings, "test")
-    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
+    settings, topics, kafka = own_topics(deployment, tmp_path)
     doc = {**DOC, "id": "batch_y"}
 
     async def scenario() -> tuple[str, dict[str, int], list[dict[str, object]]]:
