@@ -7,7 +7,7 @@
 | `file:<id>` | hash | gateway, sink | FileObject, project, store path |
 | `files:<project>` | zset | gateway, sink | a project's files by creation |
 | `file-expiry` | zset | gateway, sink | file id → its `expires_at` (deleted after it) |
-| `batch:<id>` | hash | gateway (`doc`, `project`, `created`), aggregator (`agg`, `state`) | Batch |
+| `batch:<id>` | hash | gateway (`doc`, `project`, `created`, `line_key`), aggregator ¹ | Batch |
 | `batches:<project>` | zset | gateway | a project's batches by creation |
 | `active` | set | gateway, aggregator, sink | batches whose `finished` the sink has not taken yet |
 | `deadlines` | zset | gateway, aggregator | active batch → `expires_at` |
@@ -15,7 +15,7 @@
 | `done-new:<token>` | bitmap | sink | a poll's new lines of a batch, OR-ed into `done:<batch>` |
 | `sink-from:<topic>:<p>` | zset | sink | unfinished batch → its first offset on partition p |
 | `explode:<batch>` | hash | gateway | how far an explode got (lines acknowledged, broker id) |
-| `stream:<batch>` | hash | gateway | an open stream batch: endpoint, project, expected, total |
+| `stream:<batch>` | hash | gateway | an open stream: endpoint, project, token, expected, total |
 | `stream-ids:<batch>` | hash | gateway | custom_id → message that claimed it |
 | `stream-rejected:<batch>` | set | gateway | messages of the batch that became no line |
 | `webhook-endpoints:<project>` | hash | gateway | endpoint id → WebhookEndpoint |
@@ -30,6 +30,10 @@
 | `rate:<sha256>:<route>:<min>` | string | gateway | requests of a key to a route in a minute |
 | `reply:<batch>` | list | sink | output lines of a batch someone waits on (10 min) |
 | `ext:<batch>` | string | gateway | a PromptLoop or PLai batch's own fields (name, task, URLs) |
+
+¹ `agg` (its state), `state` (the Batch fields it owns) and the state's version, `agg_epoch`,
+`agg_offset`, `agg_final` (the fence: `Store.save_aggregate`). `line_key` signs the batch's
+line tickets (`records.line_ticket`); a stream's `token` is its ingest token.
 """
 
 from __future__ import annotations

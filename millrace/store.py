@@ -265,6 +265,17 @@ class Store:
         key = await self.r.hget(self.keys.batch(batch_id), "line_key")
         return str(key) if key else None
 
+    async def line_owners(self, batch_ids: list[str]
+                          ) -> dict[str, tuple[str, str | None] | None]:
+        """Each batch's project and line key (`line_key`), None for a batch that does not
+        exist, in one round trip (the sink checks responses against them)."""
+        async with self.r.pipeline(transaction=False) as p:
+            for batch_id in batch_ids:
+                p.hmget(self.keys.batch(batch_id), ["project", "line_key"])
+            rows = await p.execute()
+        return {b: (str(project), str(key) if key else None) if project else None
+                for b, (project, key) in zip(batch_ids, rows, strict=True)}
+
     async def forget_batch(self, batch_id: str, project: str) -> None:
         """Undo `create_batch` (its `created` event could not be published)."""
         async with self.r.pipeline(transaction=True) as p:

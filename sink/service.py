@@ -180,13 +180,7 @@ class Sink:
             self._batches.clear()
         wanted = sorted({r.batch_id for r in responses} - set(self._batches))
         if wanted:
-            async with self.store.r.pipeline(transaction=False) as p:
-                for batch_id in wanted:
-                    p.hmget(self.store.keys.batch(batch_id), ["project", "line_key"])
-                rows = await p.execute()
-            for batch_id, (project, key) in zip(wanted, rows, strict=True):
-                self._batches[batch_id] = (str(project), str(key) if key else None) \
-                    if project else None
+            self._batches.update(await self.store.line_owners(wanted))
         kept = []
         for record in responses:
             why = self._refusal(record, self._batches[record.batch_id])
