@@ -11,7 +11,13 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from millrace.errors import APIError, DeliveryError, InvalidRequestError, ServiceUnavailableError
+from millrace.errors import (
+    APIError,
+    DeliveryError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+    disk_full,
+)
 from millrace.protocol import ErrorDetail, ErrorEnvelope
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,10 @@ async def outage(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    if disk_full(exc):  # the file store or the data dir: a 503 until space is back
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return await api_error(request, ServiceUnavailableError(
+            "millrace's file store is full right now; try again shortly."))
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return _respond(500, ErrorDetail(message="internal server error", type="server_error"))
 

@@ -29,6 +29,12 @@ still written once (the sink keeps one result per custom_id). A job that meets a
 (broker, Redis) waits and tries again; one that cannot be done (a missing input file, a
 fetch that failed) fails the batch. An input file fetched by URL becomes a file of the
 project only once it validated: a page that is not a batch is never stored.
+
+A gateway does a partition's jobs only while it owns the partition (its owner epoch,
+`millrace/ownership.py`): a job checks before each chunk it enqueues and before each event
+it publishes, and the explode checkpoint is written only by the owner (checked and written
+in one step). A gateway that froze or was cut off while another took the partition over
+drops the job where it is; the new owner does it.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ from gateway.stream_ledger import StreamLedger
 from gateway.validation import validate
 from gateway.worker_board import WorkerBoard
 from millrace import metrics
-from millrace.errors import OUTAGES
+from millrace.errors import OUTAGES, disk_full
 from millrace.fetch import Fetcher, FetchFailed
 from millrace.filestore import FileStore
 from millrace.kafka import (
@@ -74,6 +80,7 @@ from millrace.kafka import (
     consume_loop,
     skip_malformed,
 )
+from millrace.ownership import Ownership
 from millrace.protocol import BatchError, FileObject
 from millrace.records import (
     BatchCreated,
@@ -104,6 +111,10 @@ TAKEN_MOST = 1000  # jobs taken and not done before the loop stops taking more
 STREAM_INPUT = "stream"
 
 Partition = tuple[str, int]
+
+
+class Fenced(Exception):
+    """Another gateway owns the job's partition now: the job is left to it."""
 
 
 class Missing:
@@ -144,9 +155,15 @@ class Jobs:
         self.fetches: defaultdict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(FETCHES_PER_PROJECT))
         self.failure: Exception | None = None
+        self.owners = Ownership(settings.require_redis(), store.keys, self.topics.jobs_group(),
+                                "gateway")
 
     async def run(self) -> None:
-        self.consumer.subscribe([self.topics.batch_events])
+        self.consumer.subscribe(
+            [self.topics.batch_events],
+            on_assign=lambda _, parts: self.owners.take(tp.partition for tp in parts),
+            on_revoke=lambda _, parts: self.owners.drop(tp.partition for tp in parts),
+            on_lost=lambda _, parts: self.owners.drop(tp.partition for tp in parts))
         try:
             await consume_loop(self.consumer, self.handle, self._stop, most=100,
                                commit="none", every=self.commit)
@@ -161,6 +178,7 @@ class Jobs:
             await self.fetcher.aclose()
             self.producer.close()
             self.bulk.close()
+            self.owners.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -168,8 +186,11 @@ class Jobs:
     async def handle(self, messages: list[Message]) -> None:
         """Start each message's job in its batch's lane; wait only while too many are
         taken and not done."""
+        lost = await asyncio.to_thread(self.owners.lost, {m.partition() or 0 for m in messages})
         for msg in messages:
             where: Partition = (msg.topic() or "", msg.partition() or 0)
+            if where[1] in lost:  # taken over while we held it: its jobs are the new owner's
+                continue
             offset = msg.offset() or 0
             self.seen[where] = max(self.seen.get(where, -1), offset)
             try:
@@ -193,12 +214,21 @@ class Jobs:
         while not self._stop.is_set():
             try:
                 async with self.work:
-                    await self.do(event)
+                    await self.do(event, where[1])
                 break
+            except Fenced:
+                log.warning("%s job of %s left to the new owner of its partition", event.type,
+                            event.batch_id)
+                return
             except OUTAGES as exc:  # broker or Redis away: the job waits for them
                 log.warning("%s job of %s waits: %s", event.type, event.batch_id, exc)
                 await asyncio.sleep(RETRY_S)
-            except Exception as exc:  # a bug: the service stops, the job comes again
+            except Exception as exc:
+                if disk_full(exc):  # the file store is full: the job waits for space
+                    log.warning("%s job of %s waits: %s", event.type, event.batch_id, exc)
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                # a bug: the service stops, the job comes again
                 log.exception("%s job of %s failed", event.type, event.batch_id)
                 self.failure = exc
                 return
@@ -251,18 +281,30 @@ class Jobs:
         finally:
             await self.work.acquire()
 
-    async def do(self, event: BatchEvent) -> None:
+    async def do(self, event: BatchEvent, partition: int) -> None:
+        await self.owned(partition)
         if isinstance(event, BatchCreated) and event.batch.get("input_file_id") != STREAM_INPUT:
-            await self.explode(event)
+            await self.explode(event, partition)
         elif isinstance(event, BatchFillRequested):
-            await self.fill(event)
+            await self.fill(event, partition)
         elif isinstance(event, BatchRedriveRequested):
-            await self.redrive(event)
+            await self.redrive(event, partition)
         elif isinstance(event, BatchFinished):
             await self.forget(event)
 
+    async def owned(self, partition: int) -> None:
+        """Raises `Fenced` once another gateway owns the partition."""
+        if await asyncio.to_thread(self.owners.lost, [partition]):
+            raise Fenced(partition)
+
+    async def checkpoint(self, batch_id: str, partition: int, **fields: str | int) -> None:
+        """How far the explode got, written only while we own the partition."""
+        if not await asyncio.to_thread(self.owners.hset_if_owner, partition,
+                                       self.store.keys.explode(batch_id), fields):
+            raise Fenced(partition)
+
     # --- explode ---------------------------------------------------------------------------
-    async def explode(self, event: BatchCreated) -> None:
+    async def explode(self, event: BatchCreated, partition: int) -> None:
         batch_id, project = event.batch_id, event.project
         epoch = await asyncio.to_thread(self.producer.cluster_id)
         checkpoint = await self.store.r.hgetall(self.store.keys.explode(batch_id))
@@ -301,6 +343,7 @@ class Jobs:
             if fetched_file is not None:  # not a batch: the page is not kept
                 await asyncio.to_thread(self.files.delete, path)
             failed = BatchValidationFailed(batch_id=batch_id, errors=report.errors)
+            await self.owned(partition)
             await self.producer.send(self.topics.batch_events, batch_id, failed.dumps())
             return
         if fetched_file is not None:
@@ -314,14 +357,14 @@ class Jobs:
         fetched = await self.fetched(batch_id)
         while chunk := await asyncio.to_thread(lambda: list(islice(lines, CHECKPOINT_LINES))):
             items = await self.enqueued(batch_id, chunk, fetched)
+            await self.owned(partition)
             await asyncio.to_thread(self.bulk.send_all, items)
             metrics.LINES_INGESTED.labels("file").inc(len(chunk))
-            await self.store.r.hset(self.store.keys.explode(batch_id),
-                                    mapping={"epoch": epoch, "lines": chunk[-1].line})
+            await self.checkpoint(batch_id, partition, epoch=epoch, lines=chunk[-1].line)
         validated = BatchValidated(batch_id=batch_id, total=report.total, model=report.model)
+        await self.owned(partition)
         await self.producer.send(self.topics.batch_events, batch_id, validated.dumps())
-        await self.store.r.hset(self.store.keys.explode(batch_id),
-                                mapping={"epoch": epoch, "complete": "1"})
+        await self.checkpoint(batch_id, partition, epoch=epoch, complete="1")
         log.info("%s: %d lines validated in %.2f s, in Kafka %.2f s later", batch_id,
                  report.total, checked - started, time.monotonic() - checked)
 
@@ -395,23 +438,24 @@ class Jobs:
             await asyncio.to_thread(self.files.delete_tree, stream_dir(event.batch_id))
 
     # --- fill and re-drive ----------------------------------------------------------------
-    async def fill(self, event: BatchFillRequested) -> None:
+    async def fill(self, event: BatchFillRequested, partition: int) -> None:
         if event.input_file_id == STREAM_INPUT:
             await self.ledger.close(event.batch_id)  # no line joins a batch being filled
         walk = await self._missing(event.batch_id, event.project, event.input_file_id,
                                    fill=event.code)
-        sent = await self._enqueue(event.batch_id, walk)
+        sent = await self._enqueue(event.batch_id, walk, partition)
         filled = BatchFilled(batch_id=event.batch_id, total=walk.lines)
+        await self.owned(partition)
         await self.producer.send(self.topics.batch_events, event.batch_id, filled.dumps())
         log.info("%s: %d of %d lines filled with %s", event.batch_id, sent, walk.lines,
                  event.code)
 
-    async def redrive(self, event: BatchRedriveRequested) -> None:
+    async def redrive(self, event: BatchRedriveRequested, partition: int) -> None:
         walk = await self._missing(event.batch_id, event.project, event.input_file_id)
-        sent = await self._enqueue(event.batch_id, walk)
+        sent = await self._enqueue(event.batch_id, walk, partition)
         log.info("%s: %d lines enqueued again", event.batch_id, sent)
 
-    async def _enqueue(self, batch_id: str, walk: Missing) -> int:
+    async def _enqueue(self, batch_id: str, walk: Missing, partition: int) -> int:
         """Produce what the walk finds, a chunk at a time (a 50,000-line batch is never
         held whole); lines with link inputs get their pages as the explode fetched them."""
         sent = 0
@@ -422,6 +466,7 @@ class Jobs:
             if linked:
                 fetched = fetched if fetched is not None else await self.fetched(batch_id)
                 ready += await self.linked(batch_id, linked, fetched)
+            await self.owned(partition)
             await asyncio.to_thread(self.bulk.send_all, ready)
             sent += len(chunk)
         return sent

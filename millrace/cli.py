@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     chaos.add_argument("--lines", type=int,
                        help="lines per round's batch (5000; --scale-out: 2000)")
     chaos.add_argument("--seed", type=int, help="for the same faults at the same moments")
+    chaos.add_argument("--faults", help="comma-separated (all by default): sigterm-all, "
+                                        "sigkill-all, kill-<part>, pause")
+    chaos.add_argument("--replicas", help="instances per service, as `up --replicas` takes "
+                                          "them (sink=2,aggregator=2: a paused owner's "
+                                          "partitions move to the other instance)")
     chaos.add_argument("--scale-out", action="store_true",
                        help="instead: `up --replicas` with two of every service; a sink, an "
                             "aggregator and a gateway lost mid-batch with their disks, then a "
@@ -331,7 +336,7 @@ def _resume(settings: Settings, args: argparse.Namespace) -> None:
 def _chaos(settings: Settings, args: argparse.Namespace) -> int:
     import tempfile
 
-    from millrace.up.chaos import chaos, table
+    from millrace.up.chaos import FAULTS, chaos, table
 
     data_dir = Path(tempfile.mkdtemp(prefix="millrace-chaos-"))
     if args.scale_out:
@@ -344,8 +349,12 @@ def _chaos(settings: Settings, args: argparse.Namespace) -> int:
         print(scale_out.table(result))
         print(f"deployment data dir: {data_dir}")
         return 0 if result.ok else 1
+    faults = tuple(args.faults.split(",")) if args.faults else FAULTS
+    if unknown := set(faults) - set(FAULTS):
+        raise SystemExit(f"millrace chaos: unknown faults {sorted(unknown)}")
+    env = {"MILLRACE_REPLICAS": args.replicas} if args.replicas else {}
     rounds = chaos(data_dir, args.rounds, engine=args.engine, lines=args.lines or 5000,
-                   seed=args.seed,
+                   seed=args.seed, faults=faults, env=env,
                    say=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(rounds))
     print(f"deployment data dir: {data_dir}")

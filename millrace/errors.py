@@ -17,6 +17,9 @@ MillraceError
 
 from __future__ import annotations
 
+import errno
+import os
+
 from confluent_kafka import KafkaException
 from redis.exceptions import RedisError
 
@@ -118,3 +121,11 @@ class DeliveryError(MillraceError):
 
 # What a part being away (the broker, Redis) looks like to a client: wait and try again.
 OUTAGES: tuple[type[Exception], ...] = (DeliveryError, KafkaException, RedisError)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write refused for want of space (a full data dir or file store): wait for space as
+    for an outage. pyarrow's file systems say so only in the message."""
+    return isinstance(exc, OSError) and (
+        exc.errno in _FULL or any(os.strerror(code) in str(exc) for code in _FULL))

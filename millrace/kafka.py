@@ -26,7 +26,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from millrace import metrics
-from millrace.errors import OUTAGES, ComponentError, DeliveryError
+from millrace.errors import OUTAGES, ComponentError, DeliveryError, disk_full
 from millrace.settings import KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,8 @@ async def consume_loop(
     each round, busy or idle (at least every `wait_first` seconds). With `commit="none"`
     the service commits itself (its `every`, say), for handlers that finish out of order.
 
-    If the broker or Redis is away (`OUTAGES`), the same messages are handled again once
-    it is back, so an outage stalls the service and never ends it.
+    If the broker or Redis is away (`OUTAGES`), or a disk is full, the same messages are
+    handled again once it is back, so an outage stalls the service and never ends it.
     """
     while not stopping.is_set():
         messages = await asyncio.to_thread(take, consumer, most, wait_first, fill_wait)
@@ -185,8 +185,11 @@ async def _until_handled(handle: Callable[[list[Message]], Awaitable[None]],
         try:
             await handle(messages)
             return
-        except OUTAGES as exc:
-            log.warning("waiting for the broker or Redis: %s: %s", type(exc).__name__, exc)
+        except Exception as exc:
+            if not isinstance(exc, OUTAGES) and not disk_full(exc):
+                raise
+            log.warning("waiting for the broker, Redis or disk space: %s: %s",
+                        type(exc).__name__, exc)
             if stopping.is_set():
                 raise
             await asyncio.sleep(OUTAGE_RETRY_S)

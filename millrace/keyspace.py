@@ -15,6 +15,7 @@
 | `done-new:<token>` | bitmap | sink | a poll's new lines of a batch, OR-ed into `done:<batch>` |
 | `sink-from:<topic>:<p>` | zset | sink | unfinished batch → its first offset on partition p |
 | `explode:<batch>` | hash | gateway | how far an explode got (lines acknowledged, broker id) |
+| `owner:<group>:<p>` | string | sink, gateway | partition p's owner epoch (`ownership.py`) |
 | `stream:<batch>` | hash | gateway | an open stream: endpoint, project, token, expected, total |
 | `stream-ids:<batch>` | hash | gateway | custom_id → message that claimed it |
 | `stream-rejected:<batch>` | set | gateway | messages of the batch that became no line |
@@ -101,6 +102,9 @@ class Keyspace:
 
     def sink_from(self, topic: str, partition: int) -> str:
         return self._k("sink-from", topic, str(partition))
+
+    def owner(self, group: str, partition: int) -> str:
+        return self._k("owner", group, str(partition))
 
     def explode(self, batch_id: str) -> str:
         return self._k("explode", batch_id)

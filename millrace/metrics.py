@@ -81,7 +81,8 @@ MALFORMED = Counter(
     "types): logged and skipped, the partition moves on", ["topic"])
 FENCED = Counter(
     "millrace_fenced_writes",
-    "Writes refused because a newer state was stored (a frozen or cut-off instance's view)",
+    "Writes refused or records dropped because a newer state was stored or another instance "
+    "took the partition over (a frozen or cut-off instance's view)",
     ["service"])
 RECORDS_REFUSED = Counter(
     "millrace_records_refused",

@@ -139,8 +139,7 @@ class Spool:
                         self.custom_ids.add(custom_id)
                         new.append(raw)
             if new:
-                with self.path(kind).open("ab") as f:
-                    f.write(b"".join(new))
+                self._write_all({kind: b"".join(new)})
                 added = True
         return added
 
@@ -164,23 +163,40 @@ class Spool:
         if self.written:
             return []
         parts: dict[str, list[bytes]] = {kind: [] for kind in KINDS}
-        lines = []
+        taken: list[tuple[str, SpooledResponse]] = []
+        ids = set()
         for record in records:
-            if record.custom_id in self.custom_ids:
+            if record.custom_id in self.custom_ids or record.custom_id in ids:
                 continue
-            self.custom_ids.add(record.custom_id)
+            ids.add(record.custom_id)
             kind = "output" if record.ok else "errors"
             parts[kind].append(record.output_line() + b"\n")
+            taken.append((kind, record))
+        self._write_all({kind: b"".join(new) for kind, new in parts.items() if new})
+        for kind, record in taken:  # on disk: now they count
+            self.custom_ids.add(record.custom_id)
             self._count(kind, record.tokens())
-            if record.line is not None:
-                lines.append(record.line)
-        for kind, new in parts.items():
-            if new:
-                data = b"".join(new)
-                with self.path(kind).open("ab") as f:
-                    f.write(data)
-                self.sizes[kind] += len(data)
-        return lines
+        return [record.line for _, record in taken if record.line is not None]
+
+    def _write_all(self, data: dict[str, bytes]) -> None:
+        """Append to each kind's file, all or nothing: a write that fails (a full disk) is
+        cut back off every file, so a retry never finds half a line."""
+        done: list[tuple[str, int]] = []
+        try:
+            for kind, chunk in data.items():
+                path = self.path(kind)
+                before = path.stat().st_size if path.exists() else 0
+                done.append((kind, before))
+                with path.open("ab") as f:
+                    f.write(chunk)
+                    f.flush()
+                self.sizes[kind] = before + len(chunk)
+        except OSError:
+            for kind, before in done:
+                with contextlib.suppress(OSError), self.path(kind).open("r+b") as f:
+                    f.truncate(before)
+                self.sizes[kind] = before
+            raise
 
     @property
     def complete(self) -> bool:

@@ -14,6 +14,11 @@ A batch's total stated again (`validated`), or a fill or re-drive request, for a
 whose files are already written means its `files_ready` may have been lost (a broker that
 lost its data): it is announced again.
 
+A sink handles a partition's records only while it owns the partition (its owner epoch,
+`millrace/ownership.py`): one that froze or was cut off while another sink took the
+partition over drops what it still held, so it neither writes files nor publishes progress
+or deliveries for batches it no longer owns.
+
 A response counts only for a line its batch was issued: the batch must exist, be the
 record's project's, and the record must carry the line's ticket (`records.line_ticket`,
 made by the gateway with the batch's own key and copied by the worker). Anything else —
@@ -37,7 +42,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from millrace import metrics
-from millrace.errors import OUTAGES
+from millrace.errors import OUTAGES, disk_full
 from millrace.filestore import FileStore
 from millrace.kafka import (
     AsyncProducer,
@@ -46,6 +51,7 @@ from millrace.kafka import (
     partition_names,
     skip_malformed,
 )
+from millrace.ownership import Ownership
 from millrace.records import (
     BatchCreated,
     BatchEvent,
@@ -98,6 +104,10 @@ class Sink:
         self._redis = redis.Redis.from_url(settings.require_redis(), decode_responses=True,
                                            socket_timeout=COMMAND_TIMEOUT_S,
                                            socket_connect_timeout=COMMAND_TIMEOUT_S)
+        # a batch's records are on the same partition of both topics (keyed by batch)
+        self.owners = Ownership(settings.require_redis(), self.store.keys,
+                                self.topics.sink_group(), "sink")
+        self._partition: dict[str, int] = {}  # batch → its partition (seen in a record)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -110,7 +120,12 @@ class Sink:
         webhooks = asyncio.create_task(self.webhooks.run(self._stopping))
         mark_ready(self.settings, self.settings.sink_name)
         try:
-            await self.write_complete()  # batches whose lines were all in before a restart
+            try:
+                await self.write_complete()  # batches whose lines were all in before a restart
+            except OSError as exc:
+                if not disk_full(exc):
+                    raise
+                log.warning("files of finished batches wait for disk space: %s", exc)
             await consume_loop(
                 self.consumer, self.handle, self._stopping, most=self.settings.sink_max_batch,
                 fill_wait=self.settings.sink_max_wait_ms / 1000, every=self.between_polls)
@@ -121,32 +136,18 @@ class Sink:
             self.producer.close()
             await self.store.close()
             self._redis.close()
+            self.owners.close()
 
     async def handle(self, messages: list[Message]) -> None:
-        responses: list[SpooledResponse] = []
-        events: list[BatchEvent] = []
-        firsts: dict[tuple[str, int], dict[bytes, int]] = {}
-        replaying = self._replay.active
-        for msg in messages:
-            topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-            key = msg.key() or b""
-            if replaying and not self._replay.wanted(topic, partition, offset,
-                                                     key.decode(errors="replace")):
-                continue
-            seen = firsts.setdefault((topic, partition), {})
-            if key not in seen:  # a poll's records of a partition come in offset order
-                seen[key] = offset
-            try:
-                if topic == self.topics.responses:
-                    responses.append(read_response(msg.value() or b""))
-                else:
-                    events.append(parse_event(msg.value() or b""))
-            except (ValidationError, msgspec.DecodeError):
-                skip_malformed(msg)
-        await self._note_first_offsets({tp: {k.decode(errors="replace"): o for k, o in seen.items()}
-                                        for tp, seen in firsts.items()})
-        partition_of = {k.decode(errors="replace"): p for (_, p), seen in firsts.items()
-                        for k in seen}
+        lost = await asyncio.to_thread(self.owners.lost, {m.partition() or 0 for m in messages})
+        responses, events, firsts = self._read(m for m in messages
+                                               if (m.partition() or 0) not in lost)
+        await self._note_first_offsets(firsts)
+        partition_of = {batch: p for (_, p), seen in firsts.items() for batch in seen}
+        self._partition.update(partition_of)
+        if len(self._partition) > BATCHES_KEPT:  # the oldest (finished elsewhere, say)
+            for batch_id in list(self._partition)[:BATCHES_KEPT // 2]:
+                del self._partition[batch_id]
         responses = await self.issued(responses)
         finished, announce = self.learn(events)
         added = await asyncio.to_thread(self.assembler.add, responses)
@@ -162,17 +163,45 @@ class Sink:
         await self.write_complete()
         for ready in announce:
             await self.producer.send(self.topics.batch_events, ready.batch_id, ready.dumps())
+        if finished:  # still ours? (a freeze may have come since the poll began)
+            lost = await asyncio.to_thread(
+                self.owners.lost, {partition_of[e.batch_id] for e in finished})
+            finished = [e for e in finished if partition_of[e.batch_id] not in lost]
         for event in finished:
             await self.webhooks.enqueue(event)
             await self.store.done_with(event.batch_id)
             self.assembler.forget(event.batch_id)
             self._batches.pop(event.batch_id, None)
+            self._partition.pop(event.batch_id, None)
             # nothing of the batch is needed again: a new owner of its partitions need not
             # read back to it (the two topics have the same partitions, keyed by batch)
             partition = partition_of[event.batch_id]
             await self.store.forget_first_offsets(event.batch_id, [
                 (self.topics.responses, partition), (self.topics.batch_events, partition)])
             count_finished(event)
+
+    def _read(self, messages: Iterable[Message]) -> tuple[
+            list[SpooledResponse], list[BatchEvent], dict[tuple[str, int], dict[str, int]]]:
+        """A poll's records of partitions we own: responses, events, and where each batch's
+        records begin on each partition (a poll's records of a partition come in order)."""
+        responses: list[SpooledResponse] = []
+        events: list[BatchEvent] = []
+        firsts: dict[tuple[str, int], dict[str, int]] = {}
+        replaying = self._replay.active
+        for msg in messages:
+            topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+            batch_id = (msg.key() or b"").decode(errors="replace")
+            if replaying and not self._replay.wanted(topic, partition, offset, batch_id):
+                continue
+            firsts.setdefault((topic, partition), {}).setdefault(batch_id, offset)
+            try:
+                if topic == self.topics.responses:
+                    responses.append(read_response(msg.value() or b""))
+                else:
+                    events.append(parse_event(msg.value() or b""))
+            except (ValidationError, msgspec.DecodeError):
+                skip_malformed(msg)
+        return responses, events, firsts
 
     async def issued(self, responses: list[SpooledResponse]) -> list[SpooledResponse]:
         """The responses for lines their batches were issued with (module docstring)."""
@@ -223,6 +252,7 @@ class Sink:
         unfinished batch (`sink-from` in Redis), not from the committed offset: the lines the
         previous owner spooled are on its disk, not ours. Up to the committed offset only
         those batches' records are handled (`Replay`); the spool drops repeats."""
+        self.owners.take(tp.partition for tp in partitions)
         starts = self._replay.plan(consumer, partitions, self._first_offsets)
         self._noted.clear()
         for tp in partitions:
@@ -249,6 +279,7 @@ class Sink:
             log.exception("could not publish the spooled lines before the rebalance; "
                           "another sink reads them from Kafka")
         self._replay.drop((tp.topic, tp.partition) for tp in partitions)
+        self.owners.drop(tp.partition for tp in partitions)
         for tp in partitions:
             self._noted.pop((tp.topic, tp.partition), None)
 
@@ -294,7 +325,15 @@ class Sink:
         return finished, announce
 
     async def write_complete(self) -> None:
-        for batch_id in self.assembler.complete():
+        """Write the files of every batch whose lines are all in, unless another sink owns
+        its partition now (at start-up nothing is owned yet: what the spool holds from
+        before a restart is written, the same files any owner would write)."""
+        complete = self.assembler.complete()
+        known = {self._partition[b] for b in complete if b in self._partition}
+        lost = await asyncio.to_thread(self.owners.lost, known) if known else set()
+        for batch_id in complete:
+            if self._partition.get(batch_id) in lost:
+                continue
             await self.write_files(batch_id)
 
     async def write_files(self, batch_id: str) -> None:
@@ -323,7 +362,13 @@ class Sink:
     async def between_polls(self) -> None:
         self.lag.maybe(time.monotonic())
         for batch_id in self.assembler.publish_due(self.settings.sink_partial_every_s):
-            await asyncio.to_thread(self.assembler.publish, batch_id)
+            try:
+                await asyncio.to_thread(self.assembler.publish, batch_id)
+            except OSError as exc:  # partial results wait; the batch goes on
+                if not disk_full(exc):
+                    raise
+                log.warning("partial results of %s wait for disk space: %s", batch_id, exc)
+                break
         if time.monotonic() - self._janitor_at >= JANITOR_EVERY_S:
             self._janitor_at = time.monotonic()
             try:

@@ -7,7 +7,13 @@ this process, waits a random part of the time a batch takes, and does one fault:
 - `sigterm-all` / `sigkill-all`: stop the whole deployment (Ctrl-C; or SIGKILL of its
   process group, as a power loss does) and run `millrace up` again on the same data dir;
 - `kill-<part>`: SIGKILL one of broker, redis, gateway, worker, aggregator, sink (the
-  launcher restarts it).
+  launcher restarts it);
+- `pause`: freeze (SIGSTOP) the sink and the aggregator that hold the batch's partition for
+  25 s, then let them go on (SIGCONT): what a long GC pause, a VM's live migration or a
+  suspended laptop does. Their group sessions expire meanwhile; with `--replicas` another
+  sink and aggregator take the partition over and may finish the batch before the frozen
+  pair wakes up, still holding records they fetched (the owner epochs and versions fence
+  them, docs/architecture.md "Fencing").
 
 Then it waits for the batch to end and checks what a user would: a final status, every
 input line in exactly one of the output and error files, `request_counts` and `usage`
@@ -32,13 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
+from millrace.keyspace import Keyspace
 from millrace.settings import BUNDLED_CHAT_MODEL
+from millrace.topics import Topics
 from millrace.up import readiness
 from millrace.up.embedded import die_with_parent, free_port
 
 PARTS = ("broker", "redis", "gateway", "worker", "aggregator", "sink")
-FAULTS = ("sigterm-all", "sigkill-all", *(f"kill-{p}" for p in PARTS))
+FAULTS = ("sigterm-all", "sigkill-all", *(f"kill-{p}" for p in PARTS), "pause")
+PAUSE_S = 25.0  # longer than a group session (6 s): the partitions move meanwhile
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
@@ -55,6 +65,7 @@ class Up:
     api_key: str = ""
     stderr: list[str] = field(default_factory=list)
     pumps: list[threading.Thread] = field(default_factory=list)
+    wrap: list[str] = field(default_factory=list)  # a command `up` runs under (unshare, …)
 
     @property
     def base_url(self) -> str:
@@ -64,7 +75,7 @@ class Up:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MILLRACE_")}
         env.update({"MILLRACE_LOG_LEVEL": "INFO", **self.env})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "millrace", "up", "--port", str(self.port), "--data-dir",
+            [*self.wrap, sys.executable, "-m", "millrace", "up", "--port", str(self.port), "--data-dir",
              str(self.data_dir), "--engine", self.engine],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
             preexec_fn=die_with_parent, start_new_session=True)
@@ -244,7 +255,10 @@ class Api:
         return [json.loads(x) for x in r.text.splitlines() if x.strip()]
 
 
-def do_fault(up: Up, fault: str) -> None:
+def do_fault(up: Up, fault: str, batch_id: str) -> None:
+    if fault == "pause":
+        pause_owners(up, batch_id)
+        return
     if fault in ("sigterm-all", "sigkill-all"):
         up.stop(signal.SIGTERM if fault == "sigterm-all" else signal.SIGKILL)
         up.start()
@@ -254,6 +268,57 @@ def do_fault(up: Up, fault: str) -> None:
     if pid is None:
         raise RuntimeError(f"no pid for {part}")
     os.kill(pid, signal.SIGKILL)
+
+
+def pause_owners(up: Up, batch_id: str, seconds: float = PAUSE_S) -> dict[str, int]:
+    """SIGSTOP the sink and the aggregator holding the batch's partition, `seconds`, then
+    SIGCONT; their names → pids."""
+    endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
+    topics = Topics(endpoints["topic_prefix"])
+    partitions = int(up.env.get("MILLRACE_PARTITIONS", "4"))
+    with redis.Redis.from_url(endpoints["redis_url"]) as client:
+        found = Api(up).until(lambda: (p := batch_partition(
+            client, topics, batch_id, partitions)) is not None and [p], 120)
+    if not found:
+        raise RuntimeError(f"no sink has seen a record of {batch_id}")
+    frozen = {}
+    for service, topic in (("sink", topics.responses), ("aggregator", topics.batch_events)):
+        name = owner(up, service, topic, found[0])
+        pid = up.pid(name) if name is not None else None
+        if name is None or pid is None:
+            raise RuntimeError(f"no {service} holds partition {found[0]}")
+        frozen[name] = pid
+    for pid in frozen.values():
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)  # the length of the freeze is the fault
+    finally:
+        for pid in frozen.values():
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    return frozen
+
+
+def owner(up: Up, service: str, topic: str, partition: int) -> str | None:
+    """The instance of `service` whose marker says it holds `partition` of `topic`."""
+    for path in readiness.markers(up.data_dir):
+        if path.stem.split("-")[0] != service:
+            continue
+        held = (readiness.read_path(path) or {}).get("partitions", {}).get(topic, [])
+        if partition in held:
+            return path.stem
+    return None
+
+
+def batch_partition(client: redis.Redis, topics: Topics, batch_id: str,
+                    partitions: int) -> int | None:
+    """The responses partition a batch is on, once a sink has seen one of its records
+    (`sink-from` in Redis); every topic a batch id keys has as many partitions."""
+    keys = Keyspace(topics.prefix)
+    for p in range(partitions):
+        if client.zscore(keys.sink_from(topics.responses, p), batch_id) is not None:
+            return p
+    return None
 
 
 def recovered(up: Up, fault: str, before: int | None, api: Api, timeout: float) -> bool:
@@ -280,7 +345,7 @@ def run_round(up: Up, receiver: Receiver, number: int, fault: str, lines: int,
     part = fault.removeprefix("kill-")
     before = up.pid(part) if fault.startswith("kill-") else None
     faulted = time.monotonic()
-    do_fault(up, fault)
+    do_fault(up, fault, batch_id)
     api = Api(up)  # a restarted `up` may print a new key only if the data dir lost it
     if recovered(up, fault, before, api, timeout):
         result.recovered_s = round(time.monotonic() - faulted, 2)
@@ -358,12 +423,13 @@ def table(rounds: list[Round]) -> str:
 
 def chaos(data_dir: Path, rounds: int, *, engine: str = "echo", lines: int = 5000,
           seed: int | None = None, faults: tuple[str, ...] = FAULTS,
+          env: dict[str, str] | None = None,
           say: Callable[[str], None] = lambda _: None) -> list[Round]:
     rng = random.Random(seed)
     receiver = Receiver()
     results: list[Round] = []
     try:
-        with deployment(data_dir, engine, {}) as up:
+        with deployment(data_dir, engine, env or {}) as up:
             # one batch without a fault: how long a batch takes, where faults may land
             start = time.monotonic()
             api = Api(up)

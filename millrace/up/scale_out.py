@@ -39,10 +39,19 @@ import httpx
 import redis
 
 from millrace.client import StreamBatch
-from millrace.keyspace import Keyspace
 from millrace.topics import Topics
 from millrace.up import readiness
-from millrace.up.chaos import TERMINAL, Api, Receiver, Round, Up, batch_file, check
+from millrace.up.chaos import (
+    TERMINAL,
+    Api,
+    Receiver,
+    Round,
+    Up,
+    batch_file,
+    batch_partition,
+    check,
+    owner,
+)
 from millrace.up.embedded import die_with_parent, free_port
 
 REPLICAS = "gateway=2,worker=2,aggregator=2,sink=2"
@@ -125,28 +134,6 @@ class ScaleOut:
     @property
     def ok(self) -> bool:
         return self.file.ok and self.stream.ok and self.webhooks_once
-
-
-def owner(up: Up, service: str, topic: str, partition: int) -> str | None:
-    """The instance of `service` whose marker says it holds `partition` of `topic`."""
-    for path in readiness.markers(up.data_dir):
-        if path.stem.split("-")[0] != service:
-            continue
-        held = (readiness.read_path(path) or {}).get("partitions", {}).get(topic, [])
-        if partition in held:
-            return path.stem
-    return None
-
-
-def batch_partition(client: redis.Redis, topics: Topics, batch_id: str,
-                    partitions: int) -> int | None:
-    """The responses partition a batch is on, once a sink has seen one of its records
-    (`sink-from` in Redis); every topic a batch id keys has as many partitions."""
-    keys = Keyspace(topics.prefix)
-    for p in range(partitions):
-        if client.zscore(keys.sink_from(topics.responses, p), batch_id) is not None:
-            return p
-    return None
 
 
 def lose_hosts(up: Up, names: list[str]) -> None:

@@ -180,3 +180,86 @@ def _events(kafka: KafkaConfig, topic: str) -> list[Any]:
         found.append(parse_event(msg.value() or b""))
     consumer.close()
     return found
+
+
+def test_a_sink_that_wakes_up_stale_writes_nothing_of_its_successor(
+        echo: Deployment, tmp_path: Path) -> None:
+    """The issue-25 pause, for the sink: it holds a poll's records of a batch (every line
+    and the `finished` event) when another sink takes its partition over (each took the
+    partition's owner epoch as the group gave it to them). Handling what it held, the stale
+    sink writes no file, publishes no progress, marks no line, enqueues no webhook; the
+    same records make the owner do all of that."""
+    prefix = f"fence{uuid.uuid4().hex[:8]}"
+    settings = {host: Settings(
+        data_dir=tmp_path / host, topic_prefix=prefix, partitions=1,
+        kafka=KafkaSettings(bootstrap=str(echo.endpoints["kafka_bootstrap"])),
+        redis_url=str(echo.endpoints["redis_url"]), file_store_url=str(tmp_path / "store"),
+        webhook_allow="loopback", webhook_signing_key="test-key")
+        for host in ("stale", "owner")}
+    topics = Topics(prefix)
+    kafka = KafkaConfig(settings["stale"].kafka, "test")
+    ensure_topics(kafka, topics.layout(settings["stale"]), configs=topics.configs())
+    producer = Producer(kafka.producer())
+    files = FileStore(str(tmp_path / "store"))
+    batch_id = f"batch_{uuid.uuid4().hex[:12]}"
+    hook = [{"url": "http://127.0.0.1:9/hook", "source": "batch"}]
+    for record in (BatchCreated(batch_id=batch_id, project="p", batch={"id": batch_id}),
+                   BatchValidated(batch_id=batch_id, total=3)):
+        producer.produce(topics.batch_events, record.dumps(), key=batch_id)
+    for line in (1, 2, 3):
+        producer.produce(topics.responses, response(batch_id, line), key=batch_id)
+    producer.produce(topics.batch_events, BatchFinished(
+        batch_id=batch_id, project="p", status=BatchStatus.COMPLETED, batch={"id": batch_id},
+        webhooks=hook).dumps(), key=batch_id)
+    assert producer.flush(30) == 0
+    held = _held(kafka, topics, 6)
+
+    async def scenario() -> dict[str, Any]:
+        store = Store.connect(settings["stale"].require_redis(), prefix)
+        await store.r.sadd(store.keys.active, batch_id)
+        await store.r.hset(store.keys.batch(batch_id), mapping={"project": "p",
+                                                                 "line_key": LINE_KEY})
+        stale, owner = Sink(settings["stale"]), Sink(settings["owner"])
+        stale.owners.take([0])  # as the group gave it the partition
+        owner.owners.take([0])  # the stale one froze: its session expired, the owner took it
+        await stale.handle(held)  # wakes up with what it held
+        seen: dict[str, Any] = {
+            "file": await asyncio.to_thread(files.exists, final_key(batch_id, "output")),
+            "done": await store.done_lines(batch_id),
+            "deliveries": await store.r.zcard(f"{prefix}:whd-batch:{batch_id}"),
+            "events": [e.type for e in _events(kafka, topics.batch_events)]}
+        await owner.handle(held)  # the same records, by the partition's owner
+        seen["owner_file"] = await asyncio.to_thread(files.exists,
+                                                     final_key(batch_id, "output"))
+        seen["owner_deliveries"] = await store.r.zcard(f"{prefix}:whd-batch:{batch_id}")
+        seen["owner_events"] = [e.type for e in _events(kafka, topics.batch_events)]
+        for sink in (stale, owner):  # never ran: only their clients to close
+            sink.producer.close()
+            sink.consumer.close()
+            sink.owners.close()
+            sink._redis.close()
+            await sink.store.close()
+        await store.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert not seen["file"] and not seen["done"] and seen["deliveries"] == 0
+    assert seen["events"] == ["created", "validated", "finished"]  # nothing published
+    assert seen["owner_file"] and seen["owner_deliveries"] == 1
+    assert seen["owner_events"][3:] == ["progress", "files_ready"]
+
+
+def _held(kafka: KafkaConfig, topics: Topics, want: int) -> list[Any]:
+    """The first `want` records of both topics, as a sink's poll returns them."""
+    consumer = Consumer(kafka.consumer(f"held-{uuid.uuid4().hex}"))
+    consumer.assign([TopicPartition(topics.batch_events, 0, 0),
+                     TopicPartition(topics.responses, 0, 0)])
+    found: list[Any] = []
+    deadline = time.monotonic() + 60
+    while len(found) < want and time.monotonic() < deadline:
+        msg = consumer.poll(1)
+        if msg is not None and not msg.error():
+            found.append(msg)
+    consumer.close()
+    assert len(found) == want
+    return sorted(found, key=lambda m: m.topic() == topics.responses)  # events first

@@ -1,0 +1,94 @@
+"""The gateway's batch jobs are done by the owner of their partition only: a gateway that
+froze holding a `created` event while another gateway took its partition over enqueues no
+line and writes no explode checkpoint; the owner does the explode."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from gateway.jobs import Fenced, Jobs
+from gateway.worker_board import WorkerBoard
+from millrace.filestore import FileStore
+from millrace.kafka import KafkaConfig, ensure_topics
+from millrace.protocol import FileObject
+from millrace.records import BatchCreated
+from millrace.settings import BUNDLED_CHAT_MODEL, KafkaSettings, Settings
+from millrace.store import Store
+from millrace.topics import Topics
+from millrace.up.chaos import batch_file
+from tests.deployment import Deployment
+
+LINES = 3
+
+
+def test_a_gateway_that_wakes_up_stale_leaves_the_explode_to_the_owner(
+        deployment: Deployment, tmp_path: Path) -> None:
+    settings = Settings(
+        topic_prefix=f"jobs{uuid.uuid4().hex[:8]}", data_dir=tmp_path, partitions=1,
+        file_store_url=str(tmp_path / "store"),
+        redis_url=str(deployment.endpoints["redis_url"]),
+        kafka=KafkaSettings(bootstrap=str(deployment.endpoints["kafka_bootstrap"])))
+    topics = Topics.from_settings(settings)
+    kafka = KafkaConfig.of(settings, "test")
+    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
+    files = FileStore(settings.files_url)
+    data = batch_file(LINES, "j")
+    files.write_bytes("files/file-j", data)
+    batch_id = f"batch_{uuid.uuid4().hex[:12]}"
+    created = BatchCreated(batch_id=batch_id, project="p", batch={
+        "id": batch_id, "input_file_id": "file-j", "endpoint": "/v1/chat/completions"})
+
+    async def scenario() -> tuple[dict[str, str], dict[str, str]]:
+        store = Store.connect(settings.require_redis(), settings.topic_prefix)
+        await store.put_file(FileObject(id="file-j", bytes=len(data), created_at=1,
+                                        filename="j.jsonl", purpose="batch"), "p", "files/file-j")
+        await store.r.hset(store.keys.batch(batch_id), mapping={"project": "p",
+                                                                 "line_key": "00" * 16})
+        stale, owner = (Jobs(settings, store, files, WorkerBoard()) for _ in range(2))
+        stale.owners.take([0])  # as the group gave it the partition
+        owner.owners.take([0])  # it froze: its session expired, the other gateway took it
+        with pytest.raises(Fenced):
+            await stale.do(created, 0)
+        with pytest.raises(Fenced):  # a checkpoint is checked and written in one step
+            await stale.checkpoint(batch_id, 0, lines=LINES)
+        after_stale = await store.r.hgetall(store.keys.explode(batch_id))
+        await owner.do(created, 0)
+        after_owner = await store.r.hgetall(store.keys.explode(batch_id))
+        for jobs in (stale, owner):  # never ran: only their clients to close
+            jobs.producer.close()
+            jobs.bulk.close()
+            jobs.consumer.close()
+            jobs.owners.close()
+            await jobs.fetcher.aclose()
+        await store.close()
+        return after_stale, after_owner
+
+    after_stale, after_owner = asyncio.run(scenario())
+    assert after_stale == {}
+    assert after_owner["complete"] == "1"
+    # each line enqueued once: by the owner alone
+    assert _count(kafka, topics.requests_for(BUNDLED_CHAT_MODEL),
+                  settings.request_partitions) == LINES
+
+
+def _count(kafka: KafkaConfig, topic: str, partitions: int) -> int:
+    consumer = Consumer(kafka.consumer(f"count-{uuid.uuid4().hex}",
+                                       **{"enable.partition.eof": True}))
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    found, ends, deadline = 0, 0, time.monotonic() + 60
+    while ends < partitions and time.monotonic() < deadline:
+        msg = consumer.poll(1)
+        if msg is None:
+            continue
+        if msg.error():
+            ends += 1
+        else:
+            found += 1
+    consumer.close()
+    return found
