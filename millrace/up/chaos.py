@@ -75,8 +75,8 @@ class Up:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MILLRACE_")}
         env.update({"MILLRACE_LOG_LEVEL": "INFO", **self.env})
         self.proc = subprocess.Popen(
-            [*self.wrap, sys.executable, "-m", "millrace", "up", "--port", str(self.port), "--data-dir",
-             str(self.data_dir), "--engine", self.engine],
+            [*self.wrap, sys.executable, "-m", "millrace", "up", "--port", str(self.port),
+             "--data-dir", str(self.data_dir), "--engine", self.engine],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
             preexec_fn=die_with_parent, start_new_session=True)
         ready: list[str] = []
