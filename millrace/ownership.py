@@ -83,6 +83,10 @@ class Ownership:
         if not held:
             return gone
         stored = self._redis.mget([self.keys.owner(self.group, p) for p in held])
+        for p, epoch in zip(held, stored, strict=True):
+            if epoch is None:  # Redis lost its data (wiped, `millrace rebuild`): ours again
+                self._redis.set(self.keys.owner(self.group, p), self.epochs[p], nx=True)
+        stored = self._redis.mget([self.keys.owner(self.group, p) for p in held])
         taken = {p for p, epoch in zip(held, stored, strict=True)
                  if epoch != str(self.epochs[p])}
         if taken:
