@@ -82,11 +82,13 @@ class Ownership:
         gone = set(wanted) - set(held)
         if not held:
             return gone
-        stored = self._redis.mget([self.keys.owner(self.group, p) for p in held])
-        for p, epoch in zip(held, stored, strict=True):
-            if epoch is None:  # Redis lost its data (wiped, `millrace rebuild`): ours again
-                self._redis.set(self.keys.owner(self.group, p), self.epochs[p], nx=True)
-        stored = self._redis.mget([self.keys.owner(self.group, p) for p in held])
+        keys = [self.keys.owner(self.group, p) for p in held]
+        stored = self._redis.mget(keys)
+        if None in stored:  # Redis lost its data (wiped, `millrace rebuild`): ours again
+            for key, p, epoch in zip(keys, held, stored, strict=True):
+                if epoch is None:
+                    self._redis.set(key, self.epochs[p], nx=True)
+            stored = self._redis.mget(keys)
         taken = {p for p, epoch in zip(held, stored, strict=True)
                  if epoch != str(self.epochs[p])}
         if taken:

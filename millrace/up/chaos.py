@@ -48,6 +48,9 @@ from millrace.up.embedded import die_with_parent, free_port
 
 PARTS = ("broker", "redis", "gateway", "worker", "aggregator", "sink")
 FAULTS = ("sigterm-all", "sigkill-all", *(f"kill-{p}" for p in PARTS), "pause")
+# an echo engine as slow as a model on a GPU (250 ms a step, 8 lines a step): a batch lasts
+# long enough for a fault to land while it runs
+SLOW_ECHO = {"MILLRACE_ECHO_STEP_MS": "250", "MILLRACE_WORKER_MAX_IN_FLIGHT": "8"}
 PAUSE_S = 25.0  # longer than a group session (6 s): the partitions move meanwhile
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 

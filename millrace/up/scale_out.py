@@ -42,6 +42,7 @@ from millrace.client import StreamBatch
 from millrace.topics import Topics
 from millrace.up import readiness
 from millrace.up.chaos import (
+    SLOW_ECHO,
     TERMINAL,
     Api,
     Receiver,
@@ -349,8 +350,7 @@ def run(work: Path, env: dict[str, str], *, lines: int = 2000,
     stopped again."""
     receiver = Receiver()
     up = Up(work / "up", free_port(), "echo", {
-        "MILLRACE_REPLICAS": REPLICAS, "MILLRACE_ECHO_STEP_MS": "250",
-        "MILLRACE_WORKER_MAX_IN_FLIGHT": "8", **env})
+        "MILLRACE_REPLICAS": REPLICAS, **SLOW_ECHO, **env})
     try:
         up.start()
         say(f"up --replicas {REPLICAS} in {up.data_dir}")

@@ -9,7 +9,16 @@ import errno
 from pathlib import Path
 
 from millrace.results import final_key
-from millrace.up.chaos import TERMINAL, Api, Receiver, Round, Up, batch_file, check
+from millrace.up.chaos import (
+    SLOW_ECHO,
+    TERMINAL,
+    Api,
+    Receiver,
+    Round,
+    Up,
+    batch_file,
+    check,
+)
 from millrace.up.embedded import free_port
 from tests.deployment import wait_until
 
@@ -22,8 +31,7 @@ def test_a_full_file_store_holds_the_batch_until_space_is_back(tmp_path: Path) -
     small.mkdir()
     receiver = Receiver()
     up = Up(tmp_path / "up", free_port(), "echo", {
-        "MILLRACE_FILE_STORE_URL": str(small / "store"), "MILLRACE_ECHO_STEP_MS": "250",
-        "MILLRACE_WORKER_MAX_IN_FLIGHT": "8"},
+        "MILLRACE_FILE_STORE_URL": str(small / "store"), **SLOW_ECHO},
         wrap=["unshare", "-m", "--propagation", "private", "sh", "-c",
               f'mount -t tmpfs -o size={MOUNT_MB}m tmpfs "{small}" && exec "$@"', "sh"])
     try:

@@ -12,7 +12,16 @@ import time
 from pathlib import Path
 
 from millrace.up import readiness
-from millrace.up.chaos import TERMINAL, Api, Receiver, Round, Up, check, pause_owners
+from millrace.up.chaos import (
+    SLOW_ECHO,
+    TERMINAL,
+    Api,
+    Receiver,
+    Round,
+    Up,
+    check,
+    pause_owners,
+)
 from millrace.up.embedded import free_port
 from tests.deployment import wait_until
 
@@ -23,8 +32,7 @@ def test_a_frozen_sink_and_aggregator_never_undo_what_their_successors_did(
         tmp_path: Path) -> None:
     receiver = Receiver()
     up = Up(tmp_path / "up", free_port(), "echo", {
-        "MILLRACE_REPLICAS": "sink=2,aggregator=2", "MILLRACE_ECHO_STEP_MS": "250",
-        "MILLRACE_WORKER_MAX_IN_FLIGHT": "8"})
+        "MILLRACE_REPLICAS": "sink=2,aggregator=2", **SLOW_ECHO})
     try:
         up.start()
         api = Api(up)

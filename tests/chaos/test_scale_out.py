@@ -15,7 +15,7 @@ import redis
 
 from millrace.topics import Topics
 from millrace.up import scale_out
-from millrace.up.chaos import Api, Receiver, Round, Up
+from millrace.up.chaos import SLOW_ECHO, Api, Receiver, Round, Up, batch_partition, owner
 from millrace.up.embedded import free_port
 from tests.deployment import wait_until
 
@@ -51,8 +51,7 @@ def test_a_partition_that_moves_after_the_broker_lost_its_data_loses_no_line(
     to the shared file store when it gave the partition up."""
     receiver = Receiver()
     up = Up(tmp_path / "up", free_port(), "echo", {
-        "MILLRACE_REPLICAS": "sink=2", "MILLRACE_ECHO_STEP_MS": "250",
-        "MILLRACE_WORKER_MAX_IN_FLIGHT": "8"})
+        "MILLRACE_REPLICAS": "sink=2", **SLOW_ECHO})
     try:
         up.start()
         api = Api(up)
@@ -62,7 +61,7 @@ def test_a_partition_that_moves_after_the_broker_lost_its_data_loses_no_line(
         lines = 1000
         batch_id = api.create(lines, "b", receiver.url)
         wait_until(lambda: done(api, batch_id) >= lines // 10, 120, "a tenth of the batch")
-        partition = wait_until(lambda: (p := scale_out.batch_partition(
+        partition = wait_until(lambda: (p := batch_partition(
             client, topics, batch_id, 4)) is not None and [p], 60, "its partition")[0]
         broker = up.pid("broker")
         assert broker is not None
@@ -71,7 +70,7 @@ def test_a_partition_that_moves_after_the_broker_lost_its_data_loses_no_line(
         # resumed on the new broker (the launcher resumes, the sinks rejoin): lines move on
         moved = done(api, batch_id)
         wait_until(lambda: done(api, batch_id) > moved, 120, "the batch to move on")
-        first = wait_until(lambda: scale_out.owner(up, "sink", topics.responses, partition),
+        first = wait_until(lambda: owner(up, "sink", topics.responses, partition),
                            60, "a sink to hold the partition again")
         other = "sink-2" if first == "sink" else "sink"
         assert up.proc is not None
@@ -80,7 +79,7 @@ def test_a_partition_that_moves_after_the_broker_lost_its_data_loses_no_line(
             stopped = up.pid(first)
             assert stopped is not None
             os.kill(stopped, signal.SIGTERM)
-            wait_until(lambda: scale_out.owner(up, "sink", topics.responses, partition)
+            wait_until(lambda: owner(up, "sink", topics.responses, partition)
                        == other, 60, f"{other} to take the partition over")
         finally:
             os.kill(up.proc.pid, signal.SIGCONT)
