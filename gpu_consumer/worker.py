@@ -45,6 +45,7 @@ from millrace.protocol import BATCH_LINE_ERRORS, LineError
 from millrace.records import Tokens, read_request, response_value
 from millrace.settings import Settings
 from millrace.topics import Topics
+from millrace.up import readiness
 
 log = logging.getLogger(__name__)
 
@@ -343,16 +344,26 @@ class Worker:
         if self._on_ready is not None:
             self._on_ready()
             self._on_ready = None
+        self._note_partitions()
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self._commit(sync=True, only=keys)  # still ours until this returns
         self._forget(keys)
         log.info("revoked %s", partition_names(partitions))
+        self._note_partitions()
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._forget({(tp.topic, tp.partition) for tp in partitions})
         log.warning("lost %s", partition_names(partitions))
+        self._note_partitions()
+
+    def _note_partitions(self) -> None:
+        """Which partitions of each requests topic this worker holds, in its readiness
+        marker (what an operator, `millrace chaos` and the tests read)."""
+        for topic in self.model_of_topic:
+            held = [p for t, p in self.offsets if t == topic]
+            readiness.note_partitions(self.settings, self.settings.worker_name, topic, held)
 
     def _forget(self, keys: set[tuple[str, int]]) -> None:
         """Unstarted lines of partitions we no longer own are dropped (the new owner reads

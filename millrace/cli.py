@@ -92,8 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     chaos.add_argument("--lines", type=int,
                        help="lines per round's batch (5000; --scale-out: 2000)")
     chaos.add_argument("--seed", type=int, help="for the same faults at the same moments")
-    chaos.add_argument("--faults", help="comma-separated (all by default): sigterm-all, "
-                                        "sigkill-all, kill-<part>, pause")
+    chaos.add_argument("--faults", help="comma-separated (default: sigterm-all, "
+                                        "sigkill-all, kill-<part>, pause); also "
+                                        "partition-worker, partition-sink, "
+                                        "partition-gateway (spread over hosts; root) and "
+                                        "disk-full")
     chaos.add_argument("--replicas", help="instances per service, as `up --replicas` takes "
                                           "them (sink=2,aggregator=2: a paused owner's "
                                           "partitions move to the other instance)")
@@ -336,7 +339,7 @@ def _resume(settings: Settings, args: argparse.Namespace) -> None:
 def _chaos(settings: Settings, args: argparse.Namespace) -> int:
     import tempfile
 
-    from millrace.up.chaos import FAULTS, chaos, table
+    from millrace.up.chaos import EVERY_FAULT, FAULTS, chaos, table
 
     data_dir = Path(tempfile.mkdtemp(prefix="millrace-chaos-"))
     if args.scale_out:
@@ -350,7 +353,7 @@ def _chaos(settings: Settings, args: argparse.Namespace) -> int:
         print(f"deployment data dir: {data_dir}")
         return 0 if result.ok else 1
     faults = tuple(args.faults.split(",")) if args.faults else FAULTS
-    if unknown := set(faults) - set(FAULTS):
+    if unknown := set(faults) - set(EVERY_FAULT):
         raise SystemExit(f"millrace chaos: unknown faults {sorted(unknown)}")
     env = {"MILLRACE_REPLICAS": args.replicas} if args.replicas else {}
     rounds = chaos(data_dir, args.rounds, engine=args.engine, lines=args.lines or 5000,

@@ -92,6 +92,27 @@ class KafkaConfig:
         return self.consumer(group, **{"fetch.wait.max.ms": FOLLOWER_FETCH_WAIT_MS, **extra})
 
 
+def partition_of(key: str, partitions: int) -> int:
+    """The partition the producers' partitioner (Java's murmur2, `murmur2_random` in
+    librdkafka) puts `key` on."""
+    data, m = key.encode(), 0x5BD1E995
+    h = (0x9747B28C ^ len(data)) & 0xFFFFFFFF
+    whole = len(data) & ~3
+    for i in range(0, whole, 4):
+        k = (int.from_bytes(data[i:i + 4], "little") * m) & 0xFFFFFFFF
+        k = ((k ^ (k >> 24)) * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail = data[whole:]
+    if len(tail) >= 3:
+        h ^= tail[2] << 16
+    if len(tail) >= 2:
+        h ^= tail[1] << 8
+    if tail:
+        h = ((h ^ tail[0]) * m) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * m) & 0xFFFFFFFF
+    return ((h ^ (h >> 15)) & 0x7FFFFFFF) % partitions
+
+
 def produce(
     producer: Producer, topic: str, value: bytes | None, *, key: str | bytes | None = None,
     partition: int | None = None, headers: Headers | None = None,

@@ -79,6 +79,12 @@ class KafkaSettings(BaseModel):
     # wait (one hop: 6.5 ms at 10 ms, 51.6 ms at 100 ms).
     fetch_wait_ms: int = Field(default=100, ge=1, le=10_000)
     session_timeout_ms: int = Field(default=6000, ge=1000)
+    # How long a client waits for a broker's answer before it gives the connection up and
+    # connects again (librdkafka's socket.timeout.ms, 60 s by default). After a network
+    # cut heals, a connection opened before the cut stays silent until TCP's backed-off
+    # retransmission gets through: measured (network namespaces, a 30 s cut) a consumer
+    # found its coordinator again 29 s after the link healed at 60 s, 12 s at 10 s.
+    socket_timeout_ms: int = Field(default=10_000, ge=1000)
     # What producers compress record batches with. lz4, measured on a 50,000-line echo batch:
     # the embedded broker used 1.1 s of CPU instead of 1.5 s and 50 MB instead of 110 MB.
     # A subscriber's Kafka client must read lz4 (librdkafka and Java do; kafka-python
@@ -94,6 +100,10 @@ class KafkaSettings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaSettings:
+        if self.socket_timeout_ms < self.fetch_wait_ms + 1000:
+            raise ValueError(f"socket_timeout_ms ({self.socket_timeout_ms}) must be at least "
+                             f"fetch_wait_ms + 1000 ({self.fetch_wait_ms + 1000}): a fetch "
+                             "the broker holds would time out")
         sasl = self.security_protocol.startswith("SASL_")
         if sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
             raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism, "
@@ -128,6 +138,7 @@ class KafkaSettings(BaseModel):
             # tansu creates a topic with its own partition count when a client merely
             # asks for it; topics are created only by `ensure_topics`, to their layout.
             "allow.auto.create.topics": False,
+            "socket.timeout.ms": self.socket_timeout_ms,
         }
         if self.sasl_mechanism is not None:
             config["sasl.mechanism"] = self.sasl_mechanism
@@ -185,6 +196,17 @@ def service_links(environ: dict[str, str] | os._Environ[str] = os.environ) -> li
                 upper.endswith("_PORT") and _SERVICE_LINK_VALUE.match(value)):
             names.append(name)
     return sorted(names)
+
+
+def netns_of(text: str) -> dict[str, str]:
+    """`MILLRACE_NETNS` ("worker=mr-w1,sink-2=mr-s2") as instance name → namespace."""
+    pairs = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, netns = item.partition("=")
+        if not sep or not name.strip() or not netns.strip():
+            raise ValueError(f"MILLRACE_NETNS: {item!r} is not <instance>=<namespace>")
+        pairs[name.strip()] = netns.strip()
+    return pairs
 
 
 class _EnvWithoutServiceLinks(EnvSettingsSource):
@@ -293,6 +315,10 @@ class Settings(BaseSettings):
     # file store, e.g. "gateway=2,worker=2,aggregator=2,sink=2" (a service left out: 1).
     # Unset: `workers` workers and `gateways` gateways sharing this data dir.
     replicas: str | None = None
+    # `up`: service instances that start inside a network namespace, as on their own host
+    # (`ip netns exec <netns>`), e.g. "worker=mr-w1,worker-2=mr-w2"; `millrace chaos
+    # --faults partition` and the network tests set it (millrace/up/network.py).
+    netns: str | None = None
     # This worker's name in readiness markers and logs (`up` names them worker, worker-2…).
     worker_name: str = "worker"
     # CPUs a worker's engine may use, e.g. "0-3,8"; default: all the process may use.
@@ -401,6 +427,13 @@ class Settings(BaseSettings):
             raise ValueError(f"MILLRACE_VLLM_MODEL_ARGS names {names}, not a served model "
                              f"({', '.join(self.served_models())})")
         return self
+
+    @field_validator("netns")
+    @classmethod
+    def _netns_pairs(cls, value: str | None) -> str | None:
+        if value:
+            netns_of(value)
+        return value
 
     def replica_counts(self) -> dict[str, int] | None:
         """Instances per service under `up --replicas`; None when unset."""

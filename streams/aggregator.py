@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from pydantic import ValidationError
 
 from millrace import metrics
+from millrace.errors import OUTAGES
 from millrace.kafka import (
     AsyncProducer,
     KafkaConfig,
@@ -236,7 +237,10 @@ class Aggregator:
                 if time.monotonic() >= self._count_at:
                     self._count_at = time.monotonic() + COUNT_EVERY_S
                     await self.count_batches()
-            except Exception:  # Redis or the broker away: try again next second
+            except OUTAGES as exc:  # Redis or the broker away: try again next second
+                log.warning("looking for expired batches: waiting for the broker or Redis: "
+                            "%s: %s", type(exc).__name__, exc)
+            except Exception:
                 log.exception("looking for expired batches failed")
 
     async def count_batches(self) -> None:

@@ -13,7 +13,14 @@ this process, waits a random part of the time a batch takes, and does one fault:
   suspended laptop does. Their group sessions expire meanwhile; with `--replicas` another
   sink and aggregator take the partition over and may finish the batch before the frozen
   pair wakes up, still holding records they fetched (the owner epochs and versions fence
-  them, docs/architecture.md "Fencing").
+  them, docs/architecture.md "Fencing");
+- `partition-worker`, `partition-sink`, `partition-gateway` (named with `--faults` only):
+  the deployment runs spread over hosts on this machine, two of every service, each
+  instance a network namespace of its own (`millrace/up/network.py`, needs root); the host
+  of a worker running the batch's lines is cut from the broker, that of the batch's sink
+  from Redis, or the gateways' host from the broker, for 30 s, then healed;
+- `disk-full` (named with `--faults` only): the deployment's file store is on a 64 MiB
+  file system of its own, filled to the last byte for 20 s, then freed.
 
 Then it waits for the batch to end and checks what a user would: a final status, every
 input line in exactly one of the output and error files, `request_counts` and `usage`
@@ -22,6 +29,7 @@ equal to what the files hold, and the webhook delivered. Each round is a row of 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -31,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,14 +48,23 @@ from typing import Any
 import httpx
 import redis
 
+from millrace.kafka import partition_of
 from millrace.keyspace import Keyspace
 from millrace.settings import BUNDLED_CHAT_MODEL
 from millrace.topics import Topics
 from millrace.up import readiness
 from millrace.up.embedded import die_with_parent, free_port
+from millrace.up.network import Hosts, Spread
 
 PARTS = ("broker", "redis", "gateway", "worker", "aggregator", "sink")
 FAULTS = ("sigterm-all", "sigkill-all", *(f"kill-{p}" for p in PARTS), "pause")
+# a deployment spread over hosts (millrace/up/network.py): whose link is cut, from what
+PARTITIONS = {"partition-worker": ("worker", "kafka"), "partition-sink": ("sink", "redis"),
+              "partition-gateway": ("gateway", "kafka")}
+EVERY_FAULT = (*FAULTS, *PARTITIONS, "disk-full")
+CUT_S = 30.0  # a partition: five group sessions
+FULL_S = 20.0  # a full file store
+SMALL_STORE_MB = 64
 # an echo engine as slow as a model on a GPU (250 ms a step, 8 lines a step): a batch lasts
 # long enough for a fault to land while it runs
 SLOW_ECHO = {"MILLRACE_ECHO_STEP_MS": "250", "MILLRACE_WORKER_MAX_IN_FLIGHT": "8"}
@@ -69,10 +86,13 @@ class Up:
     stderr: list[str] = field(default_factory=list)
     pumps: list[threading.Thread] = field(default_factory=list)
     wrap: list[str] = field(default_factory=list)  # a command `up` runs under (unshare, …)
+    host: str = "127.0.0.1"  # where the API answers
+    spread: Spread | None = None  # the hosts it runs on, for partitions
+    small: Path | None = None  # a small file system of its own, for a full disk
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     def start(self, timeout: float = 600) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MILLRACE_")}
@@ -142,7 +162,7 @@ def _kill_leftovers(data_dir: Path) -> None:
 class Receiver:
     """Records every webhook POST: (webhook-id, event type, batch id)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.events: list[tuple[str, str, str]] = []
         received = self.events
 
@@ -162,12 +182,13 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}/hook"
 
     def delivered(self, batch_id: str) -> int:
         return sum(1 for _, _, b in self.events if b == batch_id)
@@ -262,6 +283,12 @@ def do_fault(up: Up, fault: str, batch_id: str) -> None:
     if fault == "pause":
         pause_owners(up, batch_id)
         return
+    if fault in PARTITIONS:
+        partition(up, batch_id, *PARTITIONS[fault])
+        return
+    if fault == "disk-full":
+        disk_full(up)
+        return
     if fault in ("sigterm-all", "sigkill-all"):
         up.stop(signal.SIGTERM if fault == "sigterm-all" else signal.SIGKILL)
         up.start()
@@ -276,20 +303,12 @@ def do_fault(up: Up, fault: str, batch_id: str) -> None:
 def pause_owners(up: Up, batch_id: str, seconds: float = PAUSE_S) -> dict[str, int]:
     """SIGSTOP the sink and the aggregator holding the batch's partition, `seconds`, then
     SIGCONT; their names → pids."""
-    endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
-    topics = Topics(endpoints["topic_prefix"])
-    partitions = int(up.env.get("MILLRACE_PARTITIONS", "4"))
-    with redis.Redis.from_url(endpoints["redis_url"]) as client:
-        found = Api(up).until(lambda: (p := batch_partition(
-            client, topics, batch_id, partitions)) is not None and [p], 120)
-    if not found:
-        raise RuntimeError(f"no sink has seen a record of {batch_id}")
     frozen = {}
-    for service, topic in (("sink", topics.responses), ("aggregator", topics.batch_events)):
-        name = owner(up, service, topic, found[0])
-        pid = up.pid(name) if name is not None else None
-        if name is None or pid is None:
-            raise RuntimeError(f"no {service} holds partition {found[0]}")
+    for service in ("sink", "aggregator"):
+        name = holder(up, service, batch_id)
+        pid = up.pid(name)
+        if pid is None:
+            raise RuntimeError(f"{name} has no pid")
         frozen[name] = pid
     for pid in frozen.values():
         os.kill(pid, signal.SIGSTOP)
@@ -300,6 +319,62 @@ def pause_owners(up: Up, batch_id: str, seconds: float = PAUSE_S) -> dict[str, i
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
     return frozen
+
+
+def partition(up: Up, batch_id: str, service: str, net: str, seconds: float = CUT_S) -> str:
+    """Cut the host of the `service` instance holding the batch (the gateways' host) off
+    `net` for `seconds`, then heal it; the host's name."""
+    if up.spread is None:
+        raise RuntimeError("a partition needs a deployment spread over hosts "
+                           "(millrace/up/network.py)")
+    host = "gateway" if service == "gateway" else holder(up, service, batch_id)
+    up.spread.hosts.cut(host, net)
+    try:
+        time.sleep(seconds)  # the length of the cut is the fault
+    finally:
+        up.spread.hosts.heal(host, net)
+    return host
+
+
+def holder(up: Up, service: str, batch_id: str) -> str:
+    """The instance of `service` (worker, sink, aggregator) holding the batch's partition
+    (a worker: one of the partitions its lines are on, `millrace.topics.request_route`)."""
+    endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
+    topics = Topics(endpoints["topic_prefix"])
+    topic = {"worker": topics.requests_for(BUNDLED_CHAT_MODEL), "sink": topics.responses,
+             "aggregator": topics.batch_events}[service]
+    held = partition_of(batch_id, int(up.env.get("MILLRACE_PARTITIONS", "4")))
+    name = Api(up).until(lambda: owner(up, service, topic, held), 60)
+    if not name:
+        raise RuntimeError(f"no {service} holds partition {held} of {topic}")
+    return str(name)
+
+
+def disk_full(up: Up, seconds: float = FULL_S) -> None:
+    """Fill the deployment's own small file system (where its file store is) for
+    `seconds`, then free it."""
+    if up.small is None or up.proc is None:
+        raise RuntimeError("a full disk needs a deployment with a small file store")
+    filler = Path(f"/proc/{up.proc.pid}/root") / up.small.relative_to("/") / "filler"
+    fill(filler)
+    try:
+        time.sleep(seconds)  # how long the disk stays full is the fault
+    finally:
+        filler.unlink()
+
+
+def fill(path: Path) -> None:
+    """Write until the file system refuses."""
+    chunk = b"\0" * (1 << 20)
+    with path.open("wb") as out:
+        while True:
+            try:
+                out.write(chunk)
+                out.flush()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return
 
 
 def owner(up: Up, service: str, topic: str, partition: int) -> str | None:
@@ -396,14 +471,46 @@ def check(result: Round, batch: dict[str, Any], api: Api, tag: str) -> None:
 
 # --- the command --------------------------------------------------------------------------
 @contextmanager
-def deployment(data_dir: Path, engine: str, env: dict[str, str]) -> Iterator[Up]:
-    up = Up(data_dir, free_port(), engine, env)
-    up.start()
+def deployment(data_dir: Path, engine: str, env: dict[str, str], *, hosts: bool = False,
+               small_store: bool = False) -> Iterator[Up]:
+    """`millrace up` in `data_dir`; with `hosts`, spread over hosts with two of every
+    service (millrace/up/network.py); with `small_store`, its file store on a small file
+    system of its own (a tmpfs in a mount namespace of the deployment's)."""
+    with ExitStack() as stack:
+        up = Up(data_dir, free_port(), engine, env)
+        if hosts:
+            network = stack.enter_context(spread_over_hosts(data_dir / "hosts"))
+            up.env = {**network.env, **env}
+            up.wrap, up.host, up.spread = network.wrap, network.host, network
+        if small_store:
+            up.small = data_dir / "small"
+            up.small.mkdir(parents=True, exist_ok=True)
+            up.env["MILLRACE_FILE_STORE_URL"] = str(up.small / "store")
+            up.wrap = [*up.wrap, "unshare", "-m", "--propagation", "private", "sh", "-c",
+                       f'mount -t tmpfs -o size={SMALL_STORE_MB}m tmpfs "{up.small}" '
+                       '&& exec "$@"', "sh"]
+        up.start()
+        try:
+            yield up
+        finally:
+            if up.proc is not None and up.proc.poll() is None:
+                up.stop()
+
+
+@contextmanager
+def spread_over_hosts(data_dir: Path) -> Iterator[Spread]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    hosts = Hosts()
     try:
-        yield up
+        network = Spread(hosts, data_dir, {"gateway": 2, "worker": 2, "aggregator": 2,
+                                           "sink": 2})
+        try:
+            network.start()
+            yield network
+        finally:
+            network.stop()
     finally:
-        if up.proc is not None and up.proc.poll() is None:
-            up.stop()
+        hosts.close()
 
 
 def table(rounds: list[Round]) -> str:
@@ -429,10 +536,12 @@ def chaos(data_dir: Path, rounds: int, *, engine: str = "echo", lines: int = 500
           env: dict[str, str] | None = None,
           say: Callable[[str], None] = lambda _: None) -> list[Round]:
     rng = random.Random(seed)
-    receiver = Receiver()
     results: list[Round] = []
+    receiver: Receiver | None = None
     try:
-        with deployment(data_dir, engine, env or {}) as up:
+        with deployment(data_dir, engine, env or {}, hosts=any(f in PARTITIONS for f in faults),
+                        small_store="disk-full" in faults) as up:
+            receiver = Receiver(up.spread.hosts.here("front") if up.spread else "127.0.0.1")
             # one batch without a fault: how long a batch takes, where faults may land
             start = time.monotonic()
             api = Api(up)
@@ -450,5 +559,6 @@ def chaos(data_dir: Path, rounds: int, *, engine: str = "echo", lines: int = 500
                 results.append(result)
                 say(table([result]).splitlines()[2])
     finally:
-        receiver.close()
+        if receiver is not None:
+            receiver.close()
     return results

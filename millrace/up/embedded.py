@@ -93,20 +93,24 @@ def wait_for_redis(port: int, timeout: float, alive: Callable[[], bool] = lambda
         client.close()
 
 
-def broker_argv(port: int, *, advertised: str | None = None,
+def broker_argv(port: int, *, host: str = "127.0.0.1", advertised: str | None = None,
                 cluster_id: str | None = None) -> list[str]:
     """argv[0] `millrace` makes the broker show in `ps` as `millrace broker …`; clients are
     told to connect to `advertised` (default: where it listens). A fresh `cluster_id` per
     start tells every client that this broker holds none of the data of the last one."""
-    url = f"tcp://127.0.0.1:{port}"
+    url = f"tcp://{host}:{port}"
     return ["millrace", "broker", "--listener-url", url,
             "--advertised-listener-url", advertised or url, "--storage-engine", "memory://tansu/",
             "--cluster-id", cluster_id or f"millrace-{uuid.uuid4().hex}"]
 
 
-def redis_argv(port: int, data_dir: Path) -> list[str]:
+def redis_argv(port: int, data_dir: Path, *, host: str = "127.0.0.1",
+               password: str | None = None) -> list[str]:
+    """Loopback only unless `host` says otherwise, and then only with a password (Redis's
+    protected mode refuses other clients without one)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    return ["millrace redis", "--port", str(port), "--bind", "127.0.0.1",
+    auth = ["--requirepass", password] if password else []
+    return ["millrace redis", "--port", str(port), "--bind", host, *auth,
             # every write is on disk before Redis answers: a SIGKILL loses nothing acknowledged
             "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--appendfsync", "always",
             "--save", "",

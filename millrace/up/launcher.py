@@ -34,7 +34,7 @@ from millrace.errors import ComponentError
 from millrace.kafka import KafkaConfig, ensure_topics
 from millrace.metrics import prepare_gateway_dir
 from millrace.registry import register_key
-from millrace.settings import Settings
+from millrace.settings import Settings, netns_of
 from millrace.store import Principal, new_api_key
 from millrace.topics import Topics
 from millrace.up import embedded, readiness
@@ -92,6 +92,7 @@ class Launcher:
                 raise ComponentError(
                     f"{self.settings.host}:{self.settings.port} is in use; pass --port"
                 )
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
             self._start_infrastructure()
             api_key = self._bootstrap_key()
             self._webhook_signing_key()
@@ -262,7 +263,10 @@ class Launcher:
         self, name: str, command: str, extra_env: dict[str, str]
     ) -> Callable[[], subprocess.Popen[bytes]]:
         env = {**os.environ, **self.settings.as_env(), **extra_env}
-
+        netns = netns_of(self.settings.netns or "").get(name)
+        host = ["ip", "netns", "exec", netns] if netns else []  # `ip` execs: the same pid
+        if netns:  # its metrics on its own host's loopback
+            env["MILLRACE_HOST"] = "127.0.0.1"
         own = self._own(name)
 
         def start() -> subprocess.Popen[bytes]:
@@ -271,7 +275,7 @@ class Launcher:
             self.logs.mkdir(parents=True, exist_ok=True)
             with (self.logs / f"{name}.log").open("ab") as out:
                 return subprocess.Popen(
-                    [sys.executable, "-m", "millrace", command], env=env, stdout=out,
+                    [*host, sys.executable, "-m", "millrace", command], env=env, stdout=out,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, preexec_fn=embedded.die_with_parent,
                 )

@@ -5,6 +5,7 @@ a finished one and one created afterwards — are what they would have been."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -13,14 +14,20 @@ from confluent_kafka import Producer
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from millrace.records import BatchProgress, ResponseRecord
+from millrace.records import (
+    BatchCancelRequested,
+    BatchExpireDue,
+    BatchProgress,
+    ResponseRecord,
+)
 from millrace.topics import Topics
 from tests.batch_flow import create_batch, wait_done
 from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, wait_until
 
 GARBAGE = [b"\x00\xff\xfe random bytes \x80", b'{"batch_id": "batch_x", "type": "progr',
-           b'{"batch_id": 5, "type": "progress", "completed": "many"}', b"[]", b"null", b""]
+           b'{"batch_id": 5, "type": "progress", "completed": "many"}', b"[]", b"null", b"",
+           os.urandom(2 << 20)]  # 2 MiB
 
 
 def counted(deployment: Deployment, service: str, name: str, **labels: str) -> float:
@@ -50,7 +57,8 @@ def test_malformed_records_on_every_topic_are_skipped_and_counted(
     refused_before = (counted(deployment, "aggregator", refused, reason="unknown_batch"),
                       counted(deployment, "sink", refused, reason="unknown_batch"))
 
-    producer = Producer({"bootstrap.servers": deployment.endpoints["kafka_bootstrap"]})
+    producer = Producer({"bootstrap.servers": deployment.endpoints["kafka_bootstrap"],
+                         "message.max.bytes": 4 << 20})
     read = [topics.requests_for(model), topics.responses, topics.batch_events, topics.workers]
     for topic in read:
         for value in GARBAGE:
@@ -62,8 +70,14 @@ def test_malformed_records_on_every_topic_are_skipped_and_counted(
     producer.produce(topics.responses, ResponseRecord(
         batch_id=ghost, project="p", custom_id="x", line=1, id="batch_req_x", request_id="r",
         status_code=200, body={}).dumps(), key=ghost)
-    producer.produce(topics.batch_events, BatchProgress(
-        batch_id=finished.id, completed=1000, failed=0).dumps(), key=finished.id)
+    # for the finished batch: progress, a cancel, an expiry, a late second result for its line
+    for event in (BatchProgress(batch_id=finished.id, completed=1000, failed=0),
+                  BatchCancelRequested(batch_id=finished.id),
+                  BatchExpireDue(batch_id=finished.id)):
+        producer.produce(topics.batch_events, event.dumps(), key=finished.id)
+    producer.produce(topics.responses, ResponseRecord(
+        batch_id=finished.id, project="default", custom_id="a", line=1, id="batch_req_late",
+        request_id="late", status_code=500, body={"late": True}).dumps(), key=finished.id)
     assert producer.flush(30) == 0
 
     # every reader counted what it read of it: the gateway (batch-events: its jobs;
@@ -83,6 +97,8 @@ def test_malformed_records_on_every_topic_are_skipped_and_counted(
     # the finished batch is as it was; the ghost batch exists nowhere; a new batch runs
     again = client.batches.retrieve(finished.id)
     assert again.status == "completed" and again.request_counts == finished.request_counts
+    assert again.output_file_id == finished.output_file_id and not again.error_file_id
+    assert "late" not in client.files.content(str(finished.output_file_id)).text
     assert httpx.get(f"{deployment.base_url}/batches/{ghost}", headers={
         "Authorization": f"Bearer {deployment.api_key}"}).status_code == 404
     second = write_jsonl(tmp_path / "b.jsonl", [chat_line("b", model, "Say b.", max_tokens=2)])

@@ -25,7 +25,8 @@ def pem(tmp_path: Path, name: str) -> Path:
 def test_plaintext_renders_bootstrap_and_no_topic_auto_creation() -> None:
     config = KafkaSettings(bootstrap="k1:9092,k2:9092").librdkafka("sink")
     assert config == {"bootstrap.servers": "k1:9092,k2:9092", "client.id": "millrace-sink",
-                      "security.protocol": "PLAINTEXT", "allow.auto.create.topics": False}
+                      "security.protocol": "PLAINTEXT", "allow.auto.create.topics": False,
+                      "socket.timeout.ms": 10_000}
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
@@ -72,6 +73,7 @@ def test_extra_options_are_applied_last_and_reach_every_client() -> None:
     for config in (clients.base(), clients.producer(), clients.consumer("g")):
         assert config["socket.keepalive.enable"] == "true"
         assert config["client.id"] == "custom"
+        assert config["socket.timeout.ms"] == 10_000  # reconnects soon after a cut heals
     assert clients.producer()["acks"] == "all"
     assert clients.producer()["enable.idempotence"] is False  # see KafkaConfig.producer
     assert clients.consumer("g")["enable.auto.commit"] is False
@@ -86,6 +88,7 @@ def test_extra_options_are_applied_last_and_reach_every_client() -> None:
     ({"security_protocol": "SASL_SSL", "sasl_mechanism": "GSSAPI", "sasl_username": "u",
       "sasl_password": "p"}, "Input should be 'PLAIN'"),
     ({"fetch_wait_ms": 0}, "greater than or equal to 1"),
+    ({"fetch_wait_ms": 9500}, "socket_timeout_ms .10000. must be at least"),
 ])
 def test_inconsistent_kafka_settings_are_one_clear_error(
         fields: dict[str, object], message: str, monkeypatch: pytest.MonkeyPatch) -> None:
