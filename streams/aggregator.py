@@ -139,12 +139,17 @@ class Aggregator:
             if self._unknown(state, events):
                 continue
             before = state.model_dump_json()
+            final = state.status.terminal and state.finished
             emitted: list[Emitted] = []
             for offset, event in events:
                 if state.applied(epoch, offset):  # in the state already (a replay)
                     continue
                 emitted += state.apply(event)
                 state.epoch, state.offset = epoch, offset
+                if final:  # a final batch never changes: the event is counted and ignored
+                    metrics.RECORDS_REFUSED.labels("batch-events", "final_batch").inc()
+                    log.info("%s: a %s event for the final batch ignored", batch_id,
+                             event.type)
             # an `expire_due` that changes nothing still saves: the deadline index is fixed
             stale = any(isinstance(e, BatchExpireDue) for _, e in events)
             if emitted or stale or state.model_dump_json() != before:

@@ -55,7 +55,9 @@ def test_malformed_records_on_every_topic_are_skipped_and_counted(
     before = {service: counted(deployment, service, malformed)
               for service in ("gateway", "worker", "aggregator", "sink")}
     refused_before = (counted(deployment, "aggregator", refused, reason="unknown_batch"),
-                      counted(deployment, "sink", refused, reason="unknown_batch"))
+                      counted(deployment, "sink", refused, reason="unknown_batch"),
+                      counted(deployment, "aggregator", refused, reason="final_batch"),
+                      counted(deployment, "sink", refused, reason="not_issued"))
 
     producer = Producer({"bootstrap.servers": deployment.endpoints["kafka_bootstrap"],
                          "message.max.bytes": 4 << 20})
@@ -92,6 +94,11 @@ def test_malformed_records_on_every_topic_are_skipped_and_counted(
                > refused_before[0] and counted(deployment, "sink", refused,
                                                 reason="unknown_batch") > refused_before[1],
                60, "the records of a batch that does not exist to be refused", every=0.5)
+    # the finished batch's three events and its forged late result (no ticket of its line)
+    wait_until(lambda: counted(deployment, "aggregator", refused, reason="final_batch")
+               >= refused_before[2] + 3 and counted(deployment, "sink", refused,
+                                                    reason="not_issued") > refused_before[3],
+               60, "the records for the finished batch to be refused", every=0.5)
     assert pids(deployment) == before_pids  # nobody crashed and was restarted
 
     # the finished batch is as it was; the ghost batch exists nowhere; a new batch runs
