@@ -204,7 +204,7 @@ def netns_of(text: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, netns = item.partition("=")
         if not sep or not name.strip() or not netns.strip():
-            raise ValueError(f"MILLRACE_NETNS: {item!r} is not <instance>=<namespace>")
+            raise ValueError(f"{item!r} is not <instance>=<namespace>")
         pairs[name.strip()] = netns.strip()
     return pairs
 
@@ -317,7 +317,7 @@ class Settings(BaseSettings):
     replicas: str | None = None
     # `up`: service instances that start inside a network namespace, as on their own host
     # (`ip netns exec <netns>`), e.g. "worker=mr-w1,worker-2=mr-w2"; `millrace chaos
-    # --faults partition` and the network tests set it (millrace/up/network.py).
+    # --faults partition-…` and the network tests set it (millrace/up/network.py).
     netns: str | None = None
     # This worker's name in readiness markers and logs (`up` names them worker, worker-2…).
     worker_name: str = "worker"

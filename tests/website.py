@@ -22,7 +22,7 @@ class Site:
 
 @contextmanager
 def serving(pages: dict[str, bytes], content_type: str = "text/html",
-            held: frozenset[str] = frozenset()) -> Iterator[Site]:
+            held: frozenset[str] = frozenset(), host: str = "127.0.0.1") -> Iterator[Site]:
     site = Site("")
 
     class Handler(BaseHTTPRequestHandler):
@@ -45,9 +45,9 @@ def serving(pages: dict[str, bytes], content_type: str = "text/html",
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer((host, 0), Handler)
     server.daemon_threads = True
-    site.url = f"http://127.0.0.1:{server.server_address[1]}"
+    site.url = f"http://{host}:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield site

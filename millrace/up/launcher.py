@@ -97,7 +97,11 @@ class Launcher:
             api_key = self._bootstrap_key()
             self._webhook_signing_key()
             opened = self._local_targets()
-            for name, command, env in self._service_plan():
+            plan = self._service_plan()
+            if unknown := set(netns_of(self.settings.netns or "")) - {p[0] for p in plan}:
+                raise ComponentError(f"MILLRACE_NETNS names {', '.join(sorted(unknown))}: "
+                                     f"not an instance this deployment starts")
+            for name, command, env in plan:
                 readiness.clear(self._own(name), name)
                 self.services.append(name)
                 self._add(Child(name, self._service_starter(name, command, env)))

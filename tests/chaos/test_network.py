@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -39,6 +38,7 @@ from millrace.up.chaos import (
 )
 from millrace.up.network import Impairment, Spread
 from tests.deployment import wait_until
+from tests.website import serving
 
 # 250 ms an engine step, 16 lines a step: 64 lines/s a worker, whatever the machine
 ECHO = {"MILLRACE_ECHO_STEP_MS": "250", "MILLRACE_WORKER_MAX_IN_FLIGHT": "16"}
@@ -196,57 +196,23 @@ def test_a_sink_cut_from_redis_but_not_the_broker_waits_and_goes_on(world: World
     assert events == ["batch.completed"], events
 
 
-class SlowFile:
-    """Serves a batch's input file, holding the body until `release` is set: the gateway
-    host is cut from the broker while its explode job is running."""
-
-    def __init__(self, host: str, body: bytes) -> None:
-        self.asked = threading.Event()
-        self.release = threading.Event()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.asked.set()
-                outer.release.wait(120)
-                self.send_response(200)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                return
-
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/input.jsonl"
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_the_gateway_cut_from_the_broker_during_an_explode(world: World) -> None:
     """Both gateways' host loses the broker while a batch's explode job runs (its input
     fetched from a URL that answers once the cut is in place): creating a batch is a 503,
     reading one a 200; when the link heals the explode goes on and every line runs once."""
     api = world.api
-    source = SlowFile(world.spread.hosts.here("front"), batch_file(LINES, "gcut"))
     upload = api.call("POST", "/files", data={"purpose": "batch"},
                       files={"file": ("x.jsonl", batch_file(2, "x"))})
     assert upload is not None and upload.status_code == 200, upload
-    try:
+    with serving({"/input.jsonl": batch_file(LINES, "gcut")}, "application/jsonl",
+                 held=frozenset({"/input.jsonl"}),
+                 host=world.spread.hosts.here("front")) as source:
         created = api.call("POST", "/batches", json={
-            "input_file_url": source.url, "endpoint": "/v1/chat/completions",
+            "input_file_url": f"{source.url}/input.jsonl", "endpoint": "/v1/chat/completions",
             "completion_window": "24h", "webhook_url": world.receiver.url})
         assert created is not None and created.status_code == 200, created
         batch_id = created.json()["id"]
-        assert source.asked.wait(60), "the gateway never fetched the input"
+        assert source.held_hit.wait(60), "the gateway never fetched the input"
         with probing(api, f"/batches/{batch_id}"), cut(world, "gateway", "kafka"):
             source.release.set()
             refused = api.call("POST", "/batches", json={
@@ -256,8 +222,6 @@ def test_the_gateway_cut_from_the_broker_during_an_explode(world: World) -> None
             assert refused.json()["error"]["type"] == "server_error"
             batch = api.batch(batch_id)
             assert batch is not None and batch["status"] == "validating", batch
-    finally:
-        source.close()
     finished(world, batch_id, "gcut")
 
 

@@ -154,6 +154,8 @@ def test_a_service_without_kafka_says_which_variable() -> None:
                                                "service 'broker' (one of worker, aggregator"),
     ({"MILLRACE_REPLICAS": "sink=0"}, "MILLRACE_REPLICAS: sink: instances must "
                                       "be a number from 1 to 64, not '0'"),
+    ({"MILLRACE_NETNS": "sink=mr-s,worker"}, "MILLRACE_NETNS: 'worker' is not "
+                                              "<instance>=<namespace>"),
 ])
 def test_the_cli_prints_one_line_and_exits_2(env: dict[str, str], expected: str,
                                              tmp_path: Path) -> None:
