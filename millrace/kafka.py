@@ -7,6 +7,7 @@ workers, sink) and aiokafka (the Faust aggregator) put one batch id on the same 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -92,6 +93,7 @@ class KafkaConfig:
         return self.consumer(group, **{"fetch.wait.max.ms": FOLLOWER_FETCH_WAIT_MS, **extra})
 
 
+@functools.lru_cache(maxsize=4096)
 def partition_of(key: str, partitions: int) -> int:
     """The partition the producers' partitioner (Java's murmur2, `murmur2_random` in
     librdkafka) puts `key` on."""

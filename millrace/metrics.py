@@ -89,7 +89,7 @@ RECORDS_REFUSED = Counter(
     "Records refused: ingest messages by reject code (no token, key and batch_id header "
     "disagreeing, unknown or sealed batch, duplicate; an invalid line, which is also its "
     "batch's error line), responses for a line the batch was not issued, events of a batch "
-    "that does not exist, events for a final batch",
+    "that does not exist, events for a final batch or on a partition not their batch's",
     ["topic", "reason"])
 BATCHES_FINISHED = Counter("millrace_batches_finished", "Batches that reached a final status",
                            ["status"])

@@ -35,6 +35,7 @@ from millrace.kafka import (
     KafkaConfig,
     consume_loop,
     partition_names,
+    partition_of,
     skip_malformed,
 )
 from millrace.records import (
@@ -160,9 +161,11 @@ class Aggregator:
         if len(self.states) > CACHE_MOST:
             self.states.clear()
 
-    @staticmethod
-    def _by_batch(messages: list[Message]) -> dict[str, list[tuple[int, BatchEvent]]]:
-        """The poll's events that are ours to apply, with their offsets, per batch."""
+    def _by_batch(self, messages: list[Message]) -> dict[str, list[tuple[int, BatchEvent]]]:
+        """The poll's events that are ours to apply, with their offsets, per batch. A batch's
+        state is versioned by offsets on its own partition (murmur2 of its id, the topic
+        contract): an event on another partition (a producer with another partitioner)
+        is refused, counted and logged, never applied out of order."""
         by_batch: dict[str, list[tuple[int, BatchEvent]]] = {}
         for msg in messages:
             try:
@@ -170,8 +173,14 @@ class Aggregator:
             except ValidationError:
                 skip_malformed(msg)
                 continue
-            if event.type not in NOT_OURS:
-                by_batch.setdefault(event.batch_id, []).append((msg.offset() or 0, event))
+            if event.type in NOT_OURS:
+                continue
+            if msg.partition() != partition_of(event.batch_id, self.settings.partitions):
+                metrics.RECORDS_REFUSED.labels("batch-events", "wrong_partition").inc()
+                log.warning("%s: a %s event on partition %s, not the batch's: refused",
+                            event.batch_id, event.type, msg.partition())
+                continue
+            by_batch.setdefault(event.batch_id, []).append((msg.offset() or 0, event))
         return by_batch
 
     def _unknown(self, state: BatchState, events: list[tuple[int, BatchEvent]]) -> bool:

@@ -14,12 +14,14 @@ from confluent_kafka import Producer
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from millrace.kafka import partition_of
 from millrace.records import (
     BatchCancelRequested,
     BatchExpireDue,
     BatchProgress,
     ResponseRecord,
 )
+from millrace.settings import Settings
 from millrace.topics import Topics
 from tests.batch_flow import create_batch, wait_done
 from tests.conftest import chat_line, write_jsonl
@@ -57,10 +59,12 @@ def test_malformed_records_on_every_topic_are_skipped_and_counted(
     refused_before = (counted(deployment, "aggregator", refused, reason="unknown_batch"),
                       counted(deployment, "sink", refused, reason="unknown_batch"),
                       counted(deployment, "aggregator", refused, reason="final_batch"),
-                      counted(deployment, "sink", refused, reason="not_issued"))
+                      counted(deployment, "sink", refused, reason="not_issued"),
+                      counted(deployment, "aggregator", refused, reason="wrong_partition"))
 
+    # the topic contract's partitioner: a batch id's records on the batch's partition
     producer = Producer({"bootstrap.servers": deployment.endpoints["kafka_bootstrap"],
-                         "message.max.bytes": 4 << 20})
+                         "message.max.bytes": 4 << 20, "partitioner": "murmur2_random"})
     read = [topics.requests_for(model), topics.responses, topics.batch_events, topics.workers]
     for topic in read:
         for value in GARBAGE:
@@ -69,6 +73,11 @@ def test_malformed_records_on_every_topic_are_skipped_and_counted(
     ghost = f"batch_{uuid.uuid4().hex[:24]}"
     producer.produce(topics.batch_events, BatchProgress(batch_id=ghost, completed=7,
                                                         failed=0).dumps(), key=ghost)
+    # and one on a partition not the batch's (a producer with another partitioner)
+    partitions = Settings.model_fields["partitions"].default  # the session deployment's
+    elsewhere = (partition_of(finished.id, partitions) + 1) % partitions
+    producer.produce(topics.batch_events, BatchCancelRequested(batch_id=finished.id).dumps(),
+                     key=finished.id, partition=elsewhere)
     producer.produce(topics.responses, ResponseRecord(
         batch_id=ghost, project="p", custom_id="x", line=1, id="batch_req_x", request_id="r",
         status_code=200, body={}).dumps(), key=ghost)
@@ -97,7 +106,9 @@ def test_malformed_records_on_every_topic_are_skipped_and_counted(
     # the finished batch's three events and its forged late result (no ticket of its line)
     wait_until(lambda: counted(deployment, "aggregator", refused, reason="final_batch")
                >= refused_before[2] + 3 and counted(deployment, "sink", refused,
-                                                    reason="not_issued") > refused_before[3],
+                                                    reason="not_issued") > refused_before[3]
+               and counted(deployment, "aggregator", refused, reason="wrong_partition")
+               > refused_before[4],
                60, "the records for the finished batch to be refused", every=0.5)
     assert pids(deployment) == before_pids  # nobody crashed and was restarted
 
