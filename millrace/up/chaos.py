@@ -46,10 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 
 from millrace.kafka import partition_of
-from millrace.keyspace import Keyspace
 from millrace.settings import BUNDLED_CHAT_MODEL
 from millrace.topics import Topics
 from millrace.up import readiness
@@ -385,17 +383,6 @@ def owner(up: Up, service: str, topic: str, partition: int) -> str | None:
         held = (readiness.read_path(path) or {}).get("partitions", {}).get(topic, [])
         if partition in held:
             return path.stem
-    return None
-
-
-def batch_partition(client: redis.Redis, topics: Topics, batch_id: str,
-                    partitions: int) -> int | None:
-    """The responses partition a batch is on, once a sink has seen one of its records
-    (`sink-from` in Redis); every topic a batch id keys has as many partitions."""
-    keys = Keyspace(topics.prefix)
-    for p in range(partitions):
-        if client.zscore(keys.sink_from(topics.responses, p), batch_id) is not None:
-            return p
     return None
 
 

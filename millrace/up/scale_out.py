@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 
 from millrace.client import StreamBatch
+from millrace.kafka import partition_of
 from millrace.topics import Topics
 from millrace.up import readiness
 from millrace.up.chaos import (
@@ -49,7 +49,6 @@ from millrace.up.chaos import (
     Round,
     Up,
     batch_file,
-    batch_partition,
     check,
     owner,
 )
@@ -230,7 +229,6 @@ def scale_out(up: Up, receiver: Receiver, work: Path, *, lines: int = 2000,
     endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
     topics = Topics(endpoints["topic_prefix"])
     partitions = int(up.env.get("MILLRACE_PARTITIONS", "4"))
-    client = redis.Redis.from_url(endpoints["redis_url"])
     stream_input = batch_file(stream_lines, "s").splitlines()
     result = ScaleOut(Round(1, "lose sink+aggregator+gateway, add and remove a host", 0, lines),
                       Round(2, "stream batch across the same", 0, stream_lines))
@@ -249,18 +247,12 @@ def scale_out(up: Up, receiver: Receiver, work: Path, *, lines: int = 2000,
     def at(share: float) -> None:
         _until(lambda: progress.done >= lines * share, timeout, f"{share:.0%} done", state)
 
-    def partition_of(batch_id: str) -> int:
-        found: list[int] = _until(lambda: (p := batch_partition(
-            client, topics, batch_id, partitions)) is not None and [p], PHASE_S,
-            f"partition of {batch_id}", state)
-        return found[0]
-
     try:
         for value in stream_input[:stream_lines // 2]:
             stream.send_raw(value)
         stream.flush()
         at(lose_at)
-        file_p, stream_p = partition_of(file_id), partition_of(stream.id)
+        file_p, stream_p = partition_of(file_id, partitions), partition_of(stream.id, partitions)
         if progress.done >= lines:
             raise RuntimeError(f"the batch ended before the faults {state()}: more lines")
         result.lost = [name for name in (
@@ -299,7 +291,6 @@ def scale_out(up: Up, receiver: Receiver, work: Path, *, lines: int = 2000,
     finally:
         progress.stop.set()
         stream.close()
-        client.close()
     return result
 
 

@@ -11,11 +11,10 @@ import os
 import signal
 from pathlib import Path
 
-import redis
-
+from millrace.kafka import partition_of
 from millrace.topics import Topics
 from millrace.up import scale_out
-from millrace.up.chaos import SLOW_ECHO, Api, Receiver, Round, Up, batch_partition, owner
+from millrace.up.chaos import SLOW_ECHO, Api, Receiver, Round, Up, owner
 from millrace.up.embedded import free_port
 from tests.deployment import wait_until
 
@@ -57,12 +56,10 @@ def test_a_partition_that_moves_after_the_broker_lost_its_data_loses_no_line(
         api = Api(up)
         endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
         topics = Topics(endpoints["topic_prefix"])
-        client = redis.Redis.from_url(endpoints["redis_url"])
         lines = 1000
         batch_id = api.create(lines, "b", receiver.url)
         wait_until(lambda: done(api, batch_id) >= lines // 10, 120, "a tenth of the batch")
-        partition = wait_until(lambda: (p := batch_partition(
-            client, topics, batch_id, 4)) is not None and [p], 60, "its partition")[0]
+        partition = partition_of(batch_id, 4)
         broker = up.pid("broker")
         assert broker is not None
         os.kill(broker, signal.SIGKILL)
@@ -86,7 +83,6 @@ def test_a_partition_that_moves_after_the_broker_lost_its_data_loses_no_line(
         result = Round(1, "kill-broker, then the partition moves", 0, lines)
         scale_out.finish(api, receiver, batch_id, result, "b", 300)
         assert result.ok, result
-        client.close()
     finally:
         receiver.close()
         if up.proc is not None and up.proc.poll() is None:
