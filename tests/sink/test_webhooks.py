@@ -68,8 +68,13 @@ def test_retries_until_2xx_even_across_a_sink_crash(
                    and i["pid"] != sink["pid"], 120, "the sink to restart")
         requests = receiver.wait_for(3, 120)
 
-        deliveries = http.get(f"/v1/batches/{batch.id}/webhook_deliveries",
+        def settled() -> list[dict[str, Any]] | None:
+            """The delivery log once the sink recorded the 2xx (just after it sent it)."""
+            listed = http.get(f"/v1/batches/{batch.id}/webhook_deliveries",
                               headers=auth(deployment.api_key)).json()["data"]
+            return listed if listed and listed[0]["status"] != "pending" else None
+
+        deliveries = wait_until(settled, 30, "the delivery to be recorded")
         assert len(receiver.received) == 3  # delivered: no attempt after the 2xx
 
     events = [verified(client, r, secret) for r in requests]
