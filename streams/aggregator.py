@@ -1,13 +1,16 @@
-"""The aggregator (`millrace aggregator`): owns every batch's status.
+"""The aggregator's work: every batch's status, from its events.
 
-It reads `<prefix>.batch-events` in the group `<prefix>.aggregator` (a batch's events are on
-one partition, so one aggregator at a time applies them, in order), applies each poll's
-events per batch to its state (`streams/state.py`), publishes what that emits — and waits
-for the broker's acknowledgement — then saves the state to Redis with the read model in one
-round trip, then commits. A crash therefore replays events into a state that may already
-hold them; applying an event twice is a no-op, so nothing counts twice and no batch stalls.
+`streams/app.py` runs it as a Faust app (group `<prefix>.aggregator`, topic
+`<prefix>.batch-events`; a batch's events are on one partition, so one aggregator at a time
+applies them, in order). Its one agent hands each chunk of events to `Aggregator.handle`,
+which applies them per batch to the batch's state (`streams/state.py`), publishes what that
+emits — and waits for the broker's acknowledgement — then saves the state to Redis with the
+read model in one round trip. Only then does the agent take the next chunk, and only events
+of finished chunks are committed. A crash therefore replays events into a state that may
+already hold them; each state is versioned by the offset of the last event in it, so a
+replayed event is a no-op, nothing counts twice and no batch stalls.
 
-The state lives in Redis (`batch:<id>` field `agg`), not in a Kafka table: after any
+The state lives in Redis (`batch:<id>` field `agg`), not in a Faust table: after any
 restart, a rebalance or a broker that lost its data, a batch's state is read back from
 Redis (or built from its read-model document if its `created` event never arrived). Each
 saved state is also published to the compacted `<prefix>.batch-state` topic, from which
@@ -20,23 +23,22 @@ batch past its window; the batch's owner applies it like any event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import time
+from collections.abc import Sequence
+from typing import NamedTuple
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Message
 from pydantic import ValidationError
 
 from millrace import metrics
-from millrace.errors import OUTAGES
+from millrace.errors import OUTAGES, disk_full
 from millrace.kafka import (
+    OUTAGE_RETRY_S,
     AsyncProducer,
     KafkaConfig,
-    consume_loop,
-    partition_names,
+    malformed,
     partition_of,
-    skip_malformed,
 )
 from millrace.records import (
     BatchCreated,
@@ -60,74 +62,85 @@ log = logging.getLogger(__name__)
 NOT_OURS = {"transition", "fill_requested", "redrive_requested", "finished"}
 EXPIRY_EVERY_S = 1.0
 COUNT_EVERY_S = 5.0  # the batches-by-status gauge reads every active batch
-CACHE_MOST = 10_000  # batch states kept in memory between polls
+CACHE_MOST = 10_000  # batch states kept in memory between chunks
+
+
+class Fetched(NamedTuple):
+    """One record of batch-events as a consumer fetched it."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+
+    @classmethod
+    def of(cls, msg: Message) -> Fetched:
+        return cls(msg.topic() or "", msg.partition() or 0, msg.offset() or 0,
+                   msg.value() or b"")
 
 
 class Aggregator:
+    """One aggregator's batches: their states in memory (Redis holds the truth), the
+    producer of what they emit, the expiry tick. The Faust app feeds it."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
-        kafka = KafkaConfig.of(settings, "aggregator")
-        self.consumer = Consumer(kafka.consumer(self.topics.aggregator_group()))
-        self.producer = AsyncProducer(kafka.producer())
+        self.producer = AsyncProducer(KafkaConfig.of(settings, "aggregator").producer())
         self.store = Store.connect(settings.require_redis(), settings.topic_prefix)
         # states of batches on our partitions; Redis holds the truth
         self.states: dict[str, BatchState] = {}
-        self._stopping = asyncio.Event()
-        self.lag = metrics.LagProbe(self.consumer, self.topics.aggregator_group())
         self._count_at = 0.0
         # the broker's cluster id, the epoch of the offsets states are versioned by; read
         # again after every assignment (a new broker means a new group, hence one)
         self._epoch: str | None = None
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
-        self.consumer.subscribe([self.topics.batch_events], on_assign=self._assigned,
-                                on_revoke=self._revoked, on_lost=self._revoked)
-        expiry = asyncio.create_task(self._expire_loop())
-        metrics.serve(self.settings)
-        try:
-            await consume_loop(self.consumer, self.handle, self._stopping, most=1000,
-                               every=self._between_polls)
-        finally:
-            self._stopping.set()
-            await expiry
-            await asyncio.to_thread(self.consumer.close)
-            self.producer.close()
-            await self.store.close()
+    async def close(self) -> None:
+        self.producer.close()
+        await self.store.close()
 
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def _between_polls(self) -> None:
-        self.lag.maybe(time.monotonic())
-
-    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    # --- rebalances ----------------------------------------------------------------------
+    def assigned(self, partitions: Sequence[int]) -> None:
         self._epoch = None
         mark_ready(self.settings, self.settings.aggregator_name)
         note_partitions(self.settings, self.settings.aggregator_name, self.topics.batch_events,
-                        [tp.partition for tp in partitions])
-        log.info("assigned %s", partition_names(partitions))
+                        list(partitions))
+        log.info("assigned %s[%s]", self.topics.batch_events,
+                 ",".join(map(str, sorted(partitions))))
 
-    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("revoked %s", partition_names(partitions))
+    def revoked(self, partitions: Sequence[int]) -> None:
+        log.info("revoked %s[%s]", self.topics.batch_events,
+                 ",".join(map(str, sorted(partitions))))
         note_partitions(self.settings, self.settings.aggregator_name, self.topics.batch_events,
                         [])
         self.states.clear()  # batches may move: read them back from Redis
 
     # --- applying events ---------------------------------------------------------------
-    async def handle(self, messages: list[Message]) -> None:
+    async def handle_until_done(self, records: Sequence[Fetched]) -> None:
+        """Handle a chunk; while the broker or Redis is away, or a disk is full, the same
+        chunk again once it is back (the agent takes no new chunk meanwhile, so nothing
+        after it is committed)."""
+        while True:
+            try:
+                await self.handle(records)
+                return
+            except Exception as exc:
+                if not isinstance(exc, OUTAGES) and not disk_full(exc):
+                    raise
+                log.warning("waiting for the broker, Redis or disk space: %s: %s",
+                            type(exc).__name__, exc)
+                await asyncio.sleep(OUTAGE_RETRY_S)
+
+    async def handle(self, records: Sequence[Fetched]) -> None:
         try:
-            await self._apply(messages)
+            await self._apply(records)
         except BaseException:
             # states changed in memory may not be saved: the retry starts from Redis
             self.states.clear()
             raise
 
-    async def _apply(self, messages: list[Message]) -> None:
-        by_batch = self._by_batch(messages)
+    async def _apply(self, records: Sequence[Fetched]) -> None:
+        by_batch = self._by_batch(records)
         if not by_batch:
             return
         if self._epoch is None:
@@ -161,26 +174,26 @@ class Aggregator:
         if len(self.states) > CACHE_MOST:
             self.states.clear()
 
-    def _by_batch(self, messages: list[Message]) -> dict[str, list[tuple[int, BatchEvent]]]:
+    def _by_batch(self, records: Sequence[Fetched]) -> dict[str, list[tuple[int, BatchEvent]]]:
         """The poll's events that are ours to apply, with their offsets, per batch. A batch's
         state is versioned by offsets on its own partition (murmur2 of its id, the topic
         contract): an event on another partition (a producer with another partitioner)
         is refused, counted and logged, never applied out of order."""
         by_batch: dict[str, list[tuple[int, BatchEvent]]] = {}
-        for msg in messages:
+        for record in records:
             try:
-                event = parse_event(msg.value() or b"")
+                event = parse_event(record.value)
             except ValidationError:
-                skip_malformed(msg)
+                malformed(record.topic, record.partition, record.offset, len(record.value))
                 continue
             if event.type in NOT_OURS:
                 continue
-            if msg.partition() != partition_of(event.batch_id, self.settings.partitions):
+            if record.partition != partition_of(event.batch_id, self.settings.partitions):
                 metrics.RECORDS_REFUSED.labels("batch-events", "wrong_partition").inc()
                 log.warning("%s: a %s event on partition %s, not the batch's: refused",
-                            event.batch_id, event.type, msg.partition())
+                            event.batch_id, event.type, record.partition)
                 continue
-            by_batch.setdefault(event.batch_id, []).append((msg.offset() or 0, event))
+            by_batch.setdefault(event.batch_id, []).append((record.offset, event))
         return by_batch
 
     def _unknown(self, state: BatchState, events: list[tuple[int, BatchEvent]]) -> bool:
@@ -240,22 +253,19 @@ class Aggregator:
         return self.producer.produce(self.topics.batch_state, state.batch_id, agg.encode())
 
     # --- expiry ------------------------------------------------------------------------
-    async def _expire_loop(self) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), EXPIRY_EVERY_S)
-            if self._stopping.is_set():
-                return
-            try:
-                await self.expire_due()
-                if time.monotonic() >= self._count_at:
-                    self._count_at = time.monotonic() + COUNT_EVERY_S
-                    await self.count_batches()
-            except OUTAGES as exc:  # Redis or the broker away: try again next second
-                log.warning("looking for expired batches: waiting for the broker or Redis: "
-                            "%s: %s", type(exc).__name__, exc)
-            except Exception:
-                log.exception("looking for expired batches failed")
+    async def tick(self) -> None:
+        """Each second (a Faust timer): expired batches, and every few seconds the gauge
+        of unfinished batches. An outage is one warning line and a try next second."""
+        try:
+            await self.expire_due()
+            if time.monotonic() >= self._count_at:
+                self._count_at = time.monotonic() + COUNT_EVERY_S
+                await self.count_batches()
+        except OUTAGES as exc:  # Redis or the broker away: try again next second
+            log.warning("looking for expired batches: waiting for the broker or Redis: "
+                        "%s: %s", type(exc).__name__, exc)
+        except Exception:
+            log.exception("looking for expired batches failed")
 
     async def count_batches(self) -> None:
         """The unfinished batches by status (every aggregator reports the same figures)."""
@@ -274,8 +284,3 @@ class Aggregator:
             await self.producer.send(self.topics.batch_events, batch_id,
                                      BatchExpireDue(batch_id=batch_id).dumps())
         return len(due)
-
-
-def run_aggregator(settings: Settings) -> None:
-    asyncio.run(Aggregator(settings).run())
-

@@ -3,7 +3,8 @@
 - Mutual TLS: tansu behind a TLS front that requires a client certificate signed by the test
   CA (tansu 0.6.0's own TLS listener is unusable, see tests/tls_proxy.py). Topics are created,
   records produced and consumed by a consumer group, all through TLS; no client certificate,
-  an untrusted CA or a wrong host name is refused.
+  an untrusted CA or a wrong host name is refused. The aggregator's Faust app (aiokafka, its
+  security rendered from the same settings) joins its group and applies events through it.
 - SASL: tansu with `--authentication` refuses unauthenticated clients and offers SCRAM, but
   0.6.0 stores no SCRAM credentials (`tansu user create` answers 0 and keeps nothing), so a
   login cannot succeed; the test shows our SCRAM client reaching the broker's credential check.
@@ -11,17 +12,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from pydantic import SecretStr
 
-from millrace.kafka import KafkaConfig, ensure_topics, produce
-from millrace.settings import KafkaSettings
+from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics, produce
+from millrace.records import BatchCreated, BatchValidated
+from millrace.settings import KafkaSettings, Settings
+from millrace.store import Store
+from millrace.topics import Topics
 from millrace.up import embedded
+from tests.deployment import Deployment
+from tests.streams.harness import running, until
 from tests.tls_proxy import Pki, TlsProxy, make_pki
 
 
@@ -55,6 +66,65 @@ def tls(port: int, pki: Pki, **changes: object) -> KafkaConfig:
                              ssl_ca_location=pki.ca, ssl_certificate_location=pki.client_cert,
                              ssl_key_location=pki.client_key)
     return KafkaConfig(settings.model_copy(update=changes), "test")
+
+
+def test_the_aggregators_faust_app_works_over_mutual_tls(
+        tls_port: int, pki: Pki, deployment: Deployment, tmp_path: Path) -> None:
+    """Faust's client (aiokafka) gets the same TLS from the same settings section: the
+    aggregator joins its group through the mutual-TLS front and applies a batch's events."""
+    kafka = tls(tls_port, pki).kafka
+    settings = Settings(topic_prefix=f"tls{uuid.uuid4().hex[:8]}", data_dir=tmp_path,
+                        redis_url=str(deployment.endpoints["redis_url"]), kafka=kafka)
+    topics = Topics.from_settings(settings)
+    config = KafkaConfig.of(settings, "test")
+    ensure_topics(config, topics.layout(settings), configs=topics.configs())
+    batch_id = f"batch_{uuid.uuid4().hex[:24]}"
+    doc = {"id": batch_id, "endpoint": "/v1/chat/completions", "input_file_id": "f",
+           "completion_window": "24h", "status": "validating", "created_at": 1,
+           "expires_at": int(time.time()) + 3600}
+
+    async def scenario() -> None:
+        producer = AsyncProducer(config.producer())
+        store = Store.connect(str(settings.redis_url), settings.topic_prefix)
+        async with running(settings):
+            for event in (BatchCreated(batch_id=batch_id, project="p", batch=doc,
+                                       listed_at=1.0),
+                          BatchValidated(batch_id=batch_id, total=1, model="m")):
+                await producer.send(topics.batch_events, batch_id, event.dumps())
+
+            async def in_progress() -> bool:
+                batch = await store.get_batch(batch_id, "p")
+                return batch is not None and batch.status.value == "in_progress"
+
+            await until(in_progress, 120)
+        producer.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("protocol", "mechanism"), [
+    ("SASL_PLAINTEXT", "PLAIN"), ("SASL_SSL", "SCRAM-SHA-512"), ("SSL", None)])
+def test_faust_gets_the_security_librdkafka_gets(pki: Pki, protocol: str,
+                                                 mechanism: str | None) -> None:
+    sasl = {"sasl_mechanism": mechanism, "sasl_username": "svc-aggregator",
+            "sasl_password": SecretStr("s3cret")} if mechanism else {}
+    tls_files = {"ssl_ca_location": pki.ca, "ssl_certificate_location": pki.client_cert,
+                 "ssl_key_location": pki.client_key} if protocol.endswith("SSL") else {}
+    settings = KafkaSettings(bootstrap="a:9093,b:9093", security_protocol=protocol, **sasl,
+                             **tls_files)
+    faust_conf = settings.faust("aggregator")
+    auth = credentials_to_aiokafka_auth(faust_conf["broker_credentials"])
+    librdkafka = settings.librdkafka("aggregator")
+    assert auth["security_protocol"] == librdkafka["security.protocol"] == protocol
+    assert faust_conf["broker"] == ["kafka://a:9093", "kafka://b:9093"]
+    assert faust_conf["broker_client_id"] == librdkafka["client.id"]
+    if mechanism:
+        assert (auth["sasl_mechanism"], auth["sasl_plain_username"],
+                auth["sasl_plain_password"]) == (mechanism, "svc-aggregator", "s3cret")
+    if tls_files:  # the client certificate is loaded: the context can present it
+        assert auth["ssl_context"].verify_mode == ssl.CERT_REQUIRED
+        assert auth["ssl_context"].check_hostname
 
 
 def test_every_client_kind_works_over_mutual_tls(tls_port: int, pki: Pki) -> None:

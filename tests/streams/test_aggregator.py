@@ -1,6 +1,7 @@
-"""An aggregator built in-process from its own settings (its own topic prefix) against the
-real broker and Redis: it applies a batch's events, publishes transitions and one
-`finished`, keeps its state in Redis, and a second aggregator picks the batch up from there."""
+"""The aggregator's Faust app built in-process from its own settings (its own topic prefix)
+against the real broker and Redis: it applies a batch's events, publishes transitions and
+one `finished`, keeps its state in Redis, and a second aggregator picks the batch up from
+there; a stale one never undoes its successor's state."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Message
 
-from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics, polled
+from millrace.kafka import AsyncProducer, KafkaConfig, polled
 from millrace.records import (
     BatchCreated,
     BatchFilesReady,
@@ -21,36 +22,15 @@ from millrace.records import (
     Record,
     parse_event,
 )
-from millrace.settings import KafkaSettings, Settings
 from millrace.store import Store, Version
 from millrace.topics import Topics
-from streams.aggregator import Aggregator
+from streams.aggregator import Aggregator, Fetched
 from tests.deployment import Deployment
+from tests.streams.harness import own_topics, running, until
 
 DOC = {"id": "batch_x", "endpoint": "/v1/chat/completions", "input_file_id": "file-1",
        "completion_window": "24h", "status": "validating", "created_at": int(time.time()),
        "expires_at": int(time.time()) + 3600}
-
-
-def own_topics(deployment: Deployment, tmp_path: Path
-               ) -> tuple[Settings, Topics, KafkaConfig]:
-    """Settings of an aggregator of its own (its own topic prefix, so its own topics and
-    Redis keys) on the session's broker and Redis, with its topics made."""
-    settings = Settings(
-        topic_prefix=f"agg{uuid.uuid4().hex[:8]}", data_dir=tmp_path,
-        redis_url=str(deployment.endpoints["redis_url"]),
-        kafka=KafkaSettings(bootstrap=str(deployment.endpoints["kafka_bootstrap"])))
-    topics = Topics.from_settings(settings)
-    kafka = KafkaConfig.of(settings, "test")
-    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
-    return settings, topics, kafka
-
-
-async def until(check: object, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 def test_an_aggregator_built_from_settings_in_process(deployment: Deployment,
@@ -69,24 +49,20 @@ def test_an_aggregator_built_from_settings_in_process(deployment: Deployment,
             batch = await store.get_batch("batch_x", "p")
             return batch.status.value if batch else ""
 
-        first = Aggregator(settings)
-        running = asyncio.create_task(first.run())
-        await send(BatchCreated(batch_id="batch_x", project="p", batch=DOC, listed_at=1.0),
-                   BatchValidated(batch_id="batch_x", total=2, model="m"),
-                   BatchProgress(batch_id="batch_x", completed=1, failed=0))
-        await until(lambda: _is(status, "in_progress"))
-        first.stop()
-        await running
+        async with running(settings):
+            await send(BatchCreated(batch_id="batch_x", project="p", batch=DOC,
+                                    listed_at=1.0),
+                       BatchValidated(batch_id="batch_x", total=2, model="m"),
+                       BatchProgress(batch_id="batch_x", completed=1, failed=0))
+            await until(lambda: _is(status, "in_progress"))
         middle = await status()
         # a second aggregator (a restart) goes on from the state in Redis
-        second = Aggregator(settings)
-        running = asyncio.create_task(second.run())
-        await send(BatchProgress(batch_id="batch_x", completed=2, failed=0),
-                   BatchFilesReady(batch_id="batch_x", output_file_id="o", error_file_id=None,
-                                   lines=2, completed=2, input_tokens=3, output_tokens=4))
-        await until(lambda: _is(status, "completed"))
-        second.stop()
-        await running
+        async with running(settings):
+            await send(BatchProgress(batch_id="batch_x", completed=2, failed=0),
+                       BatchFilesReady(batch_id="batch_x", output_file_id="o",
+                                       error_file_id=None, lines=2, completed=2,
+                                       input_tokens=3, output_tokens=4))
+            await until(lambda: _is(status, "completed"))
         final = await store.get_batch("batch_x", "p")
         assert final is not None and final.usage.total_tokens == 7
         producer.close()
@@ -141,7 +117,7 @@ def test_an_aggregator_that_wakes_up_stale_never_undoes_its_successor(
                       BatchValidated(batch_id="batch_y", total=3000, model="m"),
                       BatchProgress(batch_id="batch_y", completed=1500, failed=0)):
             await producer.send(topics.batch_events, "batch_y", event.dumps())
-        fetched = _messages(kafka, topics, 3)
+        fetched = [Fetched.of(m) for m in _messages(kafka, topics, 3)]
         frozen = Aggregator(settings)
         await frozen.handle(fetched[:2])  # in progress; the 1,500-line progress held back
         successor = Aggregator(settings)
@@ -150,15 +126,14 @@ def test_an_aggregator_that_wakes_up_stale_never_undoes_its_successor(
                                       error_file_id=None, lines=3000, completed=3000,
                                       input_tokens=3, output_tokens=4)):
             await producer.send(topics.batch_events, "batch_y", event.dumps())
-        await successor.handle(_messages(kafka, topics, 5))  # from the committed start
+        # from the committed start
+        await successor.handle([Fetched.of(m) for m in _messages(kafka, topics, 5)])
         await frozen.handle(fetched[2:])  # wakes up
         batch = await store.get_batch("batch_y", "p")
         assert batch is not None and batch.request_counts is not None
         counts = batch.request_counts.model_dump()
-        for aggregator in (frozen, successor):  # never ran: only their clients to close
-            aggregator.producer.close()
-            aggregator.consumer.close()
-            await aggregator.store.close()
+        for aggregator in (frozen, successor):
+            await aggregator.close()
         producer.close()
         await store.close()
         return batch.status.value, counts, _published(kafka, topics)

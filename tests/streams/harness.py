@@ -1,0 +1,51 @@
+"""Aggregators of a test's own: settings with their own topic prefix (own topics, own Redis
+keys) on the session's broker and Redis, and the Faust worker run in the test's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from millrace.kafka import KafkaConfig, ensure_topics
+from millrace.settings import KafkaSettings, Settings
+from millrace.topics import Topics
+from streams.app import AggregatorApp, AggregatorWorker, create_app
+from tests.deployment import Deployment
+
+
+def own_topics(deployment: Deployment, tmp_path: Path
+               ) -> tuple[Settings, Topics, KafkaConfig]:
+    """Settings of an aggregator of its own (its own topic prefix, so its own topics and
+    Redis keys) on the session's broker and Redis, with its topics made."""
+    settings = Settings(
+        topic_prefix=f"agg{uuid.uuid4().hex[:8]}", data_dir=tmp_path,
+        redis_url=str(deployment.endpoints["redis_url"]),
+        kafka=KafkaSettings(bootstrap=str(deployment.endpoints["kafka_bootstrap"])))
+    topics = Topics.from_settings(settings)
+    kafka = KafkaConfig.of(settings, "test")
+    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
+    return settings, topics, kafka
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[AggregatorApp]:
+    """The aggregator's Faust worker in this event loop, as `millrace aggregator` runs it."""
+    app = create_app(settings)
+    worker = AggregatorWorker(app, loop=asyncio.get_running_loop(), daemon=False,
+                              override_logging=False, redirect_stdouts=False, quiet=True)
+    await worker.start()
+    try:
+        yield app
+    finally:
+        await worker.stop()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
