@@ -6,13 +6,13 @@ it from this module's `app`, made from the environment's settings when Faust ask
 - **Group and topic**: the app's id is the consumer group `<prefix>.aggregator`; its one
   topic is `<prefix>.batch-events`, made by `ensure_topics` like every topic (Faust declares
   none: no leader topic, no tables, hence no changelogs).
-- **One agent, concurrency 1**: it takes up to CHUNK events at a time and hands them to
-  `Aggregator.handle_until_done`. That applies the chunk per batch, publishes what it emits,
-  waits for the acknowledgements and saves each state to Redis, retrying the same chunk
-  through an outage. Faust acknowledges a chunk's events only when the agent asks for the
-  next chunk, and commits acknowledged offsets only. So a crash mid-chunk commits none of
-  it, and with one actor no offset can be committed past an event still being processed
-  (faust-streaming #606 needs concurrency > 1).
+- **One agent, concurrency 1, manual acknowledgements**: it takes the events waiting (up to
+  CHUNK) and hands them to `Aggregator.handle_until_done`. That applies the chunk per batch,
+  publishes what it emits, waits for the broker's acknowledgements and saves each state to
+  Redis, retrying the same chunk through an outage. Only then does the agent acknowledge
+  the chunk's events, and Faust commits acknowledged offsets only. So a crash mid-chunk
+  commits none of it, and with one actor no offset can be committed past an event still
+  being processed (faust-streaming #606 needs concurrency > 1).
 - **State in Redis, not a Faust table**: no changelog to recover, so Faust's recovery has
   nothing to wait for and cannot hold commits back (#596). High watermarks (wrong on the
   embedded broker's ListOffsets) are read only from fetch responses, for the lag gauge.
@@ -37,13 +37,12 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Set
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import aiokafka
 import faust
-from faust.streams import Stream
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP, StreamT, TransportT
+from faust.types import TP, EventT, StreamT, TransportT
 from mode import CrashingSupervisor
 
 from millrace import metrics
@@ -54,7 +53,6 @@ from streams.aggregator import EXPIRY_EVERY_S, Aggregator, Fetched
 log = logging.getLogger(__name__)
 
 CHUNK = 1000  # events handled per step: one Redis round trip per batch per chunk
-CHUNK_WAIT_S = 0.005  # how long a chunk waits to fill once its first event is there
 COMMIT_EVERY_S = 1.0
 LAG_EVERY_S = 1.0
 
@@ -118,15 +116,28 @@ def create_app(settings: Settings) -> AggregatorApp:
     @app.agent(events, name="aggregate", concurrency=1,
                supervisor_strategy=CrashingSupervisor)
     async def aggregate(stream: StreamT[bytes]) -> AsyncIterator[int]:
-        """Each chunk handled (applied, published, saved) before the next is taken."""
-        async for chunk in cast(Stream[bytes], stream).take_events(CHUNK, within=CHUNK_WAIT_S):
+        """Each chunk handled (applied, published, saved), then acknowledged, before the
+        next is taken. A chunk is what is waiting when the agent gets to it (up to CHUNK):
+        one event when idle, without delay; many under load, while the last chunk was
+        being handled. Faust's `take_events` instead wakes every `within` seconds, busy or
+        idle, and acknowledges a chunk when its generator closes, handled or not."""
+        manual = stream.noack()  # type: ignore[attr-defined]  # on Stream, not StreamT
+        waiting = manual.channel.queue
+        chunk: list[EventT[bytes]] = []
+        async for event in manual.events():
+            chunk.append(event)
+            if len(chunk) < CHUNK and not waiting.empty():
+                continue
             try:
                 await aggregator.handle_until_done([
                     Fetched(e.message.topic, e.message.partition, e.message.offset,
                             e.value or b"") for e in chunk])
             except Exception:
                 die("handling a chunk of batch-events failed")
+            for handled in chunk:
+                await manual.ack(handled)
             yield len(chunk)
+            chunk = []
 
     app.aggregate = aggregate
 
@@ -173,9 +184,8 @@ async def record_lag(app: AggregatorApp) -> None:
 
 def die(why: str) -> NoReturn:
     """Exit at once, as a SIGKILL would: nothing of the chunk in hand is committed, and the
-    restarted aggregator handles it again. Not Faust's crash: `take_events` acknowledges a
-    chunk when its generator is closed, handled or not, and Faust's stop commits what is
-    acknowledged."""
+    restarted aggregator handles it again. Not Faust's crash: an app that crashed waits, as
+    it stops, for the chunk's acknowledgements, which never come."""
     log.critical("%s: exiting, to be started again", why, exc_info=True)
     logging.shutdown()
     os._exit(1)
