@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -29,6 +29,8 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from millrace import metrics
 from millrace.errors import OUTAGES, ComponentError, DeliveryError, disk_full
 from millrace.settings import KafkaSettings, Settings
+
+R = TypeVar("R")  # a record as a consumer hands it over
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +195,7 @@ async def consume_loop(
     while not stopping.is_set():
         messages = await asyncio.to_thread(take, consumer, most, wait_first, fill_wait)
         if messages:
-            await _until_handled(handle, [m for m in messages if usable(m)], stopping)
+            await until_handled(handle, [m for m in messages if usable(m)], stopping)
             if commit == "sync":
                 await asyncio.to_thread(_commit_sync, consumer)
             elif commit == "async":
@@ -202,18 +204,21 @@ async def consume_loop(
             await every()
 
 
-async def _until_handled(handle: Callable[[list[Message]], Awaitable[None]],
-                         messages: list[Message], stopping: asyncio.Event) -> None:
+async def until_handled(handle: Callable[[list[R]], Awaitable[None]], records: list[R],
+                        stopping: asyncio.Event | None = None) -> None:
+    """`handle(records)`; while the broker or Redis is away, or a disk is full, the same
+    records again once it is back (unless `stopping`), so nothing after them is committed
+    meanwhile."""
     while True:
         try:
-            await handle(messages)
+            await handle(records)
             return
         except Exception as exc:
             if not isinstance(exc, OUTAGES) and not disk_full(exc):
                 raise
             log.warning("waiting for the broker, Redis or disk space: %s: %s",
                         type(exc).__name__, exc)
-            if stopping.is_set():
+            if stopping is not None and stopping.is_set():
                 raise
             await asyncio.sleep(OUTAGE_RETRY_S)
 

@@ -32,14 +32,8 @@ from confluent_kafka import Message
 from pydantic import ValidationError
 
 from millrace import metrics
-from millrace.errors import OUTAGES, disk_full
-from millrace.kafka import (
-    OUTAGE_RETRY_S,
-    AsyncProducer,
-    KafkaConfig,
-    malformed,
-    partition_of,
-)
+from millrace.errors import OUTAGES
+from millrace.kafka import AsyncProducer, KafkaConfig, malformed, partition_of, until_handled
 from millrace.records import (
     BatchCreated,
     BatchEvent,
@@ -116,22 +110,12 @@ class Aggregator:
         self.states.clear()  # batches may move: read them back from Redis
 
     # --- applying events ---------------------------------------------------------------
-    async def handle_until_done(self, records: Sequence[Fetched]) -> None:
-        """Handle a chunk; while the broker or Redis is away, or a disk is full, the same
-        chunk again once it is back (the agent takes no new chunk meanwhile, so nothing
-        after it is committed)."""
-        while True:
-            try:
-                await self.handle(records)
-                return
-            except Exception as exc:
-                if not isinstance(exc, OUTAGES) and not disk_full(exc):
-                    raise
-                log.warning("waiting for the broker, Redis or disk space: %s: %s",
-                            type(exc).__name__, exc)
-                await asyncio.sleep(OUTAGE_RETRY_S)
+    async def handle_until_done(self, records: list[Fetched]) -> None:
+        """Handle a chunk, again and again through an outage (the agent takes no new chunk
+        meanwhile, so nothing after it is committed)."""
+        await until_handled(self.handle, records)
 
-    async def handle(self, records: Sequence[Fetched]) -> None:
+    async def handle(self, records: list[Fetched]) -> None:
         try:
             await self._apply(records)
         except BaseException:

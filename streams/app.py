@@ -171,7 +171,11 @@ async def record_lag(app: AggregatorApp) -> None:
     """Consumer lag per partition: the end offset carried in fetch responses (the embedded
     broker's ListOffsets answer is wrong) less the consumer's position."""
     group = app.conf.id
-    for tp in app.consumer.assignment():
+    try:
+        assigned = app.consumer.assignment()
+    except Exception:  # the consumer is not started yet
+        return
+    for tp in assigned:
         try:
             high = app.consumer.highwater(tp)
             position = await app.consumer.position(tp)
