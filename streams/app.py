@@ -96,11 +96,13 @@ class _Transport(faust_aiokafka.Transport):
 def create_app(settings: Settings) -> AggregatorApp:
     """The aggregator's Faust app, configured from `settings` only."""
     topics = Topics.from_settings(settings)
+    datadir = settings.data_dir / "faust"
+    datadir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     app = AggregatorApp(
         topics.aggregator_group(),
         **settings.kafka.faust("aggregator"),
         store="memory://",
-        datadir=str(settings.data_dir / "faust"),
+        datadir=str(datadir),
         autodiscover=False,
         topic_allow_declare=False,
         topic_disable_leader=True,
@@ -204,6 +206,10 @@ class AggregatorWorker(faust.Worker):
     def __init__(self, app: AggregatorApp, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.spinner = None  # a service's log is no terminal
+
+    def _setproctitle(self, info: str, **kwargs: Any) -> None:
+        """The process keeps its title, `millrace aggregator`, as every service does in
+        `ps` (Faust's would be `[Faust:Worker] -init- …`)."""
 
     async def on_started(self) -> None:
         self.add_future(self._stop_on_crash())
