@@ -24,9 +24,9 @@ it from this module's `app`, made from the environment's settings when Faust ask
 - **Rebalance hooks**: the readiness marker notes the partitions held; a revoke drops the
   in-memory states (Redis holds the truth).
 - **Errors**: an error that is not an outage in the agent exits the process at once, as a
-  SIGKILL would (Faust's own crash handling would acknowledge the chunk in hand, see
-  `die`); a crash elsewhere in the app stops the worker. Either way its supervisor starts
-  it again, and it resumes from the last commit.
+  SIGKILL would (a Faust app that crashed would wait, as it stops, for the chunk's
+  acknowledgements, see `die`); a crash elsewhere in the app stops the worker. Either way
+  its supervisor starts it again, and it resumes from the last commit.
 """
 
 from __future__ import annotations
