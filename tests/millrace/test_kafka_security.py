@@ -25,14 +25,12 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from pydantic import SecretStr
 
-from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics, produce
-from millrace.records import BatchCreated, BatchValidated
+from millrace.kafka import KafkaConfig, ensure_topics, produce
 from millrace.settings import KafkaSettings, Settings
-from millrace.store import Store
 from millrace.topics import Topics
 from millrace.up import embedded
 from tests.deployment import Deployment
-from tests.streams.harness import running, until
+from tests.streams.harness import running, starts
 from tests.tls_proxy import Pki, TlsProxy, make_pki
 
 
@@ -79,26 +77,10 @@ def test_the_aggregators_faust_app_works_over_mutual_tls(
     config = KafkaConfig.of(settings, "test")
     ensure_topics(config, topics.layout(settings), configs=topics.configs())
     batch_id = f"batch_{uuid.uuid4().hex[:24]}"
-    doc = {"id": batch_id, "endpoint": "/v1/chat/completions", "input_file_id": "f",
-           "completion_window": "24h", "status": "validating", "created_at": 1,
-           "expires_at": int(time.time()) + 3600}
 
     async def scenario() -> None:
-        producer = AsyncProducer(config.producer())
-        store = Store.connect(str(settings.redis_url), settings.topic_prefix)
         async with running(settings):
-            for event in (BatchCreated(batch_id=batch_id, project="p", batch=doc,
-                                       listed_at=1.0),
-                          BatchValidated(batch_id=batch_id, total=1, model="m")):
-                await producer.send(topics.batch_events, batch_id, event.dumps())
-
-            async def in_progress() -> bool:
-                batch = await store.get_batch(batch_id, "p")
-                return batch is not None and batch.status.value == "in_progress"
-
-            await until(in_progress, 120)
-        producer.close()
-        await store.close()
+            await starts(settings, config, batch_id)
 
     asyncio.run(scenario())
 

@@ -31,7 +31,7 @@ from millrace.topics import Topics
 from streams.aggregator import Fetched
 from streams.app import COMMIT_EVERY_S, create_app
 from tests.deployment import Deployment, wait_until
-from tests.streams.harness import own_topics, running, until
+from tests.streams.harness import own_topics, running, starts, until
 
 DOC = {"endpoint": "/v1/chat/completions", "input_file_id": "file-1",
        "completion_window": "24h", "status": "validating", "created_at": int(time.time()),
@@ -110,24 +110,7 @@ def test_fausts_own_command_runs_the_aggregator(deployment: Deployment, tmp_path
          "--without-web", "-l", "info"], env=env_of(settings), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:
-        async def scenario() -> str:
-            producer = AsyncProducer(kafka.producer())
-            store = Store.connect(str(settings.redis_url), settings.topic_prefix)
-            for event in (BatchCreated(batch_id=batch_id, project="p", batch=doc(batch_id),
-                                       listed_at=1.0),
-                          BatchValidated(batch_id=batch_id, total=1, model="m")):
-                await producer.send(topics.batch_events, batch_id, event.dumps())
-
-            async def in_progress() -> bool:
-                batch = await store.get_batch(batch_id, "p")
-                return batch is not None and batch.status.value == "in_progress"
-
-            await until(in_progress, 120)
-            producer.close()
-            await store.close()
-            return "in_progress"
-
-        assert asyncio.run(scenario()) == "in_progress"
+        asyncio.run(starts(settings, kafka, batch_id))
     finally:
         worker.terminate()
         _, err = worker.communicate(timeout=60)
