@@ -15,6 +15,7 @@ COPY gateway ./gateway
 COPY gpu_consumer ./gpu_consumer
 COPY streams ./streams
 COPY sink ./sink
+COPY ops ./ops
 
 RUN if [ "$PROFILE" = cpu ]; then pip install torch==2.13.0; fi \
  && pip install ".[$PROFILE]" \

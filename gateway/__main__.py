@@ -1,4 +1,4 @@
-from millrace.cli import main
+from gateway.main import main
 
 if __name__ == "__main__":
-    main(["gateway"])
+    main()

@@ -11,13 +11,10 @@ from typing import Protocol
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from gateway import errors, openapi
-from gateway.context import API_DELIVERY_TIMEOUT_MS, Context
-from gateway.headers import SecurityHeaders
-from gateway.http_limits import BodyLimits
-from gateway.ingest_topic import StreamIngest
-from gateway.jobs import Jobs
-from gateway.routes import (
+from gateway.api import errors, openapi
+from gateway.api.headers import SecurityHeaders
+from gateway.api.http_limits import BodyLimits
+from gateway.api.routes import (
     admin,
     batches,
     dashboard,
@@ -31,16 +28,19 @@ from gateway.routes import (
     retry,
     webhooks,
 )
-from gateway.routes import files as files_routes
+from gateway.api.routes import files as files_routes
+from gateway.context import API_DELIVERY_TIMEOUT_MS, Context
+from gateway.ingest import StreamIngest
+from gateway.jobs.consumer import Jobs
 from gateway.worker_board import WorkerFollower
 from millrace.filestore import FileStore
 from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
 from millrace.metrics import gateway_registry
+from millrace.readiness import mark_ready
 from millrace.registry import Registry
 from millrace.settings import Settings
-from millrace.store import Principal, Store
+from millrace.storage.store import Principal, Store
 from millrace.topics import Topics
-from millrace.up.readiness import mark_ready
 
 log = logging.getLogger(__name__)
 RESTART_S = 1.0
@@ -107,7 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
             producer.close()
             await store.close()
 
-    # the docs pages are served from the package (gateway/routes/docs.py), not from a CDN
+    # the docs pages are served from the package (gateway/api/routes/docs.py), not from a CDN
     app = FastAPI(title="millrace", version="0.1.0", lifespan=lifespan, docs_url=None,
                   redoc_url=None)
     app.add_middleware(BodyLimits, json_max_bytes=settings.json_max_bytes,

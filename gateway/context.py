@@ -15,7 +15,7 @@ from millrace.kafka import AsyncProducer
 from millrace.records import Record
 from millrace.registry import Registry
 from millrace.settings import Settings
-from millrace.store import Store
+from millrace.storage.store import Store
 from millrace.topics import Topics
 
 # How long an API call waits for the broker to acknowledge what it publishes before it

@@ -1,4 +1,4 @@
-from millrace.cli import main
+from gpu_consumer.main import main
 
 if __name__ == "__main__":
-    main(["worker"])
+    main()

@@ -1,10 +1,22 @@
-"""Start one worker: prepare the models, load the engine, consume until stopped."""
+"""Start one worker: `python -m gpu_consumer` or `millrace worker`. It prepares the models,
+loads the engine and consumes until stopped."""
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
+from typing import NoReturn
+
 from gpu_consumer import models
+from millrace import readiness, service
 from millrace.settings import Settings
-from millrace.up import readiness
+
+HELP = "gpu_consumer: inference worker"
+
+
+def flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=["vllm", "echo"], help="MILLRACE_ENGINE")
+    parser.add_argument("--model", help="served models (MILLRACE_MODEL)")
 
 
 def run_worker(settings: Settings) -> None:
@@ -33,3 +45,7 @@ def run_worker(settings: Settings) -> None:
             settings, settings.worker_name, models=folders))
     finally:
         engine.close()
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    service.run("worker", argv, HELP, flags, run_worker)

@@ -14,8 +14,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pydantic import ValidationError
 
 from millrace.kafka import KafkaConfig, polled, skip_malformed
+from millrace.lifecycle.status import BatchStatus
 from millrace.records import BatchTransition, parse_event
-from millrace.status import BatchStatus
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from gpu_consumer.admission import Backlog, Budget, PartitionOffsets, Pending, t
 from gpu_consumer.engine import Engine, EngineRequest, EngineResult
 from gpu_consumer.load import Load
 from gpu_consumer.stops import StoppedBatches
-from millrace import ids, metrics
+from millrace import ids, metrics, readiness
 from millrace.errors import DeliveryError
 from millrace.kafka import (
     KafkaConfig,
@@ -45,7 +45,6 @@ from millrace.protocol import BATCH_LINE_ERRORS, LineError
 from millrace.records import Tokens, read_request, response_value
 from millrace.settings import Settings
 from millrace.topics import Topics
-from millrace.up import readiness
 
 log = logging.getLogger(__name__)
 

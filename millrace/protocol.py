@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from millrace.status import BatchStatus
+from millrace.lifecycle.status import BatchStatus
 
 # Every endpoint a batch line may name: vLLM's server paths. A deployment serves those its
 # models support, as its workers advertise them on the worker board.

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from millrace.lifecycle.status import BatchStatus
 from millrace.protocol import BatchError, FileObject, LineError, WebhookEndpoint
-from millrace.status import BatchStatus
 
 
 def now() -> int:

@@ -24,7 +24,7 @@ from millrace.records import (
     parse_registry,
 )
 from millrace.settings import Settings
-from millrace.store import Principal, Store, hash_key
+from millrace.storage.store import Principal, Store, hash_key
 from millrace.topics import Topics
 
 log = logging.getLogger(__name__)

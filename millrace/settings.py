@@ -357,7 +357,7 @@ class Settings(BaseSettings):
     replicas: str | None = None
     # `up`: service instances that start inside a network namespace, as on their own host
     # (`ip netns exec <netns>`), e.g. "worker=mr-w1,worker-2=mr-w2"; `millrace chaos
-    # --faults partition-…` and the network tests set it (millrace/up/network.py).
+    # --faults partition-…` and the network tests set it (ops/network.py).
     netns: str | None = None
     # This worker's name in readiness markers and logs (`up` names them worker, worker-2…).
     worker_name: str = "worker"

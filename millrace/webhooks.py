@@ -21,9 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from standardwebhooks import Webhook
 
 from millrace.errors import InvalidRequestError
+from millrace.lifecycle.status import BatchStatus
 from millrace.outbound import Guard, Resolver, Target, resolve
+from millrace.records import BatchFinished, WebhookTarget
 from millrace.settings import Settings
-from millrace.status import BatchStatus
+from millrace.storage.store import Store
 
 # Terminal status → the event a subscriber receives (OpenAI's names).
 EVENT_TYPES: dict[BatchStatus, str] = {
@@ -99,3 +101,18 @@ async def check_target(url: str, settings: Settings, param: str = "webhook_url")
     """The target of a webhook URL, or a 400 `invalid_webhook_url` (checked when given and
     again before each delivery, so a name that later points inside is refused too)."""
     return await webhook_guard(settings).check(url, param)
+
+
+async def with_endpoints(store: Store, event: BatchFinished) -> BatchFinished:
+    """Who hears that a batch is finished: its own `webhook_url`, and its project's
+    endpoints that want this event."""
+    event_type = EVENT_TYPES.get(event.status)
+    targets = list(event.webhooks)
+    urls = {t.url for t in targets}
+    for endpoint in await store.endpoints(event.project):
+        wanted = endpoint.events is None or event_type in endpoint.events
+        if wanted and endpoint.url not in urls:
+            targets.append(WebhookTarget(url=endpoint.url, source="endpoint",
+                                         endpoint_id=endpoint.id))
+            urls.add(endpoint.url)
+    return event.model_copy(update={"webhooks": targets})

@@ -1,4 +1,4 @@
-from millrace.cli import main
+from sink.main import main
 
 if __name__ == "__main__":
-    main(["sink"])
+    main()

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from millrace.filestore import FileStore
 from millrace.protocol import FileObject
 from millrace.records import BatchFilesReady, BatchProgress, SpooledResponse, Tokens, usage_of
-from millrace.results import (
+from millrace.result_files import (
     KINDS,
     final_file_id,
     final_key,

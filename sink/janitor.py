@@ -10,7 +10,7 @@ import logging
 
 from millrace.filestore import FileStore
 from millrace.registry import Registry
-from millrace.store import Store
+from millrace.storage.store import Store
 from sink.assembler import Assembler
 
 log = logging.getLogger(__name__)

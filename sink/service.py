@@ -15,7 +15,7 @@ whose files are already written means its `files_ready` may have been lost (a br
 lost its data): it is announced again.
 
 A sink handles a partition's records only while it owns the partition (its owner epoch,
-`millrace/ownership.py`): one that froze or was cut off while another sink took the
+`millrace/storage/ownership.py`): one that froze or was cut off while another sink took the
 partition over drops what it still held, so it neither writes files nor publishes progress
 or deliveries for batches it no longer owns.
 
@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable, Iterable
 
 import msgspec
-import redis
 from confluent_kafka import Consumer, Message, TopicPartition
 from pydantic import ValidationError
 from redis.exceptions import RedisError
@@ -51,7 +50,7 @@ from millrace.kafka import (
     partition_names,
     skip_malformed,
 )
-from millrace.ownership import Ownership
+from millrace.readiness import mark_ready, note_partitions
 from millrace.records import (
     BatchCreated,
     BatchEvent,
@@ -67,11 +66,11 @@ from millrace.records import (
     read_response,
 )
 from millrace.registry import Registry
-from millrace.results import final_key
+from millrace.result_files import final_key
 from millrace.settings import Settings
-from millrace.store import COMMAND_TIMEOUT_S, Store
+from millrace.storage.ownership import Ownership
+from millrace.storage.store import Store
 from millrace.topics import Topics
-from millrace.up.readiness import mark_ready, note_partitions
 from sink.assembler import Assembler
 from sink.janitor import EVERY_S as JANITOR_EVERY_S
 from sink.janitor import Janitor
@@ -101,9 +100,6 @@ class Sink:
         self._noted: dict[tuple[str, int], dict[str, int]] = {}  # first offsets recorded
         # batch → (project, line key) from Redis, None for no such batch (`issued`)
         self._batches: dict[str, tuple[str, str | None] | None] = {}
-        self._redis = redis.Redis.from_url(settings.require_redis(), decode_responses=True,
-                                           socket_timeout=COMMAND_TIMEOUT_S,
-                                           socket_connect_timeout=COMMAND_TIMEOUT_S)
         # a batch's records are on the same partition of both topics (keyed by batch)
         self.owners = Ownership(settings.require_redis(), self.store.keys,
                                 self.topics.sink_group(), "sink")
@@ -135,7 +131,6 @@ class Sink:
             await asyncio.to_thread(self.consumer.close)
             self.producer.close()
             await self.store.close()
-            self._redis.close()
             self.owners.close()
 
     async def handle(self, messages: list[Message]) -> None:
@@ -286,12 +281,9 @@ class Sink:
     def _first_offsets(self, topic: str, partition: int) -> dict[str, int]:
         """Blocking (the consumer's thread, in a rebalance): batch → first offset; waits
         for Redis, since reading from the committed offset could lose lines."""
-        key = self.store.keys.sink_from(topic, partition)
         while True:
             try:
-                found: list[tuple[str, float]] = self._redis.zrange(  # type: ignore[assignment]
-                    key, 0, -1, withscores=True)
-                return {str(batch): int(offset) for batch, offset in found}
+                return self.owners.first_offsets(topic, partition)
             except RedisError as exc:
                 log.warning("waiting for Redis to know where to read %s[%d]: %s", topic,
                             partition, exc)

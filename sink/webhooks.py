@@ -5,7 +5,7 @@ The event carries everything: the final Batch object (files attached, counts, us
 the targets (the batch's own `webhook_url` and its project's endpoints that want the event
 type), so nothing is looked up in the read model. The body is built once, when the
 delivery is recorded, and is the same on every attempt. Deliveries live in Redis
-(`millrace.deliveries`), so a restarted sink carries on with the retries; every attempt is
+(`millrace.storage.deliveries`), so a restarted sink carries on with the retries; every attempt is
 recorded.
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 
 from millrace import metrics
-from millrace.deliveries import Deliveries, Delivery, DeliveryAttempt, delivery_id
 from millrace.errors import OUTAGES
 from millrace.filestore import FileStore
+from millrace.lifecycle.status import job_status
 from millrace.outbound import (
     NO_ANSWER,
     TIMED_OUT,
@@ -31,12 +31,12 @@ from millrace.outbound import (
     UnsafeTarget,
     resolve,
 )
+from millrace.promptloop import result_rows
 from millrace.records import BatchFinished
-from millrace.results import KINDS, final_key
+from millrace.result_files import KINDS, final_key
 from millrace.settings import Settings
-from millrace.status import job_status
-from millrace.store import Store
-from millrace.tasks import result_rows
+from millrace.storage.deliveries import Deliveries, Delivery, DeliveryAttempt, delivery_id
+from millrace.storage.store import Store
 from millrace.webhooks import (
     EVENT_TYPES,
     WebhookEvent,

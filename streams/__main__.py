@@ -1,4 +1,4 @@
-from millrace.cli import main
+from streams.main import main
 
 if __name__ == "__main__":
-    main(["aggregator"])
+    main()

@@ -3,12 +3,13 @@
 `streams/app.py` runs it as a Faust app (group `<prefix>.aggregator`, topic
 `<prefix>.batch-events`; a batch's events are on one partition, so one aggregator at a time
 applies them, in order). Its one agent hands each chunk of events to `Aggregator.handle`,
-which applies them per batch to the batch's state (`streams/state.py`), publishes what that
-emits — and waits for the broker's acknowledgement — then saves the state to Redis with the
-read model in one round trip. Only then does the agent take the next chunk, and only events
-of finished chunks are committed. A crash therefore replays events into a state that may
-already hold them; each state is versioned by the offset of the last event in it, so a
-replayed event is a no-op, nothing counts twice and no batch stalls.
+which applies them per batch to the batch's state (`millrace/lifecycle/state.py`),
+publishes what that emits — and waits for the broker's acknowledgement — then saves the
+state to Redis with the read model in one round trip. Only then does the agent take the
+next chunk, and only events of finished chunks are committed. A crash therefore replays
+events into a state that may already hold them; each state is versioned by the offset of
+the last event in it, so a replayed event is a no-op, nothing counts twice and no batch
+stalls.
 
 The state lives in Redis (`batch:<id>` field `agg`), not in a Faust table: after any
 restart, a rebalance or a broker that lost its data, a batch's state is read back from
@@ -34,6 +35,9 @@ from pydantic import ValidationError
 from millrace import metrics
 from millrace.errors import OUTAGES
 from millrace.kafka import AsyncProducer, KafkaConfig, malformed, partition_of, until_handled
+from millrace.lifecycle.state import BatchState, Emitted
+from millrace.lifecycle.status import BatchStatus
+from millrace.readiness import mark_ready, note_partitions
 from millrace.records import (
     BatchCreated,
     BatchEvent,
@@ -43,12 +47,9 @@ from millrace.records import (
     parse_event,
 )
 from millrace.settings import Settings
-from millrace.status import BatchStatus
-from millrace.store import Store, Version
+from millrace.storage.store import Store, Version
 from millrace.topics import Topics
-from millrace.up.readiness import mark_ready, note_partitions
-from streams.state import BatchState, Emitted
-from streams.targets import with_endpoints
+from millrace.webhooks import with_endpoints
 
 log = logging.getLogger(__name__)
 

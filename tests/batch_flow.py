@@ -7,8 +7,8 @@ from pathlib import Path
 from openai import OpenAI
 from openai.types import Batch
 
+from millrace.lifecycle.status import BatchStatus
 from millrace.protocol import OutputLine
-from millrace.status import BatchStatus
 from tests.deployment import wait_until
 
 ORDER = ["validating", "in_progress", "finalizing", "completed"]

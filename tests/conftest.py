@@ -12,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from millrace.settings import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL
-from millrace.up.embedded import free_port
+from ops.embedded import free_port
 from tests.deployment import Deployment, start
 
 MAX_MODEL_LEN = 2048

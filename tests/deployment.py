@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from millrace.up.chaos import reap
-from millrace.up.embedded import die_with_parent, free_port
+from ops.chaos import reap
+from ops.embedded import die_with_parent, free_port
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ def extra_worker(deployment: Deployment, model: str, env: dict[str, str]
     process, an event set once the group gave it partitions of a requests topic, and its
     log lines so far."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "millrace", "worker", "--data-dir", str(deployment.data_dir),
+        [sys.executable, "-m", "ops", "worker", "--data-dir", str(deployment.data_dir),
          "--model", model],
         env={**os.environ,
              "MILLRACE_KAFKA__BOOTSTRAP": str(deployment.endpoints["kafka_bootstrap"]),
@@ -115,7 +115,7 @@ def start(data_dir: Path, *, engine: str = "vllm", timeout: float = 600,
     env.pop("MILLRACE_KAFKA__BOOTSTRAP", None)
     env.pop("MILLRACE_REDIS_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "millrace", "up", "--port", str(port),
+        [sys.executable, "-m", "ops", "up", "--port", str(port),
          "--data-dir", str(data_dir), "--engine", engine],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         preexec_fn=die_with_parent,  # a crashed test run leaves no deployment behind

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from millrace.results import final_key
-from millrace.up.chaos import (
+from millrace.result_files import final_key
+from ops.chaos import (
     SLOW_ECHO,
     TERMINAL,
     Api,

@@ -2,7 +2,7 @@
 
 Each case runs a batch on its own embedded deployment (echo engine: the faults are in the
 pipeline, not the model), does the fault at a random moment of the batch, and checks what a
-user would (`millrace.up.chaos.Round.ok`): a final status, every line exactly once across
+user would (`ops.chaos.Round.ok`): a final status, every line exactly once across
 the output and error files, counts and usage equal to the files, the webhook delivered.
 The two whole-stack cases also run on the real engine (`test_real_engine.py`).
 """
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from millrace.up.chaos import FAULTS, Api, Receiver, Up, batch_file, deployment, run_round
+from ops.chaos import FAULTS, Api, Receiver, Up, batch_file, deployment, run_round
 from tests.deployment import wait_until
 from tests.website import serving
 

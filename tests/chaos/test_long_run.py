@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from millrace.up.chaos import Api, Receiver, Up, deployment
-from millrace.up.embedded import rss_mb
+from ops.chaos import Api, Receiver, Up, deployment
+from ops.embedded import rss_mb
 from tests.deployment import wait_until
 
 BATCHES, LINES, WARM = 4, 50_000, 2

@@ -1,4 +1,4 @@
-"""Issue 25: the faults of a real network, on separate hosts (`millrace/up/network.py`).
+"""Issue 25: the faults of a real network, on separate hosts (`ops/network.py`).
 
 One deployment for the module, two of every service: the broker (behind a TCP proxy that can
 add latency and loss) and Redis each on a host of their own, `millrace up` and the two
@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import redis
 
-from millrace.up import readiness
-from millrace.up.chaos import (
+from millrace import readiness
+from ops.chaos import (
     TERMINAL,
     Api,
     Receiver,
@@ -36,7 +36,7 @@ from millrace.up.chaos import (
     pause_owners,
     run_round,
 )
-from millrace.up.network import Impairment, Spread
+from ops.network import Impairment, Spread
 from tests.deployment import wait_until
 from tests.website import serving
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from millrace.up.chaos import TERMINAL, Api, Receiver, Round, Up, check, deployment, run_round
+from ops.chaos import TERMINAL, Api, Receiver, Round, Up, check, deployment, run_round
 
 pytestmark = pytest.mark.engine
 LINES = 40  # at max_tokens 8: half a minute of the engine on two cores

@@ -13,7 +13,7 @@ import pytest
 
 from millrace.client import StreamBatch
 from millrace.settings import BUNDLED_CHAT_MODEL
-from millrace.up.chaos import Api, Up, batch_file, deployment
+from ops.chaos import Api, Up, batch_file, deployment
 from tests.deployment import wait_until
 
 

@@ -2,7 +2,7 @@
 Kafka, Redis and an S3 file store (moto's server); mid-batch a sink, an aggregator and a
 gateway lose their hosts (SIGKILL, data dir deleted), then a host with one more of every
 service joins and leaves. The scenario is `millrace chaos --scale-out`
-(`millrace/up/scale_out.py`)."""
+(`ops/scale_out.py`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 from millrace.kafka import partition_of
 from millrace.topics import Topics
-from millrace.up import scale_out
-from millrace.up.chaos import SLOW_ECHO, Api, Receiver, Round, Up, owner
-from millrace.up.embedded import free_port
+from ops import scale_out
+from ops.chaos import SLOW_ECHO, Api, Receiver, Round, Up, owner
+from ops.embedded import free_port
 from tests.deployment import wait_until
 
 

@@ -76,7 +76,7 @@ def test_minted_keys_see_only_their_project(
 
 def test_keys_create_cli_mints_a_working_key(deployment: Deployment, http: httpx.Client) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "millrace", "keys", "create", "--project", "cli-team",
+        [sys.executable, "-m", "ops", "keys", "create", "--project", "cli-team",
          "--data-dir", str(deployment.data_dir)],
         capture_output=True, text=True, check=True,
     ).stdout

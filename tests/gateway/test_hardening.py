@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from millrace.records import ResponseRecord
 from millrace.settings import Settings
-from millrace.up.embedded import die_with_parent, free_port
-from millrace.up.launcher import Launcher
+from ops.embedded import die_with_parent, free_port
+from ops.launcher import Launcher
 from tests.conftest import FETCH_TIMEOUT_S, chat_line
 from tests.deployment import Deployment, wait_until
 from tests.website import serving
@@ -167,7 +167,7 @@ def standalone_gateway(deployment: Deployment, tmp_path: Path) -> Iterator[tuple
                 "MILLRACE_TOPIC_PREFIX": prefix, "MILLRACE_DATA_DIR": str(tmp_path),
                 "MILLRACE_PORT": str(port), "MILLRACE_API_KEY": key,
                 "MILLRACE_WEBHOOK_SIGNING_KEY": uuid.uuid4().hex})
-    proc = subprocess.Popen([sys.executable, "-m", "millrace", "gateway"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "ops", "gateway"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=die_with_parent)
     url = f"http://127.0.0.1:{port}"

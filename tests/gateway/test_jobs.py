@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from gateway.jobs import Fenced, Jobs
+from gateway.jobs.base import Fenced
+from gateway.jobs.consumer import Jobs
 from gateway.worker_board import WorkerBoard
 from millrace.filestore import FileStore
 from millrace.kafka import KafkaConfig, ensure_topics
 from millrace.protocol import FileObject
 from millrace.records import BatchCreated
 from millrace.settings import BUNDLED_CHAT_MODEL, KafkaSettings, Settings
-from millrace.store import Store
+from millrace.storage.store import Store
 from millrace.topics import Topics
-from millrace.up.chaos import batch_file
+from ops.chaos import batch_file
 from tests.deployment import Deployment
 
 LINES = 3

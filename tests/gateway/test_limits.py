@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from gateway.http_limits import HEADER_TIMEOUT_S
+from gateway.api.http_limits import HEADER_TIMEOUT_S
 from tests.deployment import Deployment
 
 

@@ -188,7 +188,7 @@ def test_streaming_bench_runs_and_records_its_numbers(deployment: Deployment,
                                                       tmp_path: Path) -> None:
     """Not a timing assertion: the bench must keep working and write what it measured."""
     out = subprocess.run(
-        [sys.executable, "-m", "millrace", "bench", "--streaming", "--requests", "3",
+        [sys.executable, "-m", "ops", "bench", "--streaming", "--requests", "3",
          "--data-dir", str(deployment.data_dir), "--results", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=True).stdout
     assert "produce → response on topic" in out and "pipeline overhead" in out

@@ -83,7 +83,7 @@ def test_a_worker_given_a_bad_argument_exits_2_with_vllm_s_message(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MILLRACE_")}
     done = subprocess.run(
-        [sys.executable, "-m", "millrace", "worker", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "ops", "worker", "--data-dir", str(tmp_path)],
         env={**env, variable: value, "MILLRACE_KAFKA__BOOTSTRAP": "127.0.0.1:9"},
         capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 2, done.stderr[-2000:]

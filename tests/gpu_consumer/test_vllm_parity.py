@@ -19,9 +19,9 @@ import pytest
 from openai import OpenAI
 
 from gpu_consumer import engine_args
-from millrace.bench.batch import vllm_env
 from millrace.settings import Settings
-from millrace.up.embedded import die_with_parent, free_port
+from ops.bench.batch import vllm_env
+from ops.embedded import die_with_parent, free_port
 from tests.batch_flow import read_lines, run_batch
 from tests.conftest import VLLM_MODEL_ARGS, chat_line, write_jsonl
 from tests.deployment import Deployment, wait_until

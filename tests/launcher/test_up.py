@@ -90,7 +90,7 @@ def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "millrace", "up", "--engine", "echo", "--port", str(port),
+            [sys.executable, "-m", "ops", "up", "--engine", "echo", "--port", str(port),
              "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60,
         )
     assert result.returncode == 1

@@ -10,9 +10,9 @@ import pytest
 from openai import OpenAI
 
 from gpu_consumer import engine_args
-from millrace.bench import batch as batch_bench
-from millrace.bench.costs import Meter
 from millrace.settings import Settings
+from ops.bench import batch as batch_bench
+from ops.bench.costs import Meter
 from tests.deployment import Deployment
 
 

@@ -23,7 +23,7 @@ import yaml
 
 from millrace.errors import SettingsError
 from millrace.settings import KafkaSettings, Settings, service_links
-from millrace.up.embedded import die_with_parent, free_port
+from ops.embedded import die_with_parent, free_port
 from tests.deployment import Deployment, wait_until
 
 MANIFESTS = sorted((Path(__file__).parents[2] / "deploy" / "kubernetes").glob("*.yaml"))
@@ -192,7 +192,7 @@ def test_each_service_starts_with_the_environment_a_pod_of_the_manifest_gets(
             env["MILLRACE_WEBHOOK_SIGNING_KEY"] = uuid.uuid4().hex
             assert env["MILLRACE_SERVICE_HOST"]  # the links are there
             procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "millrace", *containers[name]["args"]],
+                [sys.executable, "-m", "ops", *containers[name]["args"]],
                 env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env},
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 preexec_fn=die_with_parent)

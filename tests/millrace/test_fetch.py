@@ -17,7 +17,7 @@ import pytest
 from millrace.fetch import Fetcher, FetchFailed
 from millrace.filestore import FileStore
 from millrace.settings import Settings
-from millrace.up.embedded import free_port
+from ops.embedded import free_port
 from tests.website import serving
 
 LOCAL = Settings(webhook_allow="loopback", fetch_timeout_s=1.5)

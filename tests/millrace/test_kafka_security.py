@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from millrace.kafka import KafkaConfig, ensure_topics, produce
 from millrace.settings import KafkaSettings, Settings
 from millrace.topics import Topics
-from millrace.up import embedded
+from ops import embedded
 from tests.deployment import Deployment
 from tests.streams.harness import running, starts
 from tests.tls_proxy import Pki, TlsProxy, make_pki

@@ -9,7 +9,7 @@ import httpx
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from millrace.up.chaos import Receiver
+from ops.chaos import Receiver
 from tests.batch_flow import wait_done
 from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, wait_until

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from millrace.lifecycle.status import BatchStatus
 from millrace.protocol import BatchError, LineError, LineResponse, OutputLine, RequestLine
 from millrace.records import (
     BatchCancelRequested,
@@ -35,7 +36,6 @@ from millrace.records import (
     response_value,
     usage_of,
 )
-from millrace.status import BatchStatus
 
 text = st.text(min_size=1, max_size=40)
 json_values = st.recursive(

@@ -160,7 +160,7 @@ def test_a_service_without_kafka_says_which_variable() -> None:
 def test_the_cli_prints_one_line_and_exits_2(env: dict[str, str], expected: str,
                                              tmp_path: Path) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MILLRACE_")}
-    result = subprocess.run([sys.executable, "-m", "millrace", "sink", "--data-dir",
+    result = subprocess.run([sys.executable, "-m", "ops", "sink", "--data-dir",
                              str(tmp_path)], env={**clean, **env}, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2, result.stderr

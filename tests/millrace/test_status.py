@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from millrace.status import TIMESTAMP_FIELD, TRANSITIONS, BatchStatus, can_transition
+from millrace.lifecycle.status import TIMESTAMP_FIELD, TRANSITIONS, BatchStatus, can_transition
 
 S = BatchStatus
 LEGAL = {

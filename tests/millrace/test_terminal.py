@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
-from millrace.terminal import prepare
+from ops.terminal import prepare
 from tests.batch_flow import wait_done
 from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, wait_until
 
 
 def cli(*args: str, env: dict[str, str], **kwargs: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "millrace", *args], env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "ops", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.PIPE, **kwargs)  # type: ignore[call-overload]
 

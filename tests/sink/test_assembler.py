@@ -8,7 +8,7 @@ from pathlib import Path
 from millrace.filestore import FileStore
 from millrace.protocol import OutputLine
 from millrace.records import BatchFilesReady, ResponseRecord, SpooledResponse, read_response
-from millrace.results import Page, final_file_id, final_key, read_page, segments
+from millrace.result_files import Page, final_file_id, final_key, read_page, segments
 from sink.assembler import Assembler
 
 

@@ -9,7 +9,7 @@ import uuid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from millrace.store import Store
+from millrace.storage.store import Store
 from tests.deployment import Deployment
 
 line_sets = st.lists(st.sets(st.integers(1, 50_000), max_size=60), min_size=1, max_size=4)

@@ -13,7 +13,7 @@ from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
 from millrace.protocol import FileObject
 from millrace.registry import Registry
 from millrace.settings import KafkaSettings, Settings
-from millrace.store import Store
+from millrace.storage.store import Store
 from millrace.topics import Topics
 from sink.assembler import Assembler
 from sink.janitor import Janitor

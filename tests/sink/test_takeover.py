@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from millrace.filestore import FileStore
 from millrace.kafka import KafkaConfig, ensure_topics
+from millrace.lifecycle.status import BatchStatus
 from millrace.records import (
     BatchCreated,
     BatchFilesReady,
@@ -28,10 +29,9 @@ from millrace.records import (
     line_ticket,
     parse_event,
 )
-from millrace.results import final_key, partial_dir, segments
+from millrace.result_files import final_key, partial_dir, segments
 from millrace.settings import KafkaSettings, Settings
-from millrace.status import BatchStatus
-from millrace.store import Store
+from millrace.storage.store import Store
 from millrace.topics import Topics
 from sink.service import Sink
 from tests.deployment import Deployment

@@ -13,7 +13,7 @@ from pathlib import Path
 from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
 from millrace.records import BatchCreated, BatchValidated
 from millrace.settings import KafkaSettings, Settings
-from millrace.store import Store
+from millrace.storage.store import Store
 from millrace.topics import Topics
 from streams.app import AggregatorApp, AggregatorWorker, create_app
 from tests.deployment import Deployment

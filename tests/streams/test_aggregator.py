@@ -22,7 +22,7 @@ from millrace.records import (
     Record,
     parse_event,
 )
-from millrace.store import Store, Version
+from millrace.storage.store import Store, Version
 from millrace.topics import Topics
 from streams.aggregator import Aggregator, Fetched
 from tests.deployment import Deployment

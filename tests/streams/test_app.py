@@ -26,7 +26,7 @@ from millrace.records import (
     BatchValidated,
 )
 from millrace.settings import Settings
-from millrace.store import Store
+from millrace.storage.store import Store
 from millrace.topics import Topics
 from streams.aggregator import Fetched
 from streams.app import COMMIT_EVERY_S, create_app
@@ -228,7 +228,7 @@ def test_an_error_that_is_not_an_outage_exits_and_loses_nothing(deployment: Depl
     state is mended the restarted aggregator applies the same events."""
     settings, topics, kafka = own_topics(deployment, tmp_path)
     batch_id = f"batch_{uuid.uuid4().hex[:24]}"
-    command = [sys.executable, "-m", "millrace", "aggregator"]
+    command = [sys.executable, "-m", "ops", "aggregator"]
 
     async def corrupt_then_send() -> int:
         store = Store.connect(str(settings.redis_url), settings.topic_prefix)

@@ -76,7 +76,7 @@ def test_a_wiped_read_model_is_rebuilt_from_the_topics(echo: Deployment,
         return False
 
     wait_until(refused, 30, "the wiped keys to be refused")
-    out = subprocess.run([sys.executable, "-m", "millrace", "rebuild",
+    out = subprocess.run([sys.executable, "-m", "ops", "rebuild",
                           "--data-dir", str(echo.data_dir)],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     report = json.loads(out)

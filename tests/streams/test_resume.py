@@ -8,6 +8,9 @@ import time
 import httpx
 from openai import OpenAI
 
+from millrace.lifecycle.decisions import resume_events, sweep_events
+from millrace.lifecycle.state import BatchState
+from millrace.lifecycle.status import BatchStatus
 from millrace.records import (
     BatchCreated,
     BatchExpireDue,
@@ -17,9 +20,6 @@ from millrace.records import (
     BatchValidated,
     Record,
 )
-from millrace.status import BatchStatus
-from streams.resume import resume_events, sweep_events
-from streams.state import BatchState
 from tests.batch_flow import read_lines
 from tests.conftest import chat_line
 from tests.deployment import Deployment, wait_until
@@ -114,7 +114,7 @@ def test_the_sweep_finishes_a_batch_whose_created_was_never_published(
     import json
 
     from millrace.protocol import Batch
-    from millrace.store import Store
+    from millrace.storage.store import Store
 
     uploaded = client.files.create(file=("orphan.jsonl", "\n".join(
         chat_line(f"o{i}", model, "Say yes.", max_tokens=2) for i in range(3)).encode()),

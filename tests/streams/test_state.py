@@ -6,6 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from millrace.lifecycle.state import BatchState, Emitted
+from millrace.lifecycle.status import BatchStatus
 from millrace.protocol import Batch, BatchError
 from millrace.records import (
     BatchCancelRequested,
@@ -22,9 +24,7 @@ from millrace.records import (
     BatchValidated,
     BatchValidationFailed,
 )
-from millrace.status import BatchStatus
-from millrace.store import StoredBatch
-from streams.state import BatchState, Emitted
+from millrace.storage.store import StoredBatch
 
 S = BatchStatus
 DOC = {"id": "b", "endpoint": "/v1/chat/completions", "input_file_id": "file-1",

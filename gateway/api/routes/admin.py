@@ -1,0 +1,84 @@
+"""`/admin` (admin keys only): minting API keys, and sweeping batches that are stuck."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Annotated
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from gateway import control
+from gateway.api.auth import Admin
+from gateway.context import Ctx
+from gateway.control import Sweep, SweepReport
+from millrace.errors import NotFoundError
+from millrace.storage.store import Principal, hash_key, new_api_key
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    admin: bool = False
+    rpm: int = Field(default=0, ge=0, le=10_000_000,
+                     description="requests per minute; 0 = the default")
+
+
+class MintedKey(BaseModel):
+    id: str = Field(description="the key's SHA-256: how it is named from now on")
+    key: str
+    project: str
+    admin: bool
+    rpm: int
+
+
+@router.post("/api-keys", response_model=MintedKey)
+async def mint(ctx: Ctx, who: Admin, params: NewKey) -> MintedKey:
+    key = new_api_key()
+    await ctx.registry.put_api_key(key, Principal(params.project, params.admin, params.rpm))
+    return MintedKey(id=hash_key(key), key=key, project=params.project, admin=params.admin,
+                     rpm=params.rpm)
+
+
+Route = Annotated[str, StringConstraints(pattern=r"^(GET|POST|PUT|PATCH|DELETE) /\S{0,200}$")]
+
+
+class KeyLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(default=None, ge=0, le=10_000_000)
+    # "POST /v0/tasks/{id}" → requests per minute for this key (0: no limit on the route)
+    routes: dict[Route, Annotated[int, Field(ge=0, le=10_000_000)]] | None = Field(
+        default=None, max_length=100)
+
+
+class KeyInfo(BaseModel):
+    id: str
+    project: str
+    admin: bool
+    rpm: int
+    routes: dict[str, int]
+
+
+@router.patch("/api-keys/{key_id}", response_model=KeyInfo)
+async def set_limits(ctx: Ctx, who: Admin, key_id: str, params: KeyLimits) -> KeyInfo:
+    """Change a key's budgets after minting (each process sees it within 2 s)."""
+    found = await ctx.store.principal_of_hash(key_id) if len(key_id) == 64 else None
+    if found is None:
+        raise NotFoundError(f"No such API key: {key_id}", param="key_id")
+    routes = dict(found.routes) | (params.routes or {})
+    changed = replace(found, rpm=found.rpm if params.rpm is None else params.rpm,
+                      routes=tuple(sorted(routes.items())))
+    await ctx.registry.put_key_hash(key_id, changed)
+    return KeyInfo(id=key_id, project=changed.project, admin=changed.admin, rpm=changed.rpm,
+                   routes=dict(changed.routes))
+
+
+@router.post("/batches/sweep", response_model=SweepReport)
+async def sweep_batches(ctx: Ctx, who: Admin, params: Sweep | None = None) -> SweepReport:
+    """Every batch not yet finished, with what was done to the stuck ones; nothing it does
+    can count a line twice (each step is idempotent)."""
+    return await control.sweep_batches(ctx, params)

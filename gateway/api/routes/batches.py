@@ -1,0 +1,184 @@
+"""`/v1/batches`: create, retrieve, list, cancel, and the dry-run validator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from gateway.api.auth import Caller
+from gateway.api.deps import owned_batch
+from gateway.context import Ctx
+from gateway.control import cancel as cancel_batch
+from gateway.ingest import close_if_complete
+from gateway.intake import (
+    CreateBatch,
+    check_webhook,
+    create_batch,
+    from_url,
+    open_stream,
+    served_endpoint,
+    window_seconds,
+)
+from gateway.lines import rules
+from gateway.validation import validate
+from gateway.worker_board import ServedNames
+from millrace.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from millrace.lifecycle.status import BatchStatus
+from millrace.protocol import CHAT, Batch, BatchError, ListPage
+from millrace.records import (
+    CONTROL_HEADER,
+    INGEST_TOKEN_HEADER,
+)
+from millrace.storage.ledger import StreamLedger
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+@router.post("", response_model=Batch)
+async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch | JSONResponse:
+    """Create a batch. A stream batch's answer also holds its `ingest_token`, which every
+    message written into it must carry (header `millrace-ingest-token`): given once, here."""
+    served_endpoint(ctx, params.endpoint)
+    window = window_seconds(params.completion_window)
+    await check_webhook(ctx, params)
+    if params.input == "stream":
+        batch, token = await open_stream(ctx, who.project, params, window)
+        return JSONResponse({**batch.model_dump(mode="json"), "ingest_token": token})
+    if params.input_file_url is not None:
+        if params.input_file_id is not None:
+            raise InvalidRequestError("Give input_file_id or input_file_url, not both.",
+                                      param="input_file_url", code="invalid_value")
+        return await from_url(ctx, who.project, params, window, params.input_file_url)
+    if params.input_file_id is None:
+        raise InvalidRequestError("input_file_id is required (or \"input\": \"stream\")",
+                                  param="input_file_id", code="missing_required_parameter")
+    source = await ctx.store.get_file(params.input_file_id, who.project)
+    if source is None:
+        raise NotFoundError(
+            f"No such File object: {params.input_file_id}", param="input_file_id"
+        )
+    if source.obj.purpose != "batch":
+        raise InvalidRequestError(
+            "The input file must be uploaded with purpose 'batch'.", param="input_file_id",
+            code="invalid_file_purpose",
+        )
+    # a gateway's jobs consumer validates and enqueues it when `created` arrives
+    return await create_batch(ctx, who.project, params, window, params.input_file_id,
+                              BatchStatus.VALIDATING)
+
+
+class ValidateBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str
+    endpoint: str = CHAT
+
+
+class ValidationResult(BaseModel):
+    valid: bool
+    total: int
+    errors: list[BatchError]
+    # what this deployment serves: each model name a line may give → its endpoints
+    served: dict[str, list[str]] = Field(default_factory=dict)
+
+
+@router.post("/validate", response_model=ValidationResult)
+async def dry_run(ctx: Ctx, who: Caller, request: Request) -> ValidationResult:
+    """PromptLoop-style `validate-data`: every check of create, nothing created.
+
+    Takes JSON `{input_file_id, endpoint}` or a multipart upload (`file`, `endpoint`).
+    """
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        upload, endpoint = form.get("file"), form.get("endpoint") or CHAT
+        if not isinstance(upload, UploadFile) or not isinstance(endpoint, str):
+            raise InvalidRequestError("multipart validation needs 'file' and a valid "
+                                      "'endpoint'", param="file")
+        lines: Iterable[bytes] = (line.rstrip(b"\r\n") for line in upload.file)
+    else:
+        try:
+            params = ValidateBatch.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
+        source = await ctx.store.get_file(params.input_file_id, who.project)
+        if source is None:
+            raise NotFoundError(
+                f"No such File object: {params.input_file_id}", param="input_file_id"
+            )
+        lines, endpoint = ctx.files.iter_lines(source.path), params.endpoint
+    served_endpoint(ctx, endpoint)
+    report = await asyncio.to_thread(validate, lines, rules(ctx.settings, endpoint, ctx.board))
+    return ValidationResult(valid=not report.errors, total=report.total, errors=report.errors,
+                            served=served(ctx))
+
+
+def served(ctx: Ctx) -> dict[str, list[str]]:
+    """Each model name → the endpoints it answers (the configured models that no worker
+    has reported yet: [], until one does)."""
+    board = ctx.board.served()
+    return {name: sorted(board.get(name, ())) for name in ServedNames(ctx.settings, ctx.board)}
+
+
+@router.get("/{batch_id}", response_model=Batch)
+async def retrieve(ctx: Ctx, who: Caller, batch_id: str) -> Response:
+    """The hottest call (clients poll it): the Batch serialized once, by pydantic-core,
+    instead of validated again and encoded by FastAPI."""
+    batch = await owned_batch(ctx, who, batch_id)
+    return Response(batch.model_dump_json(), media_type="application/json")
+
+
+@router.post("/{batch_id}/cancel", response_model=Batch)
+async def cancel(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
+    return await cancel_batch(ctx, await owned_batch(ctx, who, batch_id))
+
+
+class SealBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    total: int | None = Field(default=None, ge=0)
+
+
+@router.post("/{batch_id}/seal", response_model=Batch)
+async def seal(ctx: Ctx, who: Caller, batch_id: str, params: SealBatch | None = None) -> Batch:
+    """Close a stream batch.
+
+    With `{"total": N}` (the messages the producers wrote for this batch) it is sealed once
+    all N have been processed, whatever partitions they landed on. Without it, a control
+    message goes to the batch's partition (murmur2 of the batch id): exact only for lines
+    produced before it to that same partition, i.e. with a Java-compatible partitioner.
+    """
+    batch = await owned_batch(ctx, who, batch_id)
+    ledger = StreamLedger(ctx.store)
+    stream = await ledger.get(batch_id)
+    if stream is None:
+        raise ConflictError("Only a batch created with \"input\": \"stream\" can be sealed.",
+                            param="batch_id")
+    if params is not None and params.total is not None:
+        await ledger.expect(batch_id, params.total)
+        for delivery in await close_if_complete(ledger, ctx.producer, ctx.topics, batch_id):
+            await delivery
+    else:
+        headers: dict[str, str | bytes | None] = {CONTROL_HEADER: b"seal"}
+        if "token" in stream:
+            headers[INGEST_TOKEN_HEADER] = stream["token"].encode()
+        await ctx.producer.send(ctx.topics.ingest, batch_id, b"", headers=headers)
+    return batch
+
+
+@router.get("", response_model=ListPage)
+async def list_batches(
+    ctx: Ctx, who: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> ListPage:
+    data = await ctx.store.list_batches(who.project, after=after, limit=limit + 1)
+    return ListPage.of(data[:limit], has_more=len(data) > limit)

@@ -1,1 +1,0 @@
-"""`millrace up`: the embedded deployment (launcher, embedded broker and Redis, readiness)."""
