@@ -26,7 +26,7 @@ from gateway.api.routes import (
     promptloop,
     results,
     retry,
-    webhooks,
+    webhook_endpoints,
 )
 from gateway.api.routes import files as files_routes
 from gateway.context import API_DELIVERY_TIMEOUT_MS, Context
@@ -119,7 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     promptloop.install(app)
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]
-    for module in (files_routes, batches, retry, results, webhooks, models, admin, health,
+    for module in (files_routes, batches, retry, results, webhook_endpoints, models, admin, health,
                    metrics, promptloop, plai):
         app.include_router(module.router)
     app.include_router(files_routes.signed_router)

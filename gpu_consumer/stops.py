@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pydantic import ValidationError
@@ -50,12 +52,22 @@ class StoppedBatches:
             except ValidationError:
                 skip_malformed(msg)
                 continue
-            if isinstance(event, BatchTransition) and event.to_status in STOP_CODES:
-                with self._lock:
-                    self._codes[event.batch_id] = STOP_CODES[event.to_status]
-                    self.version += 1
-                log.info("%s: unstarted lines become %s", event.batch_id,
-                         STOP_CODES[event.to_status])
+            handler = self.HANDLERS.get(event.type)
+            if handler is not None:
+                handler(self, event)
+
+    def _on_transition(self, event: BatchTransition) -> None:
+        if event.to_status in STOP_CODES:
+            with self._lock:
+                self._codes[event.batch_id] = STOP_CODES[event.to_status]
+                self.version += 1
+            log.info("%s: unstarted lines become %s", event.batch_id,
+                     STOP_CODES[event.to_status])
+
+    # event type → what the worker does (its readers in `millrace.records.EVENT_FLOW`)
+    HANDLERS: ClassVar[dict[str, Callable[[StoppedBatches, Any], None]]] = {
+        "transition": _on_transition,
+    }
 
     def close(self) -> None:
         self._closing.set()

@@ -324,8 +324,8 @@ class Settings(BaseSettings):
     json_max_bytes: int = Field(default=1 << 20, ge=1024)
     file_max_bytes: int = 512 * 1024 * 1024
 
-    # Topic layout; responses and batch-events must share a partition count
-    # because the aggregator joins them by batch id.
+    # Topic layout; responses and batch-events must share a partition count because one
+    # sink reads a batch's records from both (the same partition number of each).
     partitions: int = 4
     request_partitions: int = 8
 

@@ -34,6 +34,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, NamedTuple
 
 import msgspec
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -72,12 +73,19 @@ from millrace.storage.ownership import Ownership
 from millrace.storage.store import Store
 from millrace.topics import Topics
 from sink.assembler import Assembler
+from sink.delivery import Dispatcher
 from sink.janitor import EVERY_S as JANITOR_EVERY_S
 from sink.janitor import Janitor
-from sink.webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
 BATCHES_KEPT = 10_000  # batches' projects and line keys kept in memory (`issued`)
+
+
+class Learned(NamedTuple):
+    """What a chunk of batch-events asks of the sink besides its spools."""
+
+    finished: list[BatchFinished]  # webhooks to send
+    announce: list[BatchFilesReady]  # written files to announce again
 
 
 class Sink:
@@ -293,28 +301,48 @@ class Sink:
                                                         list[BatchFilesReady]]:
         """What batch-events teach the spools; returns the `finished` events to send
         webhooks for, and the `files_ready` to announce again."""
-        finished: list[BatchFinished] = []
-        announce: list[BatchFilesReady] = []
+        learned = Learned([], [])
         for event in events:
-            if isinstance(event, BatchCreated):
-                self.assembler.learn(event.batch_id, project=event.project,
-                                     output_expires_after_s=event.output_expires_after_s)
-            elif isinstance(event, BatchValidated):
-                self.assembler.learn(event.batch_id, total=event.total)
-                ready = self.assembler.spool(event.batch_id).files_ready()
-                if ready is not None:
-                    announce.append(ready)
-            elif isinstance(event, BatchFilled):
-                spool = self.assembler.spool(event.batch_id)
-                if spool.meta.total is None:
-                    self.assembler.learn(event.batch_id, total=event.total)
-            elif isinstance(event, BatchFinished):
-                finished.append(event)
-            elif isinstance(event, BatchFillRequested | BatchRedriveRequested):
-                ready = self.assembler.spool(event.batch_id).files_ready()
-                if ready is not None:
-                    announce.append(ready)
-        return finished, announce
+            handler = self.HANDLERS.get(event.type)
+            if handler is not None:
+                handler(self, event, learned)
+        return learned.finished, learned.announce
+
+    def _on_created(self, event: BatchCreated, learned: Learned) -> None:
+        self.assembler.learn(event.batch_id, project=event.project,
+                             output_expires_after_s=event.output_expires_after_s)
+
+    def _on_validated(self, event: BatchValidated, learned: Learned) -> None:
+        self.assembler.learn(event.batch_id, total=event.total)
+        self._announce_if_written(event.batch_id, learned)
+
+    def _on_filled(self, event: BatchFilled, learned: Learned) -> None:
+        if self.assembler.spool(event.batch_id).meta.total is None:
+            self.assembler.learn(event.batch_id, total=event.total)
+
+    def _on_finished(self, event: BatchFinished, learned: Learned) -> None:
+        learned.finished.append(event)
+
+    def _announce_if_written(self, batch_id: str, learned: Learned) -> None:
+        """Files written already: announced again (a fill or re-drive of a batch whose
+        files exist, a `validated` replayed after they were written)."""
+        ready = self.assembler.spool(batch_id).files_ready()
+        if ready is not None:
+            learned.announce.append(ready)
+
+    def _on_fill_or_redrive(self, event: BatchFillRequested | BatchRedriveRequested,
+                            learned: Learned) -> None:
+        self._announce_if_written(event.batch_id, learned)
+
+    # event type → what the sink learns (its readers in `millrace.records.EVENT_FLOW`)
+    HANDLERS: ClassVar[dict[str, Callable[[Sink, Any, Learned], None]]] = {
+        "created": _on_created,
+        "validated": _on_validated,
+        "filled": _on_filled,
+        "finished": _on_finished,
+        "fill_requested": _on_fill_or_redrive,
+        "redrive_requested": _on_fill_or_redrive,
+    }
 
     async def write_complete(self) -> None:
         """Write the files of every batch whose lines are all in, unless another sink owns

@@ -60,6 +60,26 @@ class Deployment:
                              capture_output=True, text=True, check=False).stdout
         return [int(p) for p in out.split()]
 
+    def log(self, service: str) -> Path:
+        return self.data_dir / "logs" / f"{service}.log"
+
+    @contextmanager
+    def frozen(self, service: str) -> Iterator[None]:
+        """`service` and every process it started (vLLM's engine core) stopped with SIGSTOP
+        until the block ends: nothing it would do happens meanwhile, whatever the
+        machine's speed; then SIGCONT, and it carries on (a freeze past its session makes
+        its group rebalance, as after any pause)."""
+        info = self.ready_info(service)
+        assert info is not None, f"{service} is not ready"
+        pids = [int(str(info["pid"])), *descendants(int(str(info["pid"])))]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """SIGTERM to the launcher, or SIGINT to its process group as Ctrl-C does."""
         if sig == signal.SIGINT:
@@ -67,6 +87,22 @@ class Deployment:
         else:
             self.proc.send_signal(sig)
         return reap(self.proc, self.pumps, timeout)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True,
+                         check=True).stdout
+    children: dict[int, list[int]] = {}
+    for row in out.splitlines():
+        child, parent = map(int, row.split())
+        children.setdefault(parent, []).append(child)
+    found, frontier = [], [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child)
+    return found
 
 
 @contextmanager

@@ -139,7 +139,7 @@ class BatchState(BaseModel):
     def apply(self, event: BatchEvent) -> list[Emitted]:
         """Apply one event from the gateway, the sink or the aggregator's timer;
         transitions, fill/redrive requests and `finished` are not ours to apply."""
-        handler = _HANDLERS.get(type(event))
+        handler = HANDLERS.get(event.type)
         return handler(self, event) if handler is not None else []
 
     def _on_created(self, event: BatchCreated) -> list[Emitted]:
@@ -302,14 +302,15 @@ class BatchState(BaseModel):
         }
 
 
-_HANDLERS: dict[type, Callable[[BatchState, Any], list[Emitted]]] = {
-    BatchCreated: BatchState._on_created,
-    BatchOpened: BatchState._on_opened,
-    BatchValidated: BatchState._on_validated,
-    BatchValidationFailed: BatchState._on_validation_failed,
-    BatchProgress: BatchState._on_progress,
-    BatchFilled: BatchState._on_filled,
-    BatchCancelRequested: BatchState._on_cancel,
-    BatchExpireDue: BatchState._on_expire_due,
-    BatchFilesReady: BatchState._on_files_ready,
+# event type → what it does to a batch (the aggregator's readers in `EVENT_FLOW`)
+HANDLERS: dict[str, Callable[[BatchState, Any], list[Emitted]]] = {
+    "created": BatchState._on_created,
+    "opened": BatchState._on_opened,
+    "validated": BatchState._on_validated,
+    "validation_failed": BatchState._on_validation_failed,
+    "progress": BatchState._on_progress,
+    "filled": BatchState._on_filled,
+    "cancel_requested": BatchState._on_cancel,
+    "expire_due": BatchState._on_expire_due,
+    "files_ready": BatchState._on_files_ready,
 }
