@@ -12,25 +12,12 @@ from collections.abc import AsyncIterator
 
 from confluent_kafka import Consumer
 
-from gateway.lines import (
-    Fetched,
-    Produce,
-    link_urls,
-    request,
-    with_links,
-)
+from gateway.lines import Fetched, Produce, link_urls, request, with_links
 from gateway.worker_board import WorkerBoard
 from millrace.fetch import Fetcher, FetchFailed
 from millrace.filestore import FileStore
-from millrace.kafka import (
-    AsyncProducer,
-    BulkProducer,
-    KafkaConfig,
-)
-from millrace.records import (
-    RequestRecord,
-    ResponseRecord,
-)
+from millrace.kafka import AsyncProducer, BulkProducer, KafkaConfig
+from millrace.records import RequestRecord, ResponseRecord
 from millrace.registry import Registry
 from millrace.settings import Settings
 from millrace.storage.ledger import StreamLedger
@@ -56,6 +43,9 @@ class Fenced(Exception):
 
 
 class JobBase:
+    """The clients, slots and owner epochs every kind of job uses (explode, fill,
+    re-drive), and the link pages an explode fetched."""
+
     def __init__(self, settings: Settings, store: Store, files: FileStore,
                  board: WorkerBoard) -> None:
         self.settings = settings

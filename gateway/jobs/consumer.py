@@ -17,14 +17,8 @@ from gateway.jobs.base import RETRY_S, TAKEN_MOST, Fenced, Partition
 from gateway.jobs.explode import Explode
 from gateway.jobs.fill import Fill
 from millrace.errors import OUTAGES, disk_full
-from millrace.kafka import (
-    consume_loop,
-    skip_malformed,
-)
-from millrace.records import (
-    BatchEvent,
-    parse_event,
-)
+from millrace.kafka import consume_loop, skip_malformed
+from millrace.records import BatchEvent, parse_event
 
 log = logging.getLogger(__name__)
 

@@ -9,24 +9,13 @@ import time
 from itertools import islice
 
 from gateway.jobs.base import CHECKPOINT_LINES, JobBase
-from gateway.lines import (
-    Fetched,
-    FileLine,
-    Produce,
-    enqueue,
-    file_lines,
-    rules,
-)
+from gateway.lines import Fetched, FileLine, Produce, enqueue, file_lines, rules
 from gateway.validation import validate
 from millrace import metrics
 from millrace.fetch import FetchFailed
 from millrace.lifecycle.state import STREAM_INPUT
 from millrace.protocol import BatchError, FileObject
-from millrace.records import (
-    BatchCreated,
-    BatchValidated,
-    BatchValidationFailed,
-)
+from millrace.records import BatchCreated, BatchValidated, BatchValidationFailed
 
 log = logging.getLogger(__name__)
 

@@ -197,7 +197,7 @@ def _flow(writers: str, readers: str) -> Flow:
 # Event type → its writers → its readers. `recovery` is `millrace/recovery.py` (the resume
 # and rebuild commands, the launcher after a broker restart, the gateway's admin sweep);
 # `worker` is gpu_consumer. Each reader dispatches through a `{type: handler}` table whose
-# keys a test compares with this one (tests/millrace/test_event_flow.py).
+# keys a test compares with this one (tests/millrace/records/test_events.py).
 EVENT_FLOW: dict[str, Flow] = {
     "created": _flow("gateway recovery", "gateway aggregator sink"),
     "opened": _flow("gateway", "aggregator"),

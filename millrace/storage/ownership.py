@@ -76,9 +76,12 @@ class Ownership:
 
     def lost(self, partitions: Iterable[int]) -> set[int]:
         """Those of `partitions` we do not own: never given or given back (not counted), or
-        taken over by another instance since we took them (logged, counted and dropped)."""
+        taken over by another instance since we took them (logged, counted and dropped).
+        Reads a copy of the epochs: a rebalance callback on the consumer's thread may drop
+        partitions meanwhile."""
+        epochs = self.epochs.copy()
         wanted = sorted(set(partitions))
-        held = [p for p in wanted if p in self.epochs]
+        held = [p for p in wanted if p in epochs]
         gone = set(wanted) - set(held)
         if not held:
             return gone
@@ -87,10 +90,9 @@ class Ownership:
         if None in stored:  # Redis lost its data (wiped, `millrace rebuild`): ours again
             for key, p, epoch in zip(keys, held, stored, strict=True):
                 if epoch is None:
-                    self._redis.set(key, self.epochs[p], nx=True)
+                    self._redis.set(key, epochs[p], nx=True)
             stored = self._redis.mget(keys)
-        taken = {p for p, epoch in zip(held, stored, strict=True)
-                 if epoch != str(self.epochs[p])}
+        taken = {p for p, epoch in zip(held, stored, strict=True) if epoch != str(epochs[p])}
         if taken:
             log.warning("partitions %s of %s were taken over: their records are left to the "
                         "new owner", sorted(taken), self.group)

@@ -29,17 +29,10 @@ from gateway.intake import (
 from gateway.lines import rules
 from gateway.validation import validate
 from gateway.worker_board import ServedNames
-from millrace.errors import (
-    ConflictError,
-    InvalidRequestError,
-    NotFoundError,
-)
+from millrace.errors import ConflictError, InvalidRequestError, NotFoundError
 from millrace.lifecycle.status import BatchStatus
 from millrace.protocol import CHAT, Batch, BatchError, ListPage
-from millrace.records import (
-    CONTROL_HEADER,
-    INGEST_TOKEN_HEADER,
-)
+from millrace.records import CONTROL_HEADER, INGEST_TOKEN_HEADER
 from millrace.storage.ledger import StreamLedger
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])

@@ -23,20 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.api.auth import Caller
 from gateway.api.deps import owned_batch
 from gateway.context import Context, Ctx
-from gateway.intake import (
-    CreateBatch,
-    Metadata,
-    check_webhook,
-    create_batch,
-    spooled,
-    store_file,
-)
-from millrace.errors import (
-    ConflictError,
-    InvalidRequestError,
-    NotFoundError,
-    PayloadTooLargeError,
-)
+from gateway.intake import CreateBatch, Metadata, check_webhook, create_batch, spooled, store_file
+from millrace.errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from millrace.lifecycle.status import BatchStatus, job_status
 from millrace.promptloop import (
     CHAT,

@@ -18,7 +18,7 @@ from millrace.records import EVENT_FLOW, BatchEvent
 from millrace.records.events import readers_of, writers_of
 from sink.service import Sink
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 # the source that writes for each writer in EVENT_FLOW
 WRITERS = {
     "gateway": ["gateway"],
