@@ -9,7 +9,7 @@ results are read back from the output and error files as one object per row:
 `{"data_uuid", "<field>": value, …}` or `{"data_uuid", "error": {"code", "message"}}`.
 
 A `link` input is not fetched here: the row's line carries a `{"type": "link"}` content
-part, which the gateway's explode replaces with the page's text (`millrace/links.py`).
+part, which the gateway's explode replaces with the page's text (`gateway/lines.py`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""One map of a batch's life: `EVENT_FLOW` says who writes and who reacts to each event
-type on `<prefix>.batch-events`; each reader's `{type: handler}` table, the events each
-service constructs (read from its source), and the README's table are held to it."""
+"""Batch events parse by their type, and one map of a batch's life: `EVENT_FLOW` says who
+writes and who reacts to each event type on `<prefix>.batch-events`; each reader's
+`{type: handler}` table, the events each service constructs (read from its source), and the
+README's table are held to it."""
 
 from __future__ import annotations
 
@@ -10,11 +11,30 @@ import typing
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.jobs.consumer import Jobs
 from gpu_consumer.stops import StoppedBatches
 from millrace.lifecycle import state
-from millrace.records import EVENT_FLOW, BatchEvent
+from millrace.lifecycle.status import BatchStatus
+from millrace.protocol import BatchError
+from millrace.records import (
+    EVENT_FLOW,
+    BatchCancelRequested,
+    BatchCreated,
+    BatchEvent,
+    BatchFilesReady,
+    BatchFilled,
+    BatchFillRequested,
+    BatchFinished,
+    BatchProgress,
+    BatchRedriveRequested,
+    BatchTransition,
+    BatchValidated,
+    BatchValidationFailed,
+    WebhookTarget,
+    parse_event,
+)
 from millrace.records.events import readers_of, writers_of
 from sink.service import Sink
 
@@ -86,3 +106,29 @@ def test_the_readme_table_is_the_map() -> None:
              for kind, writers, readers in rows if kind != "type"}
     assert table == {kind: (set(flow.writers), set(flow.readers))
                      for kind, flow in EVENT_FLOW.items()}
+
+
+def test_events_parse_by_type() -> None:
+    events = [
+        BatchCreated(batch_id="b", project="p", batch={"id": "b"}),
+        BatchValidated(batch_id="b", total=3, model="m"),
+        BatchValidationFailed(batch_id="b", errors=[BatchError(code="x", message="y", line=1)]),
+        BatchTransition(batch_id="b", project="p", from_status=BatchStatus.IN_PROGRESS,
+                        to_status=BatchStatus.FINALIZING, total=3, completed=2, failed=1),
+        BatchFilesReady(batch_id="b", output_file_id="f", error_file_id=None, lines=3),
+        BatchCancelRequested(batch_id="b"),
+        BatchProgress(batch_id="b", completed=2, failed=1, input_tokens=7, output_tokens=9),
+        BatchFillRequested(batch_id="b", project="p", code="batch_expired", input_file_id="f"),
+        BatchRedriveRequested(batch_id="b", project="p", input_file_id="stream"),
+        BatchFilled(batch_id="b", total=3),
+        BatchFinished(batch_id="b", project="p", status=BatchStatus.COMPLETED,
+                      batch={"id": "b", "status": "completed"},
+                      webhooks=[WebhookTarget(url="https://x.example/h", source="batch")]),
+    ]
+    for event in events:
+        assert parse_event(event.dumps()) == event
+
+
+def test_unknown_event_type_is_rejected() -> None:
+    with pytest.raises(ValidationError):
+        parse_event(b'{"v": 1, "batch_id": "b", "type": "exploded"}')

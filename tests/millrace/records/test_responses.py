@@ -1,4 +1,5 @@
-"""Wire records round-trip, carry a version, and reject what they should."""
+"""`<prefix>.responses` records: round trips, the sink's and the worker's fast views of one,
+and what a line counts for in its batch's usage."""
 
 from __future__ import annotations
 
@@ -6,31 +7,15 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
-from millrace.lifecycle.status import BatchStatus
-from millrace.protocol import BatchError, LineError, LineResponse, OutputLine, RequestLine
+from millrace.protocol import LineError, LineResponse, OutputLine
 from millrace.records import (
-    BatchCancelRequested,
-    BatchCreated,
-    BatchFilesReady,
-    BatchFilled,
-    BatchFillRequested,
-    BatchFinished,
-    BatchProgress,
-    BatchRedriveRequested,
-    BatchTransition,
-    BatchValidated,
-    BatchValidationFailed,
-    QueuedRequest,
     RequestRecord,
     ResponseRecord,
     SpooledResponse,
     Tokens,
     Usage,
-    WebhookTarget,
     body_tokens,
-    parse_event,
     read_request,
     read_response,
     response_value,
@@ -46,17 +31,6 @@ json_values = st.recursive(
 )
 
 
-@given(batch_id=text, custom_id=text, line=st.integers(1, 50_000),
-       body=st.dictionaries(st.text(max_size=10), json_values, max_size=5))
-def test_request_record_round_trips(batch_id: str, custom_id: str, line: int,
-                                    body: dict[str, object]) -> None:
-    record = RequestRecord(batch_id=batch_id, project="p", custom_id=custom_id, line=line,
-                           url="/v1/chat/completions", body=body)
-    again = RequestRecord.model_validate_json(record.dumps())
-    assert again == record
-    assert again.v == 1
-
-
 def test_response_record_round_trips_and_knows_success() -> None:
     ok = ResponseRecord(batch_id="b", project="p", custom_id="c", id="i", request_id="r",
                         status_code=200, body={"x": 1}, usage=Usage(prompt_tokens=3))
@@ -64,48 +38,6 @@ def test_response_record_round_trips_and_knows_success() -> None:
     assert ok.ok
     failed = ok.model_copy(update={"status_code": 400})
     assert not failed.ok
-
-
-def test_events_parse_by_type() -> None:
-    events = [
-        BatchCreated(batch_id="b", project="p", batch={"id": "b"}),
-        BatchValidated(batch_id="b", total=3, model="m"),
-        BatchValidationFailed(batch_id="b", errors=[BatchError(code="x", message="y", line=1)]),
-        BatchTransition(batch_id="b", project="p", from_status=BatchStatus.IN_PROGRESS,
-                        to_status=BatchStatus.FINALIZING, total=3, completed=2, failed=1),
-        BatchFilesReady(batch_id="b", output_file_id="f", error_file_id=None, lines=3),
-        BatchCancelRequested(batch_id="b"),
-        BatchProgress(batch_id="b", completed=2, failed=1, input_tokens=7, output_tokens=9),
-        BatchFillRequested(batch_id="b", project="p", code="batch_expired", input_file_id="f"),
-        BatchRedriveRequested(batch_id="b", project="p", input_file_id="stream"),
-        BatchFilled(batch_id="b", total=3),
-        BatchFinished(batch_id="b", project="p", status=BatchStatus.COMPLETED,
-                      batch={"id": "b", "status": "completed"},
-                      webhooks=[WebhookTarget(url="https://x.example/h", source="batch")]),
-    ]
-    for event in events:
-        assert parse_event(event.dumps()) == event
-
-
-def test_unknown_event_type_is_rejected() -> None:
-    with pytest.raises(ValidationError):
-        parse_event(b'{"v": 1, "batch_id": "b", "type": "exploded"}')
-
-
-def test_newer_records_with_extra_fields_still_parse() -> None:
-    record = RequestRecord.model_validate_json(
-        b'{"v": 2, "batch_id": "b", "project": "p", "custom_id": "c", "line": 1,'
-        b' "url": "/v1/completions", "body": {}, "added_later": true}'
-    )
-    assert record.v == 2
-
-
-def test_request_line_and_output_line_are_strict() -> None:
-    with pytest.raises(ValidationError):
-        RequestLine.model_validate({"custom_id": "a", "method": "GET", "url": "/v1/x", "body": {}})
-    with pytest.raises(ValidationError):
-        OutputLine.model_validate({"id": "x", "custom_id": "a", "response": None, "error": None,
-                                   "extra": 1})
 
 
 json_values = st.recursive(
@@ -212,14 +144,3 @@ def test_every_endpoint_s_usage_counts(usage: dict[str, object], tokens: Tokens)
     body = msgspec.json.encode({"id": "x", "usage": usage})
     assert body_tokens(body) == tokens
     assert usage_of({"usage": usage}) == tokens
-
-
-def test_the_worker_s_view_of_a_request_is_the_request_record() -> None:
-    """`QueuedRequest` mirrors `RequestRecord` for msgspec: the same fields, the same
-    defaults, so a record read either way is the same request."""
-    assert set(QueuedRequest.__struct_fields__) == set(RequestRecord.model_fields) - {"v"}
-    record = RequestRecord(batch_id="b", project="p", custom_id="c", line=4, url="/v1/x",
-                           body={"model": "m", "n": [1, 2.5, None]}, reply=True)
-    seen = read_request(record.dumps())
-    assert {name: getattr(seen, name) for name in QueuedRequest.__struct_fields__} == (
-        record.model_dump(exclude={"v"}))
