@@ -39,7 +39,8 @@ from millrace.metrics import gateway_registry
 from millrace.readiness import mark_ready
 from millrace.registry import Registry
 from millrace.settings import Settings
-from millrace.storage.store import Principal, Store
+from millrace.storage.principals import Principal
+from millrace.storage.store import Store
 from millrace.topics import Topics
 
 log = logging.getLogger(__name__)

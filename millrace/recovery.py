@@ -56,6 +56,7 @@ from millrace.lifecycle.status import BatchStatus
 from millrace.records import BatchFillRequested, BatchFinished, BatchRedriveRequested, Record
 from millrace.registry import read_registry, restore_registry
 from millrace.settings import Settings
+from millrace.storage import scans
 from millrace.storage.store import Store
 from millrace.topics import Topics
 from millrace.webhooks import with_endpoints
@@ -111,11 +112,11 @@ async def resume(settings: Settings, *, reseed: bool = False) -> Resumed:
     resumed = Resumed()
     try:
         if reseed:
-            entries = await store.registry_entries()
+            entries = await scans.registry_entries(store)
             for entry in entries:
                 await producer.send(topics.registry, entry.key, entry.dumps())
             resumed.registry = len(entries)
-        batches = await store.all_batch_ids() if reseed else await store.active_batches()
+        batches = await scans.all_batch_ids(store) if reseed else await store.active_batches()
         for batch_id in batches:
             state = await _state(store, batch_id)
             if state is None:

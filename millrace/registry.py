@@ -24,7 +24,8 @@ from millrace.records import (
     parse_registry,
 )
 from millrace.settings import Settings
-from millrace.storage.store import Principal, Store, hash_key
+from millrace.storage.principals import Principal, hash_key
+from millrace.storage.store import Store
 from millrace.topics import Topics
 
 log = logging.getLogger(__name__)

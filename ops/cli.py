@@ -347,7 +347,7 @@ def _batches(settings: Settings, args: argparse.Namespace) -> int:
 
 def _keys(settings: Settings, args: argparse.Namespace) -> None:
     from millrace.registry import register_key
-    from millrace.storage.store import Principal, new_api_key
+    from millrace.storage.principals import Principal, new_api_key
 
     settings = _with_endpoints(settings, "keys")
     key = new_api_key()

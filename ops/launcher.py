@@ -36,7 +36,7 @@ from millrace.kafka import KafkaConfig, ensure_topics
 from millrace.metrics import prepare_gateway_dir
 from millrace.registry import register_key
 from millrace.settings import Settings, netns_of
-from millrace.storage.store import Principal, new_api_key
+from millrace.storage.principals import Principal, new_api_key
 from millrace.topics import Topics
 from ops import SERVICES, embedded
 

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from gateway.api.ratelimit import enforce
 from gateway.context import Context, context
 from millrace.errors import AuthenticationError, PermissionDeniedError
-from millrace.storage.store import Principal
+from millrace.storage.principals import Principal
 
 
 def api_key_of(headers: Iterable[tuple[str, str]]) -> str | None:

@@ -7,7 +7,8 @@ import time
 from gateway.context import Context
 from millrace.errors import NotFoundError
 from millrace.protocol import Batch
-from millrace.storage.store import Principal, StoredFile
+from millrace.storage.files import StoredFile
+from millrace.storage.principals import Principal
 
 
 async def owned_batch(ctx: Context, who: Principal, batch_id: str) -> Batch:

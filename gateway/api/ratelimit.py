@@ -17,7 +17,8 @@ from fastapi import Request
 
 from millrace.errors import RateLimitError
 from millrace.settings import Settings
-from millrace.storage.store import Principal, Store
+from millrace.storage.principals import Principal
+from millrace.storage.store import Store
 
 WINDOW_S = 60
 _PARAM = re.compile(r"\{[^}]+\}")

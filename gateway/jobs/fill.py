@@ -32,7 +32,7 @@ from millrace.records import (
     BatchRedriveRequested,
     RequestRecord,
 )
-from millrace.storage.store import DoneLines
+from millrace.storage.done import DoneLines
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,8 @@ whole state, from which it resumes after any restart).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,37 +19,16 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from millrace import ids
-from millrace.protocol import Batch, FileObject, WebhookEndpoint
-from millrace.records import ApiKeyEntry, EndpointEntry, FileEntry
+from millrace.protocol import Batch, WebhookEndpoint
+from millrace.storage.done import Done
+from millrace.storage.files import Files
 from millrace.storage.keyspace import Keyspace
+from millrace.storage.principals import Principal, Principals
 
 # A dead Redis must give the API a quick 503, not a hang.
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 REPLY_KEPT_S = 600
-PRINCIPAL_TTL_S = 2.0
-PRINCIPALS_KEPT = 10_000
-
-
-def hash_key(api_key: str) -> str:
-    return hashlib.sha256(api_key.encode()).hexdigest()
-
-
-def new_api_key() -> str:
-    return "sk-mr-" + secrets.token_urlsafe(32)
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the project a key belongs to, whether it may administer, its
-    request budget per minute (0 = unlimited) and its own per-route budgets
-    (`"GET /v0/tasks"` → requests per minute), which override the deployment's."""
-
-    project: str
-    admin: bool = False
-    rpm: int = 0
-    key_hash: str = ""
-    routes: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,13 +38,6 @@ class RestoredBatch:
     project: str
     doc: dict[str, Any]
     listed_at: float
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    obj: FileObject
-    project: str
-    path: str
 
 
 @dataclass(frozen=True)
@@ -106,7 +76,11 @@ return 1
 """
 
 
-class Store:
+class Store(Principals, Files, Done):
+    """The read model: API keys (`principals`), files (`files`), done lines (`done`) and,
+    here, batches, their aggregate state, the active set and deadlines, leases, replies
+    and webhook endpoints."""
+
     def __init__(self, client: aioredis.Redis, namespace: str) -> None:
         self.r = client
         self.ns = namespace
@@ -131,110 +105,6 @@ class Store:
     async def close(self) -> None:
         await self.r.aclose()
         await self.r.connection_pool.disconnect()  # a pool passed in is not closed by aclose
-
-    # --- API keys -------------------------------------------------------------------
-    async def put_key_hash(self, key_hash: str, principal: Principal,
-                           created_at: int | None = None) -> None:
-        await self.r.hset(
-            self.keys.api_key(key_hash),
-            mapping={
-                "project": principal.project,
-                "admin": int(principal.admin),
-                "rpm": principal.rpm,
-                "routes": json.dumps(dict(principal.routes)),
-                "created_at": created_at or int(time.time()),
-            },
-        )
-
-    async def principal(self, api_key: str) -> Principal | None:
-        """The key's principal. A key found is remembered for PRINCIPAL_TTL_S (keys are
-        never changed in place); one not found is looked up every time (a new key works
-        at once)."""
-        key_hash = hash_key(api_key)
-        cached = self._principals.get(key_hash)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
-        found = await self.principal_of_hash(key_hash)
-        if found is None:
-            return None
-        if len(self._principals) > PRINCIPALS_KEPT:
-            self._principals.clear()
-        self._principals[key_hash] = (time.monotonic() + PRINCIPAL_TTL_S, found)
-        return found
-
-    async def principal_of_hash(self, key_hash: str) -> Principal | None:
-        row = await self.r.hgetall(self.keys.api_key(key_hash))
-        if not row:
-            return None
-        return Principal(project=str(row["project"]), admin=row.get("admin") == "1",
-                         rpm=int(row.get("rpm") or 0), key_hash=key_hash,
-                         routes=tuple(json.loads(row.get("routes") or "{}").items()))
-
-    # --- files ------------------------------------------------------------------------
-    async def put_file(self, obj: FileObject, project: str, path: str,
-                       listed_at: float | None = None) -> None:
-        async with self.r.pipeline(transaction=True) as p:
-            p.hset(self.keys.file(obj.id),
-                   mapping={"obj": obj.model_dump_json(), "project": project, "path": path})
-            p.zadd(self.keys.files(project), {obj.id: listed_at or time.time()})
-            if obj.expires_at is not None:
-                p.zadd(self.keys.file_expiry, {obj.id: obj.expires_at})
-            await p.execute()
-
-    async def get_file(self, file_id: str, project: str) -> StoredFile | None:
-        found = await self.get_file_any(file_id)
-        return found if found is not None and found.project == project else None
-
-    async def get_file_any(self, file_id: str) -> StoredFile | None:
-        """A file whatever its project (a pre-signed URL's signature names the file)."""
-        row = await self.r.hgetall(self.keys.file(file_id))
-        if not row:
-            return None
-        return StoredFile(
-            FileObject.model_validate_json(row["obj"]), str(row["project"]), str(row["path"])
-        )
-
-    async def page_ids(
-        self, index: str, *, after: str | None, limit: int, newest_first: bool
-    ) -> list[str]:
-        """Up to `limit` ids of a sorted-set index, starting just past `after`."""
-        start = 0
-        if after is not None:
-            rank = await (self.r.zrevrank if newest_first else self.r.zrank)(index, after)
-            if not isinstance(rank, int):
-                return []  # an `after` id that is not in the index
-            start = rank + 1
-        fetch = self.r.zrevrange if newest_first else self.r.zrange
-        return [str(i) for i in await fetch(index, start, start + limit - 1)]
-
-    async def list_files(
-        self, project: str, *, after: str | None = None, limit: int = 10000,
-        newest_first: bool = True,
-    ) -> list[FileObject]:
-        ids = await self.page_ids(self.keys.files(project), after=after, limit=limit,
-                                  newest_first=newest_first)
-        found = [await self.get_file(i, project) for i in ids]
-        return [f.obj for f in found if f is not None]
-
-    async def delete_file(self, file_id: str, project: str) -> None:
-        async with self.r.pipeline(transaction=True) as p:
-            p.delete(self.keys.file(file_id))
-            p.zrem(self.keys.files(project), file_id)
-            p.zrem(self.keys.file_expiry, file_id)
-            await p.execute()
-
-    async def expired_files(self, now: float, most: int = 1000) -> list[StoredFile]:
-        """Files past their `expires_at` (not yet deleted)."""
-        found = []
-        for file_id in await self.r.zrangebyscore(self.keys.file_expiry, "-inf", now,
-                                                  start=0, num=most):
-            row = await self.r.hgetall(self.keys.file(str(file_id)))
-            if row:
-                found.append(StoredFile(FileObject.model_validate_json(row["obj"]),
-                                        str(row["project"]), str(row["path"])))
-            else:
-                await self.r.zrem(self.keys.file_expiry, str(file_id))
-        return found
 
     async def take_lease(self, key: str, seconds: float) -> bool:
         """True for one caller per `seconds` (several processes share a periodic task)."""
@@ -448,40 +318,6 @@ class Store:
             used, _ = await p.execute()
         return int(used)
 
-    async def all_batch_ids(self) -> list[str]:
-        """Every batch in the read model, finished ones included (a scan: for recovery)."""
-        prefix = self.keys.batch("")
-        found = [str(k)[len(prefix):] async for k in self.r.scan_iter(match=f"{prefix}*",
-                                                                      count=1000)]
-        return sorted(found)
-
-    async def registry_entries(self) -> list[FileEntry | ApiKeyEntry | EndpointEntry]:
-        """Files, API keys and webhook endpoints as registry records (a scan: for
-        `millrace resume --reseed`, which publishes them again)."""
-        entries: list[FileEntry | ApiKeyEntry | EndpointEntry] = []
-        async for key in self.r.scan_iter(match=self.keys.file("*"), count=1000):
-            row = await self.r.hgetall(key)
-            if row:
-                listed = await self.r.zscore(self.keys.files(str(row["project"])),
-                                             str(key).rsplit(":", 1)[1])
-                entries.append(FileEntry(file=FileObject.model_validate_json(row["obj"]),
-                                         project=row["project"], path=row["path"],
-                                         listed_at=float(listed or 0)))
-        async for key in self.r.scan_iter(match=self.keys.api_key("*"), count=1000):
-            row = await self.r.hgetall(key)
-            if row:
-                entries.append(ApiKeyEntry(key_hash=str(key).rsplit(":", 1)[1],
-                                           project=row["project"], admin=row.get("admin") == "1",
-                                           rpm=int(row.get("rpm") or 0),
-                                           created_at=int(row.get("created_at") or 0)))
-        async for key in self.r.scan_iter(match=self.keys.webhook_endpoints("*"), count=100):
-            project = str(key).split(":", 2)[2]
-            for raw in (await self.r.hgetall(key)).values():
-                entries.append(EndpointEntry(project=project,
-                                             endpoint=WebhookEndpoint.model_validate(
-                                                 json.loads(raw))))
-        return entries
-
     async def active_batches(self) -> list[str]:
         return sorted(str(b) for b in await self.r.smembers(self.keys.active))
 
@@ -503,21 +339,6 @@ class Store:
         return [str(b) for b in due]
 
 
-    # --- lines that have a result -------------------------------------------------------
-    async def mark_done(self, lines: Mapping[str, Iterable[int]]) -> None:
-        """Set the bits of input lines (per batch) whose result line is in the spool: one
-        bitmap per batch built here and OR-ed in (a SETBIT per line was a third of the
-        sink's CPU, spent packing commands). MULTI keeps the scratch key ours."""
-        scratch = self.keys.done_new(self._token)
-        async with self.r.pipeline(transaction=True) as p:
-            for batch_id, numbers in lines.items():
-                bits = bitmap(numbers)
-                if bits:
-                    p.set(scratch, bits)
-                    p.bitop("OR", self.keys.done(batch_id), self.keys.done(batch_id), scratch)
-            p.delete(scratch)
-            await p.execute()
-
     async def put_replies(self, lines: Iterable[tuple[str, str]]) -> None:
         """(batch, output line) for lines someone waits on (`wait_reply`)."""
         async with self.r.pipeline(transaction=False) as p:
@@ -533,11 +354,6 @@ class Store:
                                    timeout=min(timeout_s, COMMAND_TIMEOUT_S - 1))
         return str(found[1]) if found else None
 
-    async def done_lines(self, batch_id: str) -> DoneLines:
-        raw = await self.r.execute_command(  # type: ignore[no-untyped-call]
-            "GET", self.keys.done(batch_id), NEVER_DECODE=True)
-        return DoneLines(bytes(raw or b""))
-
     # --- webhook endpoints (per project) ---------------------------------------------------
     async def put_endpoint(self, project: str, endpoint: WebhookEndpoint) -> None:
         await self.r.hset(self.keys.webhook_endpoints(project), endpoint.id,
@@ -552,26 +368,3 @@ class Store:
         return bool(await self.r.hdel(self.keys.webhook_endpoints(project), endpoint_id))
 
 
-def bitmap(lines: Iterable[int]) -> bytes:
-    """A Redis bitmap with the bits of `lines` set (the layout of `DoneLines`)."""
-    numbers = list(lines)
-    if not numbers:
-        return b""
-    bits = bytearray(max(numbers) // 8 + 1)
-    for n in numbers:
-        bits[n >> 3] |= 0x80 >> (n & 7)
-    return bytes(bits)
-
-
-@dataclass(frozen=True)
-class DoneLines:
-    """A Redis bitmap (bit n = line n has a result), most significant bit first."""
-
-    bits: bytes
-
-    def __contains__(self, line: int) -> bool:
-        byte, bit = divmod(line, 8)
-        return byte < len(self.bits) and bool(self.bits[byte] >> (7 - bit) & 1)
-
-    def __len__(self) -> int:
-        return sum(bin(b).count("1") for b in self.bits)

@@ -13,7 +13,7 @@ from gateway.api.auth import Admin
 from gateway.context import Ctx
 from gateway.control import Sweep, SweepReport
 from millrace.errors import NotFoundError
-from millrace.storage.store import Principal, hash_key, new_api_key
+from millrace.storage.principals import Principal, hash_key, new_api_key
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 

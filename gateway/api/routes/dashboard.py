@@ -26,7 +26,7 @@ from gateway.outputs import FileUrl, download_url, processing_errors
 from millrace.errors import NotFoundError
 from millrace.lifecycle.status import BatchStatus
 from millrace.protocol import Batch
-from millrace.storage.store import Principal
+from millrace.storage.principals import Principal
 
 HERE = Path(__file__).parents[2]  # gateway/
 STATIC = HERE / "static"

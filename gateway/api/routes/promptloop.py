@@ -37,7 +37,7 @@ from millrace.promptloop import (
     validate_rows,
 )
 from millrace.protocol import Batch
-from millrace.storage.store import Principal
+from millrace.storage.principals import Principal
 from millrace.storage.tasks import Tasks
 
 router = APIRouter(prefix="/v0", tags=["promptloop"])

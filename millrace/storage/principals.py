@@ -1,0 +1,83 @@
+"""API keys in Redis: who a key is (its project, admin flag and budgets), by its SHA-256
+only; a key found is remembered for a moment (every API call looks its key up first)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from millrace.storage.keyspace import Keyspace
+
+PRINCIPAL_TTL_S = 2.0
+PRINCIPALS_KEPT = 10_000
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def new_api_key() -> str:
+    return "sk-mr-" + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the project a key belongs to, whether it may administer, its
+    request budget per minute (0 = unlimited) and its own per-route budgets
+    (`"GET /v0/tasks"` → requests per minute), which override the deployment's."""
+
+    project: str
+    admin: bool = False
+    rpm: int = 0
+    key_hash: str = ""
+    routes: tuple[tuple[str, int], ...] = ()
+
+
+class Principals:
+    """The API-key half of `Store`."""
+
+    r: aioredis.Redis
+    keys: Keyspace
+    _principals: dict[str, tuple[float, Principal]]
+
+    async def put_key_hash(self, key_hash: str, principal: Principal,
+                           created_at: int | None = None) -> None:
+        await self.r.hset(
+            self.keys.api_key(key_hash),
+            mapping={
+                "project": principal.project,
+                "admin": int(principal.admin),
+                "rpm": principal.rpm,
+                "routes": json.dumps(dict(principal.routes)),
+                "created_at": created_at or int(time.time()),
+            },
+        )
+
+    async def principal(self, api_key: str) -> Principal | None:
+        """The key's principal. A key found is remembered for PRINCIPAL_TTL_S (keys are
+        never changed in place); one not found is looked up every time (a new key works
+        at once)."""
+        key_hash = hash_key(api_key)
+        cached = self._principals.get(key_hash)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        found = await self.principal_of_hash(key_hash)
+        if found is None:
+            return None
+        if len(self._principals) > PRINCIPALS_KEPT:
+            self._principals.clear()
+        self._principals[key_hash] = (time.monotonic() + PRINCIPAL_TTL_S, found)
+        return found
+
+    async def principal_of_hash(self, key_hash: str) -> Principal | None:
+        row = await self.r.hgetall(self.keys.api_key(key_hash))
+        if not row:
+            return None
+        return Principal(project=str(row["project"]), admin=row.get("admin") == "1",
+                         rpm=int(row.get("rpm") or 0), key_hash=key_hash,
+                         routes=tuple(json.loads(row.get("routes") or "{}").items()))
