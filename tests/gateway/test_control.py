@@ -2,8 +2,10 @@
 (running in the engine or waiting) becomes a `batch_cancelled` error line, counts add up.
 
 Machine-independent: the cancel comes once a first line has a result (an event, not a
-moment), and every other line must generate 1,500 tokens (`min_tokens`), 16 at a time:
-no engine finishes them all between the first result being counted and the cancel."""
+moment), and the last 48 lines must generate 1,500 tokens each (`min_tokens`), 16 at a
+time: no engine finishes them all between the first result being counted and the cancel.
+The first 16 lines are short, so that the first line read from every partition of the
+requests topic (a batch's lines go round-robin over its shards) finishes at once."""
 
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ from tests.batch_flow import read_lines
 from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, wait_until
 
+SHORT = 16
+
 
 def test_cancel_mid_run(client: OpenAI, model: str, tmp_path: Path) -> None:
     ids = [f"c{i}" for i in range(64)]  # 16 run at once; the rest wait in the worker
     path = write_jsonl(tmp_path / "in.jsonl", [
         chat_line(cid, model, f"Write a long story about the number {i}.", max_tokens=2)
-        if i < 2 else
+        if i < SHORT else
         chat_line(cid, model, f"Write a long story about the number {i}.", max_tokens=1500,
                   min_tokens=1500)
         for i, cid in enumerate(ids)])
@@ -35,9 +39,10 @@ def test_cancel_mid_run(client: OpenAI, model: str, tmp_path: Path) -> None:
         counts = client.batches.retrieve(batch.id).request_counts
         return counts.completed if counts else 0
 
-    wait_until(completed, 120, "a first line to finish")
-
-    cancelling = client.batches.cancel(batch.id)
+    try:
+        wait_until(completed, 120, "a first line to finish")
+    finally:  # whatever happened, the long lines do not stay in the engine
+        cancelling = client.batches.cancel(batch.id)
 
     assert cancelling.status == "cancelling"
     done = wait_until(lambda: (b := client.batches.retrieve(batch.id)).status == "cancelled"

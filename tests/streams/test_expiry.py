@@ -3,9 +3,11 @@ output file, unfinished ones become `batch_expired` error lines, counts match th
 
 Machine-independent: once the first line has a result, the worker is frozen (SIGSTOP, its
 engine too) until the batch has expired and its files are sealed, so some lines finished
-and some did not on any machine. The other lines must generate 1,500 tokens each
-(`min_tokens`), 62 of them at 16 at a time: no engine finishes them between the first
-result being counted and the freeze.
+and some did not on any machine. The last 48 lines must generate 1,500 tokens each
+(`min_tokens`), 16 at a time: no engine finishes them between the first result being
+counted and the freeze. The first 16 are short, so that the first line read from every
+partition of the requests topic (a batch's lines go round-robin over its shards) finishes
+at once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tests.batch_flow import read_lines
 from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, wait_until
 
-SHORT = 2
+SHORT = 16
 
 
 def test_short_window_expires_with_partial_results(
