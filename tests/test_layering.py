@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.sources import parsed, python_files
+
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = "millrace"
 SERVICES = ("gateway", "streams", "gpu_consumer", "sink")
@@ -108,11 +110,8 @@ def _names_a_store(node: ast.expr) -> bool:
 
 
 def our_modules() -> dict[str, ast.AST]:
-    modules = {}
-    for package in (CONTRACT, *SERVICES, TOOLS):
-        for path in sorted((ROOT / package).rglob("*.py")):
-            modules[module_name(path)] = ast.parse(path.read_text(), str(path))
-    return modules
+    trees = parsed(python_files(CONTRACT, *SERVICES, TOOLS))
+    return {module_name(path): tree for path, tree in trees.items()}
 
 
 def test_imports_run_down_only() -> None:

@@ -237,7 +237,6 @@ def test_a_sink_that_wakes_up_stale_writes_nothing_of_its_successor(
             sink.producer.close()
             sink.consumer.close()
             sink.owners.close()
-            sink._redis.close()
             await sink.store.close()
         await store.close()
         return seen

@@ -37,6 +37,7 @@ from millrace.records import (
 )
 from millrace.records.events import readers_of, writers_of
 from sink.service import Sink
+from tests.sources import parsed, python_files
 
 ROOT = Path(__file__).resolve().parents[3]
 # the source that writes for each writer in EVENT_FLOW
@@ -80,17 +81,15 @@ def constructed(paths: list[str]) -> set[str]:
     state's `finished_event()`)."""
     classes = event_classes()
     found = set()
-    for given in paths:
-        path = ROOT / given
-        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            for node in ast.walk(ast.parse(source.read_text())):
-                if not isinstance(node, ast.Call):
-                    continue
-                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
-                if name in classes:
-                    found.add(classes[name])
-                elif name == "finished_event":
-                    found.add("finished")
+    for tree in parsed(python_files(*paths)).values():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name in classes:
+                found.add(classes[name])
+            elif name == "finished_event":
+                found.add("finished")
     return found
 
 
