@@ -128,10 +128,8 @@ class Aggregator:
         by_batch = self._by_batch(records)
         if not by_batch:
             return
-        if self._epoch is None:
-            self._epoch = await asyncio.to_thread(self.producer.cluster_id)
-        epoch = self._epoch
         stored = await self.store.versions(list(by_batch))
+        epoch = await self._current_epoch(by_batch, stored)
         snapshots = []
         for batch_id, events in by_batch.items():
             state = await self.load(batch_id, stored.get(batch_id))
@@ -158,6 +156,24 @@ class Aggregator:
         await asyncio.gather(*snapshots)
         if len(self.states) > CACHE_MOST:
             self.states.clear()
+
+    async def _current_epoch(self, by_batch: dict[str, list[tuple[int, BatchEvent]]],
+                             stored: dict[str, Version]) -> str:
+        """The epoch to apply a chunk under. It is read after every assignment; but a broker
+        that lost its data (offsets start again at 0 under a new cluster id) can hand out
+        its first records before the group's rebalance reaches us, and under the old epoch
+        they would look applied already and be skipped for good. So before any event is
+        skipped as a replay, the cluster id is read again."""
+        if self._epoch is None:
+            self._epoch = await asyncio.to_thread(self.producer.cluster_id)
+        for batch_id, events in by_batch.items():
+            held = self.states.get(batch_id)
+            seen = held if held is not None else stored.get(batch_id)
+            if seen is not None and seen.epoch == self._epoch and \
+                    min(offset for offset, _ in events) <= seen.offset:
+                self._epoch = await asyncio.to_thread(self.producer.cluster_id)
+                break
+        return self._epoch
 
     def _by_batch(self, records: Sequence[Fetched]) -> dict[str, list[tuple[int, BatchEvent]]]:
         """The poll's events that are ours to apply, with their offsets, per batch. A batch's

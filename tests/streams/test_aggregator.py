@@ -13,7 +13,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Message
 
-from millrace.kafka import AsyncProducer, KafkaConfig, polled
+from millrace.kafka import AsyncProducer, KafkaConfig, partition_of, polled
 from millrace.records import (
     BatchCreated,
     BatchFilesReady,
@@ -144,6 +144,49 @@ def test_an_aggregator_that_wakes_up_stale_never_undoes_its_successor(
     moves = [(e["from_status"], e["to_status"]) for e in published if e["type"] == "transition"]
     assert moves == [("validating", "in_progress"), ("in_progress", "finalizing"),
                      ("finalizing", "completed")]
+
+
+def test_a_broker_that_lost_its_data_is_noticed_before_an_event_is_skipped(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """Found by the chaos suite's `kill-broker`: the embedded broker restarts empty under a
+    new cluster id, and its first records (offsets from 0 again) can reach the aggregator
+    before the group's rebalance does. Under the epoch it still held they looked applied
+    already (their offsets below the batch's stored one) and were skipped for good: the
+    batch stayed `in_progress`. The cluster id is now read again before any skip."""
+    settings, topics, _ = own_topics(deployment, tmp_path)
+    doc = {**DOC, "id": "batch_z"}
+    partition = partition_of("batch_z", settings.partitions)
+
+    def at(offset: int, event: Record) -> Fetched:
+        return Fetched(topics.batch_events, partition, offset, event.dumps())
+
+    created = BatchCreated(batch_id="batch_z", project="p", batch=doc, listed_at=1.0)
+    validated = BatchValidated(batch_id="batch_z", total=2, model="m")
+
+    async def scenario() -> tuple[str, dict[str, int]]:
+        store = Store.connect(str(settings.redis_url), settings.topic_prefix)
+        aggregator = Aggregator(settings)
+        aggregator._epoch = "the-broker-before"  # its cluster id, read at the assignment
+        await aggregator.handle([
+            at(0, created), at(1, validated),
+            at(2, BatchProgress(batch_id="batch_z", completed=1, failed=0)),
+            at(3, BatchProgress(batch_id="batch_z", completed=1, failed=0))])
+        # the broker restarts empty; `resume` publishes the batch's events again and the
+        # sink its files; the aggregator fetches them before any rebalance
+        await aggregator.handle([
+            at(0, created), at(1, validated),
+            at(2, BatchProgress(batch_id="batch_z", completed=2, failed=0)),
+            at(3, BatchFilesReady(batch_id="batch_z", output_file_id="o", error_file_id=None,
+                                  lines=2, completed=2))])
+        batch = await store.get_batch("batch_z", "p")
+        assert batch is not None and batch.request_counts is not None
+        await aggregator.close()
+        await store.close()
+        return batch.status.value, batch.request_counts.model_dump()
+
+    status, counts = asyncio.run(scenario())
+    assert status == "completed"
+    assert counts == {"total": 2, "completed": 2, "failed": 0}
 
 
 def _messages(kafka: KafkaConfig, topics: Topics, want: int) -> list[Message]:
