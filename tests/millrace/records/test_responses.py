@@ -22,14 +22,6 @@ from millrace.records import (
     usage_of,
 )
 
-text = st.text(min_size=1, max_size=40)
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=3),
-    max_leaves=10,
-)
-
 
 def test_response_record_round_trips_and_knows_success() -> None:
     ok = ResponseRecord(batch_id="b", project="p", custom_id="c", id="i", request_id="r",
