@@ -72,13 +72,13 @@ def finish(body: Callable[[], int | None]) -> NoReturn:
         sys.exit(getattr(exc, "exit_code", 1))
 
 
-def run(name: str, argv: Sequence[str] | None, help: str,
+def run(name: str, argv: Sequence[str] | None, description: str,
         flags: Callable[[argparse.ArgumentParser], object],
         body: Callable[[Settings], int | None]) -> NoReturn:
     """Start service `name`: parse its flags, load its settings, name the process
     `millrace <name> …`, run `body` until it returns or fails."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = common_flags(argparse.ArgumentParser(prog=f"millrace {name}", description=help))
+    parser = common_flags(argparse.ArgumentParser(prog=f"millrace {name}", description=description))
     flags(parser)
     args = parser.parse_args(argv)
     setproctitle(" ".join(["millrace", name, *argv]))
