@@ -30,7 +30,8 @@ class Files:
         async with self.r.pipeline(transaction=True) as p:
             p.hset(self.keys.file(obj.id),
                    mapping={"obj": obj.model_dump_json(), "project": project, "path": path})
-            p.zadd(self.keys.files(project), {obj.id: listed_at or time.time()})
+            p.zadd(self.keys.files(project),
+                   {obj.id: time.time() if listed_at is None else listed_at})
             if obj.expires_at is not None:
                 p.zadd(self.keys.file_expiry, {obj.id: obj.expires_at})
             await p.execute()

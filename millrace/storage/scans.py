@@ -35,6 +35,7 @@ async def registry_entries(store: Store) -> list[FileEntry | ApiKeyEntry | Endpo
             entries.append(ApiKeyEntry(key_hash=str(key).rsplit(":", 1)[1],
                                        project=row["project"], admin=row.get("admin") == "1",
                                        rpm=int(row.get("rpm") or 0),
+                                       routes=json.loads(row.get("routes") or "{}"),
                                        created_at=int(row.get("created_at") or 0)))
     async for key in store.r.scan_iter(match=store.keys.webhook_endpoints("*"), count=100):
         project = str(key).split(":", 2)[2]
