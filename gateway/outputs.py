@@ -10,10 +10,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from gateway.context import Context
 from millrace import signed
+from millrace.filestore import FileStore
 from millrace.protocol import Batch
 from millrace.result_files import final_key
+from millrace.settings import Settings
 
 EXAMPLES = 5  # error lines shown per batch
 
@@ -25,24 +26,24 @@ class FileUrl(BaseModel):
     expires_at: int
 
 
-def download_url(ctx: Context, file_id: str, path: str) -> FileUrl:
+def download_url(settings: Settings, files: FileStore, file_id: str, path: str) -> FileUrl:
     """A pre-signed URL of a file: S3's own on an s3:// store, else signed by the gateway,
     on the deployment's public URL (never the request's `Host`, which the caller chose)."""
-    ttl = ctx.settings.signed_url_ttl_s
-    url = ctx.files.presign(path, ttl)
+    ttl = settings.signed_url_ttl_s
+    url = files.presign(path, ttl)
     if url is not None:
         return FileUrl(id=file_id, url=url, expires_at=int(time.time()) + ttl)
-    url, expires = signed.sign(ctx.settings, ctx.settings.gateway_url(), file_id)
+    url, expires = signed.sign(settings, settings.gateway_url(), file_id)
     return FileUrl(id=file_id, url=url, expires_at=expires)
 
 
-def processing_errors(ctx: Context, batch: Batch) -> dict[str, Any]:
+def processing_errors(files: FileStore, batch: Batch) -> dict[str, Any]:
     """The error file summarised: lines per code and the first few lines."""
     codes: Counter[str] = Counter()
     examples: list[dict[str, Any]] = []
     if batch.error_file_id is not None:
         key = final_key(batch.id, "errors")
-        for raw in ctx.files.iter_lines(key) if ctx.files.exists(key) else []:
+        for raw in files.iter_lines(key) if files.exists(key) else []:
             if not raw.strip():
                 continue
             line = json.loads(raw)

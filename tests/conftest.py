@@ -3,17 +3,23 @@ vLLM on CPU with the bundled SmolLM2 model, all started by `millrace up`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
 from openai import OpenAI
 
 from millrace.settings import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL
+from millrace.storage.store import Store
 from ops.embedded import free_port
-from tests.deployment import Deployment, start
+from tests.deployment import Deployment, OnStore, start
+
+T = TypeVar("T")
 
 MAX_MODEL_LEN = 2048
 FETCH_TIMEOUT_S = 8
@@ -102,3 +108,18 @@ def chat_line(custom_id: str, model: str, content: str, **body: object) -> str:
 def write_jsonl(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def on_store(deployment: Deployment) -> OnStore[object]:
+    """Run `scenario(store)` on a `Store` of a fresh namespace of the session's Redis."""
+    def run(scenario: Callable[[Store], Awaitable[T]]) -> T:
+        async def main() -> T:
+            store = Store.connect(str(deployment.endpoints["redis_url"]),
+                                  f"st{uuid.uuid4().hex[:8]}")
+            try:
+                return await scenario(store)
+            finally:
+                await store.close()
+        return asyncio.run(main())
+    return run  # type: ignore[return-value]

@@ -11,16 +11,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ops.chaos import reap
 from ops.embedded import die_with_parent, free_port
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from millrace.storage.store import Store
+
+# the `on_store` fixture: runs an async scenario on a Store of a fresh Redis namespace
+OnStore = Callable[[Callable[["Store"], Awaitable[T]]], T]
 
 
 def wait_until(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:

@@ -103,7 +103,7 @@ async def one_batch(ctx: Ctx, who: Caller, batch_id: str) -> dict[str, Any]:
     return {**data, "project": owner.project, **progress(batch, time.time()),
             "timeline": [{"event": f.removesuffix("_at"), "at": data[f]}
                          for f in TIMELINE if data.get(f)],
-            "line_errors": await asyncio.to_thread(processing_errors, ctx, batch)}
+            "line_errors": await asyncio.to_thread(processing_errors, ctx.files, batch)}
 
 
 @router.post("/api/batches/{batch_id}/cancel")
@@ -127,7 +127,7 @@ async def file_url(ctx: Ctx, who: Caller, batch_id: str,
     found = await ctx.store.get_file(file_id, owner.project) if file_id else None
     if file_id is None or found is None:
         raise NotFoundError(f"Batch {batch_id} has no {kind} file.", param="kind")
-    return await asyncio.to_thread(download_url, ctx, file_id, found.path)
+    return await asyncio.to_thread(download_url, ctx.settings, ctx.files, file_id, found.path)
 
 
 @router.get("/api/workers")

@@ -103,7 +103,7 @@ async def content(ctx: Ctx, who: Caller, file_id: str) -> StreamingResponse:
 async def presigned(ctx: Ctx, who: Caller, file_id: str) -> FileUrl:
     """A pre-signed download URL (a millrace extension; PLai's downloads use it)."""
     found = await owned_file(ctx, who, file_id)
-    return await asyncio.to_thread(download_url, ctx, file_id, found.path)
+    return await asyncio.to_thread(download_url, ctx.settings, ctx.files, file_id, found.path)
 
 
 signed_router = APIRouter(prefix="/signed/files", tags=["files"])

@@ -112,7 +112,7 @@ async def retrieve(ctx: Ctx, who: Caller, batch_id: str) -> dict[str, Any]:
     ext = await ctx.store.get_ext(batch_id)
     summary = ext.get("processing_errors")
     if summary is None:
-        summary = await asyncio.to_thread(processing_errors, ctx, batch)
+        summary = await asyncio.to_thread(processing_errors, ctx.files, batch)
         if batch.settled:  # its error file will not change: read it once, not per poll
             await ctx.store.put_ext(batch_id, {**ext, "processing_errors": summary})
     found = plai_object(batch, ext)
@@ -143,7 +143,7 @@ async def download(ctx: Ctx, who: Caller, batch_id: str) -> Download:
     for name, file_id in (("output_file_url", batch.output_file_id),
                           ("errors_file_url", batch.error_file_id)):
         stored = await ctx.store.get_file(file_id, who.project) if file_id else None
-        signed = await asyncio.to_thread(download_url, ctx, stored.obj.id,
+        signed = await asyncio.to_thread(download_url, ctx.settings, ctx.files, stored.obj.id,
                                          stored.path) if stored else None
         urls[name] = signed.url if signed else None
         expires_at = min(expires_at, signed.expires_at) if signed else expires_at

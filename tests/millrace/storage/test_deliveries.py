@@ -8,7 +8,7 @@ from typing import Any
 
 from millrace.storage.deliveries import Deliveries, Delivery, DeliveryAttempt, delivery_id
 from millrace.storage.store import Store
-from tests.millrace.storage.conftest import OnStore
+from tests.deployment import OnStore
 
 
 def delivery(event_id: str, url: str = "https://hooks.example/a") -> Delivery:

@@ -7,7 +7,7 @@ from typing import Any
 
 from millrace.protocol import FileObject
 from millrace.storage.store import Store
-from tests.millrace.storage.conftest import OnStore
+from tests.deployment import OnStore
 
 
 def file(file_id: str, expires_at: int | None = None) -> FileObject:

@@ -7,7 +7,7 @@ from typing import Any
 
 from millrace.storage.principals import Principal, hash_key, new_api_key
 from millrace.storage.store import Store
-from tests.millrace.storage.conftest import OnStore
+from tests.deployment import OnStore
 
 
 def test_a_key_is_found_by_its_hash_with_its_budgets(on_store: OnStore[Any]) -> None:

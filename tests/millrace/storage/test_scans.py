@@ -10,7 +10,7 @@ from millrace.registry import restore_registry
 from millrace.storage import scans
 from millrace.storage.principals import Principal
 from millrace.storage.store import Store
-from tests.millrace.storage.conftest import OnStore
+from tests.deployment import OnStore
 from tests.millrace.storage.test_store import batch
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from millrace.lifecycle.status import BatchStatus
 from millrace.protocol import Batch, WebhookEndpoint
 from millrace.storage.store import RestoredBatch, Store, Version
-from tests.millrace.storage.conftest import OnStore
+from tests.deployment import OnStore
 
 
 def batch(batch_id: str, expires_at: int | None = 2_000) -> Batch:
