@@ -5,40 +5,26 @@ line and writes no explode checkpoint; the owner does the explode."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from gateway.jobs.base import Fenced
 from gateway.jobs.consumer import Jobs
 from gateway.worker_board import WorkerBoard
-from millrace.filestore import FileStore
-from millrace.kafka import KafkaConfig, ensure_topics
 from millrace.protocol import FileObject
 from millrace.records import BatchCreated
-from millrace.settings import BUNDLED_CHAT_MODEL, KafkaSettings, Settings
+from millrace.settings import BUNDLED_CHAT_MODEL
 from millrace.storage.store import Store
-from millrace.topics import Topics
 from ops.chaos import batch_file
-from tests.deployment import Deployment
+from tests.gateway.jobs.world import JobsWorld, close
 
 LINES = 3
 
 
 def test_a_gateway_that_wakes_up_stale_leaves_the_explode_to_the_owner(
-        deployment: Deployment, tmp_path: Path) -> None:
-    settings = Settings(
-        topic_prefix=f"jobs{uuid.uuid4().hex[:8]}", data_dir=tmp_path, partitions=1,
-        file_store_url=str(tmp_path / "store"),
-        redis_url=str(deployment.endpoints["redis_url"]),
-        kafka=KafkaSettings(bootstrap=str(deployment.endpoints["kafka_bootstrap"])))
-    topics = Topics.from_settings(settings)
-    kafka = KafkaConfig.of(settings, "test")
-    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
-    files = FileStore(settings.files_url)
+        world: JobsWorld) -> None:
+    settings, topics, files = world.settings, world.topics, world.files
     data = batch_file(LINES, "j")
     files.write_bytes("files/file-j", data)
     batch_id = f"batch_{uuid.uuid4().hex[:12]}"
@@ -61,12 +47,7 @@ def test_a_gateway_that_wakes_up_stale_leaves_the_explode_to_the_owner(
         after_stale = await store.r.hgetall(store.keys.explode(batch_id))
         await owner.do(created, 0)
         after_owner = await store.r.hgetall(store.keys.explode(batch_id))
-        for jobs in (stale, owner):  # never ran: only their clients to close
-            jobs.producer.close()
-            jobs.bulk.close()
-            jobs.consumer.close()
-            jobs.owners.close()
-            await jobs.fetcher.aclose()
+        await close(stale, owner)
         await store.close()
         return after_stale, after_owner
 
@@ -74,22 +55,5 @@ def test_a_gateway_that_wakes_up_stale_leaves_the_explode_to_the_owner(
     assert after_stale == {}
     assert after_owner["complete"] == "1"
     # each line enqueued once: by the owner alone
-    assert _count(kafka, topics.requests_for(BUNDLED_CHAT_MODEL),
-                  settings.request_partitions) == LINES
-
-
-def _count(kafka: KafkaConfig, topic: str, partitions: int) -> int:
-    consumer = Consumer(kafka.consumer(f"count-{uuid.uuid4().hex}",
-                                       **{"enable.partition.eof": True}))
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-    found, ends, deadline = 0, 0, time.monotonic() + 60
-    while ends < partitions and time.monotonic() < deadline:
-        msg = consumer.poll(1)
-        if msg is None:
-            continue
-        if msg.error():
-            ends += 1
-        else:
-            found += 1
-    consumer.close()
-    return found
+    assert len(world.read(topics.requests_for(BUNDLED_CHAT_MODEL),
+                          settings.request_partitions)) == LINES
