@@ -1,7 +1,8 @@
 """The tests mirror the tree: every code module has `tests/<package>/…/test_<module>.py`, or
 is listed here with where its behaviour is tested instead (a test module that exists) and
-why it has no module of its own, or why the suite does not run it at all. A new module without either fails this test, and so does an
-entry here that has since got its own test module."""
+why it has no module of its own, or why the suite does not run it at all. A new module
+without either fails this test, and so does an entry here that has since got its own test
+module."""
 
 from __future__ import annotations
 
