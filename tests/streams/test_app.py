@@ -18,16 +18,18 @@ from confluent_kafka import Consumer, TopicPartition
 from faust.types import TP
 from prometheus_client import REGISTRY
 
-from millrace.kafka import AsyncProducer, KafkaConfig, partition_of
+from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics, partition_of
 from millrace.records import (
     BatchCreated,
     BatchFilesReady,
     BatchProgress,
     BatchValidated,
+    Record,
 )
-from millrace.settings import Settings
+from millrace.settings import KafkaSettings, Settings
 from millrace.storage.store import Store
 from millrace.topics import Topics
+from ops import embedded
 from streams.aggregator import Fetched
 from streams.app import COMMIT_EVERY_S, create_app
 from tests.deployment import Deployment, wait_until
@@ -267,3 +269,84 @@ def test_an_error_that_is_not_an_outage_exits_and_loses_nothing(deployment: Depl
         return "in_progress"
 
     assert asyncio.run(mend_and_wait()) == "in_progress"
+
+
+def test_a_broker_that_comes_back_empty_beside_the_running_app(deployment: Deployment,
+                                                               tmp_path: Path) -> None:
+    """The broker restarts empty (a new cluster id, offsets from 0 again) while the Faust
+    app runs. A batch it was running gets its events again on the new broker (as `resume`
+    and the sink publish them) and completes; a batch created afterwards is applied from
+    its first offset; their states carry the new broker's epoch. (The race where the new
+    broker's first records come before the group's rebalance is
+    `test_aggregator.py::test_a_broker_that_lost_its_data_is_noticed_before_an_event_is_skipped`.)"""
+    port = embedded.free_port()
+
+    def broker() -> subprocess.Popen[bytes]:
+        proc = embedded.spawn(embedded.tansu_binary(), embedded.broker_argv(port),
+                              tmp_path / "broker.log")
+        embedded.wait_for_port(port, 30, alive=lambda: proc.poll() is None)
+        return proc
+
+    procs = [broker()]
+    settings = Settings(
+        topic_prefix=f"agg{uuid.uuid4().hex[:8]}", data_dir=tmp_path, partitions=1,
+        redis_url=str(deployment.endpoints["redis_url"]),
+        kafka=KafkaSettings(bootstrap=f"127.0.0.1:{port}"))
+    topics = Topics.from_settings(settings)
+    kafka = KafkaConfig.of(settings, "test")
+    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
+
+    async def scenario() -> tuple[str, str]:
+        store = Store.connect(str(settings.redis_url), settings.topic_prefix)
+        producer = AsyncProducer(kafka.producer())
+
+        async def send(batch_id: str, *events: Record) -> None:
+            for event in events:
+                await producer.send(topics.batch_events, batch_id, event.dumps())
+
+        def begun(batch_id: str, total: int) -> list[Record]:
+            return [BatchCreated(batch_id=batch_id, project="p", batch=doc(batch_id),
+                                 listed_at=1.0),
+                    BatchValidated(batch_id=batch_id, total=total, model="m")]
+
+        async def shows(batch_id: str, status: str, completed: int) -> None:
+            async def now() -> bool:
+                batch = await store.get_batch(batch_id, "p")
+                return batch is not None and batch.status.value == status and \
+                    batch.request_counts.completed == completed
+            await until(now, 90)
+
+        try:
+            async with running(settings) as app:
+                old = await asyncio.to_thread(app.aggregator.producer.cluster_id)
+                await send("batch_a", *begun("batch_a", 3),
+                           *[BatchProgress(batch_id="batch_a", completed=n, failed=0)
+                             for n in range(1, 3)])
+                await shows("batch_a", "in_progress", 2)
+                procs[0].kill()
+                procs[0].wait()
+                procs.append(broker())
+                await asyncio.to_thread(ensure_topics, kafka, topics.layout(settings),
+                                        configs=topics.configs())
+                new = await asyncio.to_thread(producer.cluster_id)
+                await send("batch_a", *begun("batch_a", 3),
+                           BatchProgress(batch_id="batch_a", completed=3, failed=0),
+                           BatchFilesReady(batch_id="batch_a", output_file_id="o",
+                                           error_file_id=None, lines=3, completed=3))
+                await shows("batch_a", "completed", 3)
+                await send("batch_c", *begun("batch_c", 1))
+                await shows("batch_c", "in_progress", 0)
+                versions = await store.versions(["batch_a", "batch_c"])
+                assert {v.epoch for v in versions.values()} == {new}
+            return old, new
+        finally:
+            producer.close()
+            await store.close()
+
+    try:
+        old, new = asyncio.run(scenario())
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert old != new
