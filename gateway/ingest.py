@@ -43,6 +43,7 @@ from millrace.records import (
     INGEST_TOKEN_HEADER,
     BatchValidated,
     IngestReject,
+    Order,
     RequestRecord,
     ResponseRecord,
 )
@@ -53,7 +54,7 @@ from millrace.topics import Topics
 
 log = logging.getLogger(__name__)
 MAX_REJECT_VALUE = 4096
-KEYS_KEPT = 10_000  # batches' line keys kept in memory
+KEYS_KEPT = 10_000  # batches' line keys and order kept in memory
 
 
 def token_matches(stream: dict[str, str], given: str | None) -> bool:
@@ -106,7 +107,8 @@ class StreamIngest:
         self._stop = asyncio.Event()
         self._rules_by_endpoint: dict[str, Rules] = {}
         self.store = store
-        self._line_keys: dict[str, str | None] = {}  # a batch's key never changes
+        # a batch's line key, priority and deadline never change
+        self._line_keys: dict[str, tuple[str | None, Order]] = {}
         self._epoch = ""
         # per poll: each batch's new lines (persisted before anything is enqueued)
         self._lines: dict[str, list[StreamLine]] = {}
@@ -193,11 +195,12 @@ class StreamIngest:
             await self.ledger.note_rejected(batch_id, token)
             return [self._reject(msg, batch_id, "duplicate_custom_id",
                                  f"custom_id '{custom_id}' is already in the batch")]
-        line_key = await self._line_key(batch_id)
+        line_key, order = await self._line_key(batch_id, stream["project"])
         if line is not None:
             record = RequestRecord(batch_id=batch_id, project=stream["project"],
                                    custom_id=custom_id, line=number, url=line.url,
-                                   body=line.body, ticket=ticket(line_key, number, custom_id))
+                                   body=line.body, ticket=ticket(line_key, number, custom_id),
+                                   priority=order.priority, deadline=order.deadline)
             self._keep(batch_id, StreamLine(line=number, custom_id=custom_id, request=record),
                        request(self.settings, self.topics, record))
             return []
@@ -227,11 +230,14 @@ class StreamIngest:
             self._rules_by_endpoint[endpoint] = rules(self.settings, endpoint, self.board)
         return self._rules_by_endpoint[endpoint]
 
-    async def _line_key(self, batch_id: str) -> str | None:
+    async def _line_key(self, batch_id: str, project: str) -> tuple[str | None, Order]:
+        """The batch's line key and its lines' order (priority, deadline)."""
         if len(self._line_keys) > KEYS_KEPT:
             self._line_keys.clear()
         if batch_id not in self._line_keys:
-            self._line_keys[batch_id] = await self.store.line_key(batch_id)
+            batch = await self.store.get_batch(batch_id, project)
+            order = Order(batch.priority, batch.expires_at) if batch else Order()
+            self._line_keys[batch_id] = (await self.store.line_key(batch_id), order)
         return self._line_keys[batch_id]
 
     def _refuse(self, msg: Message, batch_id: str, code: str,

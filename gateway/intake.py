@@ -24,12 +24,18 @@ from typing import IO, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from gateway.context import Context
-from millrace.errors import ConflictError, InvalidRequestError, ServiceUnavailableError
+from millrace.errors import (
+    ConflictError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+)
 from millrace.lifecycle.state import STREAM_INPUT
 from millrace.lifecycle.status import BatchStatus
 from millrace.protocol import Batch, ExpiresAfter, FileObject
 from millrace.records import BatchCreated, BatchOpened
 from millrace.storage.ledger import StreamLedger
+from millrace.storage.principals import Principal
 from millrace.webhooks import check_target, signing_key, webhook_guard
 
 MAX_FILENAME = 255
@@ -89,6 +95,9 @@ def copied(ctx: Context, source: IO[bytes], limit: int | None = None
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}
 MAX_WINDOW_S = 24 * 3600
+# a batch's `priority` (higher first; Gemini's batch field); above 0 only as far as the
+# caller's key allows (`max_priority`, set by an admin)
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 
 
 def window_seconds(window: str) -> int:
@@ -134,6 +143,8 @@ class CreateBatch(BaseModel):
     output_expires_after: ExpiresAfter | None = None
     # Inference Cloud's field (seed 003); `metadata.webhook_url` works the same way
     webhook_url: str | None = Field(default=None, max_length=2048)
+    # millrace extension (Gemini's batch `priority`): higher is served first
+    priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY)
 
     @property
     def webhook(self) -> tuple[str, str] | None:
@@ -153,6 +164,15 @@ def served_endpoint(ctx: Context, endpoint: str) -> None:
             f"endpoint must be one of {', '.join(served)}", param="endpoint",
             code="invalid_value",
         )
+
+
+def check_priority(who: Principal, params: CreateBatch) -> None:
+    """A priority above the key's `max_priority` is refused (403), never lowered quietly."""
+    if params.priority > who.max_priority:
+        raise PermissionDeniedError(
+            f"This key may create batches of priority up to {who.max_priority}; ask an "
+            f"admin to raise its max_priority for {params.priority}.", param="priority",
+            code="priority_not_allowed")
 
 
 async def check_webhook(ctx: Context, params: CreateBatch) -> None:
@@ -195,6 +215,7 @@ async def create_batch(ctx: Context, project: str, params: CreateBatch, window: 
         in_progress_at=now if status is BatchStatus.IN_PROGRESS else None,
         expires_at=now + window,
         metadata=params.metadata,
+        priority=params.priority,
     )
     webhook = {"url": params.webhook[0], "format": webhook_format} if params.webhook else None
     created = BatchCreated(
@@ -259,7 +280,7 @@ async def retry_failed(ctx: Context, project: str, batch: Batch, custom_ids: lis
             f"Batch {batch_id} has 16 metadata pairs: no room for retry_of.", param="metadata",
             code="invalid_value")
     create = CreateBatch(endpoint=batch.endpoint, completion_window=batch.completion_window,
-                         metadata=metadata, webhook_url=webhook_url)
+                         metadata=metadata, webhook_url=webhook_url, priority=batch.priority)
     await check_webhook(ctx, create)
     file_id = await copy_lines(ctx, project, batch, chosen)
     return await create_batch(ctx, project, create, window_seconds(batch.completion_window),

@@ -24,12 +24,13 @@ from gateway.validation import Report, Rules, check_line, parse_lines
 from gateway.worker_board import ServedNames, WorkerBoard
 from millrace.filestore import FileStore
 from millrace.protocol import BATCH_LINE_ERRORS, LineError
-from millrace.records import RequestRecord, ResponseRecord, line_ticket
+from millrace.records import Order, RequestRecord, ResponseRecord, line_ticket
 from millrace.settings import Settings
 from millrace.topics import Topics, request_route
 
 # (topic, key, partition or None: by key, value)
 Produce = tuple[str, str, int | None, bytes]
+UNORDERED = Order()  # priority 0, no deadline
 
 
 def rules(settings: Settings, endpoint: str, board: WorkerBoard) -> Rules:
@@ -70,6 +71,8 @@ class _RequestWire(msgspec.Struct, kw_only=True):
     enqueued_at: float
     reply: bool = False
     ticket: str | None = None
+    priority: int = 0
+    deadline: float | None = None
 
 
 _parts = msgspec.json.Decoder(_Parts).decode
@@ -94,13 +97,14 @@ class FileLine:
 
 
 def file_lines(files: FileStore, key: str, line_rules: Rules, batch_id: str, project: str,
-               reply: bool = False, model: str | None = None, line_key: str | None = None
-               ) -> Iterator[FileLine]:
+               reply: bool = False, model: str | None = None, line_key: str | None = None,
+               order: Order = UNORDERED) -> Iterator[FileLine]:
     """The request record of every line of a validated input file. The body is copied as
     bytes, not parsed and serialised again: building and dumping a `RequestRecord` per line
     was two thirds of the explode's CPU (cProfile, 50,000 lines). `model`: the batch's one
     model, if known (validation found it); else each line's is read. `line_key`: the
-    batch's, each line's ticket is made with (`records.line_ticket`)."""
+    batch's, each line's ticket is made with (`records.line_ticket`). `order`: the batch's
+    priority and deadline, which every line carries to the workers."""
     for number, raw in parse_lines(files.iter_lines(key)):
         # a link part has the string "link" in it, written plainly or with \u escapes
         maybe_links = b'"link"' in raw or b"\\u" in raw
@@ -111,14 +115,16 @@ def file_lines(files: FileStore, key: str, line_rules: Rules, batch_id: str, pro
             value = _encode(_RequestWire(
                 batch_id=batch_id, project=project, custom_id=custom_id, line=number,
                 url=parts.url, body=parts.body, enqueued_at=time.time(), reply=reply,
-                ticket=ticket(line_key, number, custom_id)))
+                ticket=ticket(line_key, number, custom_id), priority=order.priority,
+                deadline=order.deadline))
         except msgspec.DecodeError:  # valid, yet not in the usual shape: the long way
             line = check_line(number, raw, line_rules, Report())
             assert line is not None, "validated lines cannot fail on a second pass"
             custom_id, line_model = line.custom_id, str(line.body["model"])
             value = RequestRecord(batch_id=batch_id, project=project, custom_id=custom_id,
                                   line=number, url=line.url, body=line.body, reply=reply,
-                                  ticket=ticket(line_key, number, custom_id)).dumps()
+                                  ticket=ticket(line_key, number, custom_id),
+                                  priority=order.priority, deadline=order.deadline).dumps()
         yield FileLine(number, custom_id, line_model, value, maybe_links)
 
 

@@ -1,8 +1,10 @@
 """What the worker admits next, and which offsets it may commit: pure bookkeeping, no I/O.
 
 - `Backlog`: lines read from Kafka but not yet in the engine, one FIFO queue per batch,
-  served round-robin across batches (fair share: a small batch behind a large one gets
-  every other slot as soon as its lines are read).
+  served by the batch's priority (higher first), then its deadline (the end of its
+  completion window, earlier first); batches that tie take turns (a small batch behind a
+  large one of the same priority and deadline gets every other slot as soon as its lines
+  are read), and a minimum share of the picks goes to every batch in turn.
 - `Budget`: the engine's in-flight limits per model (requests and tokens).
 - `PartitionOffsets`: lines finish in any order; the committable offset is the first line
   not yet finished, so a crash redelivers only unfinished work (and nothing is skipped).
@@ -10,6 +12,8 @@
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -68,39 +72,98 @@ def token_cost(body: dict[str, Any], default_max_tokens: int) -> int:
         return prompt + default_max_tokens
 
 
-class Backlog:
-    """Lines waiting for the engine: FIFO within a batch, round-robin across batches."""
+Rank = tuple[int, int, float]  # (-priority, nobody waiting, deadline step): lower first
 
-    def __init__(self) -> None:
-        self._queues: OrderedDict[str, deque[Pending]] = OrderedDict()
+
+def rank(record: QueuedRequest, deadline_step_s: float) -> Rank:
+    """Higher priority first; then a line someone waits on (PromptLoop's run-one-row); then
+    the earlier deadline, in steps of `deadline_step_s` (deadlines in one step tie, and
+    their batches take turns; none: last)."""
+    deadline = record.deadline
+    step = (math.inf if deadline is None
+            else deadline // deadline_step_s if deadline_step_s > 0 else deadline)
+    return -record.priority, 0 if record.reply else 1, step
+
+
+class Backlog:
+    """Lines waiting for the engine, FIFO within a batch. The next line is the first
+    batch's in `rank` order, batches that tie taking turns; and one pick in `share_every`
+    goes to every waiting batch in turn whatever its rank, so that nothing starves (each
+    of n waiting batches gets at least 1 / (n * share_every) of the picks).
+    """
+
+    def __init__(self, min_share: float = 0.0, deadline_step_s: float = 0.0) -> None:
+        self.deadline_step_s = deadline_step_s
+        self._queues: dict[str, deque[Pending]] = {}
+        self._ranks: dict[str, Rank] = {}
+        # batches of one rank, in their turn order; the ranks present, best first
+        self._tiers: dict[Rank, OrderedDict[str, None]] = {}
+        self._order: list[Rank] = []
+        self._turns: OrderedDict[str, None] = OrderedDict()  # every batch, for the share
+        self.share_every = round(1 / min_share) if min_share > 0 else 0
+        self._picks = 0
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
 
     def push(self, item: Pending) -> None:
-        self._queues.setdefault(item.record.batch_id, deque()).append(item)
+        batch_id = item.record.batch_id
+        queue = self._queues.get(batch_id)
+        if queue is None:
+            queue = self._queues[batch_id] = deque()
+            where = self._ranks[batch_id] = rank(item.record, self.deadline_step_s)
+            if where not in self._tiers:
+                self._tiers[where] = OrderedDict()
+                bisect.insort(self._order, where)
+            self._tiers[where][batch_id] = None
+            self._turns[batch_id] = None
+        queue.append(item)
         self._size += 1
 
+    def _sharing(self) -> bool:
+        return bool(self.share_every) and self._picks % self.share_every == self.share_every - 1
+
+    def _next_batch(self) -> str:
+        if self._sharing():
+            return next(iter(self._turns))
+        return next(iter(self._tiers[self._order[0]]))
+
     def peek(self) -> Pending:
-        return next(iter(self._queues.values()))[0]
+        return self._queues[self._next_batch()][0]
 
     def pop(self) -> Pending:
-        """The next line of the batch whose turn it is; that batch goes to the back."""
-        batch_id, queue = next(iter(self._queues.items()))
+        """The next line (`peek`'s); its batch goes to the back of its turns."""
+        batch_id = self._next_batch()
+        queue = self._queues[batch_id]
         item = queue.popleft()
-        if queue:
-            self._queues.move_to_end(batch_id)
-        else:
-            del self._queues[batch_id]
+        self._picks += 1
         self._size -= 1
+        if queue:
+            self._tiers[self._ranks[batch_id]].move_to_end(batch_id)
+            self._turns.move_to_end(batch_id)
+        else:
+            self._forget(batch_id)
         return item
+
+    def _forget(self, batch_id: str) -> None:
+        del self._queues[batch_id]
+        where = self._ranks.pop(batch_id)
+        tier = self._tiers[where]
+        del tier[batch_id]
+        if not tier:
+            del self._tiers[where]
+            self._order.remove(where)
+        del self._turns[batch_id]
 
     def batches(self) -> list[str]:
         return list(self._queues)
 
     def take_batch(self, batch_id: str) -> list[Pending]:
-        items = list(self._queues.pop(batch_id, ()))
+        if batch_id not in self._queues:
+            return []
+        items = list(self._queues[batch_id])
+        self._forget(batch_id)
         self._size -= len(items)
         return items
 
@@ -109,12 +172,13 @@ class Backlog:
         gone = set(partitions)
         dropped = 0
         for batch_id in list(self._queues):
-            kept = deque(i for i in self._queues[batch_id] if (i.topic, i.partition) not in gone)
-            dropped += len(self._queues[batch_id]) - len(kept)
+            queue = self._queues[batch_id]
+            kept = deque(i for i in queue if (i.topic, i.partition) not in gone)
+            dropped += len(queue) - len(kept)
             if kept:
                 self._queues[batch_id] = kept
             else:
-                del self._queues[batch_id]
+                self._forget(batch_id)
         self._size -= dropped
         return dropped
 

@@ -1,8 +1,9 @@
 """The worker loop: requests topics → backlog → engine (continuous batching) → responses.
 
 One thread runs a loop of: fetch what Kafka has (never blocking while the engine has
-work), admit lines round-robin by batch while the engine has room, step the engine once,
-produce the finished results, commit. Nothing waits for the slowest line of a group.
+work), admit lines by priority and deadline (batches that tie take turns) while the engine
+has room, step the engine once, produce the finished results, commit. Nothing waits for
+the slowest line of a group.
 
 Offsets: a line's offset counts as finished when the broker acknowledged its response;
 each partition commits up to its first unfinished line. A crash redelivers unfinished
@@ -79,7 +80,7 @@ class Worker:
                     for m, served in names.items() if served.base != m}
         if adapters:
             ensure_topics(kafka, adapters)
-        self.backlogs = {m: Backlog() for m in names}
+        self.backlogs = {m: self._backlog() for m in names}
         engines = {
             m: Budget(settings.worker_max_in_flight or engine.capacity(m),
                       settings.worker_token_budget)
@@ -164,6 +165,9 @@ class Worker:
         status = self.load.status(self._running(), {m: len(b) for m, b in self.backlogs.items()},
                                   lag, stopped=stopped)
         produce(self.producer, self.topics.workers, status.dumps(), key=self.load.worker)
+
+    def _backlog(self) -> Backlog:
+        return Backlog(self.settings.worker_min_share, self.settings.worker_deadline_step_s)
 
     def _waiting(self) -> int:
         return sum(len(b) for b in self.backlogs.values())
@@ -257,7 +261,7 @@ class Worker:
         runs (up to `worker_drain_s`)."""
         self.consumer.pause(self.consumer.assignment())
         handed_back = self._waiting()
-        self.backlogs = {m: Backlog() for m in self.backlogs}
+        self.backlogs = {m: self._backlog() for m in self.backlogs}
         deadline = time.monotonic() + self.settings.worker_drain_s
         while self.running and time.monotonic() < deadline and not self._failed_deliveries:
             self._finish(self.engine.step())

@@ -129,7 +129,8 @@ class BatchUsage(BaseModel):
 
 
 class Batch(BaseModel):
-    """The Batch object exactly as the OpenAI SDK types it."""
+    """The Batch object as the OpenAI SDK types it, plus `priority` (an extension the SDK
+    keeps as an extra field)."""
 
     id: str
     object: Literal["batch"] = "batch"
@@ -153,6 +154,8 @@ class Batch(BaseModel):
     request_counts: RequestCounts = Field(default_factory=RequestCounts)
     metadata: dict[str, str] | None = None
     usage: BatchUsage = Field(default_factory=BatchUsage)
+    # millrace extension (as Gemini's batch `priority`): higher is served first
+    priority: int = 0
 
     @property
     def settled(self) -> bool:

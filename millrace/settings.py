@@ -342,6 +342,12 @@ class Settings(BaseSettings):
     worker_token_budget: int = 0
     # Lines read ahead of the engine (the fair-share horizon); fetching pauses beyond it.
     worker_read_ahead: int = 100_000
+    # The order waiting lines are admitted in: a batch's priority, then its deadline, in
+    # steps of this many seconds (batches whose windows end within one step take turns).
+    worker_deadline_step_s: float = Field(default=3600.0, ge=0)
+    # The share of admissions that go to every waiting batch in turn, whatever its
+    # priority and deadline: nothing starves (0 = strict order).
+    worker_min_share: float = Field(default=0.1, ge=0, le=1)
     # when idle, after the first request arrives, how long to wait for more to fill the
     # first engine step
     worker_max_wait_ms: int = 5

@@ -15,7 +15,7 @@ from millrace import metrics
 from millrace.fetch import FetchFailed
 from millrace.lifecycle.state import STREAM_INPUT
 from millrace.protocol import BatchError, FileObject
-from millrace.records import BatchCreated, BatchValidated, BatchValidationFailed
+from millrace.records import BatchCreated, BatchValidated, BatchValidationFailed, Order
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class Explode(JobBase):
         done = await self.store.done_lines(batch_id)
         line_key = await self.store.line_key(batch_id)
         lines = (line for line in file_lines(self.files, path, line_rules, batch_id, project,
-                                             bool(ext.get("single")), report.model, line_key)
+                                             bool(ext.get("single")), report.model, line_key,
+                                             Order.of(event.batch))
                  if line.line > after and line.line not in done)
         fetched = await self.fetched(batch_id)
         while chunk := await asyncio.to_thread(lambda: list(islice(lines, CHECKPOINT_LINES))):

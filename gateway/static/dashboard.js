@@ -107,7 +107,8 @@ async function showBatch(id) {
   fill($("#timeline"), b.timeline.map((t) => el("li", `${t.event.replace("_", " ")}: ${when(t.at)}`)));
   const usage = b.usage || {};
   const details = [["endpoint", b.endpoint], ["model", b.model], ["project", b.project],
-    ["window", b.completion_window], ["input file", b.input_file_id],
+    ["window", b.completion_window], ["priority", String(b.priority ?? 0)],
+    ["input file", b.input_file_id],
     ["tokens in / out", usage.input_tokens !== undefined ? `${usage.input_tokens} / ${usage.output_tokens}` : ""],
     ["metadata", b.metadata ? JSON.stringify(b.metadata) : ""]];
   $("#details").replaceChildren(...details.flatMap(([k, v]) => [el("dt", k), el("dd", v ?? "")]));

@@ -46,7 +46,13 @@ from millrace.records.registry import (
     endpoint_key,
     parse_registry,
 )
-from millrace.records.requests import QueuedRequest, RequestRecord, line_ticket, read_request
+from millrace.records.requests import (
+    Order,
+    QueuedRequest,
+    RequestRecord,
+    line_ticket,
+    read_request,
+)
 from millrace.records.responses import (
     NULL,
     ResponseOutcome,
@@ -67,7 +73,7 @@ __all__ = [
     "BatchFillRequested", "BatchFilled", "BatchFinished", "BatchOpened", "BatchProgress",
     "BatchRedriveRequested", "BatchTransition", "BatchValidated", "BatchValidationFailed",
     "EndpointEntry", "Fence", "FileEntry", "Flow", "IngestReject", "ModelLoad",
-    "QueuedRequest", "Record", "RegistryEntry", "RequestRecord", "ResponseOutcome",
+    "Order", "QueuedRequest", "Record", "RegistryEntry", "RequestRecord", "ResponseOutcome",
     "ResponseRecord", "SpooledResponse", "Tokens", "Usage", "WebhookTarget", "WorkerStatus",
     "body_tokens", "endpoint_key", "line_ticket", "now", "parse_event", "parse_registry",
     "read_request", "read_response", "response_value", "usage_of",

@@ -34,6 +34,7 @@ class ApiKeyEntry(Record):
     admin: bool = False
     rpm: int = 0
     routes: dict[str, int] = Field(default_factory=dict)
+    max_priority: int = 0
     created_at: int = Field(default_factory=now)
 
     @property

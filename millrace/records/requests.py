@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import msgspec
 from pydantic import Field
@@ -29,6 +30,25 @@ class RequestRecord(Record):
     reply: bool = False
     # the gateway's proof that it issued this line (`line_ticket`); its response carries it
     ticket: str | None = None
+    # the batch's priority (higher first) and when its window ends (unix seconds): the
+    # order a worker admits waiting lines in (`gpu_consumer.admission.Backlog`)
+    priority: int = 0
+    deadline: float | None = None
+
+
+class Order(NamedTuple):
+    """Where a batch's lines stand in a worker's queue: its priority (higher first), then
+    its deadline (the end of its completion window, unix seconds; earlier first)."""
+
+    priority: int = 0
+    deadline: float | None = None
+
+    @classmethod
+    def of(cls, batch: Mapping[str, Any]) -> Order:
+        """A Batch document's order (`expires_at` is its window's end)."""
+        expires = batch.get("expires_at")
+        return cls(int(batch.get("priority") or 0),
+                   float(expires) if expires is not None else None)
 
 
 def line_ticket(line_key: str, line: int, custom_id: str) -> str:
@@ -53,6 +73,8 @@ class QueuedRequest(msgspec.Struct, frozen=True, kw_only=True):
     enqueued_at: float = msgspec.field(default_factory=time.time)
     reply: bool = False
     ticket: str | None = None
+    priority: int = 0
+    deadline: float | None = None
 
 
 read_request = msgspec.json.Decoder(QueuedRequest, strict=False).decode

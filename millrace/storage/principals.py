@@ -28,14 +28,16 @@ def new_api_key() -> str:
 @dataclass(frozen=True)
 class Principal:
     """Who is calling: the project a key belongs to, whether it may administer, its
-    request budget per minute (0 = unlimited) and its own per-route budgets
-    (`"GET /v0/tasks"` → requests per minute), which override the deployment's."""
+    request budget per minute (0 = unlimited), its own per-route budgets
+    (`"GET /v0/tasks"` → requests per minute), which override the deployment's, and the
+    highest batch `priority` it may ask for (an admin raises it; any key may go lower)."""
 
     project: str
     admin: bool = False
     rpm: int = 0
     key_hash: str = ""
     routes: tuple[tuple[str, int], ...] = ()
+    max_priority: int = 0
 
 
 class Principals:
@@ -54,6 +56,7 @@ class Principals:
                 "admin": int(principal.admin),
                 "rpm": principal.rpm,
                 "routes": json.dumps(dict(principal.routes)),
+                "max_priority": principal.max_priority,
                 "created_at": created_at or int(time.time()),
             },
         )
@@ -80,4 +83,5 @@ class Principals:
             return None
         return Principal(project=str(row["project"]), admin=row.get("admin") == "1",
                          rpm=int(row.get("rpm") or 0), key_hash=key_hash,
-                         routes=tuple(json.loads(row.get("routes") or "{}").items()))
+                         routes=tuple(json.loads(row.get("routes") or "{}").items()),
+                         max_priority=int(row.get("max_priority") or 0))

@@ -24,7 +24,7 @@ def test_the_wire_struct_s_defaults_are_the_record_s() -> None:
                         _RequestWire.__struct_defaults__, strict=True))
     given = {name: default for name, default in defaults.items()
              if default is not msgspec.NODEFAULT}
-    assert given == {"v": 1, "reply": False, "ticket": None}
+    assert given == {"v": 1, "reply": False, "ticket": None, "priority": 0, "deadline": None}
     for name, default in given.items():
         assert RequestRecord.model_fields[name].default == default, name
 
@@ -32,7 +32,7 @@ def test_the_wire_struct_s_defaults_are_the_record_s() -> None:
 def test_a_line_written_the_fast_way_reads_back_as_the_same_record() -> None:
     fields = {"batch_id": "batch_1", "project": "p", "custom_id": "c-7", "line": 7,
               "url": "/v1/chat/completions", "enqueued_at": 1765000000.25, "reply": True,
-              "ticket": "0" * 32}
+              "ticket": "0" * 32, "priority": -3, "deadline": 1765086400.0}
     fast = msgspec.json.encode(_RequestWire(body=msgspec.Raw(BODY), **fields))
     record = RequestRecord(body=json.loads(BODY), **fields)  # type: ignore[arg-type]
     assert json.loads(fast) == json.loads(record.dumps())

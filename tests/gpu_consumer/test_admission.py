@@ -1,7 +1,11 @@
-"""The worker's bookkeeping without Kafka: fair-share order, in-flight limits, and which
-offset may be committed when lines finish out of order."""
+"""The worker's bookkeeping without Kafka: the order lines are admitted in (priority,
+deadline, turns, the minimum share), in-flight limits, and which offset may be committed
+when lines finish out of order."""
 
 from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gpu_consumer.admission import Backlog, Budget, PartitionOffsets, Pending, token_cost
 from millrace.records import RequestRecord, read_request
@@ -9,11 +13,24 @@ from millrace.topics import request_route
 
 
 def pending(batch_id: str, line: int, offsets: PartitionOffsets | None = None,
-            partition: int = 0) -> Pending:
+            partition: int = 0, priority: int = 0, deadline: float | None = None,
+            reply: bool = False) -> Pending:
     record = read_request(RequestRecord(
         batch_id=batch_id, project="p", custom_id=f"{batch_id}-{line}", line=line,
-        url="/v1/chat/completions", body={"model": "m"}).dumps())
+        url="/v1/chat/completions", body={"model": "m"}, priority=priority,
+        deadline=deadline, reply=reply).dumps())
     return Pending(record, "t", partition, line, offsets or PartitionOffsets(), 1)
+
+
+def drain(backlog: Backlog, most: int | None = None) -> list[str]:
+    """Batch ids of the lines popped, in order (each checked to be the one `peek` showed)."""
+    order = []
+    while backlog and (most is None or len(order) < most):
+        shown = backlog.peek()
+        popped = backlog.pop()
+        assert popped is shown
+        order.append(popped.record.batch_id)
+    return order
 
 
 def test_batches_take_turns_and_keep_their_own_order() -> None:
@@ -27,6 +44,83 @@ def test_batches_take_turns_and_keep_their_own_order() -> None:
     assert order == [("big", 0), ("small", 0), ("big", 1), ("small", 1),
                      ("big", 2), ("big", 3), ("big", 4)]
     assert len(backlog) == 0
+
+
+def test_a_higher_priority_goes_first_whenever_it_arrives() -> None:
+    backlog = Backlog()
+    for line in range(4):
+        backlog.push(pending("nightly", line, priority=0))
+    assert drain(backlog, 1) == ["nightly"]
+    for line in range(2):
+        backlog.push(pending("urgent", line, priority=5))
+    backlog.push(pending("background", 0, priority=-1))
+    assert drain(backlog) == ["urgent", "urgent", "nightly", "nightly", "nightly",
+                              "background"]
+
+
+def test_the_earlier_deadline_goes_first_and_deadlines_in_one_step_take_turns() -> None:
+    backlog = Backlog(deadline_step_s=3600)
+    for line in range(3):
+        backlog.push(pending("day", line, deadline=86_400 * 3))
+    for line in range(2):
+        backlog.push(pending("hour", line, deadline=86_400 * 2 + 60))
+        backlog.push(pending("same-hour", line, deadline=86_400 * 2 + 1800))
+    backlog.push(pending("open", 0))  # no deadline: last
+    assert drain(backlog) == ["hour", "same-hour", "hour", "same-hour", "day", "day", "day",
+                              "open"]
+
+
+def test_a_line_someone_waits_on_goes_before_others_of_its_priority() -> None:
+    backlog = Backlog()
+    backlog.push(pending("big", 0, deadline=100.0))
+    backlog.push(pending("big", 1, deadline=100.0))
+    backlog.push(pending("row", 0, deadline=9_999.0, reply=True))
+    backlog.push(pending("vip", 0, priority=1))
+    assert drain(backlog) == ["vip", "row", "big", "big"]
+
+
+def test_the_minimum_share_reaches_every_batch_whatever_its_rank() -> None:
+    backlog = Backlog(min_share=0.25)  # one pick in four goes round the batches
+    for line in range(12):
+        backlog.push(pending("low", line, priority=-5))
+        backlog.push(pending("high", line, priority=5))
+    order = drain(backlog, 12)
+    assert order.count("low") == 3 and order[3] == order[7] == order[11] == "low"
+    strict = Backlog()
+    for line in range(12):
+        strict.push(pending("low", line, priority=-5))
+        strict.push(pending("high", line, priority=5))
+    assert drain(strict, 12) == ["high"] * 12
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(-1, 1),
+                          st.sampled_from([None, 10.0, 5000.0]), st.booleans()),
+                max_size=60),
+       st.floats(0, 1), st.lists(st.integers(0, 3), max_size=10))
+def test_every_line_comes_out_once_in_its_batch_s_order(
+        pushes: list[tuple[str, int, float | None, bool]], share: float,
+        steps: list[int]) -> None:
+    backlog = Backlog(min_share=share, deadline_step_s=3600)
+    kinds: dict[str, tuple[int, float | None, bool]] = {}
+    lines: dict[str, int] = {}
+    for batch_id, priority, deadline, reply in pushes:
+        priority, deadline, reply = kinds.setdefault(batch_id, (priority, deadline, reply))
+        lines[batch_id] = lines.get(batch_id, -1) + 1
+        backlog.push(pending(batch_id, lines[batch_id], priority=priority, deadline=deadline,
+                             reply=reply))
+    for step in steps:  # revoke a partition or stop a batch now and then
+        if step == 0 and backlog:
+            backlog.take_batch(backlog.peek().record.batch_id)
+    seen: dict[str, list[int]] = {}
+    left = len(backlog)
+    while backlog:
+        item = backlog.pop()
+        seen.setdefault(item.record.batch_id, []).append(item.record.line)
+        left -= 1
+        assert len(backlog) == left
+    for batch_lines in seen.values():
+        assert batch_lines == sorted(batch_lines)
+    assert backlog.batches() == [] and list(backlog) == []
 
 
 def test_revoked_partitions_and_stopped_batches_leave_the_backlog() -> None:

@@ -12,6 +12,7 @@ from gateway import control
 from gateway.api.auth import Admin
 from gateway.context import Ctx
 from gateway.control import Sweep, SweepReport
+from gateway.intake import MAX_PRIORITY, MIN_PRIORITY
 from millrace.errors import NotFoundError
 from millrace.storage.principals import Principal, hash_key, new_api_key
 
@@ -25,6 +26,8 @@ class NewKey(BaseModel):
     admin: bool = False
     rpm: int = Field(default=0, ge=0, le=10_000_000,
                      description="requests per minute; 0 = the default")
+    max_priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+                              description="the highest batch priority the key may ask for")
 
 
 class MintedKey(BaseModel):
@@ -33,14 +36,16 @@ class MintedKey(BaseModel):
     project: str
     admin: bool
     rpm: int
+    max_priority: int
 
 
 @router.post("/api-keys", response_model=MintedKey)
 async def mint(ctx: Ctx, who: Admin, params: NewKey) -> MintedKey:
     key = new_api_key()
-    await ctx.registry.put_api_key(key, Principal(params.project, params.admin, params.rpm))
+    await ctx.registry.put_api_key(key, Principal(params.project, params.admin, params.rpm,
+                                                  max_priority=params.max_priority))
     return MintedKey(id=hash_key(key), key=key, project=params.project, admin=params.admin,
-                     rpm=params.rpm)
+                     rpm=params.rpm, max_priority=params.max_priority)
 
 
 Route = Annotated[str, StringConstraints(pattern=r"^(GET|POST|PUT|PATCH|DELETE) /\S{0,200}$")]
@@ -53,6 +58,7 @@ class KeyLimits(BaseModel):
     # "POST /v0/tasks/{id}" → requests per minute for this key (0: no limit on the route)
     routes: dict[Route, Annotated[int, Field(ge=0, le=10_000_000)]] | None = Field(
         default=None, max_length=100)
+    max_priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
 
 
 class KeyInfo(BaseModel):
@@ -61,20 +67,24 @@ class KeyInfo(BaseModel):
     admin: bool
     rpm: int
     routes: dict[str, int]
+    max_priority: int
 
 
 @router.patch("/api-keys/{key_id}", response_model=KeyInfo)
 async def set_limits(ctx: Ctx, who: Admin, key_id: str, params: KeyLimits) -> KeyInfo:
-    """Change a key's budgets after minting (each process sees it within 2 s)."""
+    """Change a key's budgets or priority cap after minting (each process sees it within
+    2 s)."""
     found = await ctx.store.principal_of_hash(key_id) if len(key_id) == 64 else None
     if found is None:
         raise NotFoundError(f"No such API key: {key_id}", param="key_id")
     routes = dict(found.routes) | (params.routes or {})
     changed = replace(found, rpm=found.rpm if params.rpm is None else params.rpm,
-                      routes=tuple(sorted(routes.items())))
+                      routes=tuple(sorted(routes.items())),
+                      max_priority=found.max_priority if params.max_priority is None
+                      else params.max_priority)
     await ctx.registry.put_key_hash(key_id, changed)
     return KeyInfo(id=key_id, project=changed.project, admin=changed.admin, rpm=changed.rpm,
-                   routes=dict(changed.routes))
+                   routes=dict(changed.routes), max_priority=changed.max_priority)
 
 
 @router.post("/batches/sweep", response_model=SweepReport)

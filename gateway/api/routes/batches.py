@@ -19,6 +19,7 @@ from gateway.control import cancel as cancel_batch
 from gateway.ingest import close_if_complete
 from gateway.intake import (
     CreateBatch,
+    check_priority,
     check_webhook,
     create_batch,
     from_url,
@@ -43,6 +44,7 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch | JSONResp
     message written into it must carry (header `millrace-ingest-token`): given once, here."""
     served_endpoint(ctx, params.endpoint)
     window = window_seconds(params.completion_window)
+    check_priority(who, params)
     await check_webhook(ctx, params)
     if params.input == "stream":
         batch, token = await open_stream(ctx, who.project, params, window)

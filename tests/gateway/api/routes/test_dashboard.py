@@ -153,6 +153,7 @@ def test_open_a_finished_batch_and_download_its_output(browser: WebDriver,
     for event in ("created", "in progress", "finalizing", "completed"):
         assert event in timeline
     assert text_of(browser, "#line-examples tbody").startswith("bad\t")
+    assert "priority\n0" in text_of(browser, "#details")
     # the link is pre-signed: it works without a key, and holds exactly the output file
     href = browser.find_element(By.ID, "download-output").get_attribute("href") or ""
     downloaded = httpx.get(href, timeout=30)
