@@ -1,6 +1,7 @@
 """What the worker admits next, and which offsets it may commit: pure bookkeeping, no I/O.
 
-- `Backlog`: lines read from Kafka but not yet in the engine, one FIFO queue per batch,
+- `Backlog`: lines read from Kafka but not yet in the engine, per batch (in the order
+  read, but lines that share a prompt prefix together: the prefix cache serves them),
   served by the batch's priority (higher first), then its deadline (the end of its
   completion window, earlier first); batches that tie take turns (a small batch behind a
   large one of the same priority and deadline gets every other slot as soon as its lines
@@ -15,7 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,8 @@ class Pending:
     offset: int
     offsets: PartitionOffsets
     cost: int
+    # lines of a batch with the same key share a prompt prefix (`prefix_key`)
+    prefix: str | None = None
 
     def finish(self) -> None:
         self.offsets.finished(self.offset)
@@ -85,22 +88,85 @@ def rank(record: QueuedRequest, deadline_step_s: float) -> Rank:
     return -record.priority, 0 if record.reply else 1, step
 
 
+def prefix_key(body: dict[str, Any]) -> str | None:
+    """What lines that share a prompt prefix have in common, cheaply: the system (or
+    developer) message a chat line starts with, or a Responses line's `instructions`. Lines
+    with the same key are admitted one after another, so the engine's prefix cache holds
+    the shared prefix while they run (the way llm-d's batch gateway groups by system
+    prompt)."""
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict) and \
+            messages[0].get("role") in ("system", "developer"):
+        return str(messages[0].get("content"))
+    instructions = body.get("instructions")
+    return instructions if isinstance(instructions, str) else None
+
+
+class _BatchLines:
+    """A batch's waiting lines: by prompt prefix (`prefix_key`), the prefix seen first
+    first, each in the order read; a prefix's lines leave together."""
+
+    def __init__(self, by_prefix: bool = True) -> None:
+        self._groups: OrderedDict[str | None, deque[Pending]] = OrderedDict()
+        self._by_prefix = by_prefix
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[Pending]:
+        for group in self._groups.values():
+            yield from group
+
+    def append(self, item: Pending) -> None:
+        key = item.prefix if self._by_prefix else None
+        self._groups.setdefault(key, deque()).append(item)
+        self._size += 1
+
+    def first(self) -> Pending:
+        return next(iter(self._groups.values()))[0]
+
+    def popleft(self) -> Pending:
+        key, group = next(iter(self._groups.items()))
+        item = group.popleft()
+        if not group:
+            del self._groups[key]
+        self._size -= 1
+        return item
+
+    def keep(self, wanted: Callable[[Pending], bool]) -> int:
+        """Drop the lines not `wanted`: how many went."""
+        before = self._size
+        for key in list(self._groups):
+            kept = deque(i for i in self._groups[key] if wanted(i))
+            if kept:
+                self._groups[key] = kept
+            else:
+                del self._groups[key]
+        self._size = sum(len(g) for g in self._groups.values())
+        return before - self._size
+
+
 class Backlog:
-    """Lines waiting for the engine, FIFO within a batch. The next line is the first
-    batch's in `rank` order, batches that tie taking turns; and one pick in `share_every`
-    goes to every waiting batch in turn whatever its rank, so that nothing starves (each
-    of n waiting batches gets at least 1 / (n * share_every) of the picks).
+    """Lines waiting for the engine; within a batch, those sharing a prompt prefix together
+    (`_BatchLines`). The next line is the first batch's in `rank` order, batches that tie
+    taking turns; and one pick in `share_every` goes to every waiting batch in turn
+    whatever its rank, so that nothing starves (each of n waiting batches gets at least
+    1 / (n * share_every) of the picks).
     """
 
-    def __init__(self, min_share: float = 0.0, deadline_step_s: float = 0.0) -> None:
+    def __init__(self, min_share: float = 0.0, deadline_step_s: float = 0.0,
+                 prefix_order: bool = True) -> None:
         self.deadline_step_s = deadline_step_s
-        self._queues: dict[str, deque[Pending]] = {}
+        self.prefix_order = prefix_order
+        self._queues: dict[str, _BatchLines] = {}
         self._ranks: dict[str, Rank] = {}
         # batches of one rank, in their turn order; the ranks present, best first
         self._tiers: dict[Rank, OrderedDict[str, None]] = {}
         self._order: list[Rank] = []
         self._turns: OrderedDict[str, None] = OrderedDict()  # every batch, for the share
-        self.share_every = round(1 / min_share) if min_share > 0 else 0
+        # (a share so small that it is never taken is none)
+        self.share_every = round(min(1 / min_share, 1e9)) if min_share > 0 else 0
         self._picks = 0
         self._size = 0
 
@@ -111,7 +177,7 @@ class Backlog:
         batch_id = item.record.batch_id
         queue = self._queues.get(batch_id)
         if queue is None:
-            queue = self._queues[batch_id] = deque()
+            queue = self._queues[batch_id] = _BatchLines(self.prefix_order)
             where = self._ranks[batch_id] = rank(item.record, self.deadline_step_s)
             if where not in self._tiers:
                 self._tiers[where] = OrderedDict()
@@ -130,7 +196,7 @@ class Backlog:
         return next(iter(self._tiers[self._order[0]]))
 
     def peek(self) -> Pending:
-        return self._queues[self._next_batch()][0]
+        return self._queues[self._next_batch()].first()
 
     def pop(self) -> Pending:
         """The next line (`peek`'s); its batch goes to the back of its turns."""
@@ -173,11 +239,8 @@ class Backlog:
         dropped = 0
         for batch_id in list(self._queues):
             queue = self._queues[batch_id]
-            kept = deque(i for i in queue if (i.topic, i.partition) not in gone)
-            dropped += len(queue) - len(kept)
-            if kept:
-                self._queues[batch_id] = kept
-            else:
+            dropped += queue.keep(lambda i: (i.topic, i.partition) not in gone)
+            if not queue:
                 self._forget(batch_id)
         self._size -= dropped
         return dropped

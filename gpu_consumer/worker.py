@@ -27,7 +27,14 @@ from types import FrameType
 import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from gpu_consumer.admission import Backlog, Budget, PartitionOffsets, Pending, token_cost
+from gpu_consumer.admission import (
+    Backlog,
+    Budget,
+    PartitionOffsets,
+    Pending,
+    prefix_key,
+    token_cost,
+)
 from gpu_consumer.engine import Engine, EngineRequest, EngineResult
 from gpu_consumer.load import Load
 from gpu_consumer.stops import StoppedBatches
@@ -167,7 +174,8 @@ class Worker:
         produce(self.producer, self.topics.workers, status.dumps(), key=self.load.worker)
 
     def _backlog(self) -> Backlog:
-        return Backlog(self.settings.worker_min_share, self.settings.worker_deadline_step_s)
+        return Backlog(self.settings.worker_min_share, self.settings.worker_deadline_step_s,
+                       self.settings.worker_prefix_order)
 
     def _waiting(self) -> int:
         return sum(len(b) for b in self.backlogs.values())
@@ -204,7 +212,7 @@ class Worker:
             return
         cost = token_cost(record.body, self.settings.default_max_tokens)
         self.backlogs[self.model_of_topic[topic]].push(
-            Pending(record, topic, partition, offset, offsets, cost))
+            Pending(record, topic, partition, offset, offsets, cost, prefix_key(record.body)))
 
     def _admit(self) -> None:
         self._stop_running()

@@ -348,6 +348,9 @@ class Settings(BaseSettings):
     # The share of admissions that go to every waiting batch in turn, whatever its
     # priority and deadline: nothing starves (0 = strict order).
     worker_min_share: float = Field(default=0.1, ge=0, le=1)
+    # A batch's lines that share a system prompt (or Responses `instructions`) are admitted
+    # one after another, so the engine's prefix cache serves them; false: in the order read.
+    worker_prefix_order: bool = True
     # when idle, after the first request arrives, how long to wait for more to fill the
     # first engine step
     worker_max_wait_ms: int = 5

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                             "against the running deployment in --data-dir")
     bench.add_argument("--requests", type=int, default=30,
                        help="single requests of the streaming measurement")
+    bench.add_argument("--scheduling", action="store_true",
+                       help="prefix-aware vs file order, and an urgent batch with and without "
+                            "priority, on the real engine")
     bench.add_argument("--api", action="store_true",
                        help="instead: GET /v1/batches/{id} under wrk load, 1 vs MILLRACE_GATEWAYS "
                             "gateway processes (starts its own deployments; needs wrk)")
@@ -197,6 +200,15 @@ def _bench(settings: Settings, args: argparse.Namespace) -> None:
         measured = api.run(settings.gateways, args.connections, args.seconds)
         print(api.table(measured))
         print(f"saved {api.save(measured, args.results)}")
+        return
+    if args.scheduling:
+        from ops.bench import scheduling
+
+        ordered = scheduling.run(args.work, args.model or BUNDLED_CHAT_MODEL,
+                                 lines=args.lines or 64, max_tokens=args.max_tokens or 16,
+                                 say=lambda text: print(text, file=sys.stderr, flush=True))
+        print(scheduling.table(ordered))
+        print(f"saved {scheduling.save(ordered, args.results)}")
         return
     if not args.streaming:
         from ops.bench import batch as batch_bench

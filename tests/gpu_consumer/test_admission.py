@@ -7,19 +7,30 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpu_consumer.admission import Backlog, Budget, PartitionOffsets, Pending, token_cost
+from gpu_consumer.admission import (
+    Backlog,
+    Budget,
+    PartitionOffsets,
+    Pending,
+    prefix_key,
+    token_cost,
+)
 from millrace.records import RequestRecord, read_request
 from millrace.topics import request_route
 
 
 def pending(batch_id: str, line: int, offsets: PartitionOffsets | None = None,
             partition: int = 0, priority: int = 0, deadline: float | None = None,
-            reply: bool = False) -> Pending:
+            reply: bool = False, system: str | None = None) -> Pending:
+    messages = [{"role": "user", "content": f"line {line}"}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     record = read_request(RequestRecord(
         batch_id=batch_id, project="p", custom_id=f"{batch_id}-{line}", line=line,
-        url="/v1/chat/completions", body={"model": "m"}, priority=priority,
-        deadline=deadline, reply=reply).dumps())
-    return Pending(record, "t", partition, line, offsets or PartitionOffsets(), 1)
+        url="/v1/chat/completions", body={"model": "m", "messages": messages},
+        priority=priority, deadline=deadline, reply=reply).dumps())
+    return Pending(record, "t", partition, line, offsets or PartitionOffsets(), 1,
+                   prefix_key(record.body))
 
 
 def drain(backlog: Backlog, most: int | None = None) -> list[str]:
@@ -94,33 +105,61 @@ def test_the_minimum_share_reaches_every_batch_whatever_its_rank() -> None:
 
 
 @given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(-1, 1),
-                          st.sampled_from([None, 10.0, 5000.0]), st.booleans()),
+                          st.sampled_from([None, 10.0, 5000.0]), st.booleans(),
+                          st.sampled_from([None, "x", "y"])),
                 max_size=60),
        st.floats(0, 1), st.lists(st.integers(0, 3), max_size=10))
-def test_every_line_comes_out_once_in_its_batch_s_order(
-        pushes: list[tuple[str, int, float | None, bool]], share: float,
+def test_every_line_comes_out_once_in_order_within_its_batch_and_prefix(
+        pushes: list[tuple[str, int, float | None, bool, str | None]], share: float,
         steps: list[int]) -> None:
     backlog = Backlog(min_share=share, deadline_step_s=3600)
     kinds: dict[str, tuple[int, float | None, bool]] = {}
     lines: dict[str, int] = {}
-    for batch_id, priority, deadline, reply in pushes:
+    for batch_id, priority, deadline, reply, system in pushes:
         priority, deadline, reply = kinds.setdefault(batch_id, (priority, deadline, reply))
         lines[batch_id] = lines.get(batch_id, -1) + 1
         backlog.push(pending(batch_id, lines[batch_id], priority=priority, deadline=deadline,
-                             reply=reply))
+                             reply=reply, system=system))
     for step in steps:  # revoke a partition or stop a batch now and then
         if step == 0 and backlog:
             backlog.take_batch(backlog.peek().record.batch_id)
-    seen: dict[str, list[int]] = {}
+    seen: dict[tuple[str, str | None], list[int]] = {}
     left = len(backlog)
     while backlog:
         item = backlog.pop()
-        seen.setdefault(item.record.batch_id, []).append(item.record.line)
+        seen.setdefault((item.record.batch_id, item.prefix), []).append(item.record.line)
         left -= 1
         assert len(backlog) == left
     for batch_lines in seen.values():
         assert batch_lines == sorted(batch_lines)
     assert backlog.batches() == [] and list(backlog) == []
+
+
+def test_lines_that_share_a_system_prompt_leave_together() -> None:
+    backlog = Backlog()
+    for line, system in enumerate(["A", "B", "A", None, "B", "A"]):
+        backlog.push(pending("b", line, system=system))
+    backlog.push(pending("other", 0, system="A"))
+    popped = [(p.record.batch_id, p.record.line) for p in (backlog.pop() for _ in range(7))]
+    # batches still take turns; within one, prefix A (seen first), then B, then the rest
+    assert popped == [("b", 0), ("other", 0), ("b", 2), ("b", 5), ("b", 1), ("b", 4),
+                      ("b", 3)]
+    in_order = Backlog(prefix_order=False)  # MILLRACE_WORKER_PREFIX_ORDER=false
+    for line, system in enumerate(["A", "B", "A", None]):
+        in_order.push(pending("b", line, system=system))
+    assert [in_order.pop().record.line for _ in range(4)] == [0, 1, 2, 3]
+
+
+def test_the_prefix_key_is_the_system_prompt_or_the_instructions() -> None:
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert prefix_key({"messages": system}) == "Be brief."
+    developer = [{"role": "developer", "content": "Rules"}, {"role": "user", "content": "x"}]
+    assert prefix_key({"messages": developer}) == "Rules"
+    assert prefix_key({"messages": [{"role": "user", "content": "Hi"}]}) is None
+    assert prefix_key({"input": "x", "instructions": "Answer in French."}) == (
+        "Answer in French.")
+    assert prefix_key({"prompt": "x"}) is None
+    assert prefix_key({"messages": "not a list"}) is None
 
 
 def test_revoked_partitions_and_stopped_batches_leave_the_backlog() -> None:

@@ -214,3 +214,29 @@ def test_completions_and_responses_lines_are_answered_as_vllm_serve_answers_them
 
     assert {status for status, _ in theirs.values()} == {200, 400}
     assert_parity(ours, theirs)
+
+
+SYSTEM = ("You are a careful assistant for a library catalogue. " * 40).strip()
+
+
+def test_lines_sharing_a_system_prompt_report_the_engine_s_cached_tokens(
+        client: OpenAI, model: str, tmp_path: Path) -> None:
+    """32 lines with one ~400-token system prompt: vLLM's prefix cache serves the shared
+    prefix, and each line's usage and the batch's say how many prompt tokens came from it."""
+    lines = [json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": model, "max_tokens": 2, "messages": [
+                             {"role": "system", "content": SYSTEM},
+                             {"role": "user", "content": f"Is book {i} on the shelf?"}]}})
+             for i in range(32)]
+    batch, _ = run_batch(client, write_jsonl(tmp_path / "in.jsonl", lines), timeout=600)
+    assert batch.status == "completed"
+    output = read_lines(client, batch.output_file_id)
+    usages = [line.response.body["usage"] for line in output if line.response is not None]
+    assert len(usages) == 32
+    prompt = usages[0]["prompt_tokens"]
+    assert prompt >= 400
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in usages]
+    assert sum(1 for c in cached if c > 0) >= 16, cached  # all but the first wave's
+    assert all(c <= prompt for c in cached)
+    assert batch.usage is not None
+    assert batch.usage.input_tokens_details.cached_tokens == sum(cached) > 0
