@@ -2,7 +2,7 @@
 
 | key | type | written by | what |
 |---|---|---|---|
-| `key:<sha256>` | hash | gateway, `up`, `keys` | an API key's project, admin flag, rpm |
+| `key:<sha256>` | hash | gateway, `up`, `keys` | an API key's project, admin, rpm, limits |
 | `rate:<sha256>:<minute>` | string | gateway | requests of a key in one minute |
 | `file:<id>` | hash | gateway, sink | FileObject, project, store path |
 | `files:<project>` | zset | gateway, sink | a project's files by creation |
