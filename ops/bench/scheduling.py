@@ -5,7 +5,7 @@ engine, side by side in one run.
    turn, so no two neighbours share one) and whose odd lines each have a system prompt of
    their own, through a 1-worker deployment with `MILLRACE_WORKER_PREFIX_ORDER=true` and
    one with `false`: output tokens/s and the prompt tokens vLLM's prefix cache served.
-2. **Priority**: a small urgent batch created while a large one runs, on one deployment
+2. **Priority**: an urgent batch created while one eight times its size runs, on one deployment
    whose worker keeps URGENT_IN_FLIGHT lines in the engine (a full engine, as a GPU's
    batch size keeps it under a large file; with the CPU engine's own size a 256-line
    batch would all be in it at once, and no order would matter): the urgent batch's time
@@ -137,7 +137,9 @@ def run(work: Path, model: str, lines: int = 64, max_tokens: int = 16,
                         {**env, "MILLRACE_WORKER_PREFIX_ORDER": str(grouped).lower()}) as dep:
             result.prefix.append(ordered(dep, label, source))
     big = write_jsonl(work / "big.jsonl", chat_lines(lines * 4, name, max_tokens))
-    urgent = write_jsonl(work / "urgent.jsonl", chat_lines(max(lines // 8, 2), name,
+    # large enough to need several rounds of the engine's slots: taking turns, it gets
+    # half of them; with priority, all but the minimum share
+    urgent = write_jsonl(work / "urgent.jsonl", chat_lines(max(lines // 2, 2), name,
                                                            max_tokens))
     with deployment(work, "vllm", model, 1,
                     {**env, "MILLRACE_WORKER_MAX_IN_FLIGHT": str(URGENT_IN_FLIGHT)}) as dep:
