@@ -30,7 +30,7 @@ from ops.bench.streaming import machine
 
 TERMINAL = {s.value for s in BatchStatus if s.terminal}
 SHARED_PROMPTS = 4
-PROMPT_WORDS = 300  # ~400 tokens of the bundled model's tokenizer
+PROMPT_WORDS = 300  # ~1,950 tokens of the bundled model's tokenizer
 URGENT_IN_FLIGHT = 8
 
 
@@ -59,11 +59,12 @@ class SchedulingResult:
     urgent_s: dict[str, float] = field(default_factory=dict)
 
 
-def prefix_lines(count: int, model: str, max_tokens: int) -> list[str]:
+def prefix_lines(count: int, model: str, max_tokens: int, words: int = PROMPT_WORDS
+                 ) -> list[str]:
     """Even lines: one of SHARED_PROMPTS long system prompts, in turn; odd lines: a long
     system prompt of their own."""
     def prompt(tag: str) -> str:
-        return " ".join(f"{tag}-rule-{w}" for w in range(PROMPT_WORDS))
+        return " ".join(f"{tag}-rule-{w}" for w in range(words))
 
     lines = []
     for i in range(count):
@@ -100,8 +101,8 @@ def ordered(dep: Deployment, name: str, source: Path) -> Ordered:
     started = time.monotonic()
     batch = _wait(dep.client, _create(dep.client, source), TERMINAL)
     wall = time.monotonic() - started
-    if batch.status != "completed":
-        raise ComponentError(f"{name}: batch ended {batch.status}")
+    if batch.status != "completed" or (batch.request_counts and batch.request_counts.failed):
+        raise ComponentError(f"{name}: batch ended {batch.status}, {batch.request_counts}")
     usage = batch.usage
     cached = usage.input_tokens_details.cached_tokens if usage else 0
     return Ordered(name, wall, usage.output_tokens if usage else 0, cached)

@@ -7,9 +7,11 @@ import json
 from itertools import pairwise
 from pathlib import Path
 
+import pytest
 from openai import OpenAI
 
 from gpu_consumer.admission import prefix_key
+from millrace.errors import ComponentError
 from ops.bench import batch as batch_bench
 from ops.bench import scheduling
 from tests.deployment import Deployment
@@ -29,9 +31,13 @@ def test_a_pass_and_an_urgent_batch_are_timed(client: OpenAI, deployment: Deploy
                                              model: str, tmp_path: Path) -> None:
     dep = batch_bench.Deployment(client, deployment.endpoints)
     source = batch_bench.write_jsonl(tmp_path / "p.jsonl",
-                                     scheduling.prefix_lines(4, model, 2))
+                                     scheduling.prefix_lines(4, model, 2, words=40))
     passed = scheduling.ordered(dep, "prefix order", source)
     assert passed.wall_s > 0 and 0 < passed.output_tokens <= 4 * 2
+    too_long = batch_bench.write_jsonl(  # the session's engine takes 2,048 tokens at most
+        tmp_path / "long.jsonl", scheduling.prefix_lines(2, model, 2, words=600))
+    with pytest.raises(ComponentError, match="failed=2"):  # a failed pass is no figure
+        scheduling.ordered(dep, "too long", too_long)
     assert passed.cached_tokens >= 0
     big = batch_bench.write_jsonl(tmp_path / "big.jsonl", batch_bench.chat_lines(6, model, 4))
     urgent = batch_bench.write_jsonl(tmp_path / "u.jsonl", batch_bench.chat_lines(2, model, 2))
