@@ -11,12 +11,16 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from millrace.kafka import KafkaConfig, ensure_topics
+from millrace.settings import KafkaSettings, Settings
+from millrace.topics import Topics
 from ops.chaos import reap
 from ops.embedded import die_with_parent, free_port
 
@@ -196,3 +200,17 @@ def start(data_dir: Path, *, engine: str = "vllm", timeout: float = 600,
     endpoints = json.loads((data_dir / "endpoints.json").read_text())
     assert endpoints["base_url"] == base_url
     return Deployment(proc, data_dir, api_key, endpoints, stderr_lines, pumps, line)
+
+
+def own_topics(deployment: Deployment, tmp_path: Path, prefix: str = "agg"
+               ) -> tuple[Settings, Topics, KafkaConfig]:
+    """Settings of a test's own topic prefix (its own topics and Redis keys) on the
+    session's broker and Redis, with its topics made."""
+    settings = Settings(
+        topic_prefix=f"{prefix}{uuid.uuid4().hex[:8]}", data_dir=tmp_path,
+        redis_url=str(deployment.endpoints["redis_url"]),
+        kafka=KafkaSettings(bootstrap=str(deployment.endpoints["kafka_bootstrap"])))
+    topics = Topics.from_settings(settings)
+    kafka = KafkaConfig.of(settings, "test")
+    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
+    return settings, topics, kafka

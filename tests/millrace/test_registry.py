@@ -5,17 +5,14 @@ malformed records left out) gives the read model the same files, keys and endpoi
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 
-from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
+from millrace.kafka import AsyncProducer
 from millrace.protocol import FileObject, WebhookEndpoint
 from millrace.registry import Registry, read_registry, register_key, restore_registry
-from millrace.settings import KafkaSettings, Settings
 from millrace.storage.principals import Principal, hash_key
 from millrace.storage.store import Store
-from millrace.topics import Topics
-from tests.deployment import Deployment
+from tests.deployment import Deployment, own_topics
 
 
 def file(file_id: str) -> FileObject:
@@ -24,13 +21,7 @@ def file(file_id: str) -> FileObject:
 
 def test_a_rebuild_from_the_registry_restores_what_was_registered(
         deployment: Deployment, tmp_path: Path) -> None:
-    settings = Settings(
-        topic_prefix=f"reg{uuid.uuid4().hex[:8]}", data_dir=tmp_path,
-        redis_url=str(deployment.endpoints["redis_url"]),
-        kafka=KafkaSettings(bootstrap=str(deployment.endpoints["kafka_bootstrap"])))
-    topics = Topics.from_settings(settings)
-    kafka = KafkaConfig.of(settings, "test")
-    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
+    settings, topics, kafka = own_topics(deployment, tmp_path, "reg")
     key, other = "sk-mr-registry-a", "sk-mr-registry-b"
     budgets = Principal("p", rpm=10, routes=(("GET /v0/tasks", 5),), max_priority=2)
     hook = WebhookEndpoint(id="we_1", url="https://hooks.example", created_at=3)

@@ -1,36 +1,22 @@
-"""Aggregators of a test's own: settings with their own topic prefix (own topics, own Redis
-keys) on the session's broker and Redis, and the Faust worker run in the test's loop."""
+"""Aggregators of a test's own (settings from `tests.deployment.own_topics`), the Faust
+worker run in the test's loop."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-from millrace.kafka import AsyncProducer, KafkaConfig, ensure_topics
+from millrace.kafka import AsyncProducer, KafkaConfig
 from millrace.records import BatchCreated, BatchValidated
-from millrace.settings import KafkaSettings, Settings
+from millrace.settings import Settings
 from millrace.storage.store import Store
 from millrace.topics import Topics
 from streams.app import AggregatorApp, AggregatorWorker, create_app
-from tests.deployment import Deployment
+from tests.deployment import own_topics
 
-
-def own_topics(deployment: Deployment, tmp_path: Path
-               ) -> tuple[Settings, Topics, KafkaConfig]:
-    """Settings of an aggregator of its own (its own topic prefix, so its own topics and
-    Redis keys) on the session's broker and Redis, with its topics made."""
-    settings = Settings(
-        topic_prefix=f"agg{uuid.uuid4().hex[:8]}", data_dir=tmp_path,
-        redis_url=str(deployment.endpoints["redis_url"]),
-        kafka=KafkaSettings(bootstrap=str(deployment.endpoints["kafka_bootstrap"])))
-    topics = Topics.from_settings(settings)
-    kafka = KafkaConfig.of(settings, "test")
-    ensure_topics(kafka, topics.layout(settings), configs=topics.configs())
-    return settings, topics, kafka
+__all__ = ["own_topics", "running", "starts", "until"]
 
 
 @asynccontextmanager
