@@ -107,8 +107,9 @@ class StreamIngest:
         self._stop = asyncio.Event()
         self._rules_by_endpoint: dict[str, Rules] = {}
         self.store = store
-        # a batch's line key, priority and deadline never change
-        self._line_keys: dict[str, tuple[str | None, Order]] = {}
+        # what each line of a batch carries: its tickets' key, its priority and deadline
+        # (none of them ever changes)
+        self._carried: dict[str, tuple[str | None, Order]] = {}
         self._epoch = ""
         # per poll: each batch's new lines (persisted before anything is enqueued)
         self._lines: dict[str, list[StreamLine]] = {}
@@ -195,7 +196,7 @@ class StreamIngest:
             await self.ledger.note_rejected(batch_id, token)
             return [self._reject(msg, batch_id, "duplicate_custom_id",
                                  f"custom_id '{custom_id}' is already in the batch")]
-        line_key, order = await self._line_key(batch_id, stream["project"])
+        line_key, order = await self._carried_by_lines(batch_id, stream["project"])
         if line is not None:
             record = RequestRecord(batch_id=batch_id, project=stream["project"],
                                    custom_id=custom_id, line=number, url=line.url,
@@ -230,15 +231,16 @@ class StreamIngest:
             self._rules_by_endpoint[endpoint] = rules(self.settings, endpoint, self.board)
         return self._rules_by_endpoint[endpoint]
 
-    async def _line_key(self, batch_id: str, project: str) -> tuple[str | None, Order]:
+    async def _carried_by_lines(self, batch_id: str, project: str
+                                ) -> tuple[str | None, Order]:
         """The batch's line key and its lines' order (priority, deadline)."""
-        if len(self._line_keys) > KEYS_KEPT:
-            self._line_keys.clear()
-        if batch_id not in self._line_keys:
+        if len(self._carried) > KEYS_KEPT:
+            self._carried.clear()
+        if batch_id not in self._carried:
             batch = await self.store.get_batch(batch_id, project)
             order = Order(batch.priority, batch.expires_at) if batch else Order()
-            self._line_keys[batch_id] = (await self.store.line_key(batch_id), order)
-        return self._line_keys[batch_id]
+            self._carried[batch_id] = (await self.store.line_key(batch_id), order)
+        return self._carried[batch_id]
 
     def _refuse(self, msg: Message, batch_id: str, code: str,
                 reason: str) -> asyncio.Future[Message]:
