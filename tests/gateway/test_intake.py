@@ -59,4 +59,4 @@ def test_metadata_over_openai_s_bounds_is_refused(metadata: dict[str, str]) -> N
 def test_unknown_fields_are_refused_not_dropped() -> None:
     with pytest.raises(ValidationError):
         CreateBatch.model_validate({"endpoint": "/v1/chat/completions",
-                                    "completion_window": "24h", "priority": 1})
+                                    "completion_window": "24h", "urgency": 1})
