@@ -8,6 +8,7 @@ from typing import Annotated
 from confluent_kafka import KafkaException
 from fastapi import Depends, Request
 
+from gateway.estimate import Admission
 from gateway.worker_board import WorkerBoard
 from millrace.errors import ServiceUnavailableError
 from millrace.filestore import FileStore
@@ -32,6 +33,10 @@ class Context:
     topics: Topics
     registry: Registry
     board: WorkerBoard = field(default_factory=WorkerBoard)  # the workers' latest load
+    admission: Admission = field(init=False)  # estimates and checks at create
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.settings, self.store, self.files, self.board)
 
     async def send(self, batch_id: str, event: Record) -> None:
         """Publish a batch event, acknowledged, or raise a 503 that nothing happened."""

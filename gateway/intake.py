@@ -24,6 +24,7 @@ from typing import IO, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from gateway.context import Context
+from gateway.estimate import window_text
 from millrace.errors import (
     ConflictError,
     InvalidRequestError,
@@ -32,8 +33,11 @@ from millrace.errors import (
 )
 from millrace.lifecycle.state import STREAM_INPUT
 from millrace.lifecycle.status import BatchStatus
-from millrace.protocol import Batch, ExpiresAfter, FileObject
+from millrace.protocol import Batch, BatchEstimate, ExpiresAfter, FileObject
 from millrace.records import BatchCreated, BatchOpened
+from millrace.records.requests import BACKGROUND, BACKGROUND_PRIORITY
+from millrace.settings import Settings
+from millrace.storage.enqueued import Enqueued
 from millrace.storage.ledger import StreamLedger
 from millrace.storage.principals import Principal
 from millrace.webhooks import check_target, signing_key, webhook_guard
@@ -91,22 +95,27 @@ def copied(ctx: Context, source: IO[bytes], limit: int | None = None
 
 
 # --- batches ---------------------------------------------------------------------------------
-# OpenAI accepts only "24h"; shorter windows are a millrace extension (1s .. 24h).
+# OpenAI accepts only "24h"; other windows are a millrace extension: `<n>h`, `<n>m`, `<n>s`
+# up to `max_completion_window_s`, and "background" (spare capacity, a long horizon).
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}
-MAX_WINDOW_S = 24 * 3600
 # a batch's `priority` (higher first; Gemini's batch field); above 0 only as far as the
 # caller's key allows (`max_priority`, set by an admin)
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 
 
-def window_seconds(window: str) -> int:
+def window_seconds(window: str, settings: Settings) -> int:
+    """How long a batch has (`background`: the background horizon)."""
+    if window == BACKGROUND:
+        return settings.background_horizon_s
     match = _WINDOW.match(window)
     seconds = int(match[1]) * _UNIT_S[match[2]] if match else 0
-    if not 0 < seconds <= MAX_WINDOW_S:
+    longest = settings.max_completion_window_s
+    if not 0 < seconds <= longest:
         raise InvalidRequestError(
-            "completion_window must be '24h' or a shorter window like '1h', '30m', '90s'",
-            param="completion_window", code="invalid_value",
+            f"completion_window must be '24h', a window like '1h', '30m' or '90s' of at most "
+            f"{window_text(longest)}, or 'background'", param="completion_window",
+            code="invalid_value",
         )
     return seconds
 
@@ -145,6 +154,12 @@ class CreateBatch(BaseModel):
     webhook_url: str | None = Field(default=None, max_length=2048)
     # millrace extension (Gemini's batch `priority`): higher is served first
     priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+
+    @property
+    def queue_priority(self) -> int:
+        """Where the batch's lines queue: its priority, or below every priority when its
+        window is `background`."""
+        return BACKGROUND_PRIORITY if self.completion_window == BACKGROUND else self.priority
 
     @property
     def webhook(self) -> tuple[str, str] | None:
@@ -195,13 +210,14 @@ async def from_url(ctx: Context, project: str, params: CreateBatch, window: int,
 
 async def create_batch(ctx: Context, project: str, params: CreateBatch, window: int,
                        input_file_id: str, status: BatchStatus, *, input_url: str | None = None,
-                       ext: Mapping[str, Any] | None = None, webhook_format: str = "openai"
-                       ) -> Batch:
+                       ext: Mapping[str, Any] | None = None, webhook_format: str = "openai",
+                       admitted: tuple[BatchEstimate, Enqueued] | None = None) -> Batch:
     """Store a new Batch object and publish `created` (file and stream batches alike).
 
     Only a batch whose `created` the broker acknowledged is answered with a 2xx; if it
     cannot be published, the batch is taken back and the caller gets a 503. `ext` holds
-    what a PromptLoop or PLai client gave beyond the OpenAI fields.
+    what a PromptLoop or PLai client gave beyond the OpenAI fields; `admitted`, the estimate
+    admission made of it (`gateway.estimate`), shown on the batch and counted in its queue.
     """
     listed_at = time.time()
     now = int(listed_at)
@@ -216,6 +232,7 @@ async def create_batch(ctx: Context, project: str, params: CreateBatch, window: 
         expires_at=now + window,
         metadata=params.metadata,
         priority=params.priority,
+        estimate=admitted[0] if admitted else None,
     )
     webhook = {"url": params.webhook[0], "format": webhook_format} if params.webhook else None
     created = BatchCreated(
@@ -227,7 +244,8 @@ async def create_batch(ctx: Context, project: str, params: CreateBatch, window: 
     if ext:
         await ctx.store.put_ext(batch.id, ext)
     await ctx.store.create_batch(batch, project, listed_at=listed_at,
-                                 created=created.dumps().decode())
+                                 created=created.dumps().decode(),
+                                 enqueued=admitted[1] if admitted else None)
     try:
         await ctx.send(batch.id, created)
     except ServiceUnavailableError:
@@ -283,7 +301,8 @@ async def retry_failed(ctx: Context, project: str, batch: Batch, custom_ids: lis
                          metadata=metadata, webhook_url=webhook_url, priority=batch.priority)
     await check_webhook(ctx, create)
     file_id = await copy_lines(ctx, project, batch, chosen)
-    return await create_batch(ctx, project, create, window_seconds(batch.completion_window),
+    return await create_batch(ctx, project, create,
+                              window_seconds(batch.completion_window, ctx.settings),
                               file_id, BatchStatus.VALIDATING)
 
 

@@ -54,6 +54,14 @@ class WorkerBoard:
         with self._lock:
             return {name: set(endpoints) for name, endpoints in self._served.items()}
 
+    def tokens_per_s(self, model: str, now: float | None = None) -> float:
+        """The measured throughput of `model` (tokens a second; a LoRA adapter: its base
+        model's) summed over the live workers that serve it; 0 while none has measured
+        it."""
+        return sum(load.tokens_per_s for status in self.live(now)
+                   for name, load in status.models.items()
+                   if name == model or model in load.adapters)
+
     def endpoints(self) -> tuple[str, ...]:
         """The endpoints batches may name: what the workers serve — or, while no worker has
         reported (a fresh start, or every worker away), every endpoint millrace routes: the

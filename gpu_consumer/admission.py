@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from millrace.records import QueuedRequest
+from millrace.records.requests import BACKGROUND_PRIORITY
 
 
 class PartitionOffsets:
@@ -152,7 +153,8 @@ class Backlog:
     (`_BatchLines`). The next line is the first batch's in `rank` order, batches that tie
     taking turns; and one pick in `share_every` goes to every waiting batch in turn
     whatever its rank, so that nothing starves (each of n waiting batches gets at least
-    1 / (n * share_every) of the picks).
+    1 / (n * share_every) of the picks) — except a `background` batch's, which are picked
+    only when no other batch waits.
     """
 
     def __init__(self, min_share: float = 0.0, deadline_step_s: float = 0.0,
@@ -183,12 +185,14 @@ class Backlog:
                 self._tiers[where] = OrderedDict()
                 bisect.insort(self._order, where)
             self._tiers[where][batch_id] = None
-            self._turns[batch_id] = None
+            if item.record.priority > BACKGROUND_PRIORITY:  # background: no share
+                self._turns[batch_id] = None
         queue.append(item)
         self._size += 1
 
     def _sharing(self) -> bool:
-        return bool(self.share_every) and self._picks % self.share_every == self.share_every - 1
+        return (bool(self.share_every) and bool(self._turns)
+                and self._picks % self.share_every == self.share_every - 1)
 
     def _next_batch(self) -> str:
         if self._sharing():
@@ -207,7 +211,8 @@ class Backlog:
         self._size -= 1
         if queue:
             self._tiers[self._ranks[batch_id]].move_to_end(batch_id)
-            self._turns.move_to_end(batch_id)
+            if batch_id in self._turns:
+                self._turns.move_to_end(batch_id)
         else:
             self._forget(batch_id)
         return item
@@ -220,7 +225,7 @@ class Backlog:
         if not tier:
             del self._tiers[where]
             self._order.remove(where)
-        del self._turns[batch_id]
+        self._turns.pop(batch_id, None)
 
     def batches(self) -> list[str]:
         return list(self._queues)

@@ -102,6 +102,12 @@ WEBHOOK_ATTEMPTS = Counter("millrace_webhook_attempts", "Webhook deliveries trie
 # --- aggregator ---------------------------------------------------------------------------
 BATCHES = Gauge("millrace_batches", "Unfinished batches the aggregator follows, by status",
                 ["status"])
+QUEUED_BATCHES = Gauge("millrace_queued_batches",
+                       "Unfinished batches admitted with an estimate, by model and priority",
+                       ["model", "priority"])
+QUEUED_TOKENS = Gauge("millrace_queued_tokens",
+                      "Estimated prompt and output tokens left in unfinished batches, by model "
+                      "and priority", ["model", "priority"])
 
 
 def serve(settings: Settings) -> None:

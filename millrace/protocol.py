@@ -128,9 +128,24 @@ class BatchUsage(BaseModel):
     total_tokens: int = 0
 
 
+class BatchEstimate(BaseModel):
+    """millrace extension: what admission at create found (issue 28). Tokens are estimated
+    from the input file (prompts by the model's tokenizer where the gateway has it, else 4
+    bytes a token; outputs at each line's `max_tokens`, times `n`); `queued_tokens` are
+    those of the same model's unfinished batches of at least its priority; `eta_seconds`
+    is both over the workers' measured `tokens_per_s` (None while no worker measured it)."""
+
+    model: str | None = None
+    prompt_tokens: int = 0
+    max_output_tokens: int = 0
+    queued_tokens: int = 0
+    tokens_per_s: float | None = None
+    eta_seconds: int | None = None
+
+
 class Batch(BaseModel):
-    """The Batch object as the OpenAI SDK types it, plus `priority` (an extension the SDK
-    keeps as an extra field)."""
+    """The Batch object as the OpenAI SDK types it, plus `priority` and `estimate` (millrace
+    extensions the SDK keeps as extra fields)."""
 
     id: str
     object: Literal["batch"] = "batch"
@@ -156,6 +171,9 @@ class Batch(BaseModel):
     usage: BatchUsage = Field(default_factory=BatchUsage)
     # millrace extension (as Gemini's batch `priority`): higher is served first
     priority: int = 0
+    # millrace extension: admission's estimate at create (None: none was made — a batch
+    # whose input is fetched from a URL or streamed, or admission off)
+    estimate: BatchEstimate | None = None
 
     @property
     def settled(self) -> bool:

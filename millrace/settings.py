@@ -315,6 +315,20 @@ class Settings(BaseSettings):
     # How long a pre-signed download URL works.
     signed_url_ttl_s: int = Field(default=900, ge=1, le=7 * 86400)
 
+    # Completion windows: the longest `<n>h`/`<n>m`/`<n>s` a batch may ask for (OpenAI
+    # takes only "24h"); a "background" batch runs on capacity no other batch wants and
+    # expires only after this horizon.
+    max_completion_window_s: int = Field(default=24 * 3600, ge=60)
+    background_horizon_s: int = Field(default=7 * 86400, ge=60)
+    # Admission at create: a batch whose estimated tokens, after those queued ahead of it,
+    # cannot finish inside its window on the workers' measured throughput is refused
+    # (`completion_window_too_short`), or accepted with its estimate; "off" estimates
+    # nothing (the input file is not read at create).
+    admission: Literal["refuse", "accept", "off"] = "refuse"
+    # Enqueued prompt tokens a project may have per model in unfinished batches (OpenAI's
+    # enqueued token limit); a create past it gets `token_limit_exceeded`. 0 = no limit.
+    enqueued_token_limit: int = Field(default=0, ge=0)
+
     # Limits (OpenAI's): batch input size and lines; any other upload.
     batch_max_bytes: int = 200 * 1024 * 1024
     batch_max_lines: int = 50_000

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -47,6 +48,7 @@ from millrace.records import (
     parse_event,
 )
 from millrace.settings import Settings
+from millrace.storage.enqueued import queued
 from millrace.storage.store import Store, Version
 from millrace.topics import Topics
 from millrace.webhooks import with_endpoints
@@ -269,11 +271,23 @@ class Aggregator:
             log.exception("looking for expired batches failed")
 
     async def count_batches(self) -> None:
-        """The unfinished batches by status (every aggregator reports the same figures)."""
+        """The unfinished batches by status, and those admitted with an estimate by model
+        and priority with their tokens left (every aggregator reports the same figures)."""
         counts = await self.store.active_by_status()
         for status in BatchStatus:
             if not status.terminal:
                 metrics.BATCHES.labels(status.value).set(counts.get(status.value, 0))
+        depth: Counter[tuple[str, str]] = Counter()
+        tokens: Counter[tuple[str, str]] = Counter()
+        for model in self.settings.served_models():
+            for batch in await queued(self.store, model, prune=False):
+                depth[model, str(batch.priority)] += 1
+                tokens[model, str(batch.priority)] += batch.tokens
+        metrics.QUEUED_BATCHES.clear()
+        metrics.QUEUED_TOKENS.clear()
+        for labels, n in depth.items():
+            metrics.QUEUED_BATCHES.labels(*labels).set(n)
+            metrics.QUEUED_TOKENS.labels(*labels).set(tokens[labels])
 
     async def expire_due(self) -> int:
         """Publish `expire_due` for each active batch past its window (one aggregator a

@@ -108,6 +108,9 @@ async function showBatch(id) {
   const usage = b.usage || {};
   const details = [["endpoint", b.endpoint], ["model", b.model], ["project", b.project],
     ["window", b.completion_window], ["priority", String(b.priority ?? 0)],
+    ["queue", b.queue ? `position ${b.queue.position}, ${b.queue.tokens_ahead} tokens ahead` +
+      (b.queue.eta_s !== null ? ` · ETA ${duration(b.queue.eta_s)}` : "") : ""],
+    ["estimate", b.estimate ? `${b.estimate.prompt_tokens} prompt + ≤${b.estimate.max_output_tokens} output tokens` : ""],
     ["input file", b.input_file_id],
     ["tokens in / out", usage.input_tokens !== undefined ? `${usage.input_tokens} / ${usage.output_tokens}` : ""],
     ["metadata", b.metadata ? JSON.stringify(b.metadata) : ""]];

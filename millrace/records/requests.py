@@ -36,6 +36,12 @@ class RequestRecord(Record):
     deadline: float | None = None
 
 
+# A batch's `completion_window` that runs only on capacity no other batch wants; its lines
+# carry `BACKGROUND_PRIORITY`, below any priority a batch may be given, and no deadline.
+BACKGROUND = "background"
+BACKGROUND_PRIORITY = -1001
+
+
 class Order(NamedTuple):
     """Where a batch's lines stand in a worker's queue: its priority (higher first), then
     its deadline (the end of its completion window, unix seconds; earlier first)."""
@@ -45,7 +51,10 @@ class Order(NamedTuple):
 
     @classmethod
     def of(cls, batch: Mapping[str, Any]) -> Order:
-        """A Batch document's order (`expires_at` is its window's end)."""
+        """A Batch document's order (`expires_at` is its window's end; a background batch
+        has none)."""
+        if batch.get("completion_window") == BACKGROUND:
+            return cls(BACKGROUND_PRIORITY, None)
         expires = batch.get("expires_at")
         return cls(int(batch.get("priority") or 0),
                    float(expires) if expires is not None else None)

@@ -21,6 +21,10 @@ class ModelLoad(BaseModel):
     failed: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    # measured throughput: prompt and generated tokens a second while the model had
+    # requests running (a moving average); 0 until measured. The gateway's admission at
+    # create sums it over the live workers.
+    tokens_per_s: float = 0.0
     # the endpoints it answers, and the LoRA adapters served on it (each a model name a
     # line may give, run on this model)
     endpoints: list[str] = Field(default_factory=list)

@@ -31,6 +31,7 @@
 | `rate:<sha256>:<route>:<min>` | string | gateway | requests of a key to a route in a minute |
 | `reply:<batch>` | list | sink | output lines of a batch someone waits on (10 min) |
 | `ext:<batch>` | string | gateway | a PromptLoop or PLai batch's own fields (name, task, URLs) |
+| `enqueued:<model>` | hash | gateway | batch → project, priority, estimated tokens (admission) |
 
 ¹ `agg` (its state), `state` (the Batch fields it owns) and the state's version, `agg_epoch`,
 `agg_offset`, `agg_final` (the fence: `Store.save_aggregate`). `line_key` signs the batch's
@@ -69,6 +70,9 @@ class Keyspace:
 
     def ext(self, batch_id: str) -> str:
         return self._k("ext", batch_id)
+
+    def enqueued(self, model: str) -> str:
+        return self._k("enqueued", model)
 
     def file(self, file_id: str) -> str:
         return self._k("file", file_id)

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from millrace import ids
 from millrace.protocol import Batch, WebhookEndpoint
 from millrace.storage.done import Done
+from millrace.storage.enqueued import Enqueued
 from millrace.storage.files import Files
 from millrace.storage.keyspace import Keyspace
 from millrace.storage.principals import Principal, Principals
@@ -112,7 +113,8 @@ class Store(Principals, Files, Done):
 
     # --- batches ----------------------------------------------------------------------
     async def create_batch(self, batch: Batch, project: str, *, listed_at: float,
-                           created: str | None = None) -> None:
+                           created: str | None = None, enqueued: Enqueued | None = None
+                           ) -> None:
         """The gateway's half, and the batch among the active ones with its deadline (so a
         batch is swept or expired even if nothing else ever hears of it). `created`: the
         event about to be published, kept so that its webhook target and output expiry
@@ -128,6 +130,9 @@ class Store(Principals, Files, Done):
             p.zadd(self.keys.batches(project), {batch.id: listed_at})
             p.sadd(self.keys.active, batch.id)
             p.zadd(self.keys.deadlines, {batch.id: batch.expires_at or 0})
+            if enqueued is not None:  # what admission counts, until the batch ends
+                p.hset(self.keys.enqueued(enqueued.model), batch.id,
+                       json.dumps({"project": project, **enqueued.fields()}))
             await p.execute()
 
     async def line_key(self, batch_id: str) -> str | None:

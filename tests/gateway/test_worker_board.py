@@ -34,3 +34,16 @@ def test_endpoints_and_names_come_from_the_workers() -> None:
     assert set(board.endpoints()) == {*CHAT, "/v1/embeddings", "/v1/score"}
     assert board.endpoints() == tuple(e for e in SUPPORTED_ENDPOINTS
                                       if e in board.endpoints())  # in a stable order
+
+
+def test_throughput_is_summed_over_the_live_workers_serving_the_model() -> None:
+    board = WorkerBoard()
+    assert board.tokens_per_s("chat") == 0.0  # nobody measured it
+    board.put(status("w1", chat=ModelLoad(tokens_per_s=100.0, adapters=["chat-lora"])))
+    board.put(status("w2", chat=ModelLoad(tokens_per_s=50.0),
+                     embed=ModelLoad(tokens_per_s=900.0)))
+    assert board.tokens_per_s("chat") == 150.0
+    assert board.tokens_per_s("chat-lora") == 100.0  # an adapter runs on its base model
+    assert board.tokens_per_s("embed") == 900.0
+    gone = board.live()[0].at + 60  # a worker not heard from is not counted
+    assert board.tokens_per_s("chat", now=gone) == 0.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.intake import MIN_PRIORITY
 from gpu_consumer.admission import (
     Backlog,
     Budget,
@@ -15,7 +16,8 @@ from gpu_consumer.admission import (
     prefix_key,
     token_cost,
 )
-from millrace.records import RequestRecord, read_request
+from millrace.records import Order, RequestRecord, read_request
+from millrace.records.requests import BACKGROUND_PRIORITY
 from millrace.topics import request_route
 
 
@@ -104,6 +106,20 @@ def test_the_minimum_share_reaches_every_batch_whatever_its_rank() -> None:
     assert drain(strict, 12) == ["high"] * 12
 
 
+def test_a_background_batch_runs_only_on_what_no_other_batch_wants() -> None:
+    """No minimum share for a background batch: it waits while any other batch waits, and
+    then has the engine to itself."""
+    backlog = Backlog(min_share=0.25)
+    for line in range(8):
+        backlog.push(pending("spare", line, priority=BACKGROUND_PRIORITY))
+    for line in range(12):
+        backlog.push(pending("low", line, priority=MIN_PRIORITY))
+    assert drain(backlog, 12) == ["low"] * 12
+    assert drain(backlog) == ["spare"] * 8
+    assert Order.of({"completion_window": "background", "priority": 5,
+                     "expires_at": 10}) == (BACKGROUND_PRIORITY, None)
+
+
 @given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(-1, 1),
                           st.sampled_from([None, 10.0, 5000.0]), st.booleans(),
                           st.sampled_from([None, "x", "y"])),
@@ -116,6 +132,8 @@ def test_every_line_comes_out_once_in_order_within_its_batch_and_prefix(
     kinds: dict[str, tuple[int, float | None, bool]] = {}
     lines: dict[str, int] = {}
     for batch_id, priority, deadline, reply, system in pushes:
+        if batch_id == "d" and priority < 0:  # a background batch among them
+            priority = BACKGROUND_PRIORITY
         priority, deadline, reply = kinds.setdefault(batch_id, (priority, deadline, reply))
         lines[batch_id] = lines.get(batch_id, -1) + 1
         backlog.push(pending(batch_id, lines[batch_id], priority=priority, deadline=deadline,

@@ -4,7 +4,7 @@ what each model serves (its endpoints and LoRA adapters)."""
 from __future__ import annotations
 
 from gpu_consumer.engine import Served
-from gpu_consumer.load import HISTORY_EVERY_S, HISTORY_LEN, STATUS_EVERY_S, Load
+from gpu_consumer.load import HISTORY_EVERY_S, HISTORY_LEN, RATE_WEIGHT, STATUS_EVERY_S, Load
 from millrace.records import Tokens, WorkerStatus
 
 CATALOG = {"chat": Served(("/v1/chat/completions", "/v1/responses"), "chat"),
@@ -21,7 +21,7 @@ def test_totals_status_and_a_bounded_history() -> None:
     status = load.status({"chat": 3}, {"chat": 4}, {"embed": 9})
     assert status.models["chat"].model_dump() == {
         "running": 3, "waiting": 4, "lag": 0, "finished": 2, "failed": 0,
-        "prompt_tokens": 6, "generation_tokens": 9,
+        "prompt_tokens": 6, "generation_tokens": 9, "tokens_per_s": 0.0,
         "endpoints": ["/v1/chat/completions", "/v1/responses"], "adapters": ["chat-lora"]}
     assert status.models["embed"].endpoints == ["/v1/embeddings"]
     assert status.models["embed"].adapters == []
@@ -38,3 +38,22 @@ def test_totals_status_and_a_bounded_history() -> None:
     assert [h[1] for h in history] == sorted(h[1] for h in history)  # totals only grow
     assert history[-1][1:] == (2 + 3 * HISTORY_LEN, 9 + 3 * HISTORY_LEN)
     assert load.status({}, {}, {}, stopped=True).stopped
+
+
+def test_throughput_is_measured_while_busy_only() -> None:
+    """Tokens a second over the intervals a model had requests running or waiting, a
+    moving average: the first status is only a start, an idle interval changes nothing."""
+    load = Load("worker@h:1", ["chat"], CATALOG)
+
+    def at(now: float, running: int, waiting: int = 0) -> float:
+        return load.status({"chat": running}, {"chat": waiting}, {},
+                           now=now).models["chat"].tokens_per_s
+
+    assert at(0.0, 0) == 0.0
+    load.answered("chat", Tokens(prompt=100, completion=100))
+    assert at(2.0, 4) == 100.0  # 200 tokens in 2 s (it was busy at the end)
+    assert at(12.0, 0) == 100.0 - RATE_WEIGHT * 100.0  # busy at its start: 0 tokens in 10 s
+    idle = at(12.0, 0)
+    assert at(100.0, 0) == idle  # idle all along: says nothing of its speed
+    load.answered("chat", Tokens(prompt=300, completion=300))
+    assert at(102.0, 0, waiting=5) == round(idle + RATE_WEIGHT * (300.0 - idle), 1)

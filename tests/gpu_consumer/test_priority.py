@@ -15,6 +15,7 @@ from openai import OpenAI
 
 from millrace.client import iter_results
 from millrace.records import ResponseRecord
+from millrace.settings import Settings
 from tests.batch_flow import wait_done
 from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, start, wait_until
@@ -30,11 +31,18 @@ def queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         "MILLRACE_WORKER_MAX_IN_FLIGHT": str(IN_FLIGHT), "MILLRACE_ECHO_STEP_MS": "20",
         "MILLRACE_WORKER_MIN_SHARE": str(1 / SHARE_EVERY)})
     yield dep
+    for client in OPENED:
+        client.close()
     assert dep.stop() == 0, "".join(dep.stderr_lines[-50:])
 
 
+OPENED: list[OpenAI] = []  # closed when the module's deployment stops
+
+
 def sdk(dep: Deployment, key: str | None = None) -> OpenAI:
-    return OpenAI(base_url=dep.base_url, api_key=key or dep.api_key, max_retries=0)
+    client = OpenAI(base_url=dep.base_url, api_key=key or dep.api_key, max_retries=0)
+    OPENED.append(client)
+    return client
 
 
 def submit(client: OpenAI, path: Path, tag: str, lines: int, **params: object) -> str:
@@ -94,6 +102,27 @@ def test_of_equal_priority_the_earlier_deadline_is_served_first(queue: Deploymen
     ahead = sum(1 for t in day_starts if t < hour_starts[-1])
     assert ahead <= 2 * IN_FLIGHT + 40 // SHARE_EVERY, ahead
     assert day_starts[-1] > hour_starts[-1]
+
+
+def test_a_background_batch_waits_for_every_other_batch_and_expires_late(
+        queue: Deployment, tmp_path: Path) -> None:
+    """`completion_window: background`: no minimum share — its lines start only once the
+    lines of every other batch (of the lowest priority too) have; its window is the
+    background horizon."""
+    client = sdk(queue)
+    with queue.frozen("worker"):
+        spare = submit(client, tmp_path / "spare.jsonl", "spare", 40,
+                       completion_window="background")
+        low = submit(client, tmp_path / "low.jsonl", "low", 200, priority=-1000)
+    for batch_id in (spare, low):
+        assert wait_done(client, batch_id, 300).status == "completed"
+    spare_starts, low_starts = starts(queue, spare, 40), starts(queue, low, 200)
+    # what the worker had read before the low batch's lines were: its first wave at most
+    early = sum(1 for t in spare_starts if t < low_starts[-1])
+    assert early <= 2 * IN_FLIGHT, early
+    batch = client.batches.retrieve(spare)
+    assert batch.completion_window == "background"
+    assert batch.expires_at == batch.created_at + Settings().background_horizon_s
 
 
 def test_priority_above_0_needs_an_admin_s_grant(queue: Deployment, tmp_path: Path) -> None:

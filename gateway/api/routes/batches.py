@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -16,8 +16,11 @@ from gateway.api.auth import Caller
 from gateway.api.deps import owned_batch
 from gateway.context import Ctx
 from gateway.control import cancel as cancel_batch
+from gateway.estimate import Counted, count
 from gateway.ingest import close_if_complete
 from gateway.intake import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     CreateBatch,
     check_priority,
     check_webhook,
@@ -32,7 +35,7 @@ from gateway.validation import validate
 from gateway.worker_board import ServedNames
 from millrace.errors import ConflictError, InvalidRequestError, NotFoundError
 from millrace.lifecycle.status import BatchStatus
-from millrace.protocol import CHAT, Batch, BatchError, ListPage
+from millrace.protocol import CHAT, Batch, BatchError, BatchEstimate, ListPage
 from millrace.records import CONTROL_HEADER, INGEST_TOKEN_HEADER
 from millrace.storage.ledger import StreamLedger
 
@@ -43,7 +46,7 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch | JSONResp
     """Create a batch. A stream batch's answer also holds its `ingest_token`, which every
     message written into it must carry (header `millrace-ingest-token`): given once, here."""
     served_endpoint(ctx, params.endpoint)
-    window = window_seconds(params.completion_window)
+    window = window_seconds(params.completion_window, ctx.settings)
     check_priority(who, params)
     await check_webhook(ctx, params)
     if params.input == "stream":
@@ -67,9 +70,14 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch | JSONResp
             "The input file must be uploaded with purpose 'batch'.", param="input_file_id",
             code="invalid_file_purpose",
         )
+    # refused here, before anything is stored, if it cannot finish in its window or its
+    # project has too many tokens enqueued (`gateway/estimate.py`)
+    admitted = await ctx.admission.admit(
+        who.project, params.input_file_id, source.path, params.endpoint,
+        params.queue_priority, window, params.completion_window)
     # a gateway's jobs consumer validates and enqueues it when `created` arrives
     return await create_batch(ctx, who.project, params, window, params.input_file_id,
-                              BatchStatus.VALIDATING)
+                              BatchStatus.VALIDATING, admitted=admitted)
 
 
 class ValidateBatch(BaseModel):
@@ -77,6 +85,8 @@ class ValidateBatch(BaseModel):
 
     input_file_id: str
     endpoint: str = CHAT
+    # the priority the batch would be created with: the estimate counts the queue ahead
+    priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY)
 
 
 class ValidationResult(BaseModel):
@@ -85,21 +95,34 @@ class ValidationResult(BaseModel):
     errors: list[BatchError]
     # what this deployment serves: each model name a line may give → its endpoints
     served: dict[str, list[str]] = Field(default_factory=dict)
+    # what admission at create would find (None: admission is off, or no valid line)
+    estimate: BatchEstimate | None = None
 
 
 @router.post("/validate", response_model=ValidationResult)
 async def dry_run(ctx: Ctx, who: Caller, request: Request) -> ValidationResult:
-    """PromptLoop-style `validate-data`: every check of create, nothing created.
+    """PromptLoop-style `validate-data`: every check of create, nothing created, and the
+    `estimate` admission at create would make (at `priority`).
 
-    Takes JSON `{input_file_id, endpoint}` or a multipart upload (`file`, `endpoint`).
+    Takes JSON `{input_file_id, endpoint, priority}` or a multipart upload (`file`,
+    `endpoint`, `priority`).
     """
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
-        upload, endpoint = form.get("file"), form.get("endpoint") or CHAT
-        if not isinstance(upload, UploadFile) or not isinstance(endpoint, str):
+        upload, given = form.get("file"), form.get("endpoint") or CHAT
+        if not isinstance(upload, UploadFile) or not isinstance(given, str):
             raise InvalidRequestError("multipart validation needs 'file' and a valid "
                                       "'endpoint'", param="file")
-        lines: Iterable[bytes] = (line.rstrip(b"\r\n") for line in upload.file)
+        endpoint, priority = given, _form_priority(form.get("priority"))
+        content = upload.file
+
+        def lines() -> Iterator[bytes]:
+            content.seek(0)
+            return (line.rstrip(b"\r\n") for line in content)
+
+        def counted() -> Awaitable[Counted]:
+            return asyncio.to_thread(count, lines(), endpoint, ctx.admission.tokenizers,
+                                     ctx.settings.default_max_tokens)
     else:
         try:
             params = ValidateBatch.model_validate_json(await request.body())
@@ -110,11 +133,32 @@ async def dry_run(ctx: Ctx, who: Caller, request: Request) -> ValidationResult:
             raise NotFoundError(
                 f"No such File object: {params.input_file_id}", param="input_file_id"
             )
-        lines, endpoint = ctx.files.iter_lines(source.path), params.endpoint
+        endpoint, priority, path = params.endpoint, params.priority, source.path
+
+        def lines() -> Iterator[bytes]:
+            return ctx.files.iter_lines(path)
+
+        def counted() -> Awaitable[Counted]:
+            return ctx.admission.counted(params.input_file_id, path, endpoint)
     served_endpoint(ctx, endpoint)
-    report = await asyncio.to_thread(validate, lines, rules(ctx.settings, endpoint, ctx.board))
+    report = await asyncio.to_thread(validate, lines(), rules(ctx.settings, endpoint, ctx.board))
+    estimate = None
+    if ctx.settings.admission != "off" and report.model is not None:
+        estimate = await ctx.admission.estimate(await counted(), priority)
     return ValidationResult(valid=not report.errors, total=report.total, errors=report.errors,
-                            served=served(ctx))
+                            served=served(ctx), estimate=estimate)
+
+
+def _form_priority(given: object) -> int:
+    try:
+        priority = int(str(given or 0))
+    except ValueError:
+        priority = MAX_PRIORITY + 1
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidRequestError(
+            f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}",
+            param="priority", code="invalid_value")
+    return priority
 
 
 def served(ctx: Ctx) -> dict[str, list[str]]:

@@ -100,7 +100,10 @@ async def _batch(ctx: Context, who: Principal, batch_id: str) -> tuple[Batch, Pr
 async def one_batch(ctx: Ctx, who: Caller, batch_id: str) -> dict[str, Any]:
     batch, owner = await _batch(ctx, who, batch_id)
     data = batch.model_dump(mode="json")
-    return {**data, "project": owner.project, **progress(batch, time.time()),
+    place = None
+    if not batch.status.terminal and batch.estimate is not None and batch.estimate.model:
+        place = await ctx.admission.place(batch.id, batch.estimate.model)
+    return {**data, "project": owner.project, **progress(batch, time.time()), "queue": place,
             "timeline": [{"event": f.removesuffix("_at"), "at": data[f]}
                          for f in TIMELINE if data.get(f)],
             "line_errors": await asyncio.to_thread(processing_errors, ctx.files, batch)}

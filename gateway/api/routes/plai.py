@@ -73,7 +73,7 @@ async def create(ctx: Ctx, who: Caller, params: PlaiCreate) -> dict[str, Any]:
         endpoint = params.endpoint
     batch_params = CreateBatch(endpoint=endpoint, completion_window=params.completion_window,
                                webhook_url=params.callback_url)
-    window = window_seconds(params.completion_window)
+    window = window_seconds(params.completion_window, ctx.settings)
     await check_webhook(ctx, batch_params)
     ext = {"surface": "plai", "name": params.name, "description": params.description,
            "type": params.type, "input_file_url": params.input_file_url,

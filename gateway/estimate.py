@@ -1,0 +1,247 @@
+"""Admission at create (issue 28): a batch's tokens estimated from its input file, the
+queue ahead of it, and its ETA on the workers' measured throughput.
+
+- `count`: a file's prompt tokens (by the model's own tokenizer where the gateway has its
+  folder, else 4 bytes a token) and the most it may generate (each line's `max_tokens`,
+  `max_completion_tokens` or `max_output_tokens`, else `default_max_tokens`, times `n`;
+  none for a pooling endpoint).
+- `Admission.estimate`: those, the tokens of the same model's unfinished batches of at
+  least its priority (`millrace.storage.enqueued`), and the ETA over the tokens a second
+  the live workers measured (`WorkerStatus`); None until a worker has measured it.
+- `Admission.admit`: the estimate checked at create — the project's enqueued-token quota
+  (`token_limit_exceeded`, 429) and the window (`completion_window_too_short`, 400, with the
+  earliest window that fits) — before anything is stored or published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.worker_board import WorkerBoard
+from millrace.errors import InvalidRequestError, RateLimitError
+from millrace.filestore import FileStore
+from millrace.protocol import GENERATE_ENDPOINTS, BatchEstimate
+from millrace.settings import Settings
+from millrace.storage.enqueued import Enqueued, queued
+from millrace.storage.store import Store
+
+BYTES_PER_TOKEN = 4  # without the model's tokenizer
+MESSAGE_TOKENS = 4  # what a chat template adds around each message (OpenAI counts 3-4)
+CHUNK_LINES = 2000  # lines tokenized at once
+COUNTS_KEPT = 64  # files whose counts are kept (a file never changes)
+
+
+@dataclass(frozen=True)
+class Counted:
+    model: str | None
+    lines: int
+    prompt_tokens: int
+    max_output_tokens: int
+
+
+class Tokenizers:
+    """Each served model's tokenizer (its folder's `tokenizer.json`, read by the `tokenizers`
+    library vLLM installs), where the gateway's machine has the folder; None elsewhere."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._loaded: dict[str, Any] = {}
+
+    def get(self, model: str) -> Any | None:
+        if model in self._loaded:
+            return self._loaded[model]
+        served = self._settings.served_models()
+        if model not in served:
+            return None
+        folder = Path(served[model] or self._settings.model_cache / model)
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:  # a gateway installed without vLLM
+            return None
+        if not (folder / "tokenizer.json").exists():
+            return None  # looked for again next time (a worker may prepare it meanwhile)
+        self._loaded[model] = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return self._loaded[model]
+
+
+def _strings(value: Any) -> Iterator[str | list[int]]:
+    """The text in a prompt value (strings, token id lists, and parts holding them)."""
+    token_ids = isinstance(value, list) and value and all(isinstance(v, int) for v in value)
+    if isinstance(value, str) or token_ids:
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for key in ("content", "text", "input", "output"):
+            if key in value:
+                yield from _strings(value[key])
+
+
+def _prompt(body: dict[str, Any]) -> tuple[list[str | list[int]], int]:
+    """A request's prompt texts, and the tokens a template adds."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return list(_strings(messages)), MESSAGE_TOKENS * len(messages)
+    texts = [t for key in ("instructions", "prompt", "input", "text", "text_1", "text_2",
+                           "query", "documents") for t in _strings(body.get(key))]
+    return texts, 0
+
+
+def _output(body: dict[str, Any], endpoint: str, default_max_tokens: int) -> int:
+    if endpoint not in GENERATE_ENDPOINTS:
+        return 0
+    most = (body.get("max_completion_tokens") or body.get("max_tokens")
+            or body.get("max_output_tokens") or default_max_tokens)
+    try:
+        return int(most) * int(body.get("n") or 1)
+    except (TypeError, ValueError):
+        return default_max_tokens
+
+
+def count(lines: Iterable[bytes], endpoint: str, tokenizers: Tokenizers,
+          default_max_tokens: int) -> Counted:
+    """A batch file's estimated tokens (lines that do not parse count nothing: validation
+    refuses them)."""
+    model: str | None = None
+    total = prompt = output = 0
+    texts: list[str] = []
+
+    def tokens(pending: list[str]) -> int:
+        tokenizer = tokenizers.get(model) if model is not None else None
+        if tokenizer is None:
+            return sum(math.ceil(len(t.encode()) / BYTES_PER_TOKEN) for t in pending)
+        return sum(len(e.ids) for e in tokenizer.encode_batch(pending,
+                                                             add_special_tokens=False))
+
+    for raw in lines:
+        try:
+            body = json.loads(raw)["body"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(body, dict):
+            continue
+        total += 1
+        if model is None and isinstance(body.get("model"), str):
+            model = body["model"]
+        found, added = _prompt(body)
+        prompt += added
+        for text in found:
+            if isinstance(text, str):
+                texts.append(text)
+            else:
+                prompt += len(text)
+        output += _output(body, endpoint, default_max_tokens)
+        if len(texts) >= CHUNK_LINES:
+            prompt += tokens(texts)
+            texts = []
+    prompt += tokens(texts) if texts else 0
+    return Counted(model, total, prompt, output)
+
+
+def window_text(seconds: float) -> str:
+    """The shortest window text of at least `seconds`: whole hours past an hour, else
+    minutes."""
+    minutes = max(math.ceil(seconds / 60), 1)
+    return f"{math.ceil(minutes / 60)}h" if minutes > 60 else f"{minutes}m"
+
+
+class Admission:
+    """The estimate of a batch about to be created, and the checks on it."""
+
+    def __init__(self, settings: Settings, store: Store, files: FileStore,
+                 board: WorkerBoard) -> None:
+        self.settings = settings
+        self.store = store
+        self.files = files
+        self.board = board
+        self.tokenizers = Tokenizers(settings)
+        self._counted: OrderedDict[str, Counted] = OrderedDict()
+
+    async def counted(self, file_id: str, path: str, endpoint: str) -> Counted:
+        key = f"{file_id}:{endpoint}"
+        if key in self._counted:
+            self._counted.move_to_end(key)
+            return self._counted[key]
+        found = await asyncio.to_thread(
+            count, self.files.iter_lines(path), endpoint, self.tokenizers,
+            self.settings.default_max_tokens)
+        self._counted[key] = found
+        while len(self._counted) > COUNTS_KEPT:
+            self._counted.popitem(last=False)
+        return found
+
+    async def estimate(self, counted: Counted, priority: int) -> BatchEstimate:
+        """The batch's tokens, those queued ahead of it, and its ETA."""
+        ahead = 0
+        if counted.model is not None:
+            ahead = sum(q.tokens for q in await queued(self.store, counted.model)
+                        if q.priority >= priority)
+        rate = self.board.tokens_per_s(counted.model) if counted.model is not None else 0.0
+        mine = counted.prompt_tokens + counted.max_output_tokens
+        return BatchEstimate(
+            model=counted.model, prompt_tokens=counted.prompt_tokens,
+            max_output_tokens=counted.max_output_tokens, queued_tokens=ahead,
+            tokens_per_s=round(rate, 1) if rate > 0 else None,
+            eta_seconds=math.ceil((ahead + mine) / rate) if rate > 0 else None)
+
+    async def admit(self, project: str, file_id: str, path: str, endpoint: str,
+                    priority: int, window_s: int, window: str
+                    ) -> tuple[BatchEstimate, Enqueued] | None:
+        """The estimate a batch is created with and what the queue counts of it — or the
+        refusal: past the project's enqueued-token quota, or unable to finish in its
+        window (unless admission only records). None: admission is off."""
+        if self.settings.admission == "off":
+            return None
+        counted = await self.counted(file_id, path, endpoint)
+        estimate = await self.estimate(counted, priority)
+        if counted.model is None:
+            return None  # nothing valid in it: validation fails it
+        limit = self.settings.enqueued_token_limit
+        if limit:
+            mine = sum(q.prompt_tokens for q in await queued(self.store, counted.model)
+                       if q.project == project)
+            if mine + counted.prompt_tokens > limit:
+                raise RateLimitError(
+                    f"Enqueued token limit reached for {counted.model} in project {project}. "
+                    f"Limit: {limit:,} enqueued tokens; {mine:,} are in unfinished batches "
+                    f"and this batch would add {counted.prompt_tokens:,}. Try again once "
+                    f"some in_progress batches have completed.", param="input_file_id",
+                    code="token_limit_exceeded")
+        eta = estimate.eta_seconds
+        if eta is not None and eta > window_s and self.settings.admission == "refuse":
+            longest = self.settings.max_completion_window_s
+            fits = (f"The earliest feasible completion_window is '{window_text(eta)}'."
+                    if eta <= longest else
+                    f"No completion_window up to '{window_text(longest)}' fits: split the "
+                    f"batch, lower it to 'background', or try later.")
+            raise InvalidRequestError(
+                f"This batch cannot finish inside its completion_window '{window}': it is "
+                f"estimated at {estimate.prompt_tokens:,} prompt tokens and up to "
+                f"{estimate.max_output_tokens:,} output tokens, with {estimate.queued_tokens:,} "
+                f"tokens queued ahead of it, at the {estimate.tokens_per_s:,} tokens/s measured "
+                f"for {counted.model}: about {eta:,} s. {fits}", param="completion_window",
+                code="completion_window_too_short")
+        return estimate, Enqueued(counted.model, priority, int(time.time()) + window_s,
+                                  counted.prompt_tokens, counted.max_output_tokens)
+
+    async def place(self, batch_id: str, model: str) -> dict[str, Any] | None:
+        """An unfinished batch's place in its model's queue: its position (1: served
+        first), the tokens ahead of it and its ETA; None for a batch not in it."""
+        found = await queued(self.store, model)
+        mine = next((q for q in found if q.batch_id == batch_id), None)
+        if mine is None:
+            return None
+        ahead = [q for q in found if q.ahead_of(mine)]
+        tokens = sum(q.tokens for q in ahead)
+        rate = self.board.tokens_per_s(model)
+        return {"position": len(ahead) + 1, "tokens_ahead": tokens,
+                "eta_s": math.ceil((tokens + mine.tokens) / rate) if rate > 0 else None}
