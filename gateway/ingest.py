@@ -238,7 +238,7 @@ class StreamIngest:
             self._carried.clear()
         if batch_id not in self._carried:
             batch = await self.store.get_batch(batch_id, project)
-            order = Order(batch.priority, batch.expires_at) if batch else Order()
+            order = Order.of(batch.model_dump()) if batch else Order()
             self._carried[batch_id] = (await self.store.line_key(batch_id), order)
         return self._carried[batch_id]
 

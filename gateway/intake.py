@@ -152,14 +152,17 @@ class CreateBatch(BaseModel):
     output_expires_after: ExpiresAfter | None = None
     # Inference Cloud's field (seed 003); `metadata.webhook_url` works the same way
     webhook_url: str | None = Field(default=None, max_length=2048)
-    # millrace extension (Gemini's batch `priority`): higher is served first
-    priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    # millrace extension (Gemini's batch `priority`): higher is served first; none: the
+    # key's `default_priority` (0 unless an admin set one)
+    priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
 
     @property
     def queue_priority(self) -> int:
         """Where the batch's lines queue: its priority, or below every priority when its
         window is `background`."""
-        return BACKGROUND_PRIORITY if self.completion_window == BACKGROUND else self.priority
+        if self.completion_window == BACKGROUND:
+            return BACKGROUND_PRIORITY
+        return self.priority or 0
 
     @property
     def webhook(self) -> tuple[str, str] | None:
@@ -181,13 +184,17 @@ def served_endpoint(ctx: Context, endpoint: str) -> None:
         )
 
 
-def check_priority(who: Principal, params: CreateBatch) -> None:
-    """A priority above the key's `max_priority` is refused (403), never lowered quietly."""
+def with_priority(who: Principal, params: CreateBatch) -> CreateBatch:
+    """The create with its priority: the key's `default_priority` where it gives none; one
+    above the key's `max_priority` is refused (403), never lowered quietly."""
+    if params.priority is None:
+        return params.model_copy(update={"priority": who.default_priority})
     if params.priority > who.max_priority:
         raise PermissionDeniedError(
             f"This key may create batches of priority up to {who.max_priority}; ask an "
             f"admin to raise its max_priority for {params.priority}.", param="priority",
             code="priority_not_allowed")
+    return params
 
 
 async def check_webhook(ctx: Context, params: CreateBatch) -> None:
@@ -231,7 +238,7 @@ async def create_batch(ctx: Context, project: str, params: CreateBatch, window: 
         in_progress_at=now if status is BatchStatus.IN_PROGRESS else None,
         expires_at=now + window,
         metadata=params.metadata,
-        priority=params.priority,
+        priority=params.priority or 0,
         estimate=admitted[0] if admitted else None,
     )
     webhook = {"url": params.webhook[0], "format": webhook_format} if params.webhook else None

@@ -53,7 +53,8 @@ class Registry:
         """A key's principal, new or changed (its budgets raised after minting)."""
         entry = ApiKeyEntry(key_hash=key_hash, project=principal.project,
                             admin=principal.admin, rpm=principal.rpm,
-                            routes=dict(principal.routes), max_priority=principal.max_priority)
+                            routes=dict(principal.routes), max_priority=principal.max_priority,
+                            default_priority=principal.default_priority)
         await self.producer.send(self.topic, entry.key, entry.dumps())
         await self.store.put_key_hash(entry.key_hash, principal, entry.created_at)
 
@@ -117,7 +118,8 @@ async def restore_registry(store: Store, entries: list[FileEntry | ApiKeyEntry |
         elif isinstance(entry, ApiKeyEntry):
             await store.put_key_hash(entry.key_hash, Principal(
                 entry.project, entry.admin, entry.rpm, routes=tuple(entry.routes.items()),
-                max_priority=entry.max_priority), entry.created_at)
+                max_priority=entry.max_priority, default_priority=entry.default_priority),
+                entry.created_at)
             restored.api_keys += 1
         else:
             await store.put_endpoint(entry.project, entry.endpoint)

@@ -111,7 +111,7 @@ class Fill(JobBase):
         line_rules = rules(self.settings, batch.endpoint, self.board)
         line_key = await self.store.line_key(batch_id)
         lines = file_lines(self.files, source.path, line_rules, batch_id, project, reply,
-                           line_key=line_key, order=Order(batch.priority, batch.expires_at))
+                           line_key=line_key, order=Order.of(batch.model_dump()))
         walk.items = self._file_missing(walk, batch_id, project, lines, done, fill, line_key)
         return walk
 

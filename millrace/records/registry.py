@@ -35,6 +35,7 @@ class ApiKeyEntry(Record):
     rpm: int = 0
     routes: dict[str, int] = Field(default_factory=dict)
     max_priority: int = 0
+    default_priority: int = 0
     created_at: int = Field(default_factory=now)
 
     @property

@@ -30,7 +30,8 @@ class Principal:
     """Who is calling: the project a key belongs to, whether it may administer, its
     request budget per minute (0 = unlimited), its own per-route budgets
     (`"GET /v0/tasks"` → requests per minute), which override the deployment's, and the
-    highest batch `priority` it may ask for (an admin raises it; any key may go lower)."""
+    highest batch `priority` it may ask for (an admin raises it; any key may go lower) and
+    the priority its batches get when they give none."""
 
     project: str
     admin: bool = False
@@ -38,6 +39,7 @@ class Principal:
     key_hash: str = ""
     routes: tuple[tuple[str, int], ...] = ()
     max_priority: int = 0
+    default_priority: int = 0
 
 
 class Principals:
@@ -57,6 +59,7 @@ class Principals:
                 "rpm": principal.rpm,
                 "routes": json.dumps(dict(principal.routes)),
                 "max_priority": principal.max_priority,
+                "default_priority": principal.default_priority,
                 "created_at": created_at or int(time.time()),
             },
         )
@@ -84,4 +87,5 @@ class Principals:
         return Principal(project=str(row["project"]), admin=row.get("admin") == "1",
                          rpm=int(row.get("rpm") or 0), key_hash=key_hash,
                          routes=tuple(json.loads(row.get("routes") or "{}").items()),
-                         max_priority=int(row.get("max_priority") or 0))
+                         max_priority=int(row.get("max_priority") or 0),
+                         default_priority=int(row.get("default_priority") or 0))

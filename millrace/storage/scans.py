@@ -37,6 +37,8 @@ async def registry_entries(store: Store) -> list[FileEntry | ApiKeyEntry | Endpo
                                        rpm=int(row.get("rpm") or 0),
                                        routes=json.loads(row.get("routes") or "{}"),
                                        max_priority=int(row.get("max_priority") or 0),
+                                       default_priority=int(
+                                           row.get("default_priority") or 0),
                                        created_at=int(row.get("created_at") or 0)))
     async for key in store.r.scan_iter(match=store.keys.webhook_endpoints("*"), count=100):
         project = str(key).split(":", 2)[2]

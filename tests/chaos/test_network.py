@@ -111,7 +111,10 @@ def finished(world: World, batch_id: str, tag: str, lines: int = LINES) -> dict[
         batch = api.batch(batch_id)
         return batch if batch is not None and batch["status"] in TERMINAL else None
 
-    final = wait_until(final_batch, 600, "the batch to end")
+    try:  # within the test's own timeout, so that a batch that never ends says where it is
+        final = wait_until(final_batch, 420, "the batch to end")
+    except AssertionError:
+        raise AssertionError(stuck(world, batch_id)) from None
     log.info("%s: %s %.1f s after the fault ended", tag, final["status"],
              time.monotonic() - world.fault_over)
     result = Round(1, tag, 0.0, lines)
@@ -123,6 +126,15 @@ def finished(world: World, batch_id: str, tag: str, lines: int = LINES) -> dict[
     assert events == ["batch.completed"], events
     assert not [line for line in world.up.stderr if "exited with code" in line]
     return final
+
+
+def stuck(world: World, batch_id: str) -> str:
+    """What a batch that never ended shows: its last state, and what the services said of
+    it and of any trouble."""
+    said = [line.rstrip() for line in world.up.stderr if batch_id in line
+            or " WARNING " in line or " ERROR " in line]
+    return (f"{batch_id} never ended: {world.api.batch(batch_id)}\n"
+            + "\n".join(said[-60:])[-8000:])
 
 
 @contextmanager

@@ -143,8 +143,14 @@ def test_priority_above_0_needs_an_admin_s_grant(queue: Deployment, tmp_path: Pa
         assert too_far.status_code == 400 and too_far.json()["error"]["param"] == "priority"
         lower = http.post("/v1/batches", json={**body, "priority": -2})  # any key may
         assert lower.status_code == 200 and lower.json()["priority"] == -2
-        minted = http.post("/admin/api-keys", json={"project": "p", "max_priority": 5})
+        minted = http.post("/admin/api-keys", json={"project": "p", "max_priority": 5,
+                                                    "default_priority": 2})
         assert minted.status_code == 200 and minted.json()["max_priority"] == 5
+        above = http.patch(f"/admin/api-keys/{minted.json()['id']}",
+                           json={"default_priority": 6})
+        assert above.status_code == 400 and above.json()["error"]["param"] == "default_priority"
+        unset = http.post("/v1/batches", json=body)  # no priority given: the key's default
+        assert unset.status_code == 200 and unset.json()["priority"] == 0
     granted = sdk(queue, minted.json()["key"])
     with path.open("rb") as f:
         own_file = granted.files.create(file=f, purpose="batch").id
@@ -153,3 +159,6 @@ def test_priority_above_0_needs_an_admin_s_grant(queue: Deployment, tmp_path: Pa
     assert (batch.model_extra or {})["priority"] == 5
     again = granted.batches.retrieve(batch.id)
     assert (again.model_extra or {})["priority"] == 5
+    defaulted = granted.batches.create(input_file_id=own_file, endpoint="/v1/chat/completions",
+                                       completion_window="24h")
+    assert (defaulted.model_extra or {})["priority"] == 2

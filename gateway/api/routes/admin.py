@@ -13,7 +13,7 @@ from gateway.api.auth import Admin
 from gateway.context import Ctx
 from gateway.control import Sweep, SweepReport
 from gateway.intake import MAX_PRIORITY, MIN_PRIORITY
-from millrace.errors import NotFoundError
+from millrace.errors import InvalidRequestError, NotFoundError
 from millrace.storage.principals import Principal, hash_key, new_api_key
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -28,6 +28,9 @@ class NewKey(BaseModel):
                      description="requests per minute; 0 = the default")
     max_priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
                               description="the highest batch priority the key may ask for")
+    default_priority: int = Field(
+        default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+        description="the priority of the key's batches that give none (at most max_priority)")
 
 
 class MintedKey(BaseModel):
@@ -37,15 +40,26 @@ class MintedKey(BaseModel):
     admin: bool
     rpm: int
     max_priority: int
+    default_priority: int
 
 
 @router.post("/api-keys", response_model=MintedKey)
 async def mint(ctx: Ctx, who: Admin, params: NewKey) -> MintedKey:
+    _default_within_cap(params.default_priority, params.max_priority)
     key = new_api_key()
     await ctx.registry.put_api_key(key, Principal(params.project, params.admin, params.rpm,
-                                                  max_priority=params.max_priority))
+                                                  max_priority=params.max_priority,
+                                                  default_priority=params.default_priority))
     return MintedKey(id=hash_key(key), key=key, project=params.project, admin=params.admin,
-                     rpm=params.rpm, max_priority=params.max_priority)
+                     rpm=params.rpm, max_priority=params.max_priority,
+                     default_priority=params.default_priority)
+
+
+def _default_within_cap(default: int, cap: int) -> None:
+    if default > cap:
+        raise InvalidRequestError(
+            f"default_priority {default} is above max_priority {cap}: raise max_priority "
+            f"too.", param="default_priority", code="invalid_value")
 
 
 Route = Annotated[str, StringConstraints(pattern=r"^(GET|POST|PUT|PATCH|DELETE) /\S{0,200}$")]
@@ -59,6 +73,7 @@ class KeyLimits(BaseModel):
     routes: dict[Route, Annotated[int, Field(ge=0, le=10_000_000)]] | None = Field(
         default=None, max_length=100)
     max_priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    default_priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
 
 
 class KeyInfo(BaseModel):
@@ -68,6 +83,7 @@ class KeyInfo(BaseModel):
     rpm: int
     routes: dict[str, int]
     max_priority: int
+    default_priority: int
 
 
 @router.patch("/api-keys/{key_id}", response_model=KeyInfo)
@@ -81,10 +97,14 @@ async def set_limits(ctx: Ctx, who: Admin, key_id: str, params: KeyLimits) -> Ke
     changed = replace(found, rpm=found.rpm if params.rpm is None else params.rpm,
                       routes=tuple(sorted(routes.items())),
                       max_priority=found.max_priority if params.max_priority is None
-                      else params.max_priority)
+                      else params.max_priority,
+                      default_priority=found.default_priority
+                      if params.default_priority is None else params.default_priority)
+    _default_within_cap(changed.default_priority, changed.max_priority)
     await ctx.registry.put_key_hash(key_id, changed)
     return KeyInfo(id=key_id, project=changed.project, admin=changed.admin, rpm=changed.rpm,
-                   routes=dict(changed.routes), max_priority=changed.max_priority)
+                   routes=dict(changed.routes), max_priority=changed.max_priority,
+                   default_priority=changed.default_priority)
 
 
 @router.post("/batches/sweep", response_model=SweepReport)

@@ -22,13 +22,13 @@ from gateway.intake import (
     MAX_PRIORITY,
     MIN_PRIORITY,
     CreateBatch,
-    check_priority,
     check_webhook,
     create_batch,
     from_url,
     open_stream,
     served_endpoint,
     window_seconds,
+    with_priority,
 )
 from gateway.lines import rules
 from gateway.validation import validate
@@ -47,7 +47,7 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch | JSONResp
     message written into it must carry (header `millrace-ingest-token`): given once, here."""
     served_endpoint(ctx, params.endpoint)
     window = window_seconds(params.completion_window, ctx.settings)
-    check_priority(who, params)
+    params = with_priority(who, params)
     await check_webhook(ctx, params)
     if params.input == "stream":
         batch, token = await open_stream(ctx, who.project, params, window)
@@ -85,8 +85,9 @@ class ValidateBatch(BaseModel):
 
     input_file_id: str
     endpoint: str = CHAT
-    # the priority the batch would be created with: the estimate counts the queue ahead
-    priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    # the priority the batch would be created with (none: the key's default): the
+    # estimate counts the queue ahead
+    priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
 
 
 class ValidationResult(BaseModel):
@@ -113,7 +114,7 @@ async def dry_run(ctx: Ctx, who: Caller, request: Request) -> ValidationResult:
         if not isinstance(upload, UploadFile) or not isinstance(given, str):
             raise InvalidRequestError("multipart validation needs 'file' and a valid "
                                       "'endpoint'", param="file")
-        endpoint, priority = given, _form_priority(form.get("priority"))
+        endpoint, priority = given, _form_priority(form.get("priority"), who.default_priority)
         content = upload.file
 
         def lines() -> Iterator[bytes]:
@@ -133,7 +134,8 @@ async def dry_run(ctx: Ctx, who: Caller, request: Request) -> ValidationResult:
             raise NotFoundError(
                 f"No such File object: {params.input_file_id}", param="input_file_id"
             )
-        endpoint, priority, path = params.endpoint, params.priority, source.path
+        endpoint, path = params.endpoint, source.path
+        priority = who.default_priority if params.priority is None else params.priority
 
         def lines() -> Iterator[bytes]:
             return ctx.files.iter_lines(path)
@@ -149,9 +151,9 @@ async def dry_run(ctx: Ctx, who: Caller, request: Request) -> ValidationResult:
                             served=served(ctx), estimate=estimate)
 
 
-def _form_priority(given: object) -> int:
+def _form_priority(given: object, default: int) -> int:
     try:
-        priority = int(str(given or 0))
+        priority = int(str(given)) if given else default
     except ValueError:
         priority = MAX_PRIORITY + 1
     if not MIN_PRIORITY <= priority <= MAX_PRIORITY:

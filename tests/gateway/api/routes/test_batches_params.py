@@ -81,6 +81,10 @@ def test_dry_run_validation_creates_nothing(
     ok = wait_until(lambda: (r := http.post("/v1/batches/validate", headers=headers,
                                             json={"input_file_id": good.id}).json())
                     and all(r["served"].values()) and r, 30, "the workers on the board")
+    # and what admission at create would find (no max_tokens: the default 256 counts)
+    estimate = ok.pop("estimate")
+    assert (estimate["model"], estimate["max_output_tokens"]) == (model, 256), estimate
+    assert 1 + 4 <= estimate["prompt_tokens"] < 20, estimate  # "x", and the chat template's
     assert ok == {"valid": True, "total": 1, "errors": [], "served": {
         model: ["/v1/chat/completions", "/v1/completions", "/v1/responses"],
         embedding_model: ["/pooling", "/rerank", "/score", "/v1/embeddings", "/v1/rerank",
@@ -102,6 +106,13 @@ def test_dry_run_validation_creates_nothing(
             "a", model, "x").encode() + b"\n")})
     assert uploaded.status_code == 200
     assert [(e["line"], e["code"]) for e in uploaded.json()["errors"]] == [(2, "url_mismatch")]
+    assert uploaded.json()["estimate"] is None  # no valid line: nothing to estimate
+    counted = http.post("/v1/batches/validate", headers=headers, files={
+        "file": ("x.jsonl", chat_line("a", model, "x"))}, data={"priority": "-5"})
+    assert counted.json()["estimate"]["prompt_tokens"] == estimate["prompt_tokens"]
+    bad_priority = http.post("/v1/batches/validate", headers=headers, data={
+        "priority": "urgent"}, files={"file": ("x.jsonl", chat_line("a", model, "x"))})
+    assert bad_priority.status_code == 400 and bad_priority.json()["error"]["param"] == "priority"
     missing = http.post("/v1/batches/validate", json={}, headers=headers)
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "input_file_id"
     assert client.batches.list().data == []
