@@ -7,7 +7,10 @@ queue ahead of it, and its ETA on the workers' measured throughput.
   none for a pooling endpoint).
 - `Admission.estimate`: those, the tokens of the same model's unfinished batches of at
   least its priority (`millrace.storage.enqueued`), and the ETA over the tokens a second
-  the live workers measured (`WorkerStatus`); None until a worker has measured it.
+  the live workers measured (`WorkerStatus`); None until a worker has measured it. Outputs
+  count for the ETA at the tokens a request of the model generated on average (never
+  above a batch's maximum): `max_tokens` is a cap, and a batch of 4,096-token caps whose
+  answers take 300 would otherwise be refused for a day it does not need.
 - `Admission.admit`: the estimate checked at create — the project's enqueued-token quota
   (`token_limit_exceeded`, 429) and the window (`completion_window_too_short`, 400, with the
   earliest window that fits) — before anything is stored or published.
@@ -31,6 +34,7 @@ from millrace.filestore import FileStore
 from millrace.protocol import GENERATE_ENDPOINTS, BatchEstimate
 from millrace.settings import Settings
 from millrace.storage.enqueued import Enqueued, queued
+from millrace.storage.principals import Principal
 from millrace.storage.store import Store
 
 BYTES_PER_TOKEN = 4  # without the model's tokenizer
@@ -147,6 +151,14 @@ def count(lines: Iterable[bytes], endpoint: str, tokenizers: Tokenizers,
     return Counted(model, total, prompt, output)
 
 
+def expected(prompt: int, max_output: int, lines: int, per_request: float | None) -> int:
+    """The tokens a batch will likely take: its prompts, and its outputs at what a request
+    generated on average (at most its maximum; the maximum while nothing has finished)."""
+    if per_request is None:
+        return prompt + max_output
+    return prompt + min(max_output, math.ceil(lines * per_request))
+
+
 def window_text(seconds: float) -> str:
     """The shortest window text of at least `seconds`: whole hours past an hour, else
     minutes."""
@@ -181,19 +193,23 @@ class Admission:
 
     async def estimate(self, counted: Counted, priority: int) -> BatchEstimate:
         """The batch's tokens, those queued ahead of it, and its ETA."""
-        ahead = 0
+        ahead, rate, per_request = 0, 0.0, None
         if counted.model is not None:
-            ahead = sum(q.tokens for q in await queued(self.store, counted.model)
+            per_request = self.board.generated_per_request(counted.model)
+            ahead = sum(expected(q.prompt_tokens, q.max_output_tokens, q.lines, per_request)
+                        for q in await queued(self.store, counted.model)
                         if q.priority >= priority)
-        rate = self.board.tokens_per_s(counted.model) if counted.model is not None else 0.0
-        mine = counted.prompt_tokens + counted.max_output_tokens
+            rate = self.board.tokens_per_s(counted.model)
+        mine = expected(counted.prompt_tokens, counted.max_output_tokens, counted.lines,
+                        per_request)
         return BatchEstimate(
             model=counted.model, prompt_tokens=counted.prompt_tokens,
-            max_output_tokens=counted.max_output_tokens, queued_tokens=ahead,
+            max_output_tokens=counted.max_output_tokens,
+            expected_output_tokens=mine - counted.prompt_tokens, queued_tokens=ahead,
             tokens_per_s=round(rate, 1) if rate > 0 else None,
             eta_seconds=math.ceil((ahead + mine) / rate) if rate > 0 else None)
 
-    async def admit(self, project: str, file_id: str, path: str, endpoint: str,
+    async def admit(self, who: Principal, file_id: str, path: str, endpoint: str,
                     priority: int, window_s: int, window: str
                     ) -> tuple[BatchEstimate, Enqueued] | None:
         """The estimate a batch is created with and what the queue counts of it — or the
@@ -205,7 +221,9 @@ class Admission:
         estimate = await self.estimate(counted, priority)
         if counted.model is None:
             return None  # nothing valid in it: validation fails it
-        limit = self.settings.enqueued_token_limit
+        project = who.project
+        limit = (self.settings.enqueued_token_limit if who.enqueued_token_limit is None
+                 else who.enqueued_token_limit)
         if limit:
             mine = sum(q.prompt_tokens for q in await queued(self.store, counted.model)
                        if q.project == project)
@@ -225,13 +243,15 @@ class Admission:
                     f"batch, lower it to 'background', or try later.")
             raise InvalidRequestError(
                 f"This batch cannot finish inside its completion_window '{window}': it is "
-                f"estimated at {estimate.prompt_tokens:,} prompt tokens and up to "
-                f"{estimate.max_output_tokens:,} output tokens, with {estimate.queued_tokens:,} "
-                f"tokens queued ahead of it, at the {estimate.tokens_per_s:,} tokens/s measured "
-                f"for {counted.model}: about {eta:,} s. {fits}", param="completion_window",
+                f"estimated at {estimate.prompt_tokens:,} prompt tokens and about "
+                f"{estimate.expected_output_tokens:,} output tokens (at most "
+                f"{estimate.max_output_tokens:,}), with {estimate.queued_tokens:,} tokens queued "
+                f"ahead of it, at the {estimate.tokens_per_s:,} tokens/s measured for "
+                f"{counted.model}: about {eta:,} s. {fits}", param="completion_window",
                 code="completion_window_too_short")
-        return estimate, Enqueued(counted.model, priority, int(time.time()) + window_s,
-                                  counted.prompt_tokens, counted.max_output_tokens)
+        return estimate, Enqueued(counted.model, priority, time.time() + window_s,
+                                  counted.lines, counted.prompt_tokens,
+                                  counted.max_output_tokens)
 
     async def place(self, batch_id: str, model: str) -> dict[str, Any] | None:
         """An unfinished batch's place in its model's queue: its position (1: served
@@ -240,8 +260,10 @@ class Admission:
         mine = next((q for q in found if q.batch_id == batch_id), None)
         if mine is None:
             return None
-        ahead = [q for q in found if q.ahead_of(mine)]
-        tokens = sum(q.tokens for q in ahead)
+        per_request = self.board.generated_per_request(model)
+        tokens = sum(expected(q.prompt_tokens, q.max_output_tokens, q.lines, per_request)
+                     for q in found if q.ahead_of(mine))
         rate = self.board.tokens_per_s(model)
-        return {"position": len(ahead) + 1, "tokens_ahead": tokens,
-                "eta_s": math.ceil((tokens + mine.tokens) / rate) if rate > 0 else None}
+        left = expected(mine.prompt_tokens, mine.max_output_tokens, mine.lines, per_request)
+        return {"position": 1 + sum(q.ahead_of(mine) for q in found), "tokens_ahead": tokens,
+                "eta_s": math.ceil((tokens + left) / rate) if rate > 0 else None}

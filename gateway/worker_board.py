@@ -62,6 +62,14 @@ class WorkerBoard:
                    for name, load in status.models.items()
                    if name == model or model in load.adapters)
 
+    def generated_per_request(self, model: str, now: float | None = None) -> float | None:
+        """The tokens a request of `model` generated on average on the live workers; None
+        until one finished."""
+        loads = [load for status in self.live(now) for name, load in status.models.items()
+                 if name == model or model in load.adapters]
+        finished = sum(load.finished for load in loads)
+        return sum(load.generation_tokens for load in loads) / finished if finished else None
+
     def endpoints(self) -> tuple[str, ...]:
         """The endpoints batches may name: what the workers serve — or, while no worker has
         reported (a fresh start, or every worker away), every endpoint millrace routes: the

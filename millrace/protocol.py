@@ -133,11 +133,15 @@ class BatchEstimate(BaseModel):
     from the input file (prompts by the model's tokenizer where the gateway has it, else 4
     bytes a token; outputs at each line's `max_tokens`, times `n`); `queued_tokens` are
     those of the same model's unfinished batches of at least its priority; `eta_seconds`
-    is both over the workers' measured `tokens_per_s` (None while no worker measured it)."""
+    is over the workers' measured `tokens_per_s` (None while no worker measured it) of
+    its prompts and the outputs it is likely to take — at the tokens a request of the model
+    has generated on average (`expected_output_tokens`, never above the maximum) — after
+    those queued ahead of it, counted the same way."""
 
     model: str | None = None
     prompt_tokens: int = 0
     max_output_tokens: int = 0
+    expected_output_tokens: int = 0
     queued_tokens: int = 0
     tokens_per_s: float | None = None
     eta_seconds: int | None = None

@@ -54,7 +54,8 @@ class Registry:
         entry = ApiKeyEntry(key_hash=key_hash, project=principal.project,
                             admin=principal.admin, rpm=principal.rpm,
                             routes=dict(principal.routes), max_priority=principal.max_priority,
-                            default_priority=principal.default_priority)
+                            default_priority=principal.default_priority,
+                            enqueued_token_limit=principal.enqueued_token_limit)
         await self.producer.send(self.topic, entry.key, entry.dumps())
         await self.store.put_key_hash(entry.key_hash, principal, entry.created_at)
 
@@ -118,8 +119,8 @@ async def restore_registry(store: Store, entries: list[FileEntry | ApiKeyEntry |
         elif isinstance(entry, ApiKeyEntry):
             await store.put_key_hash(entry.key_hash, Principal(
                 entry.project, entry.admin, entry.rpm, routes=tuple(entry.routes.items()),
-                max_priority=entry.max_priority, default_priority=entry.default_priority),
-                entry.created_at)
+                max_priority=entry.max_priority, default_priority=entry.default_priority,
+                enqueued_token_limit=entry.enqueued_token_limit), entry.created_at)
             restored.api_keys += 1
         else:
             await store.put_endpoint(entry.project, entry.endpoint)

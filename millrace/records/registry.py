@@ -36,6 +36,7 @@ class ApiKeyEntry(Record):
     routes: dict[str, int] = Field(default_factory=dict)
     max_priority: int = 0
     default_priority: int = 0
+    enqueued_token_limit: int | None = None
     created_at: int = Field(default_factory=now)
 
     @property

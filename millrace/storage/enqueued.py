@@ -24,7 +24,8 @@ class Enqueued:
 
     model: str
     priority: int
-    deadline: int  # the end of its window (unix seconds): equal priorities go by it
+    deadline: float  # the end of its window (unix seconds): equal priorities go by it
+    lines: int
     prompt_tokens: int
     max_output_tokens: int
 
@@ -32,7 +33,7 @@ class Enqueued:
     def tokens(self) -> int:
         return self.prompt_tokens + self.max_output_tokens
 
-    def fields(self) -> dict[str, int]:
+    def fields(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if k != "model"}
 
 
@@ -43,9 +44,15 @@ class Queued:
     batch_id: str
     project: str
     priority: int
-    deadline: int
-    prompt_tokens: int  # left: its estimate times the share of its lines not counted yet
-    tokens: int  # prompt and output tokens left
+    deadline: float
+    # what is left of its estimate: each times the share of its lines not counted yet
+    lines: int
+    prompt_tokens: int
+    max_output_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.max_output_tokens
 
     def ahead_of(self, other: Queued) -> bool:
         """Served before `other` (the workers' order: priority, then deadline)."""
@@ -66,10 +73,10 @@ async def queued(store: Store, model: str, prune: bool = True) -> list[Queued]:
             continue
         counts = batch.request_counts
         left = 1.0 - (counts.completed + counts.failed) / counts.total if counts.total else 1.0
-        prompt, output = int(entry["prompt_tokens"]), int(entry["max_output_tokens"])
         found.append(Queued(str(batch_id), str(entry["project"]), int(entry["priority"]),
-                            int(entry.get("deadline", 0)), round(prompt * left),
-                            round((prompt + output) * left)))
+                            float(entry["deadline"]),
+                            *(round(int(entry[k]) * left)
+                              for k in ("lines", "prompt_tokens", "max_output_tokens"))))
     if gone and prune:
         await store.r.hdel(key, *gone)
     return found

@@ -30,8 +30,10 @@ class Principal:
     """Who is calling: the project a key belongs to, whether it may administer, its
     request budget per minute (0 = unlimited), its own per-route budgets
     (`"GET /v0/tasks"` → requests per minute), which override the deployment's, and the
-    highest batch `priority` it may ask for (an admin raises it; any key may go lower) and
-    the priority its batches get when they give none."""
+    highest batch `priority` it may ask for (an admin raises it; any key may go lower),
+    the priority its batches get when they give none, and the prompt tokens its project's
+    unfinished batches may hold per model (None: the deployment's `ENQUEUED_TOKEN_LIMIT`;
+    0: none)."""
 
     project: str
     admin: bool = False
@@ -40,6 +42,7 @@ class Principal:
     routes: tuple[tuple[str, int], ...] = ()
     max_priority: int = 0
     default_priority: int = 0
+    enqueued_token_limit: int | None = None
 
 
 class Principals:
@@ -60,6 +63,7 @@ class Principals:
                 "routes": json.dumps(dict(principal.routes)),
                 "max_priority": principal.max_priority,
                 "default_priority": principal.default_priority,
+                "enqueued_token_limit": _optional(principal.enqueued_token_limit),
                 "created_at": created_at or int(time.time()),
             },
         )
@@ -88,4 +92,13 @@ class Principals:
                          rpm=int(row.get("rpm") or 0), key_hash=key_hash,
                          routes=tuple(json.loads(row.get("routes") or "{}").items()),
                          max_priority=int(row.get("max_priority") or 0),
-                         default_priority=int(row.get("default_priority") or 0))
+                         default_priority=int(row.get("default_priority") or 0),
+                         enqueued_token_limit=_limit(row.get("enqueued_token_limit")))
+
+
+def _optional(limit: int | None) -> str:
+    return "" if limit is None else str(limit)
+
+
+def _limit(raw: object) -> int | None:
+    return int(str(raw)) if raw else None

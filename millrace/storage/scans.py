@@ -39,6 +39,8 @@ async def registry_entries(store: Store) -> list[FileEntry | ApiKeyEntry | Endpo
                                        max_priority=int(row.get("max_priority") or 0),
                                        default_priority=int(
                                            row.get("default_priority") or 0),
+                                       enqueued_token_limit=int(limit) if (
+                                           limit := row.get("enqueued_token_limit")) else None,
                                        created_at=int(row.get("created_at") or 0)))
     async for key in store.r.scan_iter(match=store.keys.webhook_endpoints("*"), count=100):
         project = str(key).split(":", 2)[2]

@@ -7,6 +7,7 @@ neither refusal leaving anything behind (no batch, no file, no topic record)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from openai import OpenAI
 
-from gateway.estimate import Tokenizers, count, window_text
+from gateway.estimate import Tokenizers, count, expected, window_text
 from millrace.settings import Settings
 from millrace.topics import Topics
 from tests.batch_flow import wait_done
@@ -24,7 +25,8 @@ from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, start, wait_until
 
 MODEL = "smollm2-135m-instruct"
-QUOTA = 20_000  # enqueued prompt tokens a project may have per model
+DEPLOYMENT_QUOTA = 10_000_000  # enqueued prompt tokens a project may have per model
+QUOTA = 20_000  # the same, for the project an admin gave a quota of its own
 CHAT = "/v1/chat/completions"
 
 
@@ -61,6 +63,12 @@ def test_the_models_own_tokenizer_counts_where_the_gateway_has_its_folder(
     assert counted.prompt_tokens == 6 + 4  # six words, not 30 bytes / 4
 
 
+def test_outputs_count_at_what_a_request_generated_but_never_above_the_cap() -> None:
+    assert expected(100, 4_096 * 10, 10, None) == 100 + 40_960  # nothing finished yet
+    assert expected(100, 4_096 * 10, 10, 300.4) == 100 + 3_004
+    assert expected(100, 50 * 10, 10, 300.0) == 100 + 500
+
+
 @pytest.mark.parametrize(("seconds", "text"), [
     (1, "1m"), (60, "1m"), (61, "2m"), (3600, "60m"), (3601, "2h"), (86_400, "24h")])
 def test_the_window_named_is_the_shortest_that_holds(seconds: int, text: str) -> None:
@@ -73,7 +81,7 @@ def admitting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     # no model folder: prompts are counted at 4 bytes a token whatever ran before
     dep = start(tmp_path_factory.mktemp("admission"), engine="echo", timeout=180, extra_env={
         "MILLRACE_WORKER_MAX_IN_FLIGHT": "4", "MILLRACE_ECHO_STEP_MS": "20",
-        "MILLRACE_ENQUEUED_TOKEN_LIMIT": str(QUOTA),
+        "MILLRACE_ENQUEUED_TOKEN_LIMIT": str(DEPLOYMENT_QUOTA),
         "MILLRACE_MODEL_CACHE": str(tmp_path_factory.mktemp("no-models"))})
     yield dep
     for client in OPENED:
@@ -84,8 +92,8 @@ def admitting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 OPENED: list[OpenAI] = []  # closed when the module's deployment stops
 
 
-def sdk(dep: Deployment) -> OpenAI:
-    client = OpenAI(base_url=dep.base_url, api_key=dep.api_key, max_retries=0)
+def sdk(dep: Deployment, key: str | None = None) -> OpenAI:
+    client = OpenAI(base_url=dep.base_url, api_key=key or dep.api_key, max_retries=0)
     OPENED.append(client)
     return client
 
@@ -138,12 +146,15 @@ def test_a_batch_that_cannot_finish_in_its_window_is_refused_with_its_estimate(
                       "the workers' measured throughput")
     assert isinstance(rate, float) and rate > 0
 
-    # enough tokens for an hour at that rate (a moving average: it may still move a little)
-    lines = 40
-    big = upload(client, tmp_path / "big.jsonl", lines, 3, int(rate * 3600 / lines))
+    # prompts for ten minutes at that rate ("word " is 1.25 tokens at 4 bytes a token; a
+    # moving average, the rate may still move a little: the window tried is one minute)
+    lines, words = 40, math.ceil(rate * 600 / 40 / 1.25)
+    big = upload(client, tmp_path / "big.jsonl", lines, words, 1_000)
     found = estimate(http, big)
-    assert found["prompt_tokens"] == lines * (math_ceil_div(len(b"word " * 3), 4) + 4)
-    assert found["max_output_tokens"] == lines * int(rate * 3600 / lines)
+    assert found["prompt_tokens"] == lines * (math.ceil(len("word " * words) / 4) + 4)
+    assert found["max_output_tokens"] == lines * 1_000
+    # what a request generated on average so far (the echo: a word or two), not the cap
+    assert 0 < found["expected_output_tokens"] < lines * 10, found
     eta = found["eta_seconds"]
     assert isinstance(eta, int) and eta > 60, found
     before = left_behind(admitting, client)
@@ -153,7 +164,7 @@ def test_a_batch_that_cannot_finish_in_its_window_is_refused_with_its_estimate(
     error = r.json()["error"]
     assert (error["code"], error["param"], error["type"]) == (
         "completion_window_too_short", "completion_window", "invalid_request_error")
-    assert f"{found['max_output_tokens']:,} output tokens" in error["message"]
+    assert f"(at most {found['max_output_tokens']:,})" in error["message"]
     said = re.search(r"about ([\d,]+) s\. The earliest feasible completion_window is "
                      r"'(\d+)([mh])'", error["message"])
     assert said is not None, error["message"]
@@ -169,13 +180,14 @@ def test_a_batch_that_cannot_finish_in_its_window_is_refused_with_its_estimate(
     assert wait_done(client, created.id, 300).status == "completed"
 
 
-def math_ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def test_the_projects_enqueued_token_quota_refuses_at_create_and_frees_as_batches_end(
         admitting: Deployment, http: httpx.Client, tmp_path: Path) -> None:
-    client = sdk(admitting)
+    minted = http.post("/admin/api-keys", json={"project": "quota",
+                                                "enqueued_token_limit": QUOTA})
+    assert minted.status_code == 200 and minted.json()["enqueued_token_limit"] == QUOTA
+    key = minted.json()["key"]
+    client = sdk(admitting, key)
+    http.headers["Authorization"] = f"Bearer {key}"
     # about 12,000 prompt tokens each (at 4 bytes a token): one fits the quota, two do not
     first = upload(client, tmp_path / "a.jsonl", 100, 96, 4)
     second = upload(client, tmp_path / "b.jsonl", 100, 96, 4)
@@ -191,11 +203,24 @@ def test_the_projects_enqueued_token_quota_refuses_at_create_and_frees_as_batche
                                            "completion_window": "24h"})
         assert r.status_code == 429, r.text
         error = r.json()["error"]
-        assert error["code"] == "token_limit_exceeded"
+        assert (error["code"], error["param"]) == ("token_limit_exceeded", "input_file_id")
         assert f"Limit: {QUOTA:,} enqueued tokens" in error["message"]
         assert left_behind(admitting, client) == before
+        # back to the deployment's limit, which both fit: admitted while the first waits
+        admin = {"Authorization": f"Bearer {admitting.api_key}"}
+        reset = http.patch(f"/admin/api-keys/{minted.json()['id']}", headers=admin,
+                           json={"enqueued_token_limit": -1})
+        assert reset.status_code == 200 and reset.json()["enqueued_token_limit"] is None
+        admitted = wait_until(lambda: (r := http.post("/v1/batches", json={
+            "input_file_id": second, "endpoint": CHAT, "completion_window": "24h"})
+        ).status_code == 200 and r, 30, "the key's change to reach the gateways")
+        # the dashboard shows each one's place in the model's queue: the second behind the
+        # first (same priority, a later deadline), by the first's tokens
+        first_place = http.get(f"/dashboard/api/batches/{running.id}").json()["queue"]
+        second_place = http.get(
+            f"/dashboard/api/batches/{admitted.json()['id']}").json()["queue"]
+        assert (first_place["position"], first_place["tokens_ahead"]) == (1, 0), first_place
+        assert second_place["position"] == 2, second_place
+        assert second_place["tokens_ahead"] >= tokens, second_place
     assert wait_done(client, running.id, 300).status == "completed"
-    # its tokens are no longer enqueued: the second is admitted now
-    admitted = client.batches.create(input_file_id=second, endpoint=CHAT,
-                                     completion_window="24h")
-    assert wait_done(client, admitted.id, 300).status == "completed"
+    assert wait_done(client, admitted.json()["id"], 300).status == "completed"

@@ -47,3 +47,11 @@ def test_throughput_is_summed_over_the_live_workers_serving_the_model() -> None:
     assert board.tokens_per_s("embed") == 900.0
     gone = board.live()[0].at + 60  # a worker not heard from is not counted
     assert board.tokens_per_s("chat", now=gone) == 0.0
+
+
+def test_what_a_request_generates_on_average_on_the_live_workers() -> None:
+    board = WorkerBoard()
+    assert board.generated_per_request("chat") is None  # nothing finished yet
+    board.put(status("w1", chat=ModelLoad(finished=10, generation_tokens=1_000)))
+    board.put(status("w2", chat=ModelLoad(finished=30, generation_tokens=1_000)))
+    assert board.generated_per_request("chat") == 2_000 / 40

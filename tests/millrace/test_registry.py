@@ -24,7 +24,7 @@ def test_a_rebuild_from_the_registry_restores_what_was_registered(
     settings, topics, kafka = own_topics(deployment, tmp_path, "reg")
     key, other = "sk-mr-registry-a", "sk-mr-registry-b"
     budgets = Principal("p", rpm=10, routes=(("GET /v0/tasks", 5),), max_priority=2,
-                        default_priority=-3)
+                        default_priority=-3, enqueued_token_limit=0)
     hook = WebhookEndpoint(id="we_1", url="https://hooks.example", created_at=3)
 
     async def register() -> None:
@@ -60,7 +60,7 @@ def test_a_rebuild_from_the_registry_restores_what_was_registered(
             assert (restored.files, restored.api_keys, restored.webhook_endpoints) == (1, 2, 1)
             assert await fresh.principal(key) == Principal(
                 "p", rpm=10, key_hash=hash_key(key), routes=(("GET /v0/tasks", 5),),
-                max_priority=2, default_priority=-3)
+                max_priority=2, default_priority=-3, enqueued_token_limit=0)
             assert (await fresh.principal(other) or budgets).admin
             assert [f.id for f in await fresh.list_files("p")] == ["kept"]
             assert await fresh.endpoints("p") == [hook]

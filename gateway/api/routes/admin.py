@@ -31,6 +31,10 @@ class NewKey(BaseModel):
     default_priority: int = Field(
         default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
         description="the priority of the key's batches that give none (at most max_priority)")
+    enqueued_token_limit: int | None = Field(
+        default=None, ge=0, le=10**12,
+        description="prompt tokens the project's unfinished batches may hold per model "
+                    "(null: the deployment's ENQUEUED_TOKEN_LIMIT; 0: none)")
 
 
 class MintedKey(BaseModel):
@@ -41,6 +45,7 @@ class MintedKey(BaseModel):
     rpm: int
     max_priority: int
     default_priority: int
+    enqueued_token_limit: int | None
 
 
 @router.post("/api-keys", response_model=MintedKey)
@@ -49,10 +54,12 @@ async def mint(ctx: Ctx, who: Admin, params: NewKey) -> MintedKey:
     key = new_api_key()
     await ctx.registry.put_api_key(key, Principal(params.project, params.admin, params.rpm,
                                                   max_priority=params.max_priority,
-                                                  default_priority=params.default_priority))
+                                                  default_priority=params.default_priority,
+                                                  enqueued_token_limit=params.enqueued_token_limit))
     return MintedKey(id=hash_key(key), key=key, project=params.project, admin=params.admin,
                      rpm=params.rpm, max_priority=params.max_priority,
-                     default_priority=params.default_priority)
+                     default_priority=params.default_priority,
+                     enqueued_token_limit=params.enqueued_token_limit)
 
 
 def _default_within_cap(default: int, cap: int) -> None:
@@ -74,6 +81,8 @@ class KeyLimits(BaseModel):
         default=None, max_length=100)
     max_priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
     default_priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    # -1: back to the deployment's ENQUEUED_TOKEN_LIMIT
+    enqueued_token_limit: int | None = Field(default=None, ge=-1, le=10**12)
 
 
 class KeyInfo(BaseModel):
@@ -84,6 +93,7 @@ class KeyInfo(BaseModel):
     routes: dict[str, int]
     max_priority: int
     default_priority: int
+    enqueued_token_limit: int | None
 
 
 @router.patch("/api-keys/{key_id}", response_model=KeyInfo)
@@ -99,12 +109,17 @@ async def set_limits(ctx: Ctx, who: Admin, key_id: str, params: KeyLimits) -> Ke
                       max_priority=found.max_priority if params.max_priority is None
                       else params.max_priority,
                       default_priority=found.default_priority
-                      if params.default_priority is None else params.default_priority)
+                      if params.default_priority is None else params.default_priority,
+                      enqueued_token_limit=found.enqueued_token_limit
+                      if params.enqueued_token_limit is None
+                      else None if params.enqueued_token_limit == -1
+                      else params.enqueued_token_limit)
     _default_within_cap(changed.default_priority, changed.max_priority)
     await ctx.registry.put_key_hash(key_id, changed)
     return KeyInfo(id=key_id, project=changed.project, admin=changed.admin, rpm=changed.rpm,
                    routes=dict(changed.routes), max_priority=changed.max_priority,
-                   default_priority=changed.default_priority)
+                   default_priority=changed.default_priority,
+                   enqueued_token_limit=changed.enqueued_token_limit)
 
 
 @router.post("/batches/sweep", response_model=SweepReport)

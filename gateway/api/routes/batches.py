@@ -73,7 +73,7 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch | JSONResp
     # refused here, before anything is stored, if it cannot finish in its window or its
     # project has too many tokens enqueued (`gateway/estimate.py`)
     admitted = await ctx.admission.admit(
-        who.project, params.input_file_id, source.path, params.endpoint,
+        who, params.input_file_id, source.path, params.endpoint,
         params.queue_priority, window, params.completion_window)
     # a gateway's jobs consumer validates and enqueues it when `created` arrives
     return await create_batch(ctx, who.project, params, window, params.input_file_id,

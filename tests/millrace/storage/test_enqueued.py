@@ -34,19 +34,20 @@ def test_an_entry_is_counted_with_what_is_left_until_the_batch_ends(
         on_store: OnStore[Any]) -> None:
     async def scenario(store: Store) -> None:
         await store.create_batch(batch("a"), "p1", listed_at=1.0,
-                                 enqueued=Enqueued(MODEL, 5, 90_000, 1_000, 3_000))
+                                 enqueued=Enqueued(MODEL, 5, 90_000, 100, 1_000, 3_000))
         await store.create_batch(batch("b"), "p2", listed_at=2.0,
-                                 enqueued=Enqueued(MODEL, 0, 80_000, 200, 200))
+                                 enqueued=Enqueued(MODEL, 0, 80_000, 100, 200, 200))
         await store.create_batch(batch("c"), "p1", listed_at=3.0)  # no estimate: not counted
         found = {q.batch_id: q for q in await queued(store, MODEL)}
         assert set(found) == {"a", "b"}
-        assert (found["a"].project, found["a"].priority, found["a"].prompt_tokens,
-                found["a"].tokens) == ("p1", 5, 1_000, 4_000)
+        assert (found["a"].project, found["a"].priority, found["a"].lines,
+                found["a"].prompt_tokens, found["a"].tokens) == ("p1", 5, 100, 1_000, 4_000)
         assert found["a"].ahead_of(found["b"])  # higher priority, whatever the deadline
 
         await progress(store, "a", "in_progress", 75, offset=1)  # a quarter is left
         found = {q.batch_id: q for q in await queued(store, MODEL)}
-        assert (found["a"].prompt_tokens, found["a"].tokens) == (250, 1_000)
+        assert (found["a"].lines, found["a"].prompt_tokens, found["a"].tokens) == (
+            25, 250, 1_000)
 
         await progress(store, "a", "completed", 100, offset=2)
         await store.forget_batch("b", "p2")  # a create taken back (its event not published)
@@ -60,7 +61,7 @@ def test_an_entry_is_counted_with_what_is_left_until_the_batch_ends(
 
 
 def test_equal_priorities_go_by_deadline() -> None:
-    early = Queued("e", "p", 0, 1_000, 10, 10)
-    late = Queued("l", "p", 0, 2_000, 10, 10)
+    early = Queued("e", "p", 0, 1_000, 1, 10, 10)
+    late = Queued("l", "p", 0, 2_000, 1, 10, 10)
     assert early.ahead_of(late) and not late.ahead_of(early)
     assert not early.ahead_of(early)

@@ -28,7 +28,8 @@ def test_every_batch_is_found_finished_or_not(on_store: OnStore[Any]) -> None:
 def test_registrations_scanned_restore_the_same_read_model(on_store: OnStore[Any]) -> None:
     obj = FileObject(id="f1", bytes=3, created_at=1, filename="a.jsonl", purpose="batch")
     who = Principal("p", admin=True, rpm=30, key_hash="h" * 64,
-                    routes=(("GET /v0/tasks", 5),), max_priority=3, default_priority=1)
+                    routes=(("GET /v0/tasks", 5),), max_priority=3, default_priority=1,
+                    enqueued_token_limit=5_000)
     hook = WebhookEndpoint(id="we_1", url="https://hooks.example", created_at=3)
 
     async def scenario(store: Store) -> None:
