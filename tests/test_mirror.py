@@ -19,8 +19,6 @@ ELSEWHERE: dict[str, tuple[str | None, str]] = {
     "gateway/api/deps.py": ("tests/gateway/api/test_auth.py", "route dependencies"),
     "gateway/api/errors.py": ("tests/gateway/test_conformance.py",
                               "the error envelope of every refusal"),
-    "gateway/api/headers.py": ("tests/gateway/test_hardening.py",
-                               "security headers on every answer"),
     "gateway/api/http_metrics.py": ("tests/millrace/test_metrics.py", "per-route metrics"),
     "gateway/api/openapi.py": ("tests/gateway/test_schemathesis.py",
                                "the schema schemathesis drives the API from"),
