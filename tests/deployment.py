@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from openai import OpenAI
+
 from millrace.kafka import KafkaConfig, ensure_topics
 from millrace.settings import KafkaSettings, Settings
 from millrace.topics import Topics
@@ -54,10 +56,18 @@ class Deployment:
     stderr_lines: list[str] = field(default_factory=list)
     pumps: list[threading.Thread] = field(default_factory=list)
     ready_line: str = ""
+    clients: list[OpenAI] = field(default_factory=list)  # closed by `stop`
 
     @property
     def base_url(self) -> str:
         return str(self.endpoints["base_url"])
+
+    def sdk(self, key: str | None = None) -> OpenAI:
+        """The unmodified OpenAI SDK on this deployment (its admin key unless `key`), no
+        retries; closed when the deployment stops."""
+        client = OpenAI(base_url=self.base_url, api_key=key or self.api_key, max_retries=0)
+        self.clients.append(client)
+        return client
 
     def ready_info(self, service: str) -> dict[str, object] | None:
         try:
@@ -92,6 +102,8 @@ class Deployment:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """SIGTERM to the launcher, or SIGINT to its process group as Ctrl-C does."""
+        for client in self.clients:
+            client.close()
         if sig == signal.SIGINT:
             os.killpg(self.proc.pid, sig)
         else:

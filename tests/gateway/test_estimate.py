@@ -84,18 +84,7 @@ def admitting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         "MILLRACE_ENQUEUED_TOKEN_LIMIT": str(DEPLOYMENT_QUOTA),
         "MILLRACE_MODEL_CACHE": str(tmp_path_factory.mktemp("no-models"))})
     yield dep
-    for client in OPENED:
-        client.close()
     assert dep.stop() == 0, "".join(dep.stderr_lines[-50:])
-
-
-OPENED: list[OpenAI] = []  # closed when the module's deployment stops
-
-
-def sdk(dep: Deployment, key: str | None = None) -> OpenAI:
-    client = OpenAI(base_url=dep.base_url, api_key=key or dep.api_key, max_retries=0)
-    OPENED.append(client)
-    return client
 
 
 def upload(client: OpenAI, path: Path, lines: int, words: int, max_tokens: int) -> str:
@@ -137,7 +126,7 @@ def estimate(http: httpx.Client, file_id: str, priority: int = 0) -> dict[str, o
 
 def test_a_batch_that_cannot_finish_in_its_window_is_refused_with_its_estimate(
         admitting: Deployment, http: httpx.Client, tmp_path: Path) -> None:
-    client = sdk(admitting)
+    client = admitting.sdk()
     # the worker measures its throughput on a batch that keeps it busy for a while
     warm = upload(client, tmp_path / "warm.jsonl", 1_500, 2, 8)
     batch = client.batches.create(input_file_id=warm, endpoint=CHAT, completion_window="24h")
@@ -186,7 +175,7 @@ def test_the_projects_enqueued_token_quota_refuses_at_create_and_frees_as_batche
                                                 "enqueued_token_limit": QUOTA})
     assert minted.status_code == 200 and minted.json()["enqueued_token_limit"] == QUOTA
     key = minted.json()["key"]
-    client = sdk(admitting, key)
+    client = admitting.sdk(key)
     http.headers["Authorization"] = f"Bearer {key}"
     # about 12,000 prompt tokens each (at 4 bytes a token): one fits the quota, two do not
     first = upload(client, tmp_path / "a.jsonl", 100, 96, 4)

@@ -31,18 +31,7 @@ def queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         "MILLRACE_WORKER_MAX_IN_FLIGHT": str(IN_FLIGHT), "MILLRACE_ECHO_STEP_MS": "20",
         "MILLRACE_WORKER_MIN_SHARE": str(1 / SHARE_EVERY)})
     yield dep
-    for client in OPENED:
-        client.close()
     assert dep.stop() == 0, "".join(dep.stderr_lines[-50:])
-
-
-OPENED: list[OpenAI] = []  # closed when the module's deployment stops
-
-
-def sdk(dep: Deployment, key: str | None = None) -> OpenAI:
-    client = OpenAI(base_url=dep.base_url, api_key=key or dep.api_key, max_retries=0)
-    OPENED.append(client)
-    return client
 
 
 def submit(client: OpenAI, path: Path, tag: str, lines: int, **params: object) -> str:
@@ -70,7 +59,7 @@ def starts(dep: Deployment, batch_id: str, lines: int) -> list[float]:
 
 def test_a_later_batch_of_higher_priority_is_served_first_and_the_first_keeps_a_share(
         queue: Deployment, tmp_path: Path) -> None:
-    client = sdk(queue)
+    client = queue.sdk()
     with queue.frozen("worker"):
         big = submit(client, tmp_path / "big.jsonl", "big", 400, priority=-1)
         urgent = submit(client, tmp_path / "urgent.jsonl", "urgent", 40)
@@ -91,7 +80,7 @@ def test_a_later_batch_of_higher_priority_is_served_first_and_the_first_keeps_a_
 
 def test_of_equal_priority_the_earlier_deadline_is_served_first(queue: Deployment,
                                                                tmp_path: Path) -> None:
-    client = sdk(queue)
+    client = queue.sdk()
     with queue.frozen("worker"):
         day = submit(client, tmp_path / "day.jsonl", "day", 400)
         hour = submit(client, tmp_path / "hour.jsonl", "hour", 40, completion_window="2h")
@@ -109,7 +98,7 @@ def test_a_background_batch_waits_for_every_other_batch_and_expires_late(
     """`completion_window: background`: no minimum share — its lines start only once the
     lines of every other batch (of the lowest priority too) have; its window is the
     background horizon."""
-    client = sdk(queue)
+    client = queue.sdk()
     with queue.frozen("worker"):
         spare = submit(client, tmp_path / "spare.jsonl", "spare", 40,
                        completion_window="background")
@@ -126,7 +115,7 @@ def test_a_background_batch_waits_for_every_other_batch_and_expires_late(
 
 
 def test_priority_above_0_needs_an_admin_s_grant(queue: Deployment, tmp_path: Path) -> None:
-    client = sdk(queue)
+    client = queue.sdk()
     path = write_jsonl(tmp_path / "in.jsonl", [chat_line("a", MODEL, "Say hi.")])
     with path.open("rb") as f:
         file_id = client.files.create(file=f, purpose="batch").id
@@ -151,7 +140,7 @@ def test_priority_above_0_needs_an_admin_s_grant(queue: Deployment, tmp_path: Pa
         assert above.status_code == 400 and above.json()["error"]["param"] == "default_priority"
         unset = http.post("/v1/batches", json=body)  # no priority given: the key's default
         assert unset.status_code == 200 and unset.json()["priority"] == 0
-    granted = sdk(queue, minted.json()["key"])
+    granted = queue.sdk(minted.json()["key"])
     with path.open("rb") as f:
         own_file = granted.files.create(file=f, purpose="batch").id
     batch = granted.batches.create(input_file_id=own_file, endpoint="/v1/chat/completions",
