@@ -33,7 +33,7 @@ from millrace.errors import InvalidRequestError, RateLimitError
 from millrace.filestore import FileStore
 from millrace.protocol import GENERATE_ENDPOINTS, BatchEstimate
 from millrace.settings import Settings
-from millrace.storage.enqueued import Enqueued, queued
+from millrace.storage.enqueued import Enqueued, Queued, queued
 from millrace.storage.principals import Principal
 from millrace.storage.store import Store
 
@@ -191,14 +191,17 @@ class Admission:
             self._counted.popitem(last=False)
         return found
 
-    async def estimate(self, counted: Counted, priority: int) -> BatchEstimate:
-        """The batch's tokens, those queued ahead of it, and its ETA."""
+    async def estimate(self, counted: Counted, priority: int,
+                       entries: list[Queued] | None = None) -> BatchEstimate:
+        """The batch's tokens, those queued ahead of it (`entries`: its model's queue, if
+        read already), and its ETA."""
         ahead, rate, per_request = 0, 0.0, None
         if counted.model is not None:
+            if entries is None:
+                entries = await queued(self.store, counted.model)
             per_request = self.board.generated_per_request(counted.model)
             ahead = sum(expected(q.prompt_tokens, q.max_output_tokens, q.lines, per_request)
-                        for q in await queued(self.store, counted.model)
-                        if q.priority >= priority)
+                        for q in entries if q.priority >= priority)
             rate = self.board.tokens_per_s(counted.model)
         mine = expected(counted.prompt_tokens, counted.max_output_tokens, counted.lines,
                         per_request)
@@ -218,15 +221,15 @@ class Admission:
         if self.settings.admission == "off":
             return None
         counted = await self.counted(file_id, path, endpoint)
-        estimate = await self.estimate(counted, priority)
         if counted.model is None:
             return None  # nothing valid in it: validation fails it
+        entries = await queued(self.store, counted.model)
+        estimate = await self.estimate(counted, priority, entries)
         project = who.project
         limit = (self.settings.enqueued_token_limit if who.enqueued_token_limit is None
                  else who.enqueued_token_limit)
         if limit:
-            mine = sum(q.prompt_tokens for q in await queued(self.store, counted.model)
-                       if q.project == project)
+            mine = sum(q.prompt_tokens for q in entries if q.project == project)
             if mine + counted.prompt_tokens > limit:
                 raise RateLimitError(
                     f"Enqueued token limit reached for {counted.model} in project {project}. "
