@@ -337,6 +337,11 @@ class Settings(BaseSettings):
     # JSON request bodies (create a batch, an endpoint, a key); larger ones get a 413.
     json_max_bytes: int = Field(default=1 << 20, ge=1024)
     file_max_bytes: int = 512 * 1024 * 1024
+    # Retention (OpenAI's defaults): a `purpose=batch` upload given no `expires_after`, and
+    # a batch's output and error files given no `output_expires_after`, expire this long
+    # after they were made; the sink's janitor then deletes them. 0 = kept until deleted.
+    batch_file_retention_s: int = Field(default=30 * 86400, ge=0)
+    output_retention_s: int = Field(default=30 * 86400, ge=0)
 
     # Topic layout; responses and batch-events must share a partition count because one
     # sink reads a batch's records from both (the same partition number of each).

@@ -253,9 +253,12 @@ class Written:
 
 
 class Assembler:
-    def __init__(self, spool_root: Path, files: FileStore) -> None:
+    def __init__(self, spool_root: Path, files: FileStore, retention_s: int = 0) -> None:
         self.root = spool_root
         self.files = files
+        # how long output and error files are kept when the batch gave no
+        # `output_expires_after` (`OUTPUT_RETENTION_S`; 0: until deleted)
+        self.retention_s = retention_s
         self._spools: dict[str, Spool] = {}
         # batches whose lines were all in before a restart are written at once
         for meta in spool_root.glob("*/meta.json"):
@@ -332,7 +335,7 @@ class Assembler:
     def write_files(self, batch_id: str) -> Written:
         """Copy the spool files into the file store; empty files get no id."""
         spool = self.spool(batch_id)
-        expires_after = spool.meta.output_expires_after_s
+        expires_after = spool.meta.output_expires_after_s or self.retention_s
         files: dict[str, FileObject | None] = {}
         for kind in KINDS:
             path = spool.path(kind)

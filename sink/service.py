@@ -98,7 +98,8 @@ class Sink:
         self.store = Store.connect(settings.require_redis(), settings.topic_prefix)
         self.registry = Registry(self.store, self.producer, self.topics)
         files = FileStore(settings.files_url)
-        self.assembler = Assembler(settings.data_dir / "sink", files)
+        self.assembler = Assembler(settings.data_dir / "sink", files,
+                                   settings.output_retention_s)
         self.webhooks = Dispatcher(settings, self.store, files)
         self.janitor = Janitor(self.store, self.registry, files, self.assembler)
         self._stopping = asyncio.Event()

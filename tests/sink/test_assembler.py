@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from millrace.filestore import FileStore
 from millrace.protocol import OutputLine
 from millrace.records import BatchFilesReady, ResponseRecord, SpooledResponse, read_response
@@ -115,6 +117,21 @@ def test_output_expires_after_stamps_the_files(tmp_path: Path) -> None:
     assembler.learn("batch_1", total=1, output_expires_after_s=7200)
     output = assembler.write_files("batch_1").files["output"]
     assert output is not None and output.expires_at == output.created_at + 7200
+
+
+@pytest.mark.parametrize(("retention", "given", "after"), [
+    (30 * 86400, None, 30 * 86400),  # OpenAI's default: 30 days after the batch ends
+    (30 * 86400, 3600, 3600),  # the batch's own output_expires_after wins
+    (0, None, None),  # retention off: kept until deleted
+])
+def test_retention_stamps_files_the_batch_gave_no_expiry(
+        tmp_path: Path, retention: int, given: int | None, after: int | None) -> None:
+    assembler = Assembler(tmp_path / "spool", FileStore(str(tmp_path / "files")), retention)
+    assembler.add([record("a")])
+    assembler.learn("batch_1", total=1, output_expires_after_s=given)
+    output = assembler.write_files("batch_1").files["output"]
+    assert output is not None
+    assert output.expires_at == (None if after is None else output.created_at + after)
 
 
 def test_what_was_learnt_survives_a_restart(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from millrace import signed
 from millrace.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from millrace.filestore import TooLarge
 from millrace.protocol import ExpiresAfter, FileObject, ListPage
+from millrace.settings import Settings
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -56,7 +57,8 @@ async def upload(
         # Starlette spools the multipart body to a temporary file; it is copied in chunks.
         return await store_file(ctx, who.project, copied(ctx, file.file, limit),
                                 filename=file.filename or "", purpose=purpose,
-                                expires_after_s=expiry.seconds if expiry else None)
+                                expires_after_s=expiry.seconds if expiry else
+                                retention(ctx.settings, purpose))
     except TooLarge as exc:
         raise PayloadTooLargeError(
             f"File is larger than the {exc.limit} byte limit for purpose '{purpose}'.",
@@ -130,3 +132,7 @@ async def delete(ctx: Ctx, who: Caller, file_id: str) -> dict[str, object]:
     return {"id": file_id, "object": "file", "deleted": True}
 
 
+def retention(settings: Settings, purpose: str) -> int | None:
+    """How long an upload given no `expires_after` is kept: a batch input file as long as
+    `BATCH_FILE_RETENTION_S` (OpenAI: 30 days); any other until deleted."""
+    return (settings.batch_file_retention_s or None) if purpose == "batch" else None

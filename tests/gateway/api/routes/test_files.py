@@ -29,7 +29,12 @@ def test_upload_retrieve_content_delete(client: OpenAI) -> None:
     uploaded = client.files.create(file=("in.jsonl", body), purpose="batch")
     assert (uploaded.bytes, uploaded.filename, uploaded.purpose) == (len(body), "in.jsonl",
                                                                      "batch")
-    assert uploaded.id.startswith("file-") and uploaded.expires_at is None
+    # a batch input file given no expires_after is kept 30 days (OpenAI's default)
+    assert uploaded.id.startswith("file-")
+    assert uploaded.expires_at == uploaded.created_at + 30 * 86400
+    other = client.files.create(file=("notes.jsonl", body), purpose="user_data")
+    assert other.expires_at is None  # other purposes: until deleted
+    client.files.delete(other.id)
     assert client.files.retrieve(uploaded.id) == uploaded
     assert client.files.content(uploaded.id).content == body
     deleted = client.files.delete(uploaded.id)
