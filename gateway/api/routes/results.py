@@ -1,15 +1,22 @@
-"""`GET /v1/batches/{id}/output` (millrace extension): a batch's result lines while it runs
-and after — JSONL, a JSON array (PromptLoop's results shape) or, once finished, Parquet.
+"""A batch's results while it runs and after (millrace extensions).
 
-Paging: `after` is the number of lines already read (the `x-millrace-next-cursor` of the
-previous page). `x-millrace-complete: true` says the batch has finished and this page
-reached the end of its file: no line will ever follow.
+- `GET /v1/batches/{id}/output`: the lines of its output or error file — JSONL, a JSON
+  array (PromptLoop's results shape) or, once finished, Parquet. Paging: `after` is the
+  number of lines already read (the `x-millrace-next-cursor` of the previous page).
+  `x-millrace-complete: true` says the batch has finished and this page reached the end of
+  its file: no line will ever follow.
+- `GET /v1/batches/{id}/results`: one row per answered line, from both files, each with a
+  typed `result` (Anthropic's: `succeeded`, `errored`, `cancelled`, `expired`), filtered
+  by `status` and `custom_id`, with its input line beside it on `include_input=true`.
+  The cursor is `<output lines read>.<error lines read>`: each file is read from where the
+  last page left it, so lines written meanwhile are found by the next page.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Annotated, Any, Literal
@@ -22,9 +29,9 @@ from fastapi.responses import Response, StreamingResponse
 from gateway.api.auth import Caller
 from gateway.api.deps import owned_batch
 from gateway.context import Context, Ctx
-from millrace.errors import ConflictError
+from millrace.errors import ConflictError, InvalidRequestError
 from millrace.protocol import Batch
-from millrace.result_files import read_page
+from millrace.result_files import KINDS, read_page
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -39,6 +46,111 @@ PARQUET_SCHEMA = pa.schema([
     ("error_code", pa.string()),
     ("error_message", pa.string()),
 ])
+
+
+ResultType = Literal["succeeded", "errored", "cancelled", "expired"]
+SCAN_LINES = 1000  # lines read from a file at once while looking for matching rows
+_CURSOR = re.compile(r"^(\d{1,10})\.(\d{1,10})$")
+
+
+def result_type(kind: str, line: dict[str, Any]) -> ResultType:
+    """What became of a line: an output line answered 200 succeeded; an error line was
+    cancelled or expired (millrace's own codes), or errored (refused by the engine, or
+    never run for another reason)."""
+    if kind == "output":
+        return "succeeded"
+    code = (line.get("error") or {}).get("code")
+    if code == "batch_cancelled":
+        return "cancelled"
+    return "expired" if code == "batch_expired" else "errored"
+
+
+def _cursor(text: str) -> tuple[int, int]:
+    found = _CURSOR.match(text)
+    if found is None:
+        raise InvalidRequestError("after must be a cursor this route returned "
+                                  "(x-millrace-next-cursor), e.g. '0.0'", param="after",
+                                  code="invalid_value")
+    return int(found[1]), int(found[2])
+
+
+@router.get("/{batch_id}/results")
+async def results(
+    ctx: Ctx, who: Caller, batch_id: str,
+    status: ResultType | None = None,
+    custom_id: Annotated[str | None, Query(max_length=512)] = None,
+    include_input: bool = False,
+    after: Annotated[str, Query(max_length=32)] = "0.0",
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    format: Literal["jsonl", "json"] = "jsonl",
+) -> Response:
+    """Rows `{custom_id, result: {type, response, error}, input?}` of the answered lines
+    that match, output lines first: the page ends after `limit` rows or the files' ends."""
+    batch = await owned_batch(ctx, who, batch_id)
+    start = _cursor(after)
+    kinds = ("output",) if status == "succeeded" else (
+        ("errors",) if status is not None else KINDS)
+    rows, read, more = await asyncio.to_thread(
+        _matching, ctx, batch.id, kinds, start, limit, status, custom_id)
+    if include_input:
+        inputs = await _inputs(ctx, batch, who.project, {r["custom_id"] for r in rows})
+        rows = [{**r, "input": inputs.get(r["custom_id"])} for r in rows]
+    headers = {"x-millrace-next-cursor": f"{read[0]}.{read[1]}",
+               "x-millrace-has-more": str(more).lower(),
+               "x-millrace-complete": str(batch.settled and not more).lower()}
+    if format == "json":
+        return Response(json.dumps(rows).encode(), media_type="application/json",
+                        headers=headers)
+    return Response(b"".join(json.dumps(r).encode() + b"\n" for r in rows),
+                    media_type="application/jsonl", headers=headers)
+
+
+def _matching(ctx: Context, batch_id: str, kinds: tuple[str, ...], start: tuple[int, int],
+              limit: int, status: str | None, custom_id: str | None
+              ) -> tuple[list[dict[str, Any]], list[int], bool]:
+    """Up to `limit` matching rows after `start`; where each file was read to; whether
+    lines were left unread."""
+    rows: list[dict[str, Any]] = []
+    read = list(start)
+    for index, kind in enumerate(KINDS):
+        if kind not in kinds:
+            continue
+        while True:
+            page = read_page(ctx.files, batch_id, kind, read[index], SCAN_LINES)
+            for raw in page.lines:
+                if len(rows) == limit:
+                    return rows, read, True
+                read[index] += 1
+                line = json.loads(raw)
+                typed = result_type(kind, line)
+                if (status is None or typed == status) and (
+                        custom_id is None or line.get("custom_id") == custom_id):
+                    rows.append({"custom_id": line.get("custom_id"), "result": {
+                        "type": typed, "response": line.get("response"),
+                        "error": line.get("error")}})
+            if not page.more:
+                break
+    return rows, read, False
+
+
+async def _inputs(ctx: Context, batch: Batch, project: str, wanted: set[str]
+                  ) -> dict[str, Any]:
+    """The input lines of these custom_ids (none for a stream batch: its lines are not
+    kept as a file)."""
+    found = await ctx.store.get_file(batch.input_file_id, project) if wanted else None
+    if found is None:
+        return {}
+
+    def scan(path: str) -> dict[str, Any]:
+        lines: dict[str, Any] = {}
+        for raw in ctx.files.iter_lines(path):
+            if raw.strip():
+                line = json.loads(raw)
+                if line.get("custom_id") in wanted:
+                    lines[line["custom_id"]] = line
+        return lines
+
+    return await asyncio.to_thread(scan, found.path)
 
 
 @router.get("/{batch_id}/output")

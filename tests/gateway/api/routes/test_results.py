@@ -57,6 +57,15 @@ def test_lines_so_far_then_all_of_them_exactly_once(
         assert client.batches.retrieve(batch.id).status == "in_progress"
         while next_page():  # the rest of what is readable while it runs
             assert not complete
+        # the typed results so far: the same lines, every one succeeded
+        so_far = http.get(f"/v1/batches/{batch.id}/results", headers=headers,
+                          params={"format": "json", "limit": 10_000})
+        assert so_far.status_code == 200, so_far.text
+        assert [r["custom_id"] for r in so_far.json()] == [
+            json.loads(x)["custom_id"] for x in collected]
+        assert {r["result"]["type"] for r in so_far.json()} == {"succeeded"}
+        assert so_far.headers["x-millrace-next-cursor"] == f"{len(collected)}.0"
+        assert so_far.headers["x-millrace-complete"] == "false"
     assert 0 < len(collected) < len(ids)
     wait_until(lambda: next_page() >= 0 and complete, 300, "the output to be complete",
                every=0.1)
@@ -109,3 +118,31 @@ def test_errors_are_pageable_and_exported_too(
     assert json.loads(rows["bad"]["body"])["error"]["param"] == "temperature"
     other = http.get("/v1/batches/batch_nope/output", headers=headers)
     assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
+
+    # typed results, filtered; each beside its input line when asked
+    def results(**params: object) -> list[dict[str, object]]:
+        page = http.get(f"/v1/batches/{batch.id}/results", headers=headers,
+                        params={"format": "json", **params})
+        assert page.status_code == 200, page.text
+        assert page.headers["x-millrace-complete"] == str(not params.get("limit")).lower()
+        rows: list[dict[str, object]] = page.json()
+        return rows
+
+    assert [(r["custom_id"], r["result"]["type"]) for r in results()] == [  # type: ignore[index]
+        ("fine", "succeeded"), ("bad", "errored")]
+    [bad] = results(status="errored")
+    assert bad["result"]["response"]["status_code"] == 400  # type: ignore[index]
+    assert [r["custom_id"] for r in results(status="succeeded")] == ["fine"]
+    assert results(status="cancelled") == [] and results(status="expired") == []
+    [fine] = results(custom_id="fine", include_input="true")
+    assert fine["input"] == json.loads(chat_line("fine", model, "Say yes.", max_tokens=2))
+    # one row a page: the cursor walks the output file, then the error file
+    first = http.get(f"/v1/batches/{batch.id}/results", headers=headers, params={"limit": 1})
+    assert first.headers["x-millrace-next-cursor"] == "1.0"
+    second = http.get(f"/v1/batches/{batch.id}/results", headers=headers,
+                      params={"limit": 1, "after": "1.0"})
+    assert json.loads(second.content)["custom_id"] == "bad"
+    for refused in ({"after": "seven"}, {"status": "failed"}):
+        answer = http.get(f"/v1/batches/{batch.id}/results", headers=headers, params=refused)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["param"] == next(iter(refused)), answer.text
