@@ -13,11 +13,25 @@ from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
+import pytest
 from openai import OpenAI
 
+from gateway.api.routes.results import result_type
 from tests.batch_flow import create_batch, wait_done
 from tests.conftest import chat_line, write_jsonl
 from tests.deployment import Deployment, wait_until
+
+
+@pytest.mark.parametrize(("kind", "line", "typed"), [
+    ("output", {"response": {"status_code": 200}}, "succeeded"),
+    ("errors", {"response": {"status_code": 400}, "error": None}, "errored"),
+    ("errors", {"error": {"code": "batch_cancelled"}}, "cancelled"),
+    ("errors", {"error": {"code": "batch_expired"}}, "expired"),
+    ("errors", {"error": {"code": "fetch_failed"}}, "errored"),
+])
+def test_each_line_s_result_is_typed_by_its_file_and_code(
+        kind: str, line: dict[str, object], typed: str) -> None:
+    assert result_type(kind, line) == typed
 
 
 def test_lines_so_far_then_all_of_them_exactly_once(
