@@ -159,6 +159,11 @@ def expected(prompt: int, max_output: int, lines: int, per_request: float | None
     return prompt + min(max_output, math.ceil(lines * per_request))
 
 
+def _left(batch: Queued, per_request: float | None) -> int:
+    """The tokens an unfinished batch will likely still take (`expected`)."""
+    return expected(batch.prompt_tokens, batch.max_output_tokens, batch.lines, per_request)
+
+
 def window_text(seconds: float) -> str:
     """The shortest window text of at least `seconds`: whole hours past an hour, else
     minutes."""
@@ -200,8 +205,7 @@ class Admission:
             if entries is None:
                 entries = await queued(self.store, counted.model)
             per_request = self.board.generated_per_request(counted.model)
-            ahead = sum(expected(q.prompt_tokens, q.max_output_tokens, q.lines, per_request)
-                        for q in entries if q.priority >= priority)
+            ahead = sum(_left(q, per_request) for q in entries if q.priority >= priority)
             rate = self.board.tokens_per_s(counted.model)
         mine = expected(counted.prompt_tokens, counted.max_output_tokens, counted.lines,
                         per_request)
@@ -264,9 +268,9 @@ class Admission:
         if mine is None:
             return None
         per_request = self.board.generated_per_request(model)
-        tokens = sum(expected(q.prompt_tokens, q.max_output_tokens, q.lines, per_request)
-                     for q in found if q.ahead_of(mine))
+        ahead = [q for q in found if q.ahead_of(mine)]
+        tokens = sum(_left(q, per_request) for q in ahead)
         rate = self.board.tokens_per_s(model)
-        left = expected(mine.prompt_tokens, mine.max_output_tokens, mine.lines, per_request)
-        return {"position": 1 + sum(q.ahead_of(mine) for q in found), "tokens_ahead": tokens,
+        left = _left(mine, per_request)
+        return {"position": 1 + len(ahead), "tokens_ahead": tokens,
                 "eta_s": math.ceil((tokens + left) / rate) if rate > 0 else None}
