@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from millrace.lifecycle.status import BatchStatus
 
@@ -20,6 +20,9 @@ CLASSIFY = "/classify"
 POOLING = "/pooling"
 GENERATE_ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES)
 SUPPORTED_ENDPOINTS = (*GENERATE_ENDPOINTS, EMBEDDINGS, *SCORE, *RERANK, CLASSIFY, POOLING)
+
+# The webhook events a batch sends when it ends (OpenAI's names).
+BATCH_EVENT_TYPES = ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")
 
 # Error lines for requests that were never run, as OpenAI words them.
 BATCH_LINE_ERRORS = {
@@ -195,14 +198,43 @@ class Batch(BaseModel):
 
 
 class WebhookEndpoint(BaseModel):
-    """A project's configured webhook target (millrace extension; OpenAI configures these in
-    its dashboard). `events` None = every batch event."""
+    """A project's webhook endpoint, in OpenAI's shape (`client.webhooks.create/list/...`):
+    `event_types` are the events it hears. `events` is millrace's older field for the same
+    thing (None = every batch event), still accepted and shown."""
 
     id: str
     object: Literal["webhook_endpoint"] = "webhook_endpoint"
     url: str
+    name: str = ""
+    event_types: list[str] = Field(default_factory=lambda: list(BATCH_EVENT_TYPES))
     events: list[str] | None = None
     created_at: int
+    updated_at: int | None = None
+    signing_secret_hint: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older(cls, data: Any) -> Any:
+        """A record from before `event_types`: its `events` are its event types."""
+        if isinstance(data, dict) and "event_types" not in data and data.get("events"):
+            return {**data, "event_types": data["events"]}
+        return data
+
+
+class StoredEndpoint(WebhookEndpoint):
+    """The endpoint as the read model and the registry keep it: which of its secrets sign.
+    No secret is stored; each is derived from the deployment's signing key
+    (`millrace.webhooks.endpoint_secret`). Generation 0 is the project's secret (endpoints
+    made with `{url, events}` before per-endpoint secrets, and until their first rotation);
+    the previous generation still signs until `previous_until`."""
+
+    generation: int = 0
+    previous_generation: int | None = None
+    previous_until: int | None = None
+
+    def public(self) -> WebhookEndpoint:
+        return WebhookEndpoint.model_validate(self.model_dump(
+            exclude={"generation", "previous_generation", "previous_until"}))
 
 
 class ModelObject(BaseModel):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from millrace.kafka import AsyncProducer, KafkaConfig, read_to_fence
-from millrace.protocol import FileObject, WebhookEndpoint
+from millrace.protocol import FileObject, StoredEndpoint
 from millrace.records import (
     ApiKeyEntry,
     EndpointEntry,
@@ -59,7 +59,7 @@ class Registry:
         await self.producer.send(self.topic, entry.key, entry.dumps())
         await self.store.put_key_hash(entry.key_hash, principal, entry.created_at)
 
-    async def put_endpoint(self, project: str, endpoint: WebhookEndpoint) -> None:
+    async def put_endpoint(self, project: str, endpoint: StoredEndpoint) -> None:
         entry = EndpointEntry(project=project, endpoint=endpoint)
         await self.producer.send(self.topic, entry.key, entry.dumps())
         await self.store.put_endpoint(project, endpoint)

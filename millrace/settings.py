@@ -438,6 +438,9 @@ class Settings(BaseSettings):
     webhook_horizon_s: float = 72 * 3600.0
     # Batches of at most this many lines carry their result lines in the webhook payload.
     webhook_results_max_lines: int = 100
+    # How long an endpoint's old secret still signs after `rotate_secret` with
+    # `keep_old_secret_active_for_24_hours` (OpenAI's 24 h).
+    webhook_secret_overlap_s: int = Field(default=24 * 3600, ge=0)
     # PromptLoop jobs of at most this many rows carry their rows in the webhook's `data`;
     # a bigger one sends `data: null` and where to read them (a body stays a few MB).
     promptloop_webhook_max_rows: int = Field(default=10_000, ge=0)

@@ -23,17 +23,15 @@ from standardwebhooks import Webhook
 from millrace.errors import InvalidRequestError
 from millrace.lifecycle.status import BatchStatus
 from millrace.outbound import Guard, Resolver, Target, resolve
+from millrace.protocol import BATCH_EVENT_TYPES, StoredEndpoint
 from millrace.records import BatchFinished, WebhookTarget
 from millrace.settings import Settings
 from millrace.storage.store import Store
 
 # Terminal status → the event a subscriber receives (OpenAI's names).
-EVENT_TYPES: dict[BatchStatus, str] = {
-    BatchStatus.COMPLETED: "batch.completed",
-    BatchStatus.FAILED: "batch.failed",
-    BatchStatus.EXPIRED: "batch.expired",
-    BatchStatus.CANCELLED: "batch.cancelled",
-}
+EVENT_TYPES: dict[BatchStatus, str] = dict(zip(
+    (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED),
+    BATCH_EVENT_TYPES, strict=True))
 
 class WebhookEvent(BaseModel):
     """The body POSTed to a webhook target."""
@@ -60,6 +58,38 @@ def project_secret(signing_key: SecretStr, project: str) -> str:
     return "whsec_" + base64.b64encode(raw).decode()
 
 
+def endpoint_secret(signing_key: SecretStr, project: str, endpoint_id: str,
+                    generation: int) -> str:
+    """An endpoint's `whsec_` secret of one generation (each rotation is the next): derived
+    like the project's, so nothing secret is stored. Generation 0 is the project's own."""
+    if generation == 0:
+        return project_secret(signing_key, project)
+    raw = hmac.new(signing_key.get_secret_value().encode(),
+                   f"webhooks:{project}:{endpoint_id}:{generation}".encode(),
+                   hashlib.sha256).digest()
+    return "whsec_" + base64.b64encode(raw).decode()
+
+
+def signing_secrets(signing_key: SecretStr, project: str, endpoint: StoredEndpoint | None,
+                    now: float) -> list[str]:
+    """The secrets a delivery is signed with: the endpoint's current one, and its previous
+    one while a rotation's overlap lasts (Standard Webhooks sends each signature, space
+    apart, and a receiver accepts any it can verify). A batch's own `webhook_url` (no
+    endpoint): the project's."""
+    if endpoint is None:
+        return [project_secret(signing_key, project)]
+    found = [endpoint_secret(signing_key, project, endpoint.id, endpoint.generation)]
+    if endpoint.previous_generation is not None and (endpoint.previous_until or 0) > now:
+        found.append(endpoint_secret(signing_key, project, endpoint.id,
+                                     endpoint.previous_generation))
+    return found
+
+
+def secret_hint(secret: str) -> str:
+    """What the endpoint shows of its secret after creation: `whsec_…` and its last 4."""
+    return f"whsec_...{secret.rstrip('=')[-4:]}"
+
+
 def signing_key(settings: Settings, param: str | None = None) -> SecretStr:
     """The deployment's signing key; a 400 where webhooks are not enabled."""
     if settings.webhook_signing_key is None:
@@ -69,8 +99,11 @@ def signing_key(settings: Settings, param: str | None = None) -> SecretStr:
     return settings.webhook_signing_key
 
 
-def signed_headers(secret: str, msg_id: str, timestamp: int, body: str) -> dict[str, str]:
-    signature = Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, UTC), body)
+def signed_headers(secrets: str | list[str], msg_id: str, timestamp: int,
+                   body: str) -> dict[str, str]:
+    at = datetime.fromtimestamp(timestamp, UTC)
+    signature = " ".join(Webhook(secret).sign(msg_id, at, body) for secret in (
+        [secrets] if isinstance(secrets, str) else secrets))
     return {
         "content-type": "application/json",
         "webhook-id": msg_id,
@@ -110,7 +143,7 @@ async def with_endpoints(store: Store, event: BatchFinished) -> BatchFinished:
     targets = list(event.webhooks)
     urls = {t.url for t in targets}
     for endpoint in await store.endpoints(event.project):
-        wanted = endpoint.events is None or event_type in endpoint.events
+        wanted = event_type in endpoint.event_types
         if wanted and endpoint.url not in urls:
             targets.append(WebhookTarget(url=endpoint.url, source="endpoint",
                                          endpoint_id=endpoint.id))

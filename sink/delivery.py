@@ -41,10 +41,10 @@ from millrace.webhooks import (
     EVENT_TYPES,
     WebhookEvent,
     event_id,
-    project_secret,
     retry_delay,
     signed_headers,
     signing_key,
+    signing_secrets,
     webhook_guard,
 )
 
@@ -54,11 +54,16 @@ CONCURRENCY = 8  # deliveries attempted at once by one sink
 IDLE_S = 0.2  # how often an idle dispatcher looks for due deliveries
 
 
+class EndpointGone(Exception):
+    """The endpoint a delivery was for no longer exists: it is not tried again."""
+
+
 class Dispatcher:
     def __init__(self, settings: Settings, store: Store, files: FileStore,
                  client: httpx.AsyncClient | None = None, resolver: Resolver = resolve) -> None:
         self.settings = settings
         self.files = files
+        self.store = store
         self.deliveries = Deliveries(store)
         self.guard = webhook_guard(settings, resolver)
         # no redirects: a 3xx to an internal address would walk around the target check
@@ -120,15 +125,17 @@ class Dispatcher:
         detail = ""
         retry = True
         try:
+            url, secrets = await self.signing(delivery)
             # resolved and checked once; the request goes to the address that was checked
-            target = await self.guard.check(delivery.url)
-            secret = project_secret(signing_key(self.settings), delivery.project)
-            headers = signed_headers(secret, delivery.event_id, int(time.time()), body)
+            target = await self.guard.check(url)
+            headers = signed_headers(secrets, delivery.event_id, int(time.time()), body)
             status_code = await self.guard.post(self.client, target, body, headers)
             if not 200 <= status_code < 300:
                 error = f"HTTP {status_code}"
         except UnsafeTarget as exc:
             error, retry = exc.message, False  # the target is refused: never retried
+        except EndpointGone as exc:
+            error, retry = str(exc), False
         except httpx.TimeoutException as exc:
             error, detail = TIMED_OUT, f"{type(exc).__name__}: {exc}"
         except httpx.HTTPError as exc:  # refused, reset, not HTTP: one text for them all
@@ -142,6 +149,18 @@ class Dispatcher:
         log.info("webhook %s %s → %s%s (attempt %d%s)", delivery.event_type, delivery.url,
                  status_code or error, f" ({detail})" if detail else "", number,
                  f", next in {next_at - time.time():.1f}s" if next_at else "")
+
+    async def signing(self, delivery: Delivery) -> tuple[str, list[str]]:
+        """Where an attempt goes and the secrets it is signed with, as the endpoint is now:
+        a rotated secret signs from the next attempt on, an updated URL receives it, and a
+        deleted endpoint receives nothing more."""
+        key = signing_key(self.settings)
+        if delivery.source != "endpoint" or delivery.endpoint_id is None:
+            return delivery.url, signing_secrets(key, delivery.project, None, time.time())
+        endpoint = await self.store.endpoint(delivery.project, delivery.endpoint_id)
+        if endpoint is None:
+            raise EndpointGone(f"webhook endpoint {delivery.endpoint_id} was deleted")
+        return endpoint.url, signing_secrets(key, delivery.project, endpoint, time.time())
 
     def next_attempt(self, delivery: Delivery, attempts: int) -> float | None:
         """When to try again, or None once past the retry horizon."""

@@ -29,8 +29,6 @@ ELSEWHERE: dict[str, tuple[str | None, str]] = {
     "gateway/api/routes/metrics.py": ("tests/millrace/test_metrics.py", "the scrape"),
     "gateway/api/routes/models.py": ("tests/gpu_consumer/test_lora.py",
                                      "the served models, adapters included"),
-    "gateway/api/routes/webhook_endpoints.py": ("tests/sink/test_delivery.py",
-                                                "endpoints hear every terminal event"),
     "gateway/jobs/base.py": ("tests/gateway/jobs/test_consumer.py",
                              "the jobs' fencing and checkpoints"),
     "gateway/jobs/explode.py": ("tests/gateway/jobs/test_consumer.py",

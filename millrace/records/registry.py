@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from millrace.protocol import FileObject, WebhookEndpoint
+from millrace.protocol import FileObject, StoredEndpoint
 from millrace.records.base import Record, now
 
 # --- `<prefix>.registry`: what the gateway and sink register, for rebuilding Redis ---------
@@ -47,7 +47,7 @@ class ApiKeyEntry(Record):
 class EndpointEntry(Record):
     type: Literal["webhook_endpoint"] = "webhook_endpoint"
     project: str
-    endpoint: WebhookEndpoint
+    endpoint: StoredEndpoint
 
     @property
     def key(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from millrace.protocol import FileObject, WebhookEndpoint
+from millrace.protocol import FileObject, StoredEndpoint
 from millrace.records import ApiKeyEntry, EndpointEntry, FileEntry
 from millrace.storage.store import Store
 
@@ -46,7 +46,7 @@ async def registry_entries(store: Store) -> list[FileEntry | ApiKeyEntry | Endpo
         project = str(key).split(":", 2)[2]
         for raw in (await store.r.hgetall(key)).values():
             entries.append(EndpointEntry(project=project,
-                                         endpoint=WebhookEndpoint.model_validate(
+                                         endpoint=StoredEndpoint.model_validate(
                                              json.loads(raw))))
     return entries
 

@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from millrace import ids
-from millrace.protocol import Batch, WebhookEndpoint
+from millrace.protocol import Batch, StoredEndpoint
 from millrace.storage.done import Done
 from millrace.storage.enqueued import Enqueued
 from millrace.storage.files import Files
@@ -360,14 +360,19 @@ class Store(Principals, Files, Done):
         return str(found[1]) if found else None
 
     # --- webhook endpoints (per project) ---------------------------------------------------
-    async def put_endpoint(self, project: str, endpoint: WebhookEndpoint) -> None:
+    async def put_endpoint(self, project: str, endpoint: StoredEndpoint) -> None:
         await self.r.hset(self.keys.webhook_endpoints(project), endpoint.id,
                           endpoint.model_dump_json())
 
-    async def endpoints(self, project: str) -> list[WebhookEndpoint]:
+    async def endpoints(self, project: str) -> list[StoredEndpoint]:
+        """The project's endpoints, oldest first."""
         rows = await self.r.hgetall(self.keys.webhook_endpoints(project))
-        found = [WebhookEndpoint.model_validate_json(v) for v in rows.values()]
+        found = [StoredEndpoint.model_validate_json(v) for v in rows.values()]
         return sorted(found, key=lambda e: (e.created_at, e.id))
+
+    async def endpoint(self, project: str, endpoint_id: str) -> StoredEndpoint | None:
+        raw = await self.r.hget(self.keys.webhook_endpoints(project), endpoint_id)
+        return StoredEndpoint.model_validate_json(raw) if raw else None
 
     async def delete_endpoint(self, project: str, endpoint_id: str) -> bool:
         return bool(await self.r.hdel(self.keys.webhook_endpoints(project), endpoint_id))

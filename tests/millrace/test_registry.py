@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 
 from millrace.kafka import AsyncProducer
-from millrace.protocol import FileObject, WebhookEndpoint
+from millrace.protocol import FileObject, StoredEndpoint
 from millrace.registry import Registry, read_registry, register_key, restore_registry
 from millrace.storage.principals import Principal, hash_key
 from millrace.storage.store import Store
@@ -25,7 +25,7 @@ def test_a_rebuild_from_the_registry_restores_what_was_registered(
     key, other = "sk-mr-registry-a", "sk-mr-registry-b"
     budgets = Principal("p", rpm=10, routes=(("GET /v0/tasks", 5),), max_priority=2,
                         default_priority=-3, enqueued_token_limit=0)
-    hook = WebhookEndpoint(id="we_1", url="https://hooks.example", created_at=3)
+    hook = StoredEndpoint(id="we_1", url="https://hooks.example", created_at=3)
 
     async def register() -> None:
         store = Store.connect(settings.require_redis(), topics.prefix)
@@ -38,7 +38,7 @@ def test_a_rebuild_from_the_registry_restores_what_was_registered(
             await registry.put_api_key(key, Principal("p"))
             await registry.put_key_hash(hash_key(key), budgets)  # raised after minting
             await registry.put_endpoint("p", hook)
-            await registry.put_endpoint("p", WebhookEndpoint(id="we_2", url="https://x.example",
+            await registry.put_endpoint("p", StoredEndpoint(id="we_2", url="https://x.example",
                                                              created_at=4))
             assert await registry.delete_endpoint("p", "we_2")
             await producer.send(topics.registry, "file:bad", b"{not a registry record")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from millrace.protocol import FileObject, WebhookEndpoint
+from millrace.protocol import FileObject, StoredEndpoint
 from millrace.registry import restore_registry
 from millrace.storage import scans
 from millrace.storage.principals import Principal
@@ -30,7 +30,7 @@ def test_registrations_scanned_restore_the_same_read_model(on_store: OnStore[Any
     who = Principal("p", admin=True, rpm=30, key_hash="h" * 64,
                     routes=(("GET /v0/tasks", 5),), max_priority=3, default_priority=1,
                     enqueued_token_limit=5_000)
-    hook = WebhookEndpoint(id="we_1", url="https://hooks.example", created_at=3)
+    hook = StoredEndpoint(id="we_1", url="https://hooks.example", created_at=3)
 
     async def scenario(store: Store) -> None:
         await store.put_file(obj, "p", "files/f1", listed_at=5.0)

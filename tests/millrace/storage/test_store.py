@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from millrace.lifecycle.status import BatchStatus
-from millrace.protocol import Batch, WebhookEndpoint
+from millrace.protocol import Batch, StoredEndpoint
 from millrace.storage.store import RestoredBatch, Store, Version
 from tests.deployment import OnStore
 
@@ -151,8 +151,8 @@ def test_replies_endpoints_leases_and_rate_counters(on_store: OnStore[Any]) -> N
         assert await store.wait_reply("b", 1) == "one"
         assert await store.wait_reply("b", 1) == "two"
         assert await store.r.ttl(store.keys.reply("c")) > 0  # never kept for good
-        late = WebhookEndpoint(id="we_b", url="https://b.example", created_at=2)
-        early = WebhookEndpoint(id="we_a", url="https://a.example", events=["batch.completed"],
+        late = StoredEndpoint(id="we_b", url="https://b.example", created_at=2)
+        early = StoredEndpoint(id="we_a", url="https://a.example", events=["batch.completed"],
                                 created_at=1)
         await store.put_endpoint("p", late)
         await store.put_endpoint("p", early)
