@@ -44,6 +44,26 @@ COUNTS_KEPT = 64  # files whose counts are kept (a file never changes)
 
 
 @dataclass(frozen=True)
+class TokenBudget:
+    """A project's enqueued-token quota for one model, as OpenAI's `x-ratelimit-*-tokens`
+    headers show it: the limit, what is left of it, and the seconds until the project's
+    unfinished batches of the model are likely done (None: no throughput measured yet)."""
+
+    limit: int
+    remaining: int
+    reset_s: int | None
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What admission made of a batch it let in."""
+
+    estimate: BatchEstimate
+    enqueued: Enqueued
+    budget: TokenBudget | None  # None: no quota applies
+
+
+@dataclass(frozen=True)
 class Counted:
     model: str | None
     lines: int
@@ -164,6 +184,27 @@ def _left(batch: Queued, per_request: float | None) -> int:
     return expected(batch.prompt_tokens, batch.max_output_tokens, batch.lines, per_request)
 
 
+def duration(seconds: float) -> str:
+    """OpenAI's duration in rate-limit headers: `20ms`, `45s`, `6m0s`, `1h2m3s`."""
+    if seconds < 1:
+        return f"{max(round(seconds * 1000), 0)}ms"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def token_headers(budget: TokenBudget) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*-tokens` of a project's enqueued-token quota."""
+    found = {"x-ratelimit-limit-tokens": str(budget.limit),
+             "x-ratelimit-remaining-tokens": str(max(budget.remaining, 0))}
+    if budget.reset_s is not None:
+        found["x-ratelimit-reset-tokens"] = duration(budget.reset_s)
+    return found
+
+
 def window_text(seconds: float) -> str:
     """The shortest window text of at least `seconds`: whole hours past an hour, else
     minutes."""
@@ -217,11 +258,11 @@ class Admission:
             eta_seconds=math.ceil((ahead + mine) / rate) if rate > 0 else None)
 
     async def admit(self, who: Principal, file_id: str, path: str, endpoint: str,
-                    priority: int, window_s: int, window: str
-                    ) -> tuple[BatchEstimate, Enqueued] | None:
-        """The estimate a batch is created with and what the queue counts of it — or the
-        refusal: past the project's enqueued-token quota, or unable to finish in its
-        window (unless admission only records). None: admission is off."""
+                    priority: int, window_s: int, window: str) -> Admitted | None:
+        """The estimate a batch is created with, what the queue counts of it and what is
+        left of its project's quota — or the refusal: past the project's enqueued-token
+        quota, or unable to finish in its window (unless admission only records). None:
+        admission is off."""
         if self.settings.admission == "off":
             return None
         counted = await self.counted(file_id, path, endpoint)
@@ -232,15 +273,22 @@ class Admission:
         project = who.project
         limit = (self.settings.enqueued_token_limit if who.enqueued_token_limit is None
                  else who.enqueued_token_limit)
+        budget = None
         if limit:
             mine = sum(q.prompt_tokens for q in entries if q.project == project)
+            drained = self._drained_in(entries, project, counted.model)
             if mine + counted.prompt_tokens > limit:
+                refused = TokenBudget(limit, max(limit - mine, 0), drained)
                 raise RateLimitError(
                     f"Enqueued token limit reached for {counted.model} in project {project}. "
                     f"Limit: {limit:,} enqueued tokens; {mine:,} are in unfinished batches "
                     f"and this batch would add {counted.prompt_tokens:,}. Try again once "
                     f"some in_progress batches have completed.", param="input_file_id",
-                    code="token_limit_exceeded")
+                    code="token_limit_exceeded", headers=token_headers(refused) | (
+                        {"retry-after": str(drained)} if drained else {}))
+            eta = estimate.eta_seconds
+            budget = TokenBudget(limit, limit - mine - counted.prompt_tokens,
+                                 None if drained is None or eta is None else max(drained, eta))
         eta = estimate.eta_seconds
         if eta is not None and eta > window_s and self.settings.admission == "refuse":
             longest = self.settings.max_completion_window_s
@@ -256,9 +304,23 @@ class Admission:
                 f"ahead of it, at the {estimate.tokens_per_s:,} tokens/s measured for "
                 f"{counted.model}: about {eta:,} s. {fits}", param="completion_window",
                 code="completion_window_too_short")
-        return estimate, Enqueued(counted.model, priority, time.time() + window_s,
-                                  counted.lines, counted.prompt_tokens,
-                                  counted.max_output_tokens)
+        return Admitted(estimate, Enqueued(counted.model, priority, time.time() + window_s,
+                                           counted.lines, counted.prompt_tokens,
+                                           counted.max_output_tokens), budget)
+
+    def _drained_in(self, entries: list[Queued], project: str, model: str) -> int | None:
+        """Seconds until the project's unfinished batches of `model` are likely all done:
+        the latest of their ETAs in the queue's order (None: no throughput measured)."""
+        mine = [q for q in entries if q.project == project]
+        if not mine:
+            return 0
+        rate = self.board.tokens_per_s(model)
+        if rate <= 0:
+            return None
+        per_request = self.board.generated_per_request(model)
+        last = max(sum(_left(o, per_request) for o in entries if o.ahead_of(q))
+                   + _left(q, per_request) for q in mine)
+        return math.ceil(last / rate)
 
     async def place(self, batch_id: str, model: str) -> dict[str, Any] | None:
         """An unfinished batch's place in its model's queue: its position (1: served

@@ -24,7 +24,7 @@ from typing import IO, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from gateway.context import Context
-from gateway.estimate import window_text
+from gateway.estimate import Admitted, window_text
 from millrace.errors import (
     ConflictError,
     InvalidRequestError,
@@ -33,11 +33,10 @@ from millrace.errors import (
 )
 from millrace.lifecycle.state import STREAM_INPUT
 from millrace.lifecycle.status import BatchStatus
-from millrace.protocol import Batch, BatchEstimate, ExpiresAfter, FileObject
+from millrace.protocol import Batch, ExpiresAfter, FileObject
 from millrace.records import BatchCreated, BatchOpened
 from millrace.records.requests import BACKGROUND, BACKGROUND_PRIORITY
 from millrace.settings import Settings
-from millrace.storage.enqueued import Enqueued
 from millrace.storage.ledger import StreamLedger
 from millrace.storage.principals import Principal
 from millrace.webhooks import check_target, signing_key, webhook_guard
@@ -218,7 +217,7 @@ async def from_url(ctx: Context, project: str, params: CreateBatch, window: int,
 async def create_batch(ctx: Context, project: str, params: CreateBatch, window: int,
                        input_file_id: str, status: BatchStatus, *, input_url: str | None = None,
                        ext: Mapping[str, Any] | None = None, webhook_format: str = "openai",
-                       admitted: tuple[BatchEstimate, Enqueued] | None = None) -> Batch:
+                       admitted: Admitted | None = None) -> Batch:
     """Store a new Batch object and publish `created` (file and stream batches alike).
 
     Only a batch whose `created` the broker acknowledged is answered with a 2xx; if it
@@ -239,7 +238,7 @@ async def create_batch(ctx: Context, project: str, params: CreateBatch, window: 
         expires_at=now + window,
         metadata=params.metadata,
         priority=params.priority or 0,
-        estimate=admitted[0] if admitted else None,
+        estimate=admitted.estimate if admitted else None,
     )
     webhook = {"url": params.webhook[0], "format": webhook_format} if params.webhook else None
     created = BatchCreated(
@@ -252,7 +251,7 @@ async def create_batch(ctx: Context, project: str, params: CreateBatch, window: 
         await ctx.store.put_ext(batch.id, ext)
     await ctx.store.create_batch(batch, project, listed_at=listed_at,
                                  created=created.dumps().decode(),
-                                 enqueued=admitted[1] if admitted else None)
+                                 enqueued=admitted.enqueued if admitted else None)
     try:
         await ctx.send(batch.id, created)
     except ServiceUnavailableError:

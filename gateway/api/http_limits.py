@@ -25,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.api.http_metrics import STATUS, record
 from gateway.api.ratelimit import budget_headers
+from gateway.estimate import token_headers
 from millrace.errors import (
     OUTAGES,
     APIError,
@@ -37,6 +38,20 @@ from millrace.errors import (
 MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADERS = 100
 HEADER_TIMEOUT_S = 10.0
+
+
+def with_budgets(start: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """The answer's start with the rate-limit headers of the budgets the route applied: the
+    requests budget (`gateway/api/ratelimit.py`) and a create's token quota."""
+    added: dict[str, str] = {}
+    if (budget := state.get("ratelimit")) is not None:
+        added.update(budget_headers(*budget))
+    if (tokens := state.get("token_budget")) is not None:
+        added.update(token_headers(tokens))
+    if not added:
+        return start
+    return {**start, "headers": [*start.get("headers", []),
+                                 *((k.encode(), v.encode()) for k, v in added.items())]}
 
 
 class HeaderFieldsTooLarge(InvalidRequestError):
@@ -225,10 +240,7 @@ class BodyLimits:
             if message["type"] == "http.response.start":
                 started = True
                 scope[STATUS] = message["status"]
-                budget = scope.get("state", {}).get("ratelimit")
-                if budget is not None:  # set by the route's rate limit (gateway/api/ratelimit.py)
-                    message = {**message, "headers": [*message.get("headers", []), *(
-                        (k.encode(), v.encode()) for k, v in budget_headers(*budget).items())]}
+                message = with_budgets(message, scope.get("state", {}))
             await send(message)
 
         await self.app(scope, bounded_receive, tracking_send)

@@ -5,7 +5,11 @@ the key, else `MILLRACE_RATE_LIMIT_RPM`), and the route's own transactions per m
 (PromptLoop's table by default: `MILLRACE_ROUTE_LIMITS`, overridden per key). A call over
 either gets a 429 with `Retry-After`; every limited call's answer carries
 `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset` (seconds) of the
-tightest budget.
+tightest budget, and OpenAI's `x-ratelimit-{limit,remaining,reset}-requests`.
+
+The tokens budget of a batch API is the project's enqueued-token quota per model
+(`ENQUEUED_TOKEN_LIMIT`, checked at create by `gateway.estimate`): a create it applies to
+answers OpenAI's `x-ratelimit-{limit,remaining,reset}-tokens` too.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 
 from fastapi import Request
 
+from gateway.estimate import duration
 from millrace.errors import RateLimitError
 from millrace.settings import Settings
 from millrace.storage.principals import Principal
@@ -48,7 +53,7 @@ def budget_headers(limit: int, remaining: int, reset_s: int) -> dict[str, str]:
     return {"x-ratelimit-limit": str(limit), "x-ratelimit-remaining": str(remaining),
             "x-ratelimit-reset": str(reset_s), "x-ratelimit-limit-requests": str(limit),
             "x-ratelimit-remaining-requests": str(remaining),
-            "x-ratelimit-reset-requests": f"{reset_s}s"}
+            "x-ratelimit-reset-requests": duration(reset_s)}
 
 
 async def enforce(request: Request, settings: Settings, store: Store, who: Principal) -> None:

@@ -17,7 +17,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from openai import OpenAI
 
-from gateway.estimate import Tokenizers, count, expected, window_text
+from gateway.estimate import Tokenizers, count, duration, expected, window_text
 from millrace.settings import Settings
 from millrace.topics import Topics
 from tests.batch_flow import wait_done
@@ -67,6 +67,12 @@ def test_outputs_count_at_what_a_request_generated_but_never_above_the_cap() -> 
     assert expected(100, 4_096 * 10, 10, None) == 100 + 40_960  # nothing finished yet
     assert expected(100, 4_096 * 10, 10, 300.4) == 100 + 3_004
     assert expected(100, 50 * 10, 10, 300.0) == 100 + 500
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0.02, "20ms"), (1, "1s"), (45, "45s"), (44.2, "45s"), (360, "6m0s"), (3723, "1h2m3s")])
+def test_reset_durations_are_written_as_openai_writes_them(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
 
 
 @pytest.mark.parametrize(("seconds", "text"), [
@@ -181,10 +187,15 @@ def test_the_projects_enqueued_token_quota_refuses_at_create_and_frees_as_batche
     first = upload(client, tmp_path / "a.jsonl", 100, 96, 4)
     second = upload(client, tmp_path / "b.jsonl", 100, 96, 4)
     tokens = estimate(http, first)["prompt_tokens"]
+    tokens_b = estimate(http, second)["prompt_tokens"]
     assert isinstance(tokens, int) and tokens <= QUOTA < 2 * tokens
     with admitting.frozen("worker"):  # the first stays unfinished meanwhile
-        running = client.batches.create(input_file_id=first, endpoint=CHAT,
-                                        completion_window="24h")
+        raw = client.batches.with_raw_response.create(input_file_id=first, endpoint=CHAT,
+                                                      completion_window="24h")
+        running = raw.parse()
+        # OpenAI's token headers show the quota, and what this batch left of it
+        assert raw.headers["x-ratelimit-limit-tokens"] == str(QUOTA)
+        assert raw.headers["x-ratelimit-remaining-tokens"] == str(QUOTA - tokens)
         wait_until(lambda: client.batches.retrieve(running.id).status == "in_progress", 60,
                    "its lines to be enqueued")  # its events published: quiet until it runs
         before = left_behind(admitting, client)
@@ -194,6 +205,8 @@ def test_the_projects_enqueued_token_quota_refuses_at_create_and_frees_as_batche
         error = r.json()["error"]
         assert (error["code"], error["param"]) == ("token_limit_exceeded", "input_file_id")
         assert f"Limit: {QUOTA:,} enqueued tokens" in error["message"]
+        assert r.headers["x-ratelimit-limit-tokens"] == str(QUOTA)
+        assert r.headers["x-ratelimit-remaining-tokens"] == str(QUOTA - tokens)
         assert left_behind(admitting, client) == before
         # back to the deployment's limit, which both fit: admitted while the first waits
         admin = {"Authorization": f"Bearer {admitting.api_key}"}
@@ -203,6 +216,9 @@ def test_the_projects_enqueued_token_quota_refuses_at_create_and_frees_as_batche
         admitted = wait_until(lambda: (r := http.post("/v1/batches", json={
             "input_file_id": second, "endpoint": CHAT, "completion_window": "24h"})
         ).status_code == 200 and r, 30, "the key's change to reach the gateways")
+        assert admitted.headers["x-ratelimit-limit-tokens"] == str(DEPLOYMENT_QUOTA)
+        assert admitted.headers["x-ratelimit-remaining-tokens"] == str(
+            DEPLOYMENT_QUOTA - tokens - tokens_b)
         # the dashboard shows each one's place in the model's queue: the second behind the
         # first (same priority, a later deadline), by the first's tokens
         first_place = http.get(f"/dashboard/api/batches/{running.id}").json()["queue"]

@@ -42,7 +42,8 @@ from millrace.storage.ledger import StreamLedger
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 @router.post("", response_model=Batch)
-async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch | JSONResponse:
+async def create(ctx: Ctx, who: Caller, params: CreateBatch,
+                 request: Request) -> Batch | JSONResponse:
     """Create a batch. A stream batch's answer also holds its `ingest_token`, which every
     message written into it must carry (header `millrace-ingest-token`): given once, here."""
     served_endpoint(ctx, params.endpoint)
@@ -75,6 +76,8 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch) -> Batch | JSONResp
     admitted = await ctx.admission.admit(
         who, params.input_file_id, source.path, params.endpoint,
         params.queue_priority, window, params.completion_window)
+    if admitted is not None and admitted.budget is not None:
+        request.state.token_budget = admitted.budget  # x-ratelimit-*-tokens
     # a gateway's jobs consumer validates and enqueues it when `created` arrives
     return await create_batch(ctx, who.project, params, window, params.input_file_id,
                               BatchStatus.VALIDATING, admitted=admitted)
