@@ -28,6 +28,7 @@ from gateway.estimate import Admitted, window_text
 from millrace.errors import (
     ConflictError,
     InvalidRequestError,
+    PayloadTooLargeError,
     PermissionDeniedError,
     ServiceUnavailableError,
 )
@@ -93,6 +94,30 @@ def copied(ctx: Context, source: IO[bytes], limit: int | None = None
     return write
 
 
+async def inline_file(ctx: Context, project: str, requests: list[dict[str, Any]]) -> FileObject:
+    """An inline batch's `requests` as its input file (JSONL, one request a line, in their
+    order): validated afterwards exactly as an uploaded file is. Refused here when there
+    are none, or more lines or bytes than a file may hold."""
+    settings = ctx.settings
+    if not requests:
+        raise InvalidRequestError("requests must hold at least one request line",
+                                  param="requests", code="invalid_value")
+    if len(requests) > settings.batch_max_lines:
+        raise InvalidRequestError(
+            f"A batch may hold at most {settings.batch_max_lines:,} requests; this one has "
+            f"{len(requests):,}.", param="requests", code="too_many_requests")
+    lines = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+             for r in requests]
+    size = sum(len(line) for line in lines)
+    if size > settings.batch_max_bytes:
+        raise PayloadTooLargeError(
+            f"The requests come to {size:,} bytes as a file, more than the "
+            f"{settings.batch_max_bytes:,} byte limit of a batch input file.", param="requests")
+    return await store_file(ctx, project, spooled(ctx, lambda: iter(lines)),
+                            filename="inline_requests.jsonl", purpose="batch",
+                            expires_after_s=settings.batch_file_retention_s or None)
+
+
 # --- batches ---------------------------------------------------------------------------------
 # OpenAI accepts only "24h"; other windows are a millrace extension: `<n>h`, `<n>m`, `<n>s`
 # up to `max_completion_window_s`, and "background" (spare capacity, a long horizon).
@@ -154,6 +179,9 @@ class CreateBatch(BaseModel):
     # millrace extension (Gemini's batch `priority`): higher is served first; none: the
     # key's `default_priority` (0 unless an admin set one)
     priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    # millrace extension (Anthropic's, Gemini's and OpenRouter's inline batches): the
+    # request lines themselves, instead of an uploaded file; kept as the batch's input file
+    requests: list[dict[str, Any]] | None = None
 
     @property
     def queue_priority(self) -> int:

@@ -185,7 +185,9 @@ class BodyLimits:
         if path in ROWS_PATHS:  # PromptLoop's JSONL data rows, as a body or a multipart file
             return self.rows_max_bytes + 64 * 1024
         if not content_type.startswith("multipart/form-data"):
-            return self.json_max_bytes
+            # an inline batch's `requests` may hold what an input file may
+            return (self.batch_max_bytes + 64 * 1024 if path == "/v1/batches"
+                    else self.json_max_bytes)
         most = self.batch_max_bytes if path == "/v1/batches/validate" else self.upload_max_bytes
         return most + 64 * 1024  # the file plus its form fields
 

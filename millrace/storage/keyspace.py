@@ -35,7 +35,8 @@
 
 ¹ `agg` (its state), `state` (the Batch fields it owns) and the state's version, `agg_epoch`,
 `agg_offset`, `agg_final` (the fence: `Store.save_aggregate`). `line_key` signs the batch's
-line tickets (`records.line_ticket`); a stream's `token` is its ingest token.
+line tickets (`records.line_ticket`); a stream's `token` is its ingest token. A batch its
+owner deleted keeps only `deleted` (when), for 7 days: `Store.delete_batch`.
 """
 
 from __future__ import annotations

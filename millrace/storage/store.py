@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,10 @@ class Version:
 
 # KEYS: the batch hash, the active set, the deadlines; ARGV: agg, state (the Batch fields),
 # epoch, offset, final, finished, deadline ("" for none), batch id
+DELETED_KEEP_S = 7 * 24 * 3600  # a deleted batch's tombstone
+
 _SAVE_FENCED = """
+if redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then return 0 end
 local cur = redis.call('HMGET', KEYS[1], 'agg_epoch', 'agg_offset', 'agg_final')
 if cur[3] == '1' and ARGV[5] ~= '1' then return 0 end
 if cur[1] == ARGV[3] and cur[2] and tonumber(cur[2]) > tonumber(ARGV[4]) then return 0 end
@@ -160,6 +164,37 @@ class Store(Principals, Files, Done):
             p.srem(self.keys.active, batch_id)
             p.zrem(self.keys.deadlines, batch_id)
             await p.execute()
+
+    async def delete_batch(self, batch_id: str, project: str) -> None:
+        """A final batch deleted by its owner: gone from every read, its hash left as a
+        tombstone (`deleted`) for `DELETED_KEEP_S`, so that an aggregator holding its state
+        in memory cannot save it back (`_SAVE_FENCED` refuses a deleted batch)."""
+        key = self.keys.batch(batch_id)
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(key, self.keys.ext(batch_id), self.keys.explode(batch_id),
+                     self.keys.stream(batch_id), self.keys.stream_ids(batch_id),
+                     self.keys.stream_rejected(batch_id), self.keys.done(batch_id),
+                     self.keys.reply(batch_id))
+            p.hset(key, "deleted", str(int(time.time())))
+            p.expire(key, DELETED_KEEP_S)
+            p.zrem(self.keys.batches(project), batch_id)
+            p.srem(self.keys.active, batch_id)
+            p.zrem(self.keys.deadlines, batch_id)
+            await p.execute()
+
+    async def batches_using(self, project: str, file_id: str) -> list[str]:
+        """The project's batches whose input is `file_id`."""
+        ids = [str(i) for i in await self.r.zrange(self.keys.batches(project), 0, -1)]
+        found = []
+        for start in range(0, len(ids), 500):
+            async with self.r.pipeline(transaction=False) as p:
+                for batch_id in ids[start:start + 500]:
+                    p.hget(self.keys.batch(batch_id), "doc")
+                docs = await p.execute()
+            found += [batch_id for batch_id, doc in zip(ids[start:start + 500], docs,
+                                                         strict=True)
+                      if doc and json.loads(doc).get("input_file_id") == file_id]
+        return found
 
     async def put_ext(self, batch_id: str, ext: Mapping[str, Any]) -> None:
         """What a PromptLoop or PLai client gave for a batch beyond the OpenAI fields."""

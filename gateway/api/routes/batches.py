@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Iterator
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -14,8 +14,9 @@ from starlette.datastructures import UploadFile
 
 from gateway.api.auth import Caller
 from gateway.api.deps import owned_batch
-from gateway.context import Ctx
+from gateway.context import Context, Ctx
 from gateway.control import cancel as cancel_batch
+from gateway.control import delete as delete_batch
 from gateway.estimate import Counted, count
 from gateway.ingest import close_if_complete
 from gateway.intake import (
@@ -25,6 +26,7 @@ from gateway.intake import (
     check_webhook,
     create_batch,
     from_url,
+    inline_file,
     open_stream,
     served_endpoint,
     window_seconds,
@@ -33,11 +35,12 @@ from gateway.intake import (
 from gateway.lines import rules
 from gateway.validation import validate
 from gateway.worker_board import ServedNames
-from millrace.errors import ConflictError, InvalidRequestError, NotFoundError
+from millrace.errors import APIError, ConflictError, InvalidRequestError, NotFoundError
 from millrace.lifecycle.status import BatchStatus
 from millrace.protocol import CHAT, Batch, BatchError, BatchEstimate, ListPage
 from millrace.records import CONTROL_HEADER, INGEST_TOKEN_HEADER
 from millrace.storage.ledger import StreamLedger
+from millrace.storage.principals import Principal
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -50,6 +53,8 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch,
     window = window_seconds(params.completion_window, ctx.settings)
     params = with_priority(who, params)
     await check_webhook(ctx, params)
+    if params.requests is not None:
+        return await from_requests(ctx, who, params, window, request, params.requests)
     if params.input == "stream":
         batch, token = await open_stream(ctx, who.project, params, window)
         return JSONResponse({**batch.model_dump(mode="json"), "ingest_token": token})
@@ -61,11 +66,14 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch,
     if params.input_file_id is None:
         raise InvalidRequestError("input_file_id is required (or \"input\": \"stream\")",
                                   param="input_file_id", code="missing_required_parameter")
-    source = await ctx.store.get_file(params.input_file_id, who.project)
+    return await from_file(ctx, who, params, window, request, params.input_file_id)
+
+
+async def from_file(ctx: Context, who: Principal, params: CreateBatch, window: int,
+                    request: Request, input_file_id: str) -> Batch:
+    source = await ctx.store.get_file(input_file_id, who.project)
     if source is None:
-        raise NotFoundError(
-            f"No such File object: {params.input_file_id}", param="input_file_id"
-        )
+        raise NotFoundError(f"No such File object: {input_file_id}", param="input_file_id")
     if source.obj.purpose != "batch":
         raise InvalidRequestError(
             "The input file must be uploaded with purpose 'batch'.", param="input_file_id",
@@ -74,13 +82,34 @@ async def create(ctx: Ctx, who: Caller, params: CreateBatch,
     # refused here, before anything is stored, if it cannot finish in its window or its
     # project has too many tokens enqueued (`gateway/estimate.py`)
     admitted = await ctx.admission.admit(
-        who, params.input_file_id, source.path, params.endpoint,
+        who, input_file_id, source.path, params.endpoint,
         params.queue_priority, window, params.completion_window)
     if admitted is not None and admitted.budget is not None:
         request.state.token_budget = admitted.budget  # x-ratelimit-*-tokens
     # a gateway's jobs consumer validates and enqueues it when `created` arrives
-    return await create_batch(ctx, who.project, params, window, params.input_file_id,
+    return await create_batch(ctx, who.project, params, window, input_file_id,
                               BatchStatus.VALIDATING, admitted=admitted)
+
+
+async def from_requests(ctx: Context, who: Principal, params: CreateBatch, window: int,
+                        request: Request, requests: list[dict[str, Any]]) -> Batch:
+    """An inline batch: its `requests` become its input file, and it goes on as a batch of
+    that file (refused by admission: the file goes again)."""
+    if params.input_file_id is not None or params.input_file_url is not None or (
+            params.input == "stream"):
+        raise InvalidRequestError("Give requests, input_file_id, input_file_url or "
+                                  "\"input\": \"stream\" — one of them.", param="requests",
+                                  code="invalid_value")
+    made = await inline_file(ctx, who.project, requests)
+    inline = params.model_copy(update={"requests": None, "input_file_id": made.id})
+    try:
+        return await from_file(ctx, who, inline, window, request, made.id)
+    except APIError:
+        found = await ctx.store.get_file(made.id, who.project)
+        await ctx.registry.delete_file(made.id, who.project)
+        if found is not None:
+            await asyncio.to_thread(ctx.files.delete, found.path)
+        raise
 
 
 class ValidateBatch(BaseModel):
@@ -184,6 +213,24 @@ async def retrieve(ctx: Ctx, who: Caller, batch_id: str) -> Response:
 @router.post("/{batch_id}/cancel", response_model=Batch)
 async def cancel(ctx: Ctx, who: Caller, batch_id: str) -> Batch:
     return await cancel_batch(ctx, await owned_batch(ctx, who, batch_id))
+
+
+class DeletedBatch(BaseModel):
+    id: str
+    object: Literal["batch.deleted"] = "batch.deleted"
+    deleted: bool = True
+    # the files that went with it (its input file stays while another batch uses it)
+    deleted_files: list[str]
+
+
+@router.delete("/{batch_id}", response_model=DeletedBatch)
+async def delete(ctx: Ctx, who: Caller, batch_id: str) -> DeletedBatch:
+    """Delete a batch that has ended, with its output and error files and its input file
+    (unless another batch uses it), as Anthropic, Gemini and Doubleword can (an
+    extension: OpenAI's files are deleted one by one). 409 while it runs."""
+    batch = await owned_batch(ctx, who, batch_id)
+    files = await delete_batch(ctx, who.project, batch)
+    return DeletedBatch(id=batch.id, deleted_files=files)
 
 
 class SealBatch(BaseModel):
