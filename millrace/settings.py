@@ -342,6 +342,8 @@ class Settings(BaseSettings):
     # after they were made; the sink's janitor then deletes them. 0 = kept until deleted.
     batch_file_retention_s: int = Field(default=30 * 86400, ge=0)
     output_retention_s: int = Field(default=30 * 86400, ge=0)
+    # how often one sink's janitor deletes the files past their `expires_at`
+    janitor_every_s: float = Field(default=60.0, gt=0)
 
     # Topic layout; responses and batch-events must share a partition count because one
     # sink reads a batch's records from both (the same partition number of each).

@@ -15,13 +15,13 @@ from sink.assembler import Assembler
 
 log = logging.getLogger(__name__)
 
-EVERY_S = 60.0
 WRITTEN_KEEP_S = 24 * 3600.0  # a written batch's marker ignores late lines this long
 
 
 class Janitor:
     def __init__(self, store: Store, registry: Registry, files: FileStore,
-                 assembler: Assembler) -> None:
+                 assembler: Assembler, every_s: float = 60.0) -> None:
+        self.every_s = every_s  # how often it runs (`janitor_every_s`)
         self.store = store
         self.registry = registry
         self.files = files
@@ -31,7 +31,7 @@ class Janitor:
         """Delete the files expired at `now` (one sink at a time: a lease) and drop old
         markers; returns how many files went."""
         await asyncio.to_thread(self.assembler.forget_written, WRITTEN_KEEP_S)
-        if not await self.store.take_lease(self.store.keys.janitor, EVERY_S * 0.9):
+        if not await self.store.take_lease(self.store.keys.janitor, self.every_s * 0.9):
             return 0
         expired = await self.store.expired_files(now)
         for found in expired:

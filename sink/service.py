@@ -74,7 +74,6 @@ from millrace.storage.store import Store
 from millrace.topics import Topics
 from sink.assembler import Assembler
 from sink.delivery import Dispatcher
-from sink.janitor import EVERY_S as JANITOR_EVERY_S
 from sink.janitor import Janitor
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,8 @@ class Sink:
         self.assembler = Assembler(settings.data_dir / "sink", files,
                                    settings.output_retention_s)
         self.webhooks = Dispatcher(settings, self.store, files)
-        self.janitor = Janitor(self.store, self.registry, files, self.assembler)
+        self.janitor = Janitor(self.store, self.registry, files, self.assembler,
+                              settings.janitor_every_s)
         self._stopping = asyncio.Event()
         self._janitor_at = 0.0
         self.lag = metrics.LagProbe(self.consumer, self.topics.sink_group())
@@ -390,7 +390,7 @@ class Sink:
                     raise
                 log.warning("partial results of %s wait for disk space: %s", batch_id, exc)
                 break
-        if time.monotonic() - self._janitor_at >= JANITOR_EVERY_S:
+        if time.monotonic() - self._janitor_at >= self.janitor.every_s:
             self._janitor_at = time.monotonic()
             try:
                 await self.janitor.clean_up(time.time())

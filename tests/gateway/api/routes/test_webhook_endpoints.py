@@ -146,7 +146,7 @@ def test_list_update_and_delete_in_openai_shape(
 def test_bad_requests_are_refused_naming_the_parameter(
         http: httpx.Client, deployment: Deployment, method: str, path: str,
         body: dict[str, object] | None, status: int, param: str) -> None:
-    headers = auth(deployment.api_key)
+    headers = auth(new_project(http, deployment)[0])  # its endpoints hear no other test
     endpoint = http.post("/v1/webhook_endpoints", headers=headers, json={
         "url": "http://127.0.0.1:9/h", "event_types": ["batch.failed"], "name": "ok"}).json()
     answer = http.request(method, "/v1/webhook_endpoints" + path.format(id=endpoint["id"]),
@@ -157,7 +157,8 @@ def test_bad_requests_are_refused_naming_the_parameter(
 
 def test_a_test_event_to_an_endpoint_that_does_not_answer_is_a_clear_400(
         http: httpx.Client, deployment: Deployment) -> None:
-    sdk = OpenAI(base_url=deployment.base_url, api_key=deployment.api_key, max_retries=0)
+    key, _ = new_project(http, deployment)
+    sdk = OpenAI(base_url=deployment.base_url, api_key=key, max_retries=0)
     nobody = sdk.webhooks.create(url="http://127.0.0.1:9/hook", name="nobody",
                                  event_types=["batch.completed"])
     with pytest.raises(BadRequestError) as refused:
