@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -61,10 +62,25 @@ def test_rate_limited_keys_get_429_with_retry_after(
     assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
     assert 0 < int(limited.headers["retry-after"]) <= 60
     assert limited.headers["x-ratelimit-limit-requests"] == "3"
-    client = OpenAI(base_url=deployment.base_url, api_key=key, max_retries=0)
+    client = deployment.sdk(key)
     with pytest.raises(openai.RateLimitError):
         for _ in range(4):
             client.files.list()
+
+
+def test_the_sdk_sees_the_budget_count_down_and_a_request_id(
+        deployment: Deployment, http: httpx.Client) -> None:
+    client = deployment.sdk(mint(deployment, http, "counted", rpm=50))
+    seen = []
+    for _ in range(3):
+        raw = client.files.with_raw_response.list()
+        assert raw.request_id is not None and raw.request_id.startswith("req_")
+        assert raw.headers["x-ratelimit-limit-requests"] == "50"
+        seen.append((int(raw.headers["x-ratelimit-remaining-requests"]),
+                     int(raw.headers["x-ratelimit-reset"])))
+    # within one minute's window (its reset did not jump up) each call took one
+    same_window = [(a, b) for a, b in itertools.pairwise(seen) if b[1] <= a[1]]
+    assert same_window and all(b[0] == a[0] - 1 for a, b in same_window), seen
 
 
 def test_garbage_request_bodies_are_400_not_500(client: OpenAI, http: httpx.Client) -> None:
