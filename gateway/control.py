@@ -50,6 +50,14 @@ async def delete(ctx: Context, project: str, batch: Batch) -> list[str]:
     if batch.input_file_id and await ctx.store.batches_using(
             project, batch.input_file_id) == [batch.id]:
         files.append(batch.input_file_id)
+    # the tombstone first: without the broker nothing is deleted (503, try again)
+    try:
+        await ctx.producer.send(ctx.topics.batch_state, batch.id, None)
+    except KafkaException as exc:
+        raise ServiceUnavailableError(
+            "millrace cannot reach its broker right now; the batch was not deleted, try "
+            "again shortly.") from exc
+    await ctx.store.delete_batch(batch.id, project)
     deleted = []
     for file_id in files:
         found = await ctx.store.get_file(file_id, project)
@@ -59,13 +67,6 @@ async def delete(ctx: Context, project: str, batch: Batch) -> list[str]:
         await asyncio.to_thread(_remove, ctx.files, found.path)
         deleted.append(file_id)
     await asyncio.to_thread(_remove_results, ctx.files, batch.id)
-    try:
-        await ctx.producer.send(ctx.topics.batch_state, batch.id, None)
-    except KafkaException as exc:
-        raise ServiceUnavailableError(
-            "millrace cannot reach its broker right now; the batch was not deleted, try "
-            "again shortly.") from exc
-    await ctx.store.delete_batch(batch.id, project)
     return deleted
 
 

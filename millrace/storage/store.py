@@ -63,10 +63,10 @@ class Version:
     final: bool
 
 
-# KEYS: the batch hash, the active set, the deadlines; ARGV: agg, state (the Batch fields),
-# epoch, offset, final, finished, deadline ("" for none), batch id
 DELETED_KEEP_S = 7 * 24 * 3600  # a deleted batch's tombstone
 
+# KEYS: the batch hash, the active set, the deadlines; ARGV: agg, state (the Batch fields),
+# epoch, offset, final, finished, deadline ("" for none), batch id
 _SAVE_FENCED = """
 if redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then return 0 end
 local cur = redis.call('HMGET', KEYS[1], 'agg_epoch', 'agg_offset', 'agg_final')

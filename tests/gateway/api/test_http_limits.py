@@ -39,8 +39,8 @@ def test_no_key_means_no_body_is_read(http: httpx.Client) -> None:
 def test_bodies_are_bounded(http: httpx.Client, deployment: Deployment) -> None:
     auth = {"Authorization": f"Bearer {deployment.api_key}"}
     body = (b'{"endpoint": "/v1/chat/completions", "completion_window": "24h", "x": "'
-            + b"y" * (2 << 20) + b'"}')
-    declared = http.post("/v1/batches", content=body,
+            + b"y" * (2 << 20) + b'"}')  # over JSON_MAX_BYTES (1 MiB)
+    declared = http.post("/v1/webhook_endpoints", content=body,
                          headers={**auth, "content-type": "application/json"})
     assert declared.status_code == 413
     assert declared.json()["error"]["code"] == "request_too_large"
@@ -48,9 +48,20 @@ def test_bodies_are_bounded(http: httpx.Client, deployment: Deployment) -> None:
     def chunked() -> object:  # no Content-Length: cut at the limit while streaming
         yield body
 
-    streamed = http.post("/v1/batches", content=chunked(),  # type: ignore[arg-type]
+    streamed = http.post("/v1/webhook_endpoints", content=chunked(),  # type: ignore[arg-type]
                          headers={**auth, "content-type": "application/json"})
     assert streamed.status_code == 413
+
+    # a create may carry inline `requests`: it takes what an input file may hold (200 MB),
+    # and no more
+    inline = http.post("/v1/batches", content=body,
+                       headers={**auth, "content-type": "application/json"})
+    assert inline.status_code == 400 and inline.json()["error"]["param"] == "x"
+    status, answer = raw(deployment, (
+        b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + deployment.api_key.encode() + b"\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n{" % (201 << 20)))
+    assert status == 413 and answer["error"]["code"] == "request_too_large"  # type: ignore[index]
 
 
 def test_unknown_fields_and_unbounded_numbers_are_400s(http: httpx.Client,

@@ -30,7 +30,7 @@ def verifies(client: OpenAI, received: Received, secret: str) -> bool:
 def test_an_endpoint_signs_with_its_own_secret_and_rotates(
         http: httpx.Client, deployment: Deployment) -> None:
     key, project_secret = new_project(http, deployment)
-    sdk = OpenAI(base_url=deployment.base_url, api_key=key, max_retries=0)
+    sdk = deployment.sdk(key)
     with receiving() as receiver:
         created = sdk.webhooks.create(url=receiver.url, event_types=["batch.completed"],
                                       name="results")
@@ -72,7 +72,7 @@ def test_an_endpoint_signs_with_its_own_secret_and_rotates(
 def test_a_batch_event_reaches_an_endpoint_signed_with_its_secret(
         http: httpx.Client, deployment: Deployment) -> None:
     key, project_secret = new_project(http, deployment)
-    sdk = OpenAI(base_url=deployment.base_url, api_key=key, max_retries=0)
+    sdk = deployment.sdk(key)
     with receiving() as cancelled, receiving() as completed:
         mine = sdk.webhooks.create(url=cancelled.url, event_types=["batch.cancelled"],
                                    name="cancellations")
@@ -92,7 +92,7 @@ def test_a_batch_event_reaches_an_endpoint_signed_with_its_secret(
 def test_list_update_and_delete_in_openai_shape(
         http: httpx.Client, deployment: Deployment) -> None:
     key, project_secret = new_project(http, deployment)
-    sdk = OpenAI(base_url=deployment.base_url, api_key=key, max_retries=0)
+    sdk = deployment.sdk(key)
     made = [sdk.webhooks.create(url=f"http://127.0.0.1:9/hook{i}", name=f"n{i}",
                                 event_types=["batch.completed"]) for i in range(3)]
     # the older form still works: its secret is the project's, `events` null = all
@@ -158,7 +158,7 @@ def test_bad_requests_are_refused_naming_the_parameter(
 def test_a_test_event_to_an_endpoint_that_does_not_answer_is_a_clear_400(
         http: httpx.Client, deployment: Deployment) -> None:
     key, _ = new_project(http, deployment)
-    sdk = OpenAI(base_url=deployment.base_url, api_key=key, max_retries=0)
+    sdk = deployment.sdk(key)
     nobody = sdk.webhooks.create(url="http://127.0.0.1:9/hook", name="nobody",
                                  event_types=["batch.completed"])
     with pytest.raises(BadRequestError) as refused:
