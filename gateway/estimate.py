@@ -273,7 +273,7 @@ class Admission:
         project = who.project
         limit = (self.settings.enqueued_token_limit if who.enqueued_token_limit is None
                  else who.enqueued_token_limit)
-        budget = None
+        eta, budget = estimate.eta_seconds, None
         if limit:
             mine = sum(q.prompt_tokens for q in entries if q.project == project)
             drained = self._drained_in(entries, project, counted.model)
@@ -286,10 +286,8 @@ class Admission:
                     f"some in_progress batches have completed.", param="input_file_id",
                     code="token_limit_exceeded", headers=token_headers(refused) | (
                         {"retry-after": str(drained)} if drained else {}))
-            eta = estimate.eta_seconds
             budget = TokenBudget(limit, limit - mine - counted.prompt_tokens,
                                  None if drained is None or eta is None else max(drained, eta))
-        eta = estimate.eta_seconds
         if eta is not None and eta > window_s and self.settings.admission == "refuse":
             longest = self.settings.max_completion_window_s
             fits = (f"The earliest feasible completion_window is '{window_text(eta)}'."
